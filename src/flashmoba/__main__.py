@@ -1,0 +1,5 @@
+import sys
+
+from flashmoba.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""The ``flashmoba`` command: one subcommand per job, each implemented by a module's ``main(argv)``.
+
+Subcommands import their module lazily so that ``flashmoba --help`` stays fast and a missing optional
+dependency of one job never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("flashmoba.demo", "compute MoBA on generated inputs and check it against dense attention"),
+    "bench": ("flashmoba.bench", "benchmark flashmoba against dense attention"),
+    "train": ("flashmoba.train", "train the hybrid MoBA language model"),
+    "eval": ("flashmoba.evaluate", "evaluate a checkpoint: perplexity, S-NIAH retrieval, router recall"),
+    "snr": ("flashmoba.snr_cli", "the router's signal-to-noise model against Monte-Carlo simulation"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: flashmoba <command> [options]", "", "commands:"]
+    lines += [f"  {name:<7} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'flashmoba <command> --help' for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"flashmoba: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
