@@ -1,0 +1,306 @@
+"""Public functions of flashmoba: input checks and backend dispatch.
+
+The contract (every backend computes exactly this; ``flashmoba.reference`` is its definition):
+
+- Keys of each sequence are cut into blocks ``[j*B, (j+1)*B)`` (B = ``block_size``); the last block may be
+  partial; blocks restart at every sequence of a packed batch.
+- A block's centroid is the mean of its real keys (accumulated in float32). Query head h scores block j
+  by ``q . centroid_j`` against kv head ``h // (heads_q // heads_kv)`` (no softmax scale).
+- ``causal=True``: query i of a sequence with T queries and S keys sits at key position ``p = i + S - T``
+  (bottom-right alignment, as flash-attn). Its own block is always selected and counts as one of the
+  ``topk``; the best ``topk - 1`` blocks that end before the own block starts are added. Inside the own
+  block only keys at positions <= p are visible. A query with p < 0 sees nothing: output 0, lse -inf.
+- ``causal=False``: the best ``topk`` of all blocks; all their keys are visible.
+- Ties go to the later block. Attention is the softmax of ``q . k * softmax_scale`` over the visible keys
+  of the selected blocks, times v. No gradient flows through the selection.
+
+Backends: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels; CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, reference otherwise). An explicit backend never
+falls back silently.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from flashmoba import reference
+
+BACKENDS = ("auto", "reference", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _checks_enabled() -> bool:
+    """Checks read tensor values; skip them while torch.compile traces or a CUDA graph captures."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_tensor(name: str, tensor, ndim: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}")
+    if tensor.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
+    _check_tensor("q", q, ndim, q_layout)
+    _check_tensor("k", k, ndim, kv_layout)
+    if v is not None:
+        _check_tensor("v", v, ndim, kv_layout)
+    others = [("k", k)] + ([("v", v)] if v is not None else [])
+    for name, tensor in others:
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+        if tensor.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"{name} must have q's head_dim {q.shape[-1]} (last dimension), got shape {tuple(tensor.shape)}"
+            )
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_kv < 1 or heads_q % heads_kv != 0:
+        raise ValueError(
+            f"heads_q must be a multiple of heads_kv: q has {heads_q} heads, k has {heads_kv} "
+            f"(shapes {tuple(q.shape)} and {tuple(k.shape)})"
+        )
+    if q.shape[-1] < 1:
+        raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
+
+
+def _check_options(block_size, topk, softmax_scale, backend) -> None:
+    _check_positive_int("block_size", block_size)
+    _check_positive_int("topk", topk)
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device, max_seqlen, max_name: str):
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} must be on the tensors' device {device}, got {cu_seqlens.device}")
+    if not _checks_enabled():
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+    if any(length < 0 for length in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
+    longest = max(lengths, default=0)
+    if max_seqlen < longest:
+        raise ValueError(f"{max_name} must be >= the longest sequence ({longest}), got {max_seqlen}")
+
+
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    for max_name, max_value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(max_value, bool) or not isinstance(max_value, int):
+            raise TypeError(f"{max_name} must be an int, got {type(max_value).__name__}")
+        if max_value < 0:
+            raise ValueError(f"{max_name} must be >= 0, got {max_value}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend choice
+# ----------------------------------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+        )
+    return backend
+
+
+def _triton_ops():
+    """Import the Triton kernels on first use (importing flashmoba must not import Triton)."""
+    try:
+        from flashmoba import ops
+    except ImportError as error:  # the kernels are not part of this build
+        raise NotImplementedError(f"backend='triton' is not available: {error}") from error
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def moba_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    topk: int,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    deterministic: bool = False,
+):
+    """Mixture of Block Attention on a padded batch (flash-attn layout).
+
+    Args:
+        q: ``[B, T, Hq, D]`` queries.
+        k, v: ``[B, S, Hkv, D]`` keys and values; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA).
+        block_size: keys per block (B in the paper).
+        topk: blocks each query attends to (in causal mode its own block counts as one).
+        causal: bottom-right aligned causal MoBA (see module docstring) or non-causal.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, T]``.
+        deterministic: bitwise reproducible gradients on the Triton backend (the reference always is).
+
+    Returns:
+        o ``[B, T, Hq, D]`` in q's dtype, and lse ``[B, Hq, T]`` if ``return_lse``.
+    """
+    if _checks_enabled():
+        _check_qkv(q, k, v, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]")
+        _check_options(block_size, topk, softmax_scale, backend)
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if _resolve_backend(backend, q.device) == "triton":
+        out, lse = _triton_ops().moba_attn_triton(q, k, v, block_size, topk, causal, scale, deterministic)
+    else:
+        out, lse = reference.moba_attn_reference(q, k, v, block_size, topk, causal, scale)
+        lse = lse.float()
+    return (out, lse) if return_lse else out
+
+
+def moba_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    block_size: int,
+    topk: int,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    deterministic: bool = False,
+):
+    """Mixture of Block Attention on packed sequences (flash-attn varlen layout).
+
+    Args:
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` sequence starts (0 first, total last).
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (Python ints).
+        Other arguments as in ``moba_attn``.
+
+    Returns:
+        o ``[total_q, Hq, D]`` in q's dtype, and lse ``[Hq, total_q]`` float32 if ``return_lse``.
+    """
+    if _checks_enabled():
+        _check_qkv(q, k, v, 3, "[total_q, heads_q, head_dim]", "[total_k, heads_kv, head_dim]")
+        _check_options(block_size, topk, softmax_scale, backend)
+        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if _resolve_backend(backend, q.device) == "triton":
+        out, lse = _triton_ops().moba_attn_varlen_triton(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            block_size, topk, causal, scale, deterministic,
+        )
+    else:
+        out, lse = reference.moba_attn_varlen_reference(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, topk, causal, scale
+        )
+        lse = lse.float()
+    return (out, lse) if return_lse else out
+
+
+def moba_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    topk: int,
+    *,
+    causal: bool = True,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The router alone: which key blocks each query head attends to.
+
+    Args:
+        q: ``[B, T, Hq, D]``, or packed ``[total_q, Hq, D]`` with ``cu_seqlens_q``/``cu_seqlens_k``.
+        k: ``[B, S, Hkv, D]``, or packed ``[total_k, Hkv, D]``.
+        max_seqlen_q, max_seqlen_k: packed only; default to the longest sequence.
+        Other arguments as in ``moba_attn``.
+
+    Returns:
+        int32 ``[B, T, Hq, topk]`` (packed: ``[total_q, Hq, topk]``): block indices local to each
+        sequence in ascending order, -1 in unused slots (at the end).
+    """
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if _checks_enabled():
+        if packed:
+            if cu_seqlens_q is None or cu_seqlens_k is None:
+                raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together for packed sequences")
+            _check_qkv(q, k, None, 3, "[total_q, heads_q, head_dim]", "[total_k, heads_kv, head_dim]")
+        else:
+            _check_qkv(q, k, None, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]")
+            if k.shape[0] != q.shape[0]:
+                raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
+        _check_options(block_size, topk, None, backend)
+    if packed:
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+        if _checks_enabled():
+            _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _resolve_backend(backend, q.device) == "triton":
+        ops = _triton_ops()
+        if packed:
+            return ops.moba_select_varlen_triton(
+                q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+            )
+        return ops.moba_select_triton(q, k, block_size, topk, causal)
+    with torch.no_grad():
+        return reference.moba_select_reference(q, k, block_size, topk, causal, cu_seqlens_q, cu_seqlens_k)

@@ -1,0 +1,296 @@
+"""The exact PyTorch reference of MoBA: the function every kernel must compute.
+
+It is the oracle of the tests and the CPU fallback, so it must be exact and must scale: queries are
+processed in chunks, and each chunk's logits cover only the keys that chunk can see, so peak memory is
+linear in the sequence length for a fixed chunk budget (no N x N tensor). Under autograd each chunk is
+checkpointed, so the backward recomputes it instead of keeping every chunk's probabilities alive.
+
+Semantics (see README and ``flashmoba.api``):
+
+- keys of each sequence are cut into blocks ``[j*B, (j+1)*B)``; the last block may be partial;
+- a block's centroid is the mean of its real keys, accumulated in float32 (float64 for float64
+  inputs) and rounded to the input dtype, as the kernels store it;
+- query head h scores block j by ``q . centroid_j`` (no softmax scale) against kv head
+  ``h // (heads_q // heads_kv)``;
+- causal: query i of a sequence with T queries and S keys sits at key position ``p = i + S - T``; its own
+  block (holding p) is always selected and counts as one of the topk; the best topk - 1 blocks that end
+  before the own block starts are added; inside the own block only keys at positions <= p are visible;
+  a query with p < 0 sees nothing (output 0, lse -inf);
+- non-causal: the best topk of all blocks, all their keys visible;
+- ties go to the later block; no gradient flows through the selection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Elements of one chunk's [heads, chunk, keys] logits; bounds the reference's working memory.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each key block over its real tokens.
+
+    k: [S, Hkv, D] (one sequence). Returns [num_blocks, Hkv, D] in k's dtype, accumulated in float32
+    (float64 for float64 keys), num_blocks = ceil(S / block_size).
+    """
+    seqlen_k, heads_kv, head_dim = k.shape
+    num_blocks = -(-seqlen_k // block_size)
+    padded = k.new_zeros(num_blocks * block_size, heads_kv, head_dim, dtype=_compute_dtype(k.dtype))
+    padded[:seqlen_k] = k
+    sums = padded.view(num_blocks, block_size, heads_kv, head_dim).sum(dim=1)
+    counts = torch.full((num_blocks,), block_size, dtype=sums.dtype, device=k.device)
+    if num_blocks:
+        counts[-1] = seqlen_k - (num_blocks - 1) * block_size
+    return (sums / counts[:, None, None]).to(k.dtype)
+
+
+def _route_chunk(
+    q_chunk: torch.Tensor,
+    centroids: torch.Tensor,
+    query_pos: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool,
+) -> torch.Tensor:
+    """Selected blocks of a chunk of queries as a boolean mask.
+
+    q_chunk [C, Hq, D], centroids [n, Hkv, D], query_pos [C] (key position p of each query).
+    Returns [C, Hq, n] bool: True where the query head attends to the block.
+    """
+    chunk, heads_q, head_dim = q_chunk.shape
+    num_blocks, heads_kv, _ = centroids.shape
+    group = heads_q // heads_kv
+    compute = _compute_dtype(q_chunk.dtype)
+    # [C, Hkv, group, D] x [n, Hkv, D] -> [C, Hkv, group, n]
+    scores = torch.einsum(
+        "cgrd,ngd->cgrn",
+        q_chunk.to(compute).view(chunk, heads_kv, group, head_dim),
+        centroids.to(compute),
+    ).reshape(chunk, heads_q, num_blocks)
+    block_ids = torch.arange(num_blocks, device=q_chunk.device)
+    if causal:
+        own_block = torch.div(query_pos, block_size, rounding_mode="floor")  # -1 when p < 0
+        candidate = block_ids[None, :] < own_block[:, None]  # blocks that end before the own block
+        picks = topk - 1
+    else:
+        own_block = None
+        candidate = torch.ones(chunk, num_blocks, dtype=torch.bool, device=q_chunk.device)
+        picks = topk
+    selected = torch.zeros(chunk, heads_q, num_blocks, dtype=torch.bool, device=q_chunk.device)
+    picks = min(picks, num_blocks)
+    if picks > 0:
+        masked = scores.masked_fill(~candidate[:, None, :], -math.inf)
+        # Ties go to the later block: reverse the block axis, then a stable descending sort keeps the
+        # reversed (later-first) order among equal scores.
+        order = torch.sort(masked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :picks]
+        best = num_blocks - 1 - order
+        is_candidate = torch.gather(candidate[:, None, :].expand_as(scores), -1, best)
+        selected.scatter_(-1, best, is_candidate)
+    if causal:
+        has_own = own_block >= 0
+        own = own_block.clamp_min(0)[:, None, None].expand(chunk, heads_q, 1)
+        selected.scatter_(-1, own, has_own[:, None, None].expand(chunk, heads_q, 1))
+    return selected
+
+
+def _attend_chunk(
+    q_chunk: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of a chunk of queries over the visible keys.
+
+    q_chunk [C, Hq, D], k/v [S', Hkv, D], visible [C, Hq, S'] bool.
+    Returns o [C, Hq, D] in the compute dtype and lse [Hq, C] (-inf for a query that sees nothing).
+    """
+    chunk, heads_q, head_dim = q_chunk.shape
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    compute = _compute_dtype(q_chunk.dtype)
+    # [Hkv, group*C, D] @ [Hkv, D, S'] keeps GQA without copying K/V per query head.
+    q_grouped = q_chunk.to(compute).view(chunk, heads_kv, group, head_dim).permute(1, 2, 0, 3)
+    q_grouped = q_grouped.reshape(heads_kv, group * chunk, head_dim)
+    logits = torch.matmul(q_grouped, k.to(compute).permute(1, 2, 0)) * softmax_scale
+    logits = logits.view(heads_kv, group, chunk, -1)
+    mask = visible.permute(1, 0, 2).reshape(heads_kv, group, chunk, -1)
+    logits = logits.masked_fill(~mask, -math.inf)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(logits - row_max)
+    row_sum = probs.sum(dim=-1, keepdim=True)
+    out = torch.matmul(probs.view(heads_kv, group * chunk, -1), v.to(compute).permute(1, 0, 2))
+    out = out.view(heads_kv, group, chunk, head_dim) / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    lse = (row_max + torch.log(row_sum)).view(heads_q, chunk)
+    return out.reshape(heads_q, chunk, head_dim).permute(1, 0, 2), lse
+
+
+def _chunk_size(heads_q: int, seqlen_k: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, heads_q * seqlen_k))
+
+
+def moba_sequence_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA for one sequence. q [T, Hq, D], k/v [S, Hkv, D] -> o [T, Hq, D] (q's dtype), lse [Hq, T] float32."""
+    seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k = k.shape[0]
+    compute = _compute_dtype(q.dtype)
+    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    if seqlen_q == 0 or seqlen_k == 0:
+        out = q.new_zeros(seqlen_q, heads_q, head_dim)
+        return out, torch.full((heads_q, seqlen_q), -math.inf, dtype=lse_dtype, device=q.device)
+    with torch.no_grad():
+        centroids = block_centroids(k.detach(), block_size)
+    use_checkpoint = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key_pos = torch.arange(seqlen_k, device=q.device)
+    key_block = torch.div(key_pos, block_size, rounding_mode="floor")
+    outs, lses = [], []
+    step = _chunk_size(heads_q, seqlen_k)
+    for start in range(0, seqlen_q, step):
+        stop = min(seqlen_q, start + step)
+        query_pos = torch.arange(start, stop, device=q.device) + (seqlen_k - seqlen_q)
+        # Keys past the chunk's last query position are never visible in causal mode: skip them.
+        keys_used = max(0, min(seqlen_k, stop + seqlen_k - seqlen_q)) if causal else seqlen_k
+        q_chunk = q[start:stop]
+        if keys_used == 0:
+            outs.append(torch.zeros(stop - start, heads_q, head_dim, dtype=compute, device=q.device))
+            lses.append(torch.full((heads_q, stop - start), -math.inf, dtype=compute, device=q.device))
+            continue
+        with torch.no_grad():
+            selected = _route_chunk(q_chunk.detach(), centroids, query_pos, block_size, topk, causal)
+            visible = selected[:, :, key_block[:keys_used]]
+            if causal:
+                visible &= (key_pos[:keys_used][None, :] <= query_pos[:, None])[:, None, :]
+        args = (q_chunk, k[:keys_used], v[:keys_used], visible, softmax_scale)
+        if use_checkpoint:
+            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
+        else:
+            out, lse = _attend_chunk(*args)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=0).to(q.dtype)
+    lse = torch.cat(lses, dim=1).to(lse_dtype)
+    return out, lse
+
+
+def select_sequence_reference(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool
+) -> torch.Tensor:
+    """Selected block ids of one sequence: q [T, Hq, D], k [S, Hkv, D] -> int32 [T, Hq, topk].
+
+    Ascending block order, -1 in unused slots (at the end).
+    """
+    seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[0]
+    result = torch.full((seqlen_q, heads_q, topk), -1, dtype=torch.int32, device=q.device)
+    if seqlen_q == 0 or seqlen_k == 0:
+        return result
+    centroids = block_centroids(k, block_size)
+    num_blocks = centroids.shape[0]
+    step = _chunk_size(heads_q, num_blocks * 8)
+    for start in range(0, seqlen_q, step):
+        stop = min(seqlen_q, start + step)
+        query_pos = torch.arange(start, stop, device=q.device) + (seqlen_k - seqlen_q)
+        selected = _route_chunk(q[start:stop], centroids, query_pos, block_size, topk, causal)
+        # Selected ids first in ascending order, then the unselected ones as -1.
+        block_ids = torch.arange(num_blocks, device=q.device).expand_as(selected)
+        keyed = torch.where(selected, block_ids, num_blocks + block_ids)
+        ordered = torch.sort(keyed, dim=-1).values[..., :topk]
+        ordered = torch.where(ordered < num_blocks, ordered, torch.full_like(ordered, -1))
+        result[start:stop, :, : ordered.shape[-1]] = ordered.to(torch.int32)
+    return result
+
+
+def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    return [int(x) for x in cu_seqlens.tolist()]
+
+
+def moba_attn_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed MoBA. q [total_q, Hq, D], k/v [total_k, Hkv, D] -> o [total_q, Hq, D], lse [Hq, total_q]."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    bounds_q, bounds_k = _sequence_bounds(cu_seqlens_q), _sequence_bounds(cu_seqlens_k)
+    outs, lses = [], []
+    for seq in range(len(bounds_q) - 1):
+        q_seq = q[bounds_q[seq] : bounds_q[seq + 1]]
+        k_seq = k[bounds_k[seq] : bounds_k[seq + 1]]
+        v_seq = v[bounds_k[seq] : bounds_k[seq + 1]]
+        out, lse = moba_sequence_reference(q_seq, k_seq, v_seq, block_size, topk, causal, softmax_scale)
+        outs.append(out)
+        lses.append(lse)
+    if not outs:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(q.shape), torch.empty(q.shape[1], 0, dtype=lse_dtype, device=q.device)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def moba_attn_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched MoBA. q [B, T, Hq, D], k/v [B, S, Hkv, D] -> o [B, T, Hq, D], lse [B, Hq, T]."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    outs, lses = [], []
+    for batch in range(q.shape[0]):
+        out, lse = moba_sequence_reference(q[batch], k[batch], v[batch], block_size, topk, causal, softmax_scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def moba_select_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool = True,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Router alone. Batched: q [B, T, Hq, D] -> int32 [B, T, Hq, topk]; packed: [total_q, Hq, topk]."""
+    if cu_seqlens_q is None:
+        return torch.stack(
+            [select_sequence_reference(q[b], k[b], block_size, topk, causal) for b in range(q.shape[0])]
+        ) if q.shape[0] else torch.empty(0, q.shape[1], q.shape[2], topk, dtype=torch.int32, device=q.device)
+    bounds_q, bounds_k = _sequence_bounds(cu_seqlens_q), _sequence_bounds(cu_seqlens_k)
+    parts = [
+        select_sequence_reference(
+            q[bounds_q[s] : bounds_q[s + 1]], k[bounds_k[s] : bounds_k[s + 1]], block_size, topk, causal
+        )
+        for s in range(len(bounds_q) - 1)
+    ]
+    if not parts:
+        return torch.empty(0, q.shape[1], topk, dtype=torch.int32, device=q.device)
+    return torch.cat(parts, dim=0)
