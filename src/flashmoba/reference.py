@@ -69,12 +69,12 @@ def _route_chunk(
     num_blocks, heads_kv, _ = centroids.shape
     group = heads_q // heads_kv
     compute = _compute_dtype(q_chunk.dtype)
-    # [C, Hkv, group, D] x [n, Hkv, D] -> [C, Hkv, group, n]
-    scores = torch.einsum(
-        "cgrd,ngd->cgrn",
-        q_chunk.to(compute).view(chunk, heads_kv, group, head_dim),
-        centroids.to(compute),
-    ).reshape(chunk, heads_q, num_blocks)
+    # [C, Hkv, group, 1, D] * [1, Hkv, 1, n, D] summed over D -> [C, Hq, n]. An elementwise product
+    # and sum (not a matmul) so that identical centroids get bitwise-identical scores: a matmul may
+    # round its edge columns differently, which would break exact ties.
+    queries = q_chunk.to(compute).view(chunk, heads_kv, group, 1, head_dim)
+    keys = centroids.to(compute).permute(1, 0, 2)[None, :, None]
+    scores = (queries * keys).sum(dim=-1).reshape(chunk, heads_q, num_blocks)
     block_ids = torch.arange(num_blocks, device=q_chunk.device)
     if causal:
         own_block = torch.div(query_pos, block_size, rounding_mode="floor")  # -1 when p < 0
@@ -161,7 +161,8 @@ def moba_sequence_reference(
     key_pos = torch.arange(seqlen_k, device=q.device)
     key_block = torch.div(key_pos, block_size, rounding_mode="floor")
     outs, lses = [], []
-    step = _chunk_size(heads_q, seqlen_k)
+    num_blocks = centroids.shape[0]
+    step = _chunk_size(heads_q, max(seqlen_k, num_blocks * head_dim))
     for start in range(0, seqlen_q, step):
         stop = min(seqlen_q, start + step)
         query_pos = torch.arange(start, stop, device=q.device) + (seqlen_k - seqlen_q)
@@ -203,7 +204,7 @@ def select_sequence_reference(
         return result
     centroids = block_centroids(k, block_size)
     num_blocks = centroids.shape[0]
-    step = _chunk_size(heads_q, num_blocks * 8)
+    step = _chunk_size(heads_q, num_blocks * q.shape[-1])
     for start in range(0, seqlen_q, step):
         stop = min(seqlen_q, start + step)
         query_pos = torch.arange(start, stop, device=q.device) + (seqlen_k - seqlen_q)
