@@ -65,3 +65,12 @@ def test_without_cuda_runs_a_cpu_comparison(capsys):
         pytest.skip("the CPU comparison runs only without CUDA")
     assert bench.main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_replot_reads_a_results_file(tmp_path, capsys):
+    rows = [dict(card="c", impl="sdpa_flash", seqlen=8192, batch=2, heads=16, head_dim=128, block_size=None,
+                 topk=None, causal=True, route_ms=None, fwd_ms=3.0, fwd_bwd_ms=9.0, peak_mem_gib=0.1)]
+    path = tmp_path / "c.json"
+    path.write_text(__import__("json").dumps(rows))
+    assert bench.main(["--replot", str(path)]) == 0
+    assert path.with_suffix(".png").exists() and "sdpa_flash" in capsys.readouterr().out

@@ -309,7 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flex-max-seqlen", type=int, default=65536, help="skip FlexAttention above this N")
     parser.add_argument("--repeats", type=int, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<card>.json")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="only redraw the plot and table of an existing results file")
     args = parser.parse_args(argv)
+
+    if args.replot is not None:
+        rows = json.loads(args.replot.read_text())
+        plot(rows, args.replot.with_suffix(".png"))
+        print_table(rows)
+        return 0
 
     if not torch.cuda.is_available():
         return cpu_comparison()
@@ -349,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         torch.cuda.empty_cache()
         out.write_text(json.dumps(rows, indent=1))  # keep partial results if a later run dies
-    plot(rows, out.with_suffix(".png"))
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
+        print(f"no plot ({error}); run 'flashmoba bench --replot {out}' where matplotlib is installed")
     print(f"\n{card_name()}, {args.dtype}, batch {args.batch}, {args.heads} heads; speedups against sdpa_flash "
           f"in this run; results in {out}")
     print_table(rows)
