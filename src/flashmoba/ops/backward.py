@@ -1,0 +1,311 @@
+"""Sparse attention backward by recomputation from the saved log-sum-exp (FlashAttention style).
+
+1. Preprocess: ``delta = rowsum(dO * O) - dlse`` per (head, row) (the lse term lets a gradient flow
+   through the returned lse too).
+2. dK/dV, key-block-major: one program per (key tile of a block, kv head) walks, for every query head of
+   its GQA group, the rows routed to the block (full gathered tiles, fixed order, no atomics), and
+   recomputes ``P = exp2(S * scale * log2(e) - lse * log2(e))``. dK and dV of the kv head are summed over
+   its query heads inside the program (no expanded per-query-head buffers). By default the same program
+   adds ``dS K`` into a float32 dQ accumulator with atomics.
+3. ``deterministic=True``: no float atomics. dQ comes from a second key-block-major pass that writes one
+   partial per (row, slot) for a chunk of rows at a time (the forward's chunks), summed in slot order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmoba.ops.forward import (
+    LOG2_E,
+    chunking,
+    dot_precision,
+    head_dim_tile,
+    interpreting,
+)
+from flashmoba.ops.index import block_table, num_block_slots
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moba_bwd_preprocess_kernel(
+    Out, GradOut, GradLse, Delta,
+    total_q, heads_q, stride_o_row, stride_o_head, stride_do_row, stride_do_head,
+    HAS_GRAD_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[h, r] = sum_d dO[r, h, d] * O[r, h, d] (minus dlse[h, r]) in float32."""
+    pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pair_mask = pairs < total_q * heads_q
+    rows = (pairs // heads_q).to(tl.int64)
+    heads = pairs % heads_q
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = pair_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    out = tl.load(Out + rows[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :],
+                  mask=mask, other=0.0).to(tl.float32)
+    grad_out = tl.load(GradOut + rows[:, None] * stride_do_row + heads[:, None] * stride_do_head + offs_d[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(out * grad_out, 1)
+    lse_index = heads.to(tl.int64) * total_q + rows
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GradLse + lse_index, mask=pair_mask, other=0.0)
+    tl.store(Delta + lse_index, delta, mask=pair_mask)
+
+
+@triton.jit
+def _moba_bwd_dkdv_kernel(
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAccum,
+    Entries, Offsets, BlockTable,
+    stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
+    stride_do_row, stride_do_head, stride_dk_row, stride_dk_head, stride_dv_row, stride_dv_head,
+    block_slots, tiles_per_block, num_chunks, heads_q, topk, group, total_q, softmax_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of one key tile of one block for one kv head (and, with ATOMIC_DQ, dQ by atomics)."""
+    block = tl.program_id(0) // tiles_per_block
+    key_tile = tl.program_id(0) % tiles_per_block
+    kv_head = tl.program_id(1)
+    key_first = tl.load(BlockTable + block)
+    key_end = tl.load(BlockTable + block_slots + block)
+    shift = tl.load(BlockTable + 2 * block_slots + block)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    keys = key_first + key_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_mask = keys < key_end
+    kv_mask = key_mask[:, None] & d_mask[None, :]
+    keys64 = keys.to(tl.int64)
+    key_tile_values = tl.load(
+        K + keys64[:, None] * stride_k_row + kv_head * stride_k_head + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    value_tile = tl.load(
+        V + keys64[:, None] * stride_v_row + kv_head * stride_v_head + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    grad_value = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # A key tile past the block's end has nothing to do (its block is shorter than tiles_per_block tiles).
+    has_keys = key_first + key_tile * BLOCK_N < key_end
+    for head_in_group in range(group):
+        head = kv_head * group + head_in_group
+        column = (head * block_slots + block) * num_chunks
+        begin = tl.load(Offsets + column)
+        end = tl.load(Offsets + column + num_chunks)
+        end = tl.where(has_keys, end, begin)
+        for tile_start in range(begin, end, BLOCK_M):
+            entry_mask = tile_start + offs_m < end
+            entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+            rows = entry // (heads_q * topk)
+            rows64 = rows.to(tl.int64)
+            row_mask = entry_mask[:, None] & d_mask[None, :]
+            query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+                            mask=row_mask, other=0.0)
+            grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+                               mask=row_mask, other=0.0)
+            lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+            # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
+            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+
+            # Transposed scores [keys, rows]: dK and dV accumulate along the rows.
+            scores_t = tl.dot(key_tile_values, tl.trans(query), input_precision=DOT_PRECISION) * qk_scale
+            probabilities_t = tl.math.exp2(scores_t - lse_log2[None, :])
+            visible = key_mask[:, None] & entry_mask[None, :]
+            if CAUSAL:
+                visible = visible & (keys[:, None] <= rows[None, :] + shift)
+            probabilities_t = tl.where(visible, probabilities_t, 0.0)
+            grad_value += tl.dot(probabilities_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
+            grad_probabilities_t = tl.dot(value_tile, tl.trans(grad_out), input_precision=DOT_PRECISION)
+            grad_scores_t = probabilities_t * (grad_probabilities_t - delta[None, :])
+            grad_scores_t = grad_scores_t.to(query.dtype)
+            grad_key += tl.dot(grad_scores_t, query, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                grad_query = tl.dot(tl.trans(grad_scores_t), key_tile_values, input_precision=DOT_PRECISION)
+                tl.atomic_add(
+                    GradQAccum + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
+                    grad_query * softmax_scale, mask=row_mask, sem="relaxed",
+                )
+
+    tl.store(GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
+             (grad_key * softmax_scale).to(GradK.dtype.element_ty), mask=kv_mask)
+    tl.store(GradV + keys64[:, None] * stride_dv_row + kv_head * stride_dv_head + offs_d[None, :],
+             grad_value.to(GradV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _moba_bwd_dq_partial_kernel(
+    Q, K, V, GradOut, Lse, Delta, PartialGradQ,
+    Entries, Offsets, BlockTable,
+    stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
+    stride_do_row, stride_do_head,
+    block_slots, num_chunks, chunk, chunk_first_entry, heads_q, topk, group, total_q,
+    softmax_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Deterministic dQ: the partial dQ of each (row, slot) routed to one (key block, query head)."""
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group
+    segment = (head * block_slots + block) * num_chunks + chunk
+    begin = tl.load(Offsets + segment)
+    end = tl.load(Offsets + segment + 1)
+    key_first = tl.load(BlockTable + block)
+    key_end = tl.load(BlockTable + block_slots + block)
+    shift = tl.load(BlockTable + 2 * block_slots + block)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    k_base = K + kv_head.to(tl.int64) * stride_k_head
+    v_base = V + kv_head.to(tl.int64) * stride_v_head
+
+    for tile_start in range(begin, end, BLOCK_M):
+        entry_mask = tile_start + offs_m < end
+        entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+        rows = entry // (heads_q * topk)
+        rows64 = rows.to(tl.int64)
+        row_mask = entry_mask[:, None] & d_mask[None, :]
+        query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+                        mask=row_mask, other=0.0)
+        grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+                           mask=row_mask, other=0.0)
+        lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+
+        grad_query = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for key_start in range(key_first, key_end, BLOCK_N):
+            keys = key_start + offs_n
+            key_mask = keys < key_end
+            kv_mask = key_mask[:, None] & d_mask[None, :]
+            key_tile = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
+                               mask=kv_mask, other=0.0)
+            value_tile = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
+                                 mask=kv_mask, other=0.0)
+            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+            probabilities = tl.math.exp2(scores - lse_log2[:, None])
+            visible = key_mask[None, :] & entry_mask[:, None]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= rows[:, None] + shift)
+            probabilities = tl.where(visible, probabilities, 0.0)
+            grad_probabilities = tl.dot(grad_out, tl.trans(value_tile), input_precision=DOT_PRECISION)
+            grad_scores = (probabilities * (grad_probabilities - delta[:, None])).to(query.dtype)
+            grad_query += tl.dot(grad_scores, key_tile, input_precision=DOT_PRECISION)
+
+        pair = (entry - chunk_first_entry).to(tl.int64)
+        tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :], grad_query * softmax_scale,
+                 mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration and launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+def backward_tiles(head_dim: int, block_size: int) -> dict:
+    """Key rows x gathered query rows per dK/dV tile (sm_90 defaults; small tiles in the interpreter)."""
+    block_n_cap = 32 if interpreting() else (64 if head_dim <= 128 else 32)
+    block_n = min(block_n_cap, max(16, triton.next_power_of_2(block_size)))
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 64 else 4)
+
+
+def _row_stride_ok(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def sparse_attention_backward(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq ``[total_q, Hq, D]``, dk, dv ``[total_k, Hkv, D]`` from dO ``[total_q, Hq, D]`` (and dlse ``[Hq, total_q]``)."""
+    grad_out, q, k, v, out = (_row_stride_ok(t) for t in (grad_out, q, k, v, out))
+    total_q, heads_q, head_dim = q.shape
+    total_k, heads_kv, _ = k.shape
+    topk = entries.numel() // max(1, total_q * heads_q)
+    batch = cu_seqlens_q.numel() - 1
+    block_slots = num_block_slots(total_k, batch, block_size)
+    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.element_size())
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if total_q == 0 or block_slots == 0:
+        return torch.zeros_like(q), grad_k.zero_(), grad_v.zero_()
+
+    block_d = head_dim_tile(head_dim)
+    block_r = 16 if interpreting() else 64
+    delta = torch.empty(heads_q, total_q, dtype=torch.float32, device=q.device)
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    _moba_bwd_preprocess_kernel[(triton.cdiv(total_q * heads_q, block_r),)](
+        out, grad_out, grad_lse if grad_lse is not None else delta, delta,
+        total_q, heads_q, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        HAS_GRAD_LSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+
+    table = block_table(cu_seqlens_q, cu_seqlens_k, block_size, block_slots)
+    qk_scale = softmax_scale * LOG2_E
+    precision = dot_precision(q.dtype)
+    tiles = backward_tiles(head_dim, block_size)
+    tiles_per_block = triton.cdiv(block_size, tiles["BLOCK_N"])
+    # Atomics add straight into dq when it is float32; otherwise into a float32 accumulator.
+    grad_q_accum = None
+    if not deterministic:
+        grad_q_accum = torch.zeros(total_q, heads_q, head_dim, dtype=torch.float32, device=q.device)
+    _moba_bwd_dkdv_kernel[(block_slots * tiles_per_block, heads_kv)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q_accum if grad_q_accum is not None else delta,
+        entries, offsets, table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), grad_k.stride(0), grad_k.stride(1),
+        grad_v.stride(0), grad_v.stride(1),
+        block_slots, tiles_per_block, num_chunks, heads_q, topk, heads_q // heads_kv, total_q,
+        softmax_scale, qk_scale,
+        HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC_DQ=not deterministic, DOT_PRECISION=precision,
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d, num_warps=tiles["num_warps"],
+    )
+    if not deterministic:
+        return grad_q_accum.to(q.dtype), grad_k, grad_v
+
+    # Deterministic dQ: per-(row, slot) partials of one chunk of rows, summed in slot order.
+    from flashmoba.ops.forward import forward_tiles
+
+    dq_tiles = forward_tiles(head_dim, block_size)
+    grad_q = torch.empty(total_q, heads_q, head_dim, dtype=q.dtype, device=q.device)
+    partial = torch.empty(chunk_rows * heads_q * topk, head_dim, dtype=torch.float32, device=q.device)
+    for chunk in range(num_chunks):
+        first_row = chunk * chunk_rows
+        rows_here = min(chunk_rows, total_q - first_row)
+        partial.zero_()  # slots that no program writes add zero
+        _moba_bwd_dq_partial_kernel[(block_slots, heads_q)](
+            q, k, v, grad_out, lse, delta, partial, entries, offsets, table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1),
+            block_slots, num_chunks, chunk, first_row * heads_q * topk, heads_q, topk,
+            heads_q // heads_kv, total_q, softmax_scale, qk_scale,
+            HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=precision,
+            BLOCK_M=dq_tiles["BLOCK_M"], BLOCK_N=dq_tiles["BLOCK_N"], BLOCK_D=block_d,
+            num_warps=dq_tiles["num_warps"],
+        )
+        used = partial[: rows_here * heads_q * topk].view(rows_here, heads_q, topk, head_dim)
+        grad_q[first_row : first_row + rows_here] = used.sum(dim=2).to(q.dtype)
+    return grad_q, grad_k, grad_v

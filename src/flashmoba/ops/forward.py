@@ -1,0 +1,283 @@
+"""Sparse attention forward: key-block-major partial softmax, then a per-row merge over the slots.
+
+One program per (key block, query head) takes the query rows routed to that block (from
+``flashmoba.ops.index``), gathers them in tiles of ``BLOCK_M`` rows and runs a FlashAttention inner loop
+over the block's keys in tiles of ``BLOCK_N``: ``tl.dot`` on full tiles, float32 accumulation, exp2 with
+log2(e) folded into the scale, the causal rule ``key <= row + shift`` applied inside the block. Each
+(row, slot) pair thus gets a partial output normalised by its own sum and a partial log2-sum-exp. A merge
+kernel then combines the ``topk`` partials of each row in slot order (deterministic, no atomics).
+
+The partials are kept for a chunk of query rows at a time (a static number of chunks from the shapes,
+no host synchronisation), so the scratch stays about twice the size of the output whatever topk is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmoba.ops.index import block_table, build_block_index, num_block_slots
+
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
+
+# Scratch bound of the partial outputs per chunk; None picks max(64 MiB, 2 x output bytes).
+PARTIAL_BUFFER_BYTES: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moba_fwd_partial_kernel(
+    Q, K, V, PartialOut, PartialLse,
+    Entries, Offsets, BlockTable,
+    stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
+    block_slots, num_chunks, chunk, chunk_first_entry, heads_q, topk, group, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial attention of the rows routed to one (key block, query head) for one chunk of rows."""
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group
+    segment = (head * block_slots + block) * num_chunks + chunk
+    begin = tl.load(Offsets + segment)
+    end = tl.load(Offsets + segment + 1)
+    key_first = tl.load(BlockTable + block)
+    key_end = tl.load(BlockTable + block_slots + block)
+    shift = tl.load(BlockTable + 2 * block_slots + block)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    k_base = K + kv_head.to(tl.int64) * stride_k_head
+    v_base = V + kv_head.to(tl.int64) * stride_v_head
+
+    for tile_start in range(begin, end, BLOCK_M):
+        entry_mask = tile_start + offs_m < end
+        entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+        rows = entry // (heads_q * topk)
+        q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :]
+        query = tl.load(q_ptrs, mask=entry_mask[:, None] & d_mask[None, :], other=0.0)
+
+        running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        accumulator = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # Rows are sorted, so the tile's last row has the largest causal limit.
+        for key_start in range(key_first, key_end, BLOCK_N):
+            keys = key_start + offs_n
+            key_mask = keys < key_end
+            key_tile = tl.load(
+                k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
+                mask=key_mask[:, None] & d_mask[None, :], other=0.0,
+            )
+            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+            visible = key_mask[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= rows[:, None] + shift)
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            # A row that sees no key yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            probabilities = tl.math.exp2(scores - safe_max[:, None])
+            correction = tl.math.exp2(running_max - safe_max)
+            running_sum = running_sum * correction + tl.sum(probabilities, 1)
+            value_tile = tl.load(
+                v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
+                mask=key_mask[:, None] & d_mask[None, :], other=0.0,
+            )
+            accumulator = accumulator * correction[:, None] + tl.dot(
+                probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
+            )
+            running_max = new_max
+
+        partial_lse = running_max + tl.math.log2(running_sum)  # -inf when the pair saw no key
+        partial_out = accumulator / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+        pair = (entry - chunk_first_entry).to(tl.int64)
+        tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
+        tl.store(
+            PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :], partial_out,
+            mask=entry_mask[:, None] & d_mask[None, :],
+        )
+
+
+@triton.jit
+def _moba_fwd_merge_kernel(
+    PartialOut, PartialLse, Out, Lse,
+    first_row, chunk_pairs, heads_q, topk, total_q,
+    stride_o_row, stride_o_head,
+    HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Combine the topk partials of BLOCK_R (row, head) pairs by their log-sum-exps, in slot order."""
+    pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pair_mask = pairs < chunk_pairs
+    slots = tl.arange(0, TOPK_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    pair_first = pairs.to(tl.int64) * topk
+
+    partial_lse = tl.load(
+        PartialLse + pair_first[:, None] + slots[None, :],
+        mask=pair_mask[:, None] & (slots[None, :] < topk), other=float("-inf"),
+    )
+    row_max = tl.max(partial_lse, 1)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.sum(tl.math.exp2(partial_lse - safe_max[:, None]), 1)
+    inverse_total = 1.0 / tl.where(total > 0, total, 1.0)
+
+    accumulator = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for slot in range(topk):
+        slot_lse = tl.load(PartialLse + pair_first + slot, mask=pair_mask, other=float("-inf"))
+        used = slot_lse > float("-inf")  # skip unused slots: their partial output was never written
+        weight = tl.math.exp2(slot_lse - safe_max) * inverse_total
+        part = tl.load(
+            PartialOut + (pair_first + slot)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=used[:, None] & d_mask[None, :], other=0.0,
+        )
+        accumulator += tl.where(used, weight, 0.0)[:, None] * part
+
+    rows = first_row + pairs // heads_q
+    heads = pairs % heads_q
+    out_ptrs = Out + rows.to(tl.int64)[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :]
+    tl.store(out_ptrs, accumulator.to(Out.dtype.element_ty), mask=pair_mask[:, None] & d_mask[None, :])
+    lse = (safe_max + tl.math.log2(total)) * 0.6931471805599453  # natural log; -inf when nothing seen
+    tl.store(Lse + heads.to(tl.int64) * total_q + rows, lse, mask=pair_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------
+
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs are for exactness tests: no TF32 rounding.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_dim_tile(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward_tiles(head_dim: int, block_size: int) -> dict:
+    """Gathered query rows x keys per tile, and warps (sm_90 defaults; small tiles in the interpreter)."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))), num_warps=4)
+    block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
+    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4)
+
+
+def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, itemsize: int) -> tuple[int, int]:
+    """(rows per chunk, number of chunks): the forward keeps float32 partials of one chunk at a time."""
+    budget = PARTIAL_BUFFER_BYTES
+    if budget is None:
+        budget = max(64 << 20, 2 * total_q * heads_q * head_dim * itemsize)
+    bytes_per_row = heads_q * topk * (head_dim + 1) * 4
+    chunk_rows = max(1, min(max(total_q, 1), budget // bytes_per_row))
+    return chunk_rows, max(1, -(-total_q // chunk_rows))
+
+
+def check_supported(q: torch.Tensor, k: torch.Tensor, topk: int) -> None:
+    """Raise a clear ValueError before any launch for what the kernels cannot run."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype} "
+            "(use backend='reference' for float64)"
+        )
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"backend='triton' supports head_dim up to {MAX_HEAD_DIM} (SRAM of one tile), got {q.shape[-1]}"
+        )
+    pairs = q.shape[0] * q.shape[1] * topk
+    if pairs >= 2**31:
+        raise ValueError(
+            f"backend='triton' indexes routed (query, head, slot) pairs in int32: total_q * heads_q * topk "
+            f"must be < 2**31, got {pairs}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+def _row_stride_ok(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def sparse_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selected: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention over the selected blocks of packed sequences.
+
+    q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``, selected int32 ``[total_q, Hq, topk]``.
+    Returns o ``[total_q, Hq, D]`` (q's dtype), lse ``[Hq, total_q]`` float32 (natural log), and the
+    index (entries, offsets) that the backward walks again.
+    """
+    q, k, v = _row_stride_ok(q), _row_stride_ok(k), _row_stride_ok(v)
+    total_q, heads_q, head_dim = q.shape
+    total_k, heads_kv, _ = k.shape
+    topk = selected.shape[-1]
+    batch = cu_seqlens_q.numel() - 1
+    block_slots = num_block_slots(total_k, batch, block_size)
+    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.element_size())
+    entries, offsets = build_block_index(
+        selected, cu_seqlens_q, cu_seqlens_k, block_size, block_slots, num_chunks, chunk_rows
+    )
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(heads_q, total_q, dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse, entries, offsets
+    table = block_table(cu_seqlens_q, cu_seqlens_k, block_size, block_slots)
+
+    tiles = forward_tiles(head_dim, block_size)
+    block_d = head_dim_tile(head_dim)
+    scratch_pairs = chunk_rows * heads_q * topk
+    partial_out = torch.empty(scratch_pairs, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(scratch_pairs, dtype=torch.float32, device=q.device)
+    qk_scale = softmax_scale * LOG2_E
+    block_r = 16 if interpreting() else 32
+    for chunk in range(num_chunks):
+        first_row = chunk * chunk_rows
+        rows_here = min(chunk_rows, total_q - first_row)
+        partial_lse.fill_(-math.inf)  # slots no program writes stay -inf and are skipped by the merge
+        if block_slots > 0:
+            _moba_fwd_partial_kernel[(block_slots, heads_q)](
+                q, k, v, partial_out, partial_lse, entries, offsets, table,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                block_slots, num_chunks, chunk, first_row * heads_q * topk, heads_q, topk,
+                heads_q // heads_kv, qk_scale,
+                HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+                BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
+                num_warps=tiles["num_warps"],
+            )
+        chunk_pairs = rows_here * heads_q
+        _moba_fwd_merge_kernel[(triton.cdiv(chunk_pairs, block_r),)](
+            partial_out, partial_lse, out, lse,
+            first_row, chunk_pairs, heads_q, topk, total_q,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, TOPK_PAD=triton.next_power_of_2(topk), BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out, lse, entries, offsets
