@@ -1,0 +1,467 @@
+"""The MoBA router in Triton: block centroids and a fused, tiled top-k (paper section 4.2(1), "Flash TopK").
+
+Two kernels, no host synchronisation between or inside them (CUDA-graph capturable):
+
+1. ``_block_centroids_kernel``: the mean of each key block over its real tokens, accumulated in float32
+   and stored in k's dtype. Blocks restart at every sequence. Centroids are stored packed: block j of
+   sequence b lives at row ``cu_seqlens_k[b] // block_size + b + j`` of a ``[total_k // block_size +
+   batch, Hkv, D]`` tensor. That row needs no prefix sum over the batch, and rows of different sequences
+   never overlap (``floor((c + L) / B) + 1 >= floor(c / B) + ceil(L / B)``); the at most ``batch`` rows
+   between sequences are never written nor read.
+
+2. ``_route_topk_kernel``: one program per (query tile, sequence, query head). It scores its query tile
+   against one tile of centroids at a time with ``tl.dot`` (float32 accumulation) and keeps each row's
+   running top-k in registers, so the ``N x num_blocks`` score matrix never exists in memory. Scores and
+   block ids are packed into one int64 key per (row, block): the high 32 bits hold an order-preserving
+   integer image of the float32 score, the low 32 bits the block id, so comparing keys compares scores
+   and, on equal scores, lets the later block win (the contract's tie rule). Each tile's keys are cut
+   to its best ``RUNNING_TOPK`` per row (``tl.topk``, a bitonic network, descending), and merged with the
+   running list (kept ascending) by a bitonic split: the elementwise maximum of an ascending and a
+   descending list holds the best of both and is bitonic, so one ``tl.bitonic_merge`` sorts it again.
+
+Causal rule (bottom-right): query i of a sequence with T queries and S keys sits at key position
+``p = i + S - T``; its own block ``p // block_size`` is always selected and counts as one of ``topk``;
+candidates are the blocks ``j < own block`` (they end before the own block starts); ``p < 0`` selects
+nothing. A query tile visits only the centroid tiles below the own block of its last row. Non-causal:
+the best ``topk`` of all blocks, the partial last block included.
+
+Output (``moba_select``'s contract): int32 ``[total_q, Hq, topk]`` block ids local to each sequence,
+ascending, -1 in unused slots at the end. Since the own block is later than every candidate, it is
+simply written after the sorted candidates.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Limits of the Triton router (checked before any launch).
+MAX_HEAD_DIM = 256
+MAX_RUNNING_TOPK = 128  # blocks kept on chip per query row: min(topk, number of blocks), rounded up to 2^n
+MAX_GRID_DIM = 65535  # CUDA's limit on grid dimensions 1 and 2 (sequences, heads)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
+EMPTY_KEY = tl.constexpr(-(2**63))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_centroids_kernel(
+    k_ptr,
+    centroids_ptr,
+    cu_seqlens_k_ptr,
+    seqlen_k,  # keys per sequence of the padded layout (unused when IS_VARLEN)
+    stride_k_batch,
+    stride_k_token,
+    stride_k_head,
+    stride_k_dim,
+    stride_centroid_row,
+    stride_centroid_head,
+    head_dim,
+    block_size,
+    IS_VARLEN: tl.constexpr,
+    TOKEN_TILE: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Program (block j, sequence b, kv head h): centroid of keys [j*B, min((j+1)*B, S_b)) of head h."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    if IS_VARLEN:
+        seq_start = tl.load(cu_seqlens_k_ptr + seq)
+        seq_len = tl.load(cu_seqlens_k_ptr + seq + 1) - seq_start
+        k_base = k_ptr + seq_start.to(tl.int64) * stride_k_token
+    else:
+        seq_start = seq * seqlen_k
+        seq_len = seqlen_k
+        k_base = k_ptr + seq.to(tl.int64) * stride_k_batch
+    k_base += head.to(tl.int64) * stride_k_head
+
+    block_start = block * block_size
+    # <= 0 for programs past the sequence's last block (the grid covers the longest sequence).
+    block_len = tl.minimum(block_size, seq_len - block_start)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    token_offsets = tl.arange(0, TOKEN_TILE)
+
+    block_sum = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for tile_start in range(0, block_len, TOKEN_TILE):
+        in_block = tile_start + token_offsets
+        tokens = (block_start + in_block).to(tl.int64)
+        mask = (in_block < block_len)[:, None] & dim_ok[None, :]
+        keys = tl.load(k_base + tokens[:, None] * stride_k_token + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
+        block_sum += tl.sum(keys.to(tl.float32), axis=0)
+
+    centroid = block_sum / tl.maximum(block_len, 1).to(tl.float32)
+    row = (seq_start // block_size + seq + block).to(tl.int64)
+    centroid_ptrs = centroids_ptr + row * stride_centroid_row + head.to(tl.int64) * stride_centroid_head + dims
+    tl.store(centroid_ptrs, centroid.to(centroids_ptr.dtype.element_ty), mask=dim_ok & (block_len > 0))
+
+
+@triton.jit
+def _score_keys(block_scores, block_ids):
+    """Pack float32 scores [M, N] and block ids [N] into int64 keys ordered by (score, block id)."""
+    # torch.sort sees -0.0 == +0.0; make them one value so the tie rule decides between them.
+    block_scores = tl.where(block_scores == 0.0, 0.0, block_scores)
+    bits = block_scores.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flip their magnitude bits (the sign bit stays).
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | block_ids.to(tl.int64)[None, :]
+
+
+@triton.jit
+def _route_topk_kernel(
+    q_ptr,
+    centroids_ptr,
+    selected_ptr,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    seqlen_q,  # padded layout only (unused when IS_VARLEN)
+    seqlen_k,
+    stride_q_batch,
+    stride_q_token,
+    stride_q_head,
+    stride_q_dim,
+    stride_centroid_row,
+    stride_centroid_head,
+    stride_centroid_dim,
+    stride_selected_token,
+    stride_selected_head,
+    head_dim,
+    block_size,
+    heads_per_kv,
+    topk,
+    picks,  # candidates each row keeps: topk - 1 (causal) or topk, at most RUNNING_TOPK
+    IS_VARLEN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    RUNNING_TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    TAIL_TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+):
+    """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // heads_per_kv
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        k_start = tl.load(cu_seqlens_k_ptr + seq)
+        k_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
+        q_base = q_ptr + q_start.to(tl.int64) * stride_q_token
+    else:
+        q_start = seq * seqlen_q
+        q_len = seqlen_q
+        k_start = seq * seqlen_k
+        k_len = seqlen_k
+        q_base = q_ptr + seq.to(tl.int64) * stride_q_batch
+    q_base += head.to(tl.int64) * stride_q_head
+    centroid_base = centroids_ptr + kv_head.to(tl.int64) * stride_centroid_head
+    first_centroid_row = k_start // block_size + seq  # see _block_centroids_kernel
+    num_blocks = (k_len + block_size - 1) // block_size
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    if CAUSAL:
+        positions = rows + k_len - q_len
+        own_block = tl.where(positions >= 0, positions // block_size, -1)
+        candidate_limit = own_block  # candidates: blocks j < own block
+    else:
+        own_block = tl.full([BLOCK_M], -1, dtype=tl.int32)
+        candidate_limit = tl.full([BLOCK_M], 0, dtype=tl.int32) + num_blocks
+    candidate_limit = tl.where(row_ok, candidate_limit, 0)
+    blocks_to_visit = tl.max(candidate_limit, axis=0)  # the causal rule skips later centroid tiles
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    q_ptrs = q_base + rows.to(tl.int64)[:, None] * stride_q_token + dims[None, :] * stride_q_dim
+    queries = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if DOT_IN_FLOAT32:
+        queries = queries.to(tl.float32)
+
+    # Ascending: the best key of a row sits in its last column.
+    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    block_offsets = tl.arange(0, BLOCK_N)
+    for tile_start in range(0, blocks_to_visit, BLOCK_N):
+        block_ids = tile_start + block_offsets
+        centroid_ptrs = (
+            centroid_base
+            + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
+            + dims[:, None] * stride_centroid_dim
+        )
+        centroids = tl.load(centroid_ptrs, mask=dim_ok[:, None] & (block_ids < num_blocks)[None, :], other=0.0)
+        if DOT_IN_FLOAT32:
+            centroids = centroids.to(tl.float32)
+        block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        keys = _score_keys(block_scores, block_ids)
+        keys = tl.where(block_ids[None, :] < candidate_limit[:, None], keys, EMPTY_KEY)
+        tile_best = tl.topk(keys, RUNNING_TOPK, dim=1)  # descending
+        # Bitonic split: max(ascending, descending) keeps the best RUNNING_TOPK of both, as a bitonic row.
+        running_topk = tl.bitonic_merge(tl.maximum(running_topk, tile_best), dim=1, descending=False)
+
+    # Keep the best `picks` of each row, then list their block ids in ascending order.
+    columns = tl.arange(0, RUNNING_TOPK)
+    rank = RUNNING_TOPK - 1 - columns
+    kept = (running_topk != EMPTY_KEY) & (rank < picks)[None, :]
+    block_ids_kept = (running_topk & 0xFFFFFFFF).to(tl.int32)
+    block_ids_kept = tl.sort(tl.where(kept, block_ids_kept, 0x7FFFFFFF), dim=1)
+    kept_count = tl.sum(kept.to(tl.int32), axis=1)
+    # The own block is later than every candidate: it goes right after them.
+    has_own = own_block >= 0
+    own_column = tl.where(has_own, kept_count, -1)
+
+    out_base = selected_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_selected_token
+    out_base += head.to(tl.int64) * stride_selected_head
+    selected = tl.where(
+        columns[None, :] < kept_count[:, None],
+        block_ids_kept,
+        tl.where(columns[None, :] == own_column[:, None], own_block[:, None], -1),
+    )
+    tl.store(out_base + columns[None, :], selected, mask=row_ok[:, None] & (columns < topk)[None, :])
+    # Slots past the running list: the own block (when every running slot is kept) or -1.
+    tail_offsets = tl.arange(0, TAIL_TILE)
+    for tail_start in range(RUNNING_TOPK, topk, TAIL_TILE):
+        tail_columns = tail_start + tail_offsets
+        tail = tl.where(tail_columns[None, :] == own_column[:, None], own_block[:, None], -1)
+        tl.store(out_base + tail_columns[None, :], tail, mask=row_ok[:, None] & (tail_columns < topk)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, _next_power_of_2(head_dim))  # tl.dot needs >= 16 in every dimension
+
+
+def _running_topk(topk: int, max_blocks: int, causal: bool) -> tuple[int, int]:
+    """(picks, RUNNING_TOPK): candidates a row keeps, and the on-chip list length (a power of two)."""
+    picks = min(topk - 1 if causal else topk, max_blocks)
+    return picks, max(2, _next_power_of_2(picks))
+
+
+def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
+    """Tile sizes of the top-k kernel (first guesses for sm_90; measure before changing)."""
+    block_n = 64 if head_dim_pad <= 128 else 32
+    # No wider than the blocks a sequence can have; never narrower than the running list (tl.topk).
+    block_n = max(16, min(block_n, _next_power_of_2(max_blocks)), running_topk)
+    block_m = 64 if running_topk <= 32 else 32
+    num_warps = 8 if running_topk * block_m >= 64 * 64 or head_dim_pad >= 256 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+
+
+def _check_supported(q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k: int, block_size: int,
+                     topk: int, causal: bool) -> None:
+    """Raise ValueError naming the limit for anything the Triton router does not run."""
+    for name, value in (("block_size", block_size), ("topk", topk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(
+            f"the Triton router supports float16, bfloat16 and float32 (q and k alike), got q {q.dtype} and "
+            f"k {k.dtype}; use backend='reference' for float64"
+        )
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"the Triton router supports head_dim 1..{MAX_HEAD_DIM} (same for q and k), got q {tuple(q.shape)} "
+            f"and k {tuple(k.shape)}"
+        )
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_kv < 1 or heads_q % heads_kv != 0:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
+    if heads_q > MAX_GRID_DIM or batch > MAX_GRID_DIM:
+        raise ValueError(
+            f"the Triton router supports at most {MAX_GRID_DIM} sequences and heads, got batch {batch}, "
+            f"heads_q {heads_q}"
+        )
+    _, running_topk = _running_topk(topk, triton.cdiv(max_seqlen_k, block_size), causal)
+    if running_topk > MAX_RUNNING_TOPK:
+        raise ValueError(
+            f"the Triton router keeps at most {MAX_RUNNING_TOPK} blocks per query on chip: "
+            f"min(topk, ceil(max_seqlen_k / block_size)) must be <= {MAX_RUNNING_TOPK}, got topk {topk}, "
+            f"max_seqlen_k {max_seqlen_k}, block_size {block_size}"
+        )
+
+
+def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size, is_varlen):
+    """k [total_k, Hkv, D] (varlen) or [B, S, Hkv, D] -> centroids [total_keys // block_size + batch, Hkv, D]."""
+    heads_kv, head_dim = k.shape[-2], k.shape[-1]
+    total_keys = k.shape[0] if is_varlen else batch * seqlen_k
+    centroids = torch.empty(total_keys // block_size + batch, heads_kv, head_dim, dtype=k.dtype, device=k.device)
+    max_blocks = triton.cdiv(max_seqlen_k, block_size)
+    if max_blocks == 0 or batch == 0:
+        return centroids
+    if is_varlen:
+        stride_batch, (stride_token, stride_head, stride_dim) = 0, k.stride()
+    else:
+        stride_batch, stride_token, stride_head, stride_dim = k.stride()
+    _block_centroids_kernel[(max_blocks, batch, heads_kv)](
+        k, centroids, cu_seqlens_k if is_varlen else k,
+        seqlen_k, stride_batch, stride_token, stride_head, stride_dim,
+        centroids.stride(0), centroids.stride(1), head_dim, block_size,
+        IS_VARLEN=is_varlen,
+        TOKEN_TILE=min(64, max(16, _next_power_of_2(block_size))),
+        HEAD_DIM_PAD=_next_power_of_2(head_dim),
+        num_warps=4,
+    )
+    return centroids
+
+
+def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k,
+                  max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen):
+    """Fill selected [total_q, Hq, topk] (a view of [B, T, Hq, topk] for the padded layout)."""
+    heads_q, head_dim = q.shape[-2], q.shape[-1]
+    heads_kv = centroids.shape[1]
+    max_blocks = triton.cdiv(max_seqlen_k, block_size)
+    picks, running_topk = _running_topk(topk, max_blocks, causal)
+    head_dim_pad = _head_dim_pad(head_dim)
+    config = _topk_config(head_dim_pad, running_topk, max_blocks)
+    grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), batch, heads_q)
+    if 0 in grid:
+        return selected
+    if is_varlen:
+        stride_batch, (stride_token, stride_head, stride_dim) = 0, q.stride()
+    else:
+        stride_batch, stride_token, stride_head, stride_dim = q.stride()
+    tail = max(1, topk - running_topk)
+    # Triton 3.6's interpreter multiplies the raw bits of bfloat16 tiles in tl.dot: upcast there (exact,
+    # as bf16 x bf16 products fit float32). Compiled kernels keep bf16 tiles for the tensor cores.
+    dot_in_float32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    _route_topk_kernel[grid](
+        q, centroids, selected,
+        cu_seqlens_q if is_varlen else selected, cu_seqlens_k if is_varlen else selected,
+        seqlen_q, seqlen_k,
+        stride_batch, stride_token, stride_head, stride_dim,
+        centroids.stride(0), centroids.stride(1), centroids.stride(2),
+        selected.stride(0), selected.stride(1),
+        head_dim, block_size, heads_q // heads_kv, topk, picks,
+        IS_VARLEN=is_varlen,
+        CAUSAL=causal,
+        RUNNING_TOPK=running_topk,
+        HEAD_DIM_PAD=head_dim_pad,
+        TAIL_TILE=min(64, max(16, _next_power_of_2(tail))),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_float32 else "tf32",
+        DOT_IN_FLOAT32=dot_in_float32,
+        **config,
+    )
+    return selected
+
+
+def _new_selection(shape, device, out):
+    if out is None:
+        return torch.empty(shape, dtype=torch.int32, device=device)
+    if out.shape != torch.Size(shape) or out.dtype != torch.int32 or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous int32 tensor of shape {tuple(shape)} on {device}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def block_centroids_varlen(
+    k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int, block_size: int
+) -> torch.Tensor:
+    """Centroids of packed keys.
+
+    Args:
+        k: ``[total_k, Hkv, D]`` (any strides).
+        cu_seqlens_k: int32 ``[batch + 1]``.
+        max_seqlen_k: upper bound of the sequence lengths (Python int).
+
+    Returns:
+        ``[total_k // block_size + batch, Hkv, D]`` in k's dtype: block j of sequence b at row
+        ``cu_seqlens_k[b] // block_size + b + j``; other rows are uninitialised.
+    """
+    batch = cu_seqlens_k.numel() - 1
+    _check_supported(k, k, batch, 0, block_size, 1, causal=False)
+    return _launch_centroids(k, cu_seqlens_k, batch, 0, max_seqlen_k, block_size, is_varlen=True)
+
+
+def route_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    block_size: int,
+    topk: int,
+    causal: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Selected key blocks of packed sequences (``moba_select``'s contract).
+
+    Args:
+        q: ``[total_q, Hq, D]``; k: ``[total_k, Hkv, D]`` (any strides, same dtype).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]``.
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (Python ints).
+        out: optional contiguous int32 ``[total_q, Hq, topk]`` to write into.
+
+    Returns:
+        int32 ``[total_q, Hq, topk]``: block ids local to each sequence, ascending, -1 in unused slots at
+        the end.
+    """
+    batch = cu_seqlens_q.numel() - 1
+    _check_supported(q, k, batch, max_seqlen_k, block_size, topk, causal)
+    if cu_seqlens_k.numel() != batch + 1:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries")
+    selected = _new_selection((q.shape[0], q.shape[1], topk), q.device, out)
+    centroids = _launch_centroids(k, cu_seqlens_k, batch, 0, max_seqlen_k, block_size, is_varlen=True)
+    return _launch_route(
+        q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, 0, 0,
+        max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen=True,
+    )
+
+
+def route(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Selected key blocks of a padded batch (``moba_select``'s contract).
+
+    Args:
+        q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]`` (any strides, same dtype).
+        out: optional contiguous int32 ``[B, T, Hq, topk]`` to write into.
+
+    Returns:
+        int32 ``[B, T, Hq, topk]``: block ids, ascending, -1 in unused slots at the end.
+    """
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[1]
+    _check_supported(q, k, batch, seqlen_k, block_size, topk, causal)
+    if k.shape[0] != batch:
+        raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
+    selected = _new_selection((batch, seqlen_q, heads_q, topk), q.device, out)
+    centroids = _launch_centroids(k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False)
+    # The padded batch is read as packed sequences of equal length: sequence b starts at token b*T.
+    _launch_route(
+        q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
+        seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False,
+    )
+    return selected

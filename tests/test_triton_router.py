@@ -1,0 +1,320 @@
+"""The Triton router (block centroids + fused top-k) against ``flashmoba.reference``, on CPU in Triton's
+interpreter (on a CUDA machine the same tests run the compiled kernels).
+
+Random float32 inputs may hold near-ties that the kernel's dot and the reference's sum round differently:
+a differing selection is accepted only where the float64 scores of the swapped blocks agree to 1e-5.
+Inputs made of small integers give exact scores, so there every selection (and every tie) must match.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+triton = pytest.importorskip("triton")
+
+from flashmoba import reference  # noqa: E402
+from flashmoba.ops import router  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _random(*shape, dtype=torch.float32, integers=False, generator=None):
+    """float64 normals rounded to dtype, or small integers (exact scores in any dtype)."""
+    if integers:
+        values = torch.randint(-2, 3, shape, generator=generator).double()
+    else:
+        values = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    return values.to(dtype).to(DEVICE)
+
+
+def _cu_seqlens(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+
+
+def _poisoned(shape):
+    return torch.full(shape, -1234, dtype=torch.int32, device=DEVICE)
+
+
+def _assert_sequence_selection(got, expected, q, k, block_size, tolerance=1e-5):
+    """got/expected int32 [T, Hq, topk] of one sequence, q [T, Hq, D], k [S, Hkv, D].
+
+    Rows may differ only by swapping blocks whose float64 scores agree within the tolerance.
+    """
+    assert got.shape == expected.shape and got.dtype == torch.int32
+    mismatched = (got != expected).any(dim=-1)
+    if not mismatched.any():
+        return
+    centroids = reference.block_centroids(k.cpu(), block_size).double()
+    group = q.shape[1] // k.shape[1]
+    for token, head in mismatched.nonzero().tolist():
+        row, want = got[token, head].cpu(), expected[token, head].cpu()
+        chosen = row[row >= 0]
+        assert (chosen.diff() > 0).all() and (row[len(chosen):] == -1).all(), f"malformed row {row.tolist()}"
+        assert len(chosen) == (want >= 0).sum(), f"({token}, {head}): got {row.tolist()}, want {want.tolist()}"
+        scores = centroids[:, head // group] @ q[token, head].cpu().double()
+        only_got = sorted(set(chosen.tolist()) - set(want.tolist()))
+        only_want = sorted(set(want[want >= 0].tolist()) - set(chosen.tolist()))
+        got_scores, want_scores = scores[only_got].sort().values, scores[only_want].sort().values
+        scale = tolerance * (1 + scores.abs().max())
+        assert torch.allclose(got_scores, want_scores, rtol=0, atol=float(scale)), (
+            f"({token}, {head}): got {row.tolist()}, want {want.tolist()}, scores {scores.tolist()}"
+        )
+
+
+def _check_padded(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, block_size, topk, causal,
+                  dtype=torch.float32, integers=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = _random(batch, seqlen_q, heads_q, head_dim, dtype=dtype, integers=integers, generator=generator)
+    k = _random(batch, seqlen_k, heads_kv, head_dim, dtype=dtype, integers=integers, generator=generator)
+    got = router.route(q, k, block_size, topk, causal, out=_poisoned((batch, seqlen_q, heads_q, topk)))
+    expected = reference.moba_select_reference(q, k, block_size, topk, causal)
+    if integers:
+        assert torch.equal(got, expected)
+    for b in range(batch):
+        _assert_sequence_selection(got[b], expected[b], q[b], k[b], block_size)
+    return got
+
+
+def _check_varlen(lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal,
+                  dtype=torch.float32, integers=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = _random(sum(lengths_q), heads_q, head_dim, dtype=dtype, integers=integers, generator=generator)
+    k = _random(sum(lengths_k), heads_kv, head_dim, dtype=dtype, integers=integers, generator=generator)
+    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+    got = router.route_varlen(
+        q, k, cu_q, cu_k, max(lengths_q), max(lengths_k), block_size, topk, causal,
+        out=_poisoned((q.shape[0], heads_q, topk)),
+    )
+    expected = reference.moba_select_reference(q, k, block_size, topk, causal, cu_q, cu_k)
+    if integers:
+        assert torch.equal(got, expected)
+    for s in range(len(lengths_q)):
+        sq, sk = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+        _assert_sequence_selection(got[sq], expected[sq], q[sq], k[sk], block_size)
+    return got
+
+
+# ----------------------------------------------------------------------------------------------------
+# Centroids
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [16, 7])
+def test_centroids_varlen_match_reference(block_size):
+    lengths = [1, 0, 33, 16, 50]
+    k = _random(sum(lengths), 2, 24, generator=torch.Generator().manual_seed(1))
+    cu = _cu_seqlens(lengths)
+    centroids = router.block_centroids_varlen(k, cu, max(lengths), block_size)
+    assert centroids.shape == (sum(lengths) // block_size + len(lengths), 2, 24)
+    for s, length in enumerate(lengths):
+        start = int(cu[s])
+        expected = reference.block_centroids(k[start : start + length], block_size)
+        first_row = start // block_size + s
+        got = centroids[first_row : first_row + expected.shape[0]]
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selections: padded layout
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seqlen", [1, 15, 17, 55])  # 1, B-1, B+1, 3B+7 for B = 16
+@pytest.mark.parametrize("causal", [True, False])
+def test_odd_lengths(seqlen, causal):
+    _check_padded(2, seqlen, seqlen, 2, 2, 32, 16, 3, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa_shorter_queries(causal):
+    # seqlen_q < seqlen_k: bottom-right causal alignment; GQA 4:1.
+    _check_padded(1, 23, 90, 8, 2, 32, 16, 3, causal, seed=2)
+
+
+def test_mqa_longer_queries():
+    # seqlen_q > seqlen_k: the first queries sit at p < 0 and select nothing.
+    got = _check_padded(2, 40, 21, 3, 1, 16, 16, 2, True, seed=3)
+    assert (got[:, :19] == -1).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_topk_one(causal):
+    got = _check_padded(1, 50, 50, 2, 1, 16, 16, 1, causal, seed=4)
+    if causal:  # only the own block
+        assert torch.equal(got[0, :, :, 0], (torch.arange(50, device=DEVICE) // 16)[:, None].expand(50, 2).int())
+
+
+@pytest.mark.parametrize("topk", [5, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_topk_covers_every_block(topk, causal):
+    # 3 blocks: every visible block selected, -1 after them.
+    got = _check_padded(1, 37, 37, 2, 2, 16, 16, topk, causal, seed=5)
+    assert (got[..., 3:] == -1).all()
+
+
+@pytest.mark.parametrize("block_size", [48, 7, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_sizes(block_size, causal):
+    _check_padded(1, 30, 103, 2, 1, 16, block_size, 4, causal, seed=6)
+
+
+@pytest.mark.parametrize("head_dim", [96, 20])
+def test_head_dims_not_a_power_of_two(head_dim):
+    _check_padded(1, 40, 40, 2, 1, head_dim, 16, 2, True, seed=7)
+
+
+def test_many_centroid_tiles_and_large_topk():
+    # 25 blocks of 4: several centroid tiles per row and a running list of 16 slots.
+    _check_padded(1, 100, 100, 1, 1, 16, 4, 12, True, seed=8)
+    _check_padded(1, 33, 100, 1, 1, 16, 4, 12, False, seed=8)
+
+
+def test_non_contiguous_inputs():
+    generator = torch.Generator().manual_seed(9)
+    q_storage = _random(2, 4, 30, 40, generator=generator)  # [B, Hq, T, D + 8]
+    k_storage = _random(2, 50, 40, 2, generator=generator).transpose(2, 3)  # [B, S, Hkv, D + 8], D strided
+    q, k = q_storage.transpose(1, 2)[..., :32], k_storage[..., :32]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    for causal in (True, False):
+        got = router.route(q, k, 16, 3, causal)
+        expected = reference.moba_select_reference(q.contiguous(), k.contiguous(), 16, 3, causal)
+        for b in range(2):
+            _assert_sequence_selection(got[b], expected[b], q[b], k[b], 16)
+    packed_q = q.reshape(60, 4, 32)[::2]  # [30, Hq, D]: token stride 2 rows
+    packed_k = k[0]
+    cu_q, cu_k = _cu_seqlens([30]), _cu_seqlens([50])
+    got = router.route_varlen(packed_q, packed_k, cu_q, cu_k, 30, 50, 16, 3, True)
+    expected = reference.moba_select_reference(packed_q.contiguous(), packed_k.contiguous(), 16, 3, True, cu_q, cu_k)
+    _assert_sequence_selection(got, expected, packed_q, packed_k, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_exact_on_integer_inputs(dtype):
+    # Block lengths 16 and 8 keep every centroid exact in bf16: Triton's interpreter casts float32 to
+    # bfloat16 by truncation, while the GPU and torch round to nearest even.
+    for causal in (True, False):
+        _check_padded(1, 45, 72, 4, 2, 32, 16, 3, causal, dtype=dtype, integers=True, seed=10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selections: packed (varlen) layout
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_ragged(causal):
+    # An empty sequence, a length-1 sequence, one shorter than a block, seqlen_q != seqlen_k.
+    lengths_q = [0, 1, 9, 40, 20]
+    lengths_k = [0, 1, 60, 40, 13]
+    _check_varlen(lengths_q, lengths_k, 4, 2, 32, 16, 3, causal, seed=11)
+
+
+def test_varlen_empty_keys_and_queries():
+    got = _check_varlen([3, 0, 5], [0, 4, 16], 2, 1, 16, 16, 2, True, seed=12)
+    assert (got[:3] == -1).all()
+    got = _check_varlen([3, 0, 5], [0, 4, 16], 2, 1, 16, 16, 2, False, seed=12)
+    assert (got[:3] == -1).all() and (got[3:, :, 0] == 0).all() and (got[3:, :, 1] == -1).all()
+
+
+def test_varlen_block_48_head_dim_96():
+    _check_varlen([50, 7], [130, 49], 4, 1, 96, 48, 2, True, seed=13)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ties: the later block wins
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_all_blocks_tied(causal):
+    # Every key block identical: all scores tie, so the latest allowed blocks win.
+    block_size, num_blocks, topk = 16, 6, 3
+    block = _random(1, block_size, 1, 16, integers=True, generator=torch.Generator().manual_seed(14))
+    k = block.repeat(1, num_blocks, 1, 1)
+    q = _random(1, block_size * num_blocks, 2, 16, integers=True, generator=torch.Generator().manual_seed(15))
+    got = router.route(q, k, block_size, topk, causal)
+    assert torch.equal(got, reference.moba_select_reference(q, k, block_size, topk, causal))
+    if causal:  # the own block and the topk - 1 blocks right before it
+        for position in range(q.shape[1]):
+            own = position // block_size
+            blocks = list(range(max(0, own - topk + 1), own + 1))
+            expected = torch.tensor(blocks + [-1] * (topk - len(blocks)), dtype=torch.int32, device=DEVICE)
+            assert (got[0, position] == expected).all(), (position, got[0, position].tolist())
+    else:
+        assert (got[0] == torch.tensor([3, 4, 5], dtype=torch.int32, device=DEVICE)).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_planted_duplicate_blocks(causal):
+    # Integer data with duplicated key blocks: many exact ties, all scores exact; must equal the reference.
+    generator = torch.Generator().manual_seed(16)
+    block_size = 16
+    distinct = _random(2, 4 * block_size, 2, 16, integers=True, generator=generator)
+    k = torch.cat([distinct, distinct[:, : 3 * block_size], distinct[:, :8]], dim=1)  # 8 blocks, last partial
+    q = _random(2, 90, 4, 16, integers=True, generator=generator)
+    for topk in (1, 2, 4):
+        got = router.route(q, k, block_size, topk, causal)
+        assert torch.equal(got, reference.moba_select_reference(q, k, block_size, topk, causal))
+    lengths_q, lengths_k = [30, 60], [k.shape[1] - 20, k.shape[1]]
+    packed_q = torch.cat([q[0, :30], q[1, :60]])
+    packed_k = torch.cat([k[0, : lengths_k[0]], k[1]])
+    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+    got = router.route_varlen(packed_q, packed_k, cu_q, cu_k, 60, k.shape[1], block_size, 3, causal)
+    assert torch.equal(got, reference.moba_select_reference(packed_q, packed_k, block_size, 3, causal, cu_q, cu_k))
+
+
+def test_signed_zero_scores_tie():
+    # q orthogonal to every centroid: all scores are +0.0 or -0.0, which tie (torch.sort sees them equal).
+    k = torch.zeros(1, 64, 1, 16, device=DEVICE)
+    k[0, :16, 0, 0] = 1.0
+    k[0, 16:32, 0, 0] = -1.0
+    q = torch.zeros(1, 4, 1, 16, device=DEVICE)
+    q[0, :, 0, 1] = 1.0
+    q[0, :2, 0, 0] = -0.0
+    for causal in (True, False):
+        got = router.route(q, k, 16, 2, causal)
+        assert torch.equal(got, reference.moba_select_reference(q, k, 16, 2, causal))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Limits and degenerate shapes
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_empty_batch_and_lengths():
+    q = torch.zeros(0, 5, 2, 16, device=DEVICE)
+    assert router.route(q, torch.zeros(0, 7, 1, 16, device=DEVICE), 16, 2).shape == (0, 5, 2, 2)
+    got = router.route(torch.zeros(2, 0, 2, 16, device=DEVICE), torch.zeros(2, 7, 1, 16, device=DEVICE), 16, 2)
+    assert got.shape == (2, 0, 2, 2)
+    got = router.route(torch.zeros(1, 3, 2, 16, device=DEVICE), torch.zeros(1, 0, 1, 16, device=DEVICE), 16, 2,
+                       causal=False)
+    assert (got == -1).all()
+
+
+def test_unsupported_raise_value_error():
+    q, k = torch.zeros(1, 4, 2, 16, device=DEVICE), torch.zeros(1, 4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        router.route(q.double(), k.double(), 16, 2)
+    with pytest.raises(ValueError, match="head_dim"):
+        router.route(torch.zeros(1, 4, 2, 300, device=DEVICE), torch.zeros(1, 4, 1, 300, device=DEVICE), 16, 2)
+    with pytest.raises(ValueError, match="at most 128 blocks"):
+        router.route(q, torch.zeros(1, 400, 1, 16, device=DEVICE), 1, 200)
+    with pytest.raises(ValueError, match="multiple of heads_kv"):
+        router.route(torch.zeros(1, 4, 3, 16, device=DEVICE), torch.zeros(1, 4, 2, 16, device=DEVICE), 16, 2)
+    with pytest.raises(ValueError, match="block_size"):
+        router.route(q, k, 0, 2)
+    # topk beyond the on-chip limit is fine when it covers every block.
+    assert (router.route(q, k, 16, 500)[..., 1:] == -1).all()
