@@ -37,7 +37,7 @@ def poison_empty(monkeypatch):
     original_empty, original_empty_like, original_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def poison(tensor):
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not tensor.requires_grad:
             tensor.fill_(math.nan)
         return tensor
 

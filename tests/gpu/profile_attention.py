@@ -1,0 +1,111 @@
+"""Time the pieces of the Triton path on a GPU (not a test): python tests/gpu/profile_attention.py [N ...]
+
+Prints per configuration: router, index build, forward (index + partial + merge), backward, and SDPA-flash
+for comparison, all medians of CUDA-event timings in ms, plus peak memory above the inputs in GiB.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from flashmoba.ops import autograd as triton_autograd
+from flashmoba.ops import forward as triton_forward
+from flashmoba.ops.index import build_block_index, num_block_slots
+
+
+def median_ms(fn, repeats=5):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_gib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=torch.bfloat16):
+    q, k, v, grad_out = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype) for _ in range(4))
+    packed = [t.view(batch * seqlen, heads, head_dim) for t in (q, k, v)]
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+    scale = head_dim**-0.5
+    route = lambda: triton_autograd.moba_select_varlen_triton(  # noqa: E731
+        packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True)
+    selected = route()
+    chunk_rows, num_chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, 2)
+    index = lambda: build_block_index(  # noqa: E731
+        selected, cu, cu, block_size, num_block_slots(batch * seqlen, batch, block_size), num_chunks, chunk_rows)
+    forward = lambda: triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, scale)  # noqa: E731
+    leaves = [t.detach().clone().requires_grad_() for t in packed]
+    grad_packed = grad_out.view(batch * seqlen, heads, head_dim)
+
+    def forward_backward(deterministic=False):
+        out, _ = triton_autograd.sparse_attention_varlen(*leaves, route(), cu, cu, block_size, True, scale,
+                                                         deterministic)
+        out.backward(grad_packed)
+
+    dense = [t.transpose(1, 2).detach().clone().requires_grad_() for t in (q, k, v)]
+    dense_grad = grad_out.transpose(1, 2)
+
+    def sdpa(backward):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(*dense, is_causal=True)
+            if backward:
+                out.backward(dense_grad)
+
+    row = dict(N=seqlen, B=block_size, k=topk, chunks=num_chunks,
+               route=median_ms(route), index=median_ms(index), attn_fwd=median_ms(forward),
+               fwd_bwd=median_ms(forward_backward), fwd_bwd_det=median_ms(lambda: forward_backward(True), 3),
+               peak=peak_gib(forward_backward))
+    if seqlen <= 65536:
+        row.update(sdpa_fwd=median_ms(lambda: sdpa(False), 3), sdpa_fwd_bwd=median_ms(lambda: sdpa(True), 3),
+                   sdpa_peak=peak_gib(lambda: sdpa(True)))
+    print("  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()),
+          flush=True)
+
+
+def kernel_breakdown(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_dim=128):
+    """Per-kernel CUDA time of one routed forward + backward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+              for _ in range(3)]
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+
+    def step():
+        selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
+                                                             block_size, topk, True)
+        out, _ = triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)
+        out.backward(torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["breakdown"]:
+    kernel_breakdown()
+elif __name__ == "__main__":
+    print(torch.cuda.get_device_name(), flush=True)
+    seqlens = [int(x) for x in sys.argv[1:]] or [8192, 65536]
+    for n in seqlens:
+        for block_size, topk in ((128, 8), (64, 16), (32, 32)):
+            profile(n, block_size, topk)

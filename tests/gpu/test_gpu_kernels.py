@@ -1,0 +1,210 @@
+"""The Triton sparse attention on a GPU at realistic sizes, in bf16 and fp16 (skipped without CUDA).
+
+Error budgets come from the data, not from hand-tuned tolerances: with one fixed selection, the kernel's
+error against the float64 oracle (the reference's attention on the same quantised inputs) must stay
+within a small factor of the low-precision reference's own error (the same inputs, computed in float32
+and rounded once), in max and in mean. Buffers the library allocates with ``torch.empty`` are filled
+with NaN first, so an element a kernel forgets to write fails. Router and attention together are
+checked with a tolerance for near-ties: outputs are compared only where the two selections agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+if not torch.cuda.is_available():
+    pytest.skip("GPU tests need CUDA", allow_module_level=True)
+
+import flashmoba  # noqa: E402
+from flashmoba import reference  # noqa: E402
+from flashmoba.ops import autograd as triton_autograd  # noqa: E402
+
+DEVICE = "cuda"
+MAX_FACTOR, MEAN_FACTOR = 4.0, 2.0
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    original_empty, original_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.is_floating_point() and not tensor.requires_grad:
+            tensor.fill_(math.nan)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(original_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(original_empty_like(*a, **kw)))
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def _inputs(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype, seed=0):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE, dtype=torch.float32).to(dtype)
+
+    total_q, total_k = sum(lengths_q), sum(lengths_k)
+    q, k, v = randn(total_q, heads_q, head_dim), randn(total_k, heads_kv, head_dim), randn(total_k, heads_kv, head_dim)
+    return q, k, v, randn(total_q, heads_q, head_dim)
+
+
+def attention_with_selection(q, k, v, selected, cu_q, cu_k, block_size, causal, scale, rows_per_chunk=512):
+    """The reference's attention (its ``_attend_chunk``) over a given selection; differentiable.
+
+    Computes in float64 for float64 inputs and in float32 otherwise, returning o in q's dtype.
+    """
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for seq in range(len(bounds_q) - 1):
+        q_seq, k_seq, v_seq = (q[bounds_q[seq] : bounds_q[seq + 1]], k[bounds_k[seq] : bounds_k[seq + 1]],
+                               v[bounds_k[seq] : bounds_k[seq + 1]])
+        seqlen_q, seqlen_k = q_seq.shape[0], k_seq.shape[0]
+        num_blocks = -(-seqlen_k // block_size)
+        key_pos = torch.arange(seqlen_k, device=DEVICE)
+        for start in range(0, seqlen_q, rows_per_chunk):
+            stop = min(seqlen_q, start + rows_per_chunk)
+            chosen = selected[bounds_q[seq] + start : bounds_q[seq] + stop].long()
+            block_mask = torch.zeros(*chosen.shape[:2], num_blocks + 1, dtype=torch.bool, device=DEVICE)
+            block_mask.scatter_(-1, torch.where(chosen >= 0, chosen, num_blocks), True)
+            visible = block_mask[..., key_pos // block_size]
+            if causal:
+                query_pos = torch.arange(start, stop, device=DEVICE) + seqlen_k - seqlen_q
+                visible &= (key_pos[None, :] <= query_pos[:, None])[:, None, :]
+            out, lse = checkpoint(reference._attend_chunk, q_seq[start:stop], k_seq, v_seq, visible, scale,
+                                  use_reentrant=False)
+            outs.append(out)
+            lses.append(lse)
+    return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1).float()
+
+
+def _assert_within_budget(name, kernel, low_precision, exact):
+    assert not torch.isnan(kernel).any(), f"{name}: NaN (an element was not written)"
+    finite = torch.isfinite(exact)
+    kernel_error = (kernel.double() - exact).abs()[finite]
+    reference_error = (low_precision.double() - exact).abs()[finite]
+    floor = 1e-6 * exact[finite].abs().max().item() + 1e-7
+    assert kernel_error.max() <= MAX_FACTOR * reference_error.max() + floor, (
+        f"{name}: max error {kernel_error.max():.3e} vs low-precision reference {reference_error.max():.3e}")
+    assert kernel_error.mean() <= MEAN_FACTOR * reference_error.mean() + floor, (
+        f"{name}: mean error {kernel_error.mean():.3e} vs low-precision reference {reference_error.mean():.3e}")
+
+
+CASES = [
+    # id, dtype, lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal
+    ("bf16_16k_gqa4_d128_b128_k8", torch.bfloat16, [16384], [16384], 8, 2, 128, 128, 8, True),
+    ("fp16_32k_varlen_mqa_d64_b64_k16", torch.float16, [1, 100, 5000, 11000, 16667], [1, 100, 5000, 11000, 16667],
+     4, 1, 64, 64, 16, True),
+    ("bf16_8k_noncausal_d256_b32_k16", torch.bfloat16, [8192], [6000], 2, 2, 256, 32, 16, False),
+    ("bf16_prefill_d96_b16_k32", torch.bfloat16, [2000, 3000], [8000, 3500], 8, 1, 96, 16, 32, True),
+    ("fp16_8k_d32_b512_k4", torch.float16, [8192], [8192], 4, 2, 32, 512, 4, True),
+]
+
+
+@pytest.mark.parametrize("dtype,lengths_q,lengths_k,heads_q,heads_kv,head_dim,block_size,topk,causal",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_attention_within_error_budget(dtype, lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk,
+                                       causal):
+    q, k, v, grad_out = _inputs(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype)
+    cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+    scale = head_dim**-0.5
+    with torch.no_grad():
+        selected = reference.moba_select_reference(q, k, block_size, topk, causal, cu_q, cu_k)
+
+    def run(implementation, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        out, lse = implementation(*leaves, selected, cu_q, cu_k, block_size, causal, scale)
+        (out.float() * cast(grad_out).float()).sum().backward()
+        return [out.detach(), lse.detach()] + [leaf.grad for leaf in leaves]
+
+    kernel = run(triton_autograd.sparse_attention_varlen, lambda t: t)
+    low_precision = run(attention_with_selection, lambda t: t)
+    exact = run(attention_with_selection, lambda t: t.double())
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), kernel, low_precision, exact):
+        _assert_within_budget(name, a, b, c)
+
+
+def test_deterministic_gradients_are_bitwise_reproducible():
+    q, k, v, grad_out = _inputs([16384], [16384], 8, 2, 128, torch.bfloat16, seed=1)
+    cu = _cu([16384])
+    selected = flashmoba.moba_select(q, k, 64, 16, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
+
+    def run(deterministic):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = triton_autograd.sparse_attention_varlen(*leaves, selected, cu, cu, 64, True, 0.1, deterministic)
+        out.backward(grad_out)
+        return [out, lse] + [leaf.grad for leaf in leaves]
+
+    first, second, atomic = run(True), run(True), run(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for a, b in zip(first, atomic):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_router_and_attention_end_to_end_with_near_ties():
+    lengths = [3000, 5192]
+    q, k, v, _ = _inputs(lengths, lengths, 4, 2, 128, torch.bfloat16, seed=2)
+    cu = _cu(lengths)
+    out = flashmoba.moba_attn_varlen(q, k, v, cu, cu, 5192, 5192, 64, 8, backend="triton")
+    selected = flashmoba.moba_select(q, k, 64, 8, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
+    expected_selected = reference.moba_select_reference(q, k, 64, 8, True, cu, cu)
+    agree = (torch.sort(selected, -1).values == torch.sort(expected_selected, -1).values).all(-1)
+    assert agree.float().mean() > 0.99, f"selections agree on only {agree.float().mean():.4f} of rows"
+    exact, _ = attention_with_selection(q.double(), k.double(), v.double(), selected, cu, cu, 64, True, 128**-0.5)
+    low, _ = attention_with_selection(q, k, v, selected, cu, cu, 64, True, 128**-0.5)
+    _assert_within_budget("out", out[agree], low[agree], exact[agree])
+
+
+def test_cuda_graph_capture_of_forward_and_backward():
+    q, k, v, grad_out = _inputs([4096], [4096], 4, 2, 64, torch.bfloat16, seed=3)
+    static = [t.view(1, 4096, *t.shape[1:]).clone().requires_grad_() for t in (q, k, v)]
+    static_grad_out = grad_out.view(1, 4096, 4, 64).clone()
+
+    def step():
+        out = flashmoba.moba_attn(*static, 64, 8, backend="triton")
+        grads = torch.autograd.grad(out, static, static_grad_out)
+        return out.detach(), *grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile the kernels and settle the allocator outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh = _inputs([4096], [4096], 4, 2, 64, torch.bfloat16, seed=4)
+    with torch.no_grad():
+        for tensor, new in zip(static, fresh[:3]):
+            tensor.copy_(new.view_as(tensor))
+    graph.replay()
+    expected = step()
+    for a, b in zip(captured, expected):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, grad_out = _inputs([2048], [2048], 4, 2, 128, torch.bfloat16, seed=5)
+    q, k, v, grad_out = (t.view(1, 2048, *t.shape[1:]) for t in (q, k, v, grad_out))
+
+    def loss(q, k, v):
+        out = flashmoba.moba_attn(q, k, v, 64, 4, backend="triton")
+        return (out.float() * grad_out.float()).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    results = []
+    for function in (loss, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        value = function(*leaves)
+        value.backward()
+        results.append([value.detach()] + [leaf.grad for leaf in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
