@@ -182,6 +182,23 @@ def test_many_centroid_tiles_and_large_topk():
     _check_padded(1, 33, 100, 1, 1, 16, 4, 12, False, seed=8)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(FILTER=False),  # every tile merged by tl.topk
+        dict(INSERT_ROUNDS=0),  # tiles skipped by the threshold, the rest merged
+        dict(INSERT_ROUNDS=1000),  # tiles skipped or inserted key by key
+        dict(),
+    ],
+    ids=["merge", "filter-merge", "filter-insert", "default"],
+)
+def test_tile_update_paths(overrides, monkeypatch):
+    # Small tiles so each row sees many centroid tiles: 60 blocks in tiles of 16; integer data ties often.
+    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, **overrides))
+    for causal in (True, False):
+        _check_padded(1, 48, 120, 2, 1, 16, 2, 5, causal, integers=True, seed=17)
+
+
 def test_non_contiguous_inputs():
     generator = torch.Generator().manual_seed(9)
     q_storage = _random(2, 4, 30, 40, generator=generator)  # [B, Hq, T, D + 8]

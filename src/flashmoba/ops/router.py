@@ -44,6 +44,9 @@ MAX_RUNNING_TOPK = 128  # blocks kept on chip per query row: min(topk, number of
 MAX_GRID_DIM = 65535  # CUDA's limit on grid dimensions 1 and 2 (sequences, heads)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Benchmarks and tests may override the top-k kernel's configuration here (keys of _topk_config).
+TOPK_CONFIG_OVERRIDES: dict = {}
+
 # An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
 EMPTY_KEY = tl.constexpr(-(2**63))
 
@@ -118,6 +121,37 @@ def _score_keys(block_scores, block_ids):
 
 
 @triton.jit
+def _key_score(keys):
+    """The float32 score of packed keys (NaN for EMPTY_KEY): _score_keys's transform is an involution."""
+    ordered = (keys >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _merge_tile(running_topk, keys, RUNNING_TOPK: tl.constexpr):
+    """Best RUNNING_TOPK of an ascending running list [M, K] and a tile's keys [M, N], ascending."""
+    tile_best = tl.topk(keys, RUNNING_TOPK, dim=1)  # descending
+    # Bitonic split: max(ascending, descending) keeps the best K of both, as a bitonic row.
+    return tl.bitonic_merge(tl.maximum(running_topk, tile_best), dim=1, descending=False)
+
+
+@triton.jit
+def _insert_best(running_topk, keys, rounds, RUNNING_TOPK: tl.constexpr):
+    """Move the best key of each row of a tile into its running list, `rounds` times (cheaper than a
+    merge when few keys of the tile can enter any list)."""
+    columns = tl.arange(0, RUNNING_TOPK)
+    for _ in range(rounds):
+        best = tl.max(keys, axis=1)
+        keys = tl.where(keys == best[:, None], EMPTY_KEY, keys)  # keys of a row are distinct
+        # Overwrite the smallest entry if beaten: the row is then a rotated bitonic sequence.
+        smallest = columns[None, :] == 0
+        running_topk = tl.where(smallest, tl.maximum(running_topk, best[:, None]), running_topk)
+        running_topk = tl.bitonic_merge(running_topk, dim=1, descending=False)
+    return running_topk
+
+
+@triton.jit
 def _route_topk_kernel(
     q_ptr,
     centroids_ptr,
@@ -149,6 +183,8 @@ def _route_topk_kernel(
     TAIL_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
+    FILTER: tl.constexpr,
+    INSERT_ROUNDS: tl.constexpr,
 ):
     """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
     tile = tl.program_id(0)
@@ -191,11 +227,15 @@ def _route_topk_kernel(
     if DOT_IN_FLOAT32:
         queries = queries.to(tl.float32)
 
-    # Ascending: the best key of a row sits in its last column.
+    # Ascending: the best key of a row sits in its last column, its picks-th best in threshold_column.
     running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    columns = tl.arange(0, RUNNING_TOPK)
+    threshold_column = RUNNING_TOPK - picks
     block_offsets = tl.arange(0, BLOCK_N)
-    for tile_start in range(0, blocks_to_visit, BLOCK_N):
-        block_ids = tile_start + block_offsets
+    num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
+    for tile_index in range(0, num_tiles):
+        # Latest tiles first: with attention's locality they raise the thresholds early.
+        block_ids = (num_tiles - 1 - tile_index) * BLOCK_N + block_offsets
         centroid_ptrs = (
             centroid_base
             + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
@@ -205,14 +245,25 @@ def _route_topk_kernel(
         if DOT_IN_FLOAT32:
             centroids = centroids.to(tl.float32)
         block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        keys = _score_keys(block_scores, block_ids)
-        keys = tl.where(block_ids[None, :] < candidate_limit[:, None], keys, EMPTY_KEY)
-        tile_best = tl.topk(keys, RUNNING_TOPK, dim=1)  # descending
-        # Bitonic split: max(ascending, descending) keeps the best RUNNING_TOPK of both, as a bitonic row.
-        running_topk = tl.bitonic_merge(tl.maximum(running_topk, tile_best), dim=1, descending=False)
+        may_enter = block_ids[None, :] < candidate_limit[:, None]
+        if FILTER:
+            # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
+            # first, so an equal score belongs to an earlier block and loses the tie. When no row of the
+            # tile has such a score, the sort is skipped.
+            threshold_key = tl.max(tl.where(columns[None, :] == threshold_column, running_topk, EMPTY_KEY), axis=1)
+            below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
+            may_enter &= ~below
+            rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
+        else:
+            rounds = INSERT_ROUNDS + 1
+        if rounds > 0:
+            keys = tl.where(may_enter, _score_keys(block_scores, block_ids), EMPTY_KEY)
+            if rounds <= INSERT_ROUNDS:
+                running_topk = _insert_best(running_topk, keys, rounds, RUNNING_TOPK)
+            else:
+                running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
 
     # Keep the best `picks` of each row, then list their block ids in ascending order.
-    columns = tl.arange(0, RUNNING_TOPK)
     rank = RUNNING_TOPK - 1 - columns
     kept = (running_topk != EMPTY_KEY) & (rank < picks)[None, :]
     block_ids_kept = (running_topk & 0xFFFFFFFF).to(tl.int32)
@@ -264,7 +315,11 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     block_n = max(16, min(block_n, _next_power_of_2(max_blocks)), running_topk)
     block_m = 64 if running_topk <= 32 else 32
     num_warps = 8 if running_topk * block_m >= 64 * 64 or head_dim_pad >= 256 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
+    # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge.
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4, num_warps=num_warps, num_stages=2)
+    config.update(TOPK_CONFIG_OVERRIDES)
+    return config
 
 
 def _check_supported(q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k: int, block_size: int,
