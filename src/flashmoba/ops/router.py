@@ -14,10 +14,16 @@ Two kernels, no host synchronisation between or inside them (CUDA-graph capturab
    running top-k in registers, so the ``N x num_blocks`` score matrix never exists in memory. Scores and
    block ids are packed into one int64 key per (row, block): the high 32 bits hold an order-preserving
    integer image of the float32 score, the low 32 bits the block id, so comparing keys compares scores
-   and, on equal scores, lets the later block win (the contract's tie rule). Each tile's keys are cut
-   to its best ``RUNNING_TOPK`` per row (``tl.topk``, a bitonic network, descending), and merged with the
-   running list (kept ascending) by a bitonic split: the elementwise maximum of an ascending and a
-   descending list holds the best of both and is bitonic, so one ``tl.bitonic_merge`` sorts it again.
+   and, on equal scores, lets the later block win (the contract's tie rule). Centroid tiles are visited
+   latest first, and a tile's score can only matter to a row if it beats the row's current picks-th
+   best (an equal score belongs to an earlier block and loses the tie). Per tile, whichever is cheapest:
+   - no row has such a score: nothing to do (the common case once the lists have filled);
+   - at most ``INSERT_ROUNDS`` per row: insert the tile's best key of each row that many times (a
+     ``tl.max`` over the tile and a bitonic merge of the short list per round);
+   - otherwise cut the tile to its best ``RUNNING_TOPK`` per row (``tl.topk``, a bitonic network,
+     descending) and merge with the running list (kept ascending) by a bitonic split: the elementwise
+     maximum of an ascending and a descending list holds the best of both and is bitonic, so one
+     ``tl.bitonic_merge`` sorts it again.
 
 Causal rule (bottom-right): query i of a sequence with T queries and S keys sits at key position
 ``p = i + S - T``; its own block ``p // block_size`` is always selected and counts as one of ``topk``;
@@ -73,6 +79,7 @@ def _block_centroids_kernel(
     IS_VARLEN: tl.constexpr,
     TOKEN_TILE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr,
 ):
     """Program (block j, sequence b, kv head h): centroid of keys [j*B, min((j+1)*B, S_b)) of head h."""
     block = tl.program_id(0)
@@ -92,7 +99,10 @@ def _block_centroids_kernel(
     # <= 0 for programs past the sequence's last block (the grid covers the longest sequence).
     block_len = tl.minimum(block_size, seq_len - block_start)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dims < head_dim
+    if EVEN_HEAD_DIM:  # no mask along the head dim keeps the loads vectorised
+        dim_ok = tl.full([HEAD_DIM_PAD], 1, dtype=tl.int1)
+    else:
+        dim_ok = dims < head_dim
     token_offsets = tl.arange(0, TOKEN_TILE)
 
     block_sum = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
@@ -180,6 +190,7 @@ def _route_topk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr,
     TAIL_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
@@ -221,7 +232,10 @@ def _route_topk_kernel(
     blocks_to_visit = tl.max(candidate_limit, axis=0)  # the causal rule skips later centroid tiles
 
     dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dims < head_dim
+    if EVEN_HEAD_DIM:  # no mask along the head dim: loads stay vectorised, the centroid loads pipelined
+        dim_ok = tl.full([HEAD_DIM_PAD], 1, dtype=tl.int1)
+    else:
+        dim_ok = dims < head_dim
     q_ptrs = q_base + rows.to(tl.int64)[:, None] * stride_q_token + dims[None, :] * stride_q_dim
     queries = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if DOT_IN_FLOAT32:
@@ -370,13 +384,16 @@ def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size
         stride_batch, (stride_token, stride_head, stride_dim) = 0, k.stride()
     else:
         stride_batch, stride_token, stride_head, stride_dim = k.stride()
+    head_dim_pad = _next_power_of_2(head_dim)
     _block_centroids_kernel[(max_blocks, batch, heads_kv)](
         k, centroids, cu_seqlens_k if is_varlen else k,
         seqlen_k, stride_batch, stride_token, stride_head, stride_dim,
         centroids.stride(0), centroids.stride(1), head_dim, block_size,
         IS_VARLEN=is_varlen,
-        TOKEN_TILE=min(64, max(16, _next_power_of_2(block_size))),
-        HEAD_DIM_PAD=_next_power_of_2(head_dim),
+        # At most 4096 elements of k per tile: whole small blocks, no register spills at head_dim 256.
+        TOKEN_TILE=max(2, min(_next_power_of_2(block_size), 4096 // head_dim_pad, 64)),
+        HEAD_DIM_PAD=head_dim_pad,
+        EVEN_HEAD_DIM=head_dim == head_dim_pad,
         num_warps=4,
     )
     return centroids
@@ -414,6 +431,7 @@ def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seq
         CAUSAL=causal,
         RUNNING_TOPK=running_topk,
         HEAD_DIM_PAD=head_dim_pad,
+        EVEN_HEAD_DIM=head_dim == head_dim_pad,
         TAIL_TILE=min(64, max(16, _next_power_of_2(tail))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_float32 else "tf32",
         DOT_IN_FLOAT32=dot_in_float32,
