@@ -404,10 +404,10 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         progress = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, mininterval=1.0)
     logged: list[dict] = []
-    run_start = time.perf_counter()
+    run_start = last_log_time = time.perf_counter()
+    last_log_step = start_step
     wrapped.train()
     for step in range(start_step + 1, config.max_steps + 1):
-        step_start = time.perf_counter()
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -434,12 +434,15 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
             loss_value = float(step_loss)  # waits for the step to finish
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - step_start
-            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / seconds,
+            now = time.perf_counter()  # throughput over the steps since the last log line
+            tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+            last_log_time, last_log_step = now, step
+            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s,
                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                    "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - run_start}
             if should_eval:
                 row["val_loss"] = validation_loss(wrapped, val_corpus, config, device, rank, world)
+                last_log_time = time.perf_counter()  # evaluation time does not count as training
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}")
             if is_main:
@@ -451,7 +454,9 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
         if progress is not None:
             progress.update(1)
         if step % config.save_every == 0 or step == config.max_steps:
+            save_start = time.perf_counter()
             save_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt", wrapped, optimizer, step, config, rank)
+            last_log_time += time.perf_counter() - save_start  # nor does saving
     if progress is not None:
         progress.close()
     if is_main and logged:
