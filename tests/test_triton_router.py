@@ -41,7 +41,8 @@ def _random(*shape, dtype=torch.float32, integers=False, generator=None):
 
 
 def _cu_seqlens(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+    starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    return torch.tensor(starts, dtype=torch.int32, device=DEVICE)
 
 
 def _poisoned(shape):
@@ -63,7 +64,8 @@ def _assert_sequence_selection(got, expected, q, k, block_size, tolerance=1e-5):
         row, want = got[token, head].cpu(), expected[token, head].cpu()
         chosen = row[row >= 0]
         assert (chosen.diff() > 0).all() and (row[len(chosen):] == -1).all(), f"malformed row {row.tolist()}"
-        assert len(chosen) == (want >= 0).sum(), f"({token}, {head}): got {row.tolist()}, want {want.tolist()}"
+        message = f"({token}, {head}): got {row.tolist()}, want {want.tolist()}"
+        assert len(chosen) == (want >= 0).sum(), message
         scores = centroids[:, head // group] @ q[token, head].cpu().double()
         only_got = sorted(set(chosen.tolist()) - set(want.tolist()))
         only_want = sorted(set(want[want >= 0].tolist()) - set(chosen.tolist()))
@@ -154,7 +156,8 @@ def test_mqa_longer_queries():
 def test_topk_one(causal):
     got = _check_padded(1, 50, 50, 2, 1, 16, 16, 1, causal, seed=4)
     if causal:  # only the own block
-        assert torch.equal(got[0, :, :, 0], (torch.arange(50, device=DEVICE) // 16)[:, None].expand(50, 2).int())
+        own_block = (torch.arange(50, device=DEVICE) // 16).int()
+        assert torch.equal(got[0, :, :, 0], own_block[:, None].expand(50, 2))
 
 
 @pytest.mark.parametrize("topk", [5, 64])
@@ -214,7 +217,9 @@ def test_non_contiguous_inputs():
     packed_k = k[0]
     cu_q, cu_k = _cu_seqlens([30]), _cu_seqlens([50])
     got = router.route_varlen(packed_q, packed_k, cu_q, cu_k, 30, 50, 16, 3, True)
-    expected = reference.moba_select_reference(packed_q.contiguous(), packed_k.contiguous(), 16, 3, True, cu_q, cu_k)
+    expected = reference.moba_select_reference(
+        packed_q.contiguous(), packed_k.contiguous(), 16, 3, True, cu_q, cu_k
+    )
     _assert_sequence_selection(got, expected, packed_q, packed_k, 16)
 
 
@@ -290,11 +295,12 @@ def test_planted_duplicate_blocks(causal):
     packed_k = torch.cat([k[0, : lengths_k[0]], k[1]])
     cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
     got = router.route_varlen(packed_q, packed_k, cu_q, cu_k, 60, k.shape[1], block_size, 3, causal)
-    assert torch.equal(got, reference.moba_select_reference(packed_q, packed_k, block_size, 3, causal, cu_q, cu_k))
+    expected = reference.moba_select_reference(packed_q, packed_k, block_size, 3, causal, cu_q, cu_k)
+    assert torch.equal(got, expected)
 
 
-def test_signed_zero_scores_tie():
-    # q orthogonal to every centroid: all scores are +0.0 or -0.0, which tie (torch.sort sees them equal).
+def test_zero_scores_tie():
+    # q orthogonal to every centroid (products of either sign of zero): every score is zero, all tie.
     k = torch.zeros(1, 64, 1, 16, device=DEVICE)
     k[0, :16, 0, 0] = 1.0
     k[0, 16:32, 0, 0] = -1.0
@@ -312,13 +318,12 @@ def test_signed_zero_scores_tie():
 
 
 def test_empty_batch_and_lengths():
-    q = torch.zeros(0, 5, 2, 16, device=DEVICE)
-    assert router.route(q, torch.zeros(0, 7, 1, 16, device=DEVICE), 16, 2).shape == (0, 5, 2, 2)
-    got = router.route(torch.zeros(2, 0, 2, 16, device=DEVICE), torch.zeros(2, 7, 1, 16, device=DEVICE), 16, 2)
-    assert got.shape == (2, 0, 2, 2)
-    got = router.route(torch.zeros(1, 3, 2, 16, device=DEVICE), torch.zeros(1, 0, 1, 16, device=DEVICE), 16, 2,
-                       causal=False)
-    assert (got == -1).all()
+    def zeros(*shape):
+        return torch.zeros(*shape, device=DEVICE)
+
+    assert router.route(zeros(0, 5, 2, 16), zeros(0, 7, 1, 16), 16, 2).shape == (0, 5, 2, 2)
+    assert router.route(zeros(2, 0, 2, 16), zeros(2, 7, 1, 16), 16, 2).shape == (2, 0, 2, 2)
+    assert (router.route(zeros(1, 3, 2, 16), zeros(1, 0, 1, 16), 16, 2, causal=False) == -1).all()
 
 
 def test_unsupported_raise_value_error():
@@ -326,7 +331,8 @@ def test_unsupported_raise_value_error():
     with pytest.raises(ValueError, match="float64"):
         router.route(q.double(), k.double(), 16, 2)
     with pytest.raises(ValueError, match="head_dim"):
-        router.route(torch.zeros(1, 4, 2, 300, device=DEVICE), torch.zeros(1, 4, 1, 300, device=DEVICE), 16, 2)
+        wide = torch.zeros(1, 4, 2, 300, device=DEVICE)
+        router.route(wide, wide[:, :, :1], 16, 2)
     with pytest.raises(ValueError, match="at most 128 blocks"):
         router.route(q, torch.zeros(1, 400, 1, 16, device=DEVICE), 1, 200)
     with pytest.raises(ValueError, match="multiple of heads_kv"):

@@ -110,12 +110,14 @@ def _block_centroids_kernel(
         in_block = tile_start + token_offsets
         tokens = (block_start + in_block).to(tl.int64)
         mask = (in_block < block_len)[:, None] & dim_ok[None, :]
-        keys = tl.load(k_base + tokens[:, None] * stride_k_token + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
+        key_ptrs = k_base + tokens[:, None] * stride_k_token + dims[None, :] * stride_k_dim
+        keys = tl.load(key_ptrs, mask=mask, other=0.0)
         block_sum += tl.sum(keys.to(tl.float32), axis=0)
 
     centroid = block_sum / tl.maximum(block_len, 1).to(tl.float32)
     row = (seq_start // block_size + seq + block).to(tl.int64)
-    centroid_ptrs = centroids_ptr + row * stride_centroid_row + head.to(tl.int64) * stride_centroid_head + dims
+    centroid_ptrs = centroids_ptr + row * stride_centroid_row + head.to(tl.int64) * stride_centroid_head
+    centroid_ptrs += dims
     tl.store(centroid_ptrs, centroid.to(centroids_ptr.dtype.element_ty), mask=dim_ok & (block_len > 0))
 
 
@@ -255,7 +257,8 @@ def _route_topk_kernel(
             + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
             + dims[:, None] * stride_centroid_dim
         )
-        centroids = tl.load(centroid_ptrs, mask=dim_ok[:, None] & (block_ids < num_blocks)[None, :], other=0.0)
+        centroid_mask = dim_ok[:, None] & (block_ids < num_blocks)[None, :]
+        centroids = tl.load(centroid_ptrs, mask=centroid_mask, other=0.0)
         if DOT_IN_FLOAT32:
             centroids = centroids.to(tl.float32)
         block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
@@ -264,7 +267,8 @@ def _route_topk_kernel(
             # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
             # first, so an equal score belongs to an earlier block and loses the tie. When no row of the
             # tile has such a score, the sort is skipped.
-            threshold_key = tl.max(tl.where(columns[None, :] == threshold_column, running_topk, EMPTY_KEY), axis=1)
+            at_threshold = columns[None, :] == threshold_column
+            threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
             below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
             may_enter &= ~below
             rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
@@ -300,7 +304,8 @@ def _route_topk_kernel(
     for tail_start in range(RUNNING_TOPK, topk, TAIL_TILE):
         tail_columns = tail_start + tail_offsets
         tail = tl.where(tail_columns[None, :] == own_column[:, None], own_block[:, None], -1)
-        tl.store(out_base + tail_columns[None, :], tail, mask=row_ok[:, None] & (tail_columns < topk)[None, :])
+        tail_mask = row_ok[:, None] & (tail_columns < topk)[None, :]
+        tl.store(out_base + tail_columns[None, :], tail, mask=tail_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,7 +336,8 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     num_warps = 8 if running_topk * block_m >= 64 * 64 or head_dim_pad >= 256 else 4
     # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
     # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge.
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4, num_warps=num_warps, num_stages=2)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
+                  num_warps=num_warps, num_stages=2)
     config.update(TOPK_CONFIG_OVERRIDES)
     return config
 
@@ -352,8 +358,8 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k:
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
-            f"the Triton router supports head_dim 1..{MAX_HEAD_DIM} (same for q and k), got q {tuple(q.shape)} "
-            f"and k {tuple(k.shape)}"
+            f"the Triton router supports head_dim 1..{MAX_HEAD_DIM} (same for q and k), got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}"
         )
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
     if heads_kv < 1 or heads_q % heads_kv != 0:
@@ -373,10 +379,11 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k:
 
 
 def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size, is_varlen):
-    """k [total_k, Hkv, D] (varlen) or [B, S, Hkv, D] -> centroids [total_keys // block_size + batch, Hkv, D]."""
+    """k [total_k, Hkv, D] (varlen) or [B, S, Hkv, D] -> centroids [total // block_size + batch, Hkv, D]."""
     heads_kv, head_dim = k.shape[-2], k.shape[-1]
     total_keys = k.shape[0] if is_varlen else batch * seqlen_k
-    centroids = torch.empty(total_keys // block_size + batch, heads_kv, head_dim, dtype=k.dtype, device=k.device)
+    rows = total_keys // block_size + batch
+    centroids = torch.empty(rows, heads_kv, head_dim, dtype=k.dtype, device=k.device)
     max_blocks = triton.cdiv(max_seqlen_k, block_size)
     if max_blocks == 0 or batch == 0:
         return centroids
@@ -443,7 +450,8 @@ def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seq
 def _new_selection(shape, device, out):
     if out is None:
         return torch.empty(shape, dtype=torch.int32, device=device)
-    if out.shape != torch.Size(shape) or out.dtype != torch.int32 or out.device != device or not out.is_contiguous():
+    matches = out.shape == torch.Size(shape) and out.dtype == torch.int32 and out.device == device
+    if not matches or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous int32 tensor of shape {tuple(shape)} on {device}")
     return out
 
