@@ -101,8 +101,46 @@ def kernel_breakdown(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, he
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
+def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_dim=128):
+    """Forward and dK/dV tile configurations at one shape (ms, median)."""
+    from flashmoba.ops import backward as triton_backward
+
+    packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+    selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
+                                                         block_size, topk, True)
+    leaves = [t.clone().requires_grad_() for t in packed]
+    grad_out = torch.randn_like(packed[0])
+
+    def forward():
+        return triton_autograd.sparse_attention_varlen(*leaves, selected, cu, cu, block_size, True, 0.088)
+
+    def forward_backward():
+        forward()[0].backward(grad_out)
+
+    default_fwd, default_bwd = triton_forward.forward_tiles, triton_backward.backward_tiles
+    for block_m, warps, stages in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2), (128, 4, 2)):
+        triton_forward.forward_tiles = lambda d, b: dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=warps,  # noqa: E731
+                                                         num_stages=stages)
+        print(f"fwd M={block_m} warps={warps} stages={stages}: {median_ms(forward, 3):.2f} ms", flush=True)
+    triton_forward.forward_tiles = default_fwd
+    fwd_ms = median_ms(forward, 3)
+    for block_m, block_n, warps, stages in ((64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2),
+                                            (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3), (128, 128, 8, 2)):
+        triton_backward.backward_tiles = lambda d, b: dict(BLOCK_M=block_m, BLOCK_N=block_n,  # noqa: E731
+                                                           num_warps=warps, num_stages=stages)
+        try:
+            print(f"bwd M={block_m} N={block_n} warps={warps} stages={stages}: "
+                  f"{median_ms(forward_backward, 3) - fwd_ms:.2f} ms", flush=True)
+        except Exception as error:  # noqa: BLE001  (out of shared memory, say)
+            print(f"bwd M={block_m} N={block_n} warps={warps} stages={stages}: {type(error).__name__}", flush=True)
+    triton_backward.backward_tiles = default_bwd
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["breakdown"]:
     kernel_breakdown()
+elif __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
+    sweep_tiles()
 elif __name__ == "__main__":
     print(torch.cuda.get_device_name(), flush=True)
     seqlens = [int(x) for x in sys.argv[1:]] or [8192, 65536]

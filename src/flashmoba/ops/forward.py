@@ -35,12 +35,24 @@ PARTIAL_BUFFER_BYTES: int | None = None
 
 
 @triton.jit
+def _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry, row_max, row_sum, accumulator,
+                   offs_d, d_mask, HEAD_DIM: tl.constexpr):
+    """Write each pair's normalised partial output and its log2-sum-exp (-inf when it saw no key)."""
+    partial_lse = row_max + tl.math.log2(row_sum)
+    partial_out = accumulator / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    pair = (entry - chunk_first_entry).to(tl.int64)
+    tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
+    tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :], partial_out,
+             mask=entry_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _moba_fwd_partial_kernel(
     Q, K, V, PartialOut, PartialLse,
     Entries, Offsets, BlockTable,
     stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
     block_slots, num_chunks, chunk, chunk_first_entry, heads_q, topk, group, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE_KEY_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial attention of the rows routed to one (key block, query head) for one chunk of rows."""
@@ -61,52 +73,69 @@ def _moba_fwd_partial_kernel(
     k_base = K + kv_head.to(tl.int64) * stride_k_head
     v_base = V + kv_head.to(tl.int64) * stride_v_head
 
-    for tile_start in range(begin, end, BLOCK_M):
-        entry_mask = tile_start + offs_m < end
-        entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
-        rows = entry // (heads_q * topk)
-        q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :]
-        query = tl.load(q_ptrs, mask=entry_mask[:, None] & d_mask[None, :], other=0.0)
-
-        running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        accumulator = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # Rows are sorted, so the tile's last row has the largest causal limit.
-        for key_start in range(key_first, key_end, BLOCK_N):
-            keys = key_start + offs_n
-            key_mask = keys < key_end
-            key_tile = tl.load(
-                k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
-                mask=key_mask[:, None] & d_mask[None, :], other=0.0,
-            )
+    if SINGLE_KEY_TILE:
+        # The whole block fits one key tile: load K and V once and stream the routed rows past them
+        # (the row loop is then the innermost loop, which Triton software-pipelines).
+        keys = key_first + offs_n
+        key_mask = keys < key_end
+        kv_mask = key_mask[:, None] & d_mask[None, :]
+        key_tile = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :], mask=kv_mask, other=0.0)
+        value_tile = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0)
+        for tile_start in range(begin, end, BLOCK_M):
+            entry_mask = tile_start + offs_m < end
+            entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+            rows = entry // (heads_q * topk)
+            q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :]
+            query = tl.load(q_ptrs, mask=entry_mask[:, None] & d_mask[None, :], other=0.0)
             scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
             visible = key_mask[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + shift)
             scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            # A row that sees no key yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_max = tl.max(scores, 1)
+            safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             probabilities = tl.math.exp2(scores - safe_max[:, None])
-            correction = tl.math.exp2(running_max - safe_max)
-            running_sum = running_sum * correction + tl.sum(probabilities, 1)
-            value_tile = tl.load(
-                v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
-                mask=key_mask[:, None] & d_mask[None, :], other=0.0,
-            )
-            accumulator = accumulator * correction[:, None] + tl.dot(
-                probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
-            )
-            running_max = new_max
+            row_sum = tl.sum(probabilities, 1)
+            accumulator = tl.dot(probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION)
+            _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry, safe_max, row_sum,
+                           accumulator, offs_d, d_mask, HEAD_DIM)
+    else:
+        for tile_start in range(begin, end, BLOCK_M):
+            entry_mask = tile_start + offs_m < end
+            entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+            rows = entry // (heads_q * topk)
+            q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :]
+            query = tl.load(q_ptrs, mask=entry_mask[:, None] & d_mask[None, :], other=0.0)
 
-        partial_lse = running_max + tl.math.log2(running_sum)  # -inf when the pair saw no key
-        partial_out = accumulator / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
-        pair = (entry - chunk_first_entry).to(tl.int64)
-        tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
-        tl.store(
-            PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :], partial_out,
-            mask=entry_mask[:, None] & d_mask[None, :],
-        )
+            running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            accumulator = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for key_start in range(key_first, key_end, BLOCK_N):
+                keys = key_start + offs_n
+                key_mask = keys < key_end
+                kv_mask = key_mask[:, None] & d_mask[None, :]
+                key_tile = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
+                                   mask=kv_mask, other=0.0)
+                scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+                visible = key_mask[None, :]
+                if CAUSAL:
+                    visible = visible & (keys[None, :] <= rows[:, None] + shift)
+                scores = tl.where(visible, scores, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, 1))
+                # A row that sees no key yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+                probabilities = tl.math.exp2(scores - safe_max[:, None])
+                correction = tl.math.exp2(running_max - safe_max)
+                running_sum = running_sum * correction + tl.sum(probabilities, 1)
+                value_tile = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
+                                     mask=kv_mask, other=0.0)
+                accumulator = accumulator * correction[:, None] + tl.dot(
+                    probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
+                )
+                running_max = new_max
+            safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
+            _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry, safe_max, running_sum,
+                           accumulator, offs_d, d_mask, HEAD_DIM)
 
 
 @triton.jit
@@ -175,9 +204,12 @@ def head_dim_tile(head_dim: int) -> int:
 def forward_tiles(head_dim: int, block_size: int) -> dict:
     """Gathered query rows x keys per tile, and warps (sm_90 defaults; small tiles in the interpreter)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))), num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))), num_warps=4,
+                    num_stages=1)
     block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
-    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4)
+    # Measured on H200 at 64K, B=128, k=8, d=128: stages=1 13.6 ms, stages=2 17.6, M=128 16.4 (programs hold
+    # few row tiles, so pipelining buys less than the occupancy its shared memory costs).
+    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4, num_stages=1)
 
 
 def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, itemsize: int) -> tuple[int, int]:
@@ -269,8 +301,9 @@ def sparse_attention_forward(
                 block_slots, num_chunks, chunk, first_row * heads_q * topk, heads_q, topk,
                 heads_q // heads_kv, qk_scale,
                 HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+                SINGLE_KEY_TILE=block_size <= tiles["BLOCK_N"],
                 BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
-                num_warps=tiles["num_warps"],
+                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
             )
         chunk_pairs = rows_here * heads_q
         _moba_fwd_merge_kernel[(triton.cdiv(chunk_pairs, block_r),)](
