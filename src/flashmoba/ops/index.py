@@ -81,16 +81,16 @@ def build_block_index(
     # Sequence of each packed query row: how many sequences end at or before it.
     row_sequence = torch.searchsorted(cu_seqlens_q[1:].long(), rows, right=True)
     row_sequence = row_sequence.clamp(max=max(cu_seqlens_q.numel() - 2, 0))
-    block_ids = selected.to(torch.int64)
-    valid = (block_ids >= 0) & (block_ids < blocks[row_sequence][:, None, None])
-    global_block = first_block[row_sequence][:, None, None] + block_ids
-    heads = torch.arange(heads_q, device=device)[None, :, None]
-    chunk = torch.div(rows, chunk_rows, rounding_mode="floor")[:, None, None]
     num_segments = heads_q * block_slots * num_chunks
-    key = (heads * block_slots + global_block) * num_chunks + chunk
-    key = torch.where(valid, key, num_segments).flatten()  # unused slots sort to the end
-    if num_segments < 2**31 - 1:
-        key = key.to(torch.int32)  # a 32-bit radix sort is about twice as fast
+    # int32 arithmetic keeps the pair-sized temporaries at 4 bytes a pair (they set the forward's peak).
+    key_dtype = torch.int32 if num_segments < 2**31 - 1 else torch.int64
+    block_ids = selected.to(key_dtype)
+    valid = (block_ids >= 0) & (block_ids < blocks[row_sequence].to(key_dtype)[:, None, None])
+    heads = torch.arange(heads_q, device=device, dtype=key_dtype)[None, :, None]
+    chunk = torch.div(rows, chunk_rows, rounding_mode="floor").to(key_dtype)[:, None, None]
+    first = first_block[row_sequence].to(key_dtype)[:, None, None]
+    key = ((heads * block_slots + first) + block_ids) * num_chunks + chunk
+    key = torch.where(valid, key, torch.full_like(key, num_segments)).flatten()  # unused slots sort last
     sorted_key, order = torch.sort(key, stable=True)
     entries = order.to(torch.int32)
     boundaries = torch.arange(num_segments + 1, device=device, dtype=sorted_key.dtype)
