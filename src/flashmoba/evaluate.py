@@ -127,9 +127,10 @@ def evaluate_retrieval(
     try:
         all_samples = [make_sample(task, length, rng, depth=float(d), distractors=distractors) for d in depths]
     except ValueError as error:  # the length cannot hold the task's template
-        return {"task": task, "length": length, "samples": 0, "accuracy": None, "router_recall": {}, "error": str(error)}
+        return {"task": task, "length": length, "samples": 0, "accuracy": None, "token_accuracy": None,
+                "router_recall": {}, "error": str(error)}
     probe = RouterProbe(model)
-    correct = 0
+    correct = correct_tokens = answer_tokens = 0
     recall_hits = {index: 0 for index, _ in probe.layers}
     recall_total = 0
     rows_per_batch = max(1, max_tokens_per_batch // length)
@@ -144,6 +145,8 @@ def evaluate_retrieval(
                 first, last = sample.answer_span
                 predicted = logits[row, first - 1 : last - 1].argmax(-1)
                 correct += bool(torch.equal(predicted, tokens[row, first:last]))
+                correct_tokens += int((predicted == tokens[row, first:last]).sum())
+                answer_tokens += last - first
             for layer_index, attn in probe.layers:
                 selected = probe.selections[layer_index]  # [rows, heads, topk]
                 for row, sample in enumerate(chunk):
@@ -159,6 +162,7 @@ def evaluate_retrieval(
         "length": length,
         "samples": samples,
         "accuracy": correct / samples,
+        "token_accuracy": correct_tokens / answer_tokens,  # partial credit: answer tokens right
         "router_recall": {str(i): recall_hits[i] / recall_total for i in recall_hits} if recall_total else {},
     }
 
@@ -168,8 +172,8 @@ def default_lengths(train_seq_len: int) -> list[int]:
     return sorted({max(512, train_seq_len * 2**p // 2) for p in range(5)})
 
 
-def _accuracy(result: dict) -> float:
-    return math.nan if result["accuracy"] is None else 100 * result["accuracy"]
+def _accuracy(result: dict, key: str = "accuracy") -> float:
+    return math.nan if result[key] is None else 100 * result[key]
 
 
 def _mean_recall(results: list[dict], layer: int) -> float:
@@ -183,16 +187,19 @@ def _cell(value: float) -> str:
 
 def _markdown_tables(results: list[dict], tasks: list[str], lengths: list[int]) -> str:
     by_key = {(r["task"], r["length"]): r for r in results}
-    lines = ["## Retrieval accuracy (%)", "", "| task | " + " | ".join(str(n) for n in lengths) + " | avg |",
-             "|---" * (len(lengths) + 2) + "|"]
-    for task in tasks:
-        accuracies = [_accuracy(by_key[(task, n)]) for n in lengths]
-        measured = [a for a in accuracies if not math.isnan(a)]
-        average = f"{np.mean(measured):.1f}" if measured else "-"
-        lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(_cell(a) for a in accuracies) + f" | {average} |")
+    lines = []
+    for key, title in [("accuracy", "Retrieval accuracy (%)"), ("token_accuracy", "Answer tokens right (%)")]:
+        lines += [f"## {title}", "", "| task | " + " | ".join(str(n) for n in lengths) + " | avg |",
+                  "|---" * (len(lengths) + 2) + "|"]
+        for task in tasks:
+            accuracies = [_accuracy(by_key[(task, n)], key) for n in lengths]
+            measured = [a for a in accuracies if not math.isnan(a)]
+            average = f"{np.mean(measured):.1f}" if measured else "-"
+            lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(_cell(a) for a in accuracies) + f" | {average} |")
+        lines.append("")
     layers = sorted({int(layer) for r in results for layer in r["router_recall"]})
     if layers:
-        lines += ["", "## Router recall of the needle's block (%), per MoBA layer, mean over tasks", "",
+        lines += ["## Router recall of the needle's block (%), per MoBA layer, mean over tasks", "",
                   "| layer | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
         for layer in layers:
             cells = [_mean_recall([by_key[(t, n)] for t in tasks], layer) for n in lengths]
