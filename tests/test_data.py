@@ -78,6 +78,23 @@ def test_load_corpus_from_text_jsonl_and_token_shards(tmp_path):
         load_corpus(str(tmp_path / "missing.txt"))
 
 
+def test_hf_streaming_corpus_reads_records_up_to_max_bytes(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return ({"text": f"streamed record {i} " * 10} for i in range(1000))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train, val = load_corpus("hf:someone/corpus:sample-10BT", max_bytes=20_000)
+    assert calls == [("someone/corpus", "sample-10BT", "train", True)]
+    documents = sum(int((s == tokenizer.bos_id).sum()) for s in train.shards + val.shards)
+    assert 20_000 <= train.num_tokens + val.num_tokens < 21_000 + documents and documents < 1000
+
+
 def test_default_python_corpus_is_offline_text():
     train, val = load_corpus("python")
     assert train.num_tokens > 1_000_000 and val.num_tokens > 10_000

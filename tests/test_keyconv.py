@@ -115,3 +115,12 @@ def test_bad_inputs_raise():
         conv(torch.randn(2, 5, 3))
     with pytest.raises(ValueError, match="cu_seqlens"):
         conv(torch.randn(2, 5, 4), torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        conv(torch.randn(10, 4), torch.tensor([0, 4, 8], dtype=torch.int32))  # does not end at the total
+
+
+def test_flash_attn_style_batch_of_one_with_cu_seqlens():
+    conv = random_conv(4, 3)
+    cu_seqlens = torch.tensor([0, 3, 10], dtype=torch.int32)
+    k = torch.randn(10, 4, dtype=torch.float64)
+    torch.testing.assert_close(conv(k.unsqueeze(0), cu_seqlens)[0], conv(k, cu_seqlens), rtol=0, atol=0)

@@ -380,8 +380,10 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
             raise ValueError(f"resume checkpoint {resume_path} does not exist")
     if resume_path is not None:
         stored = torch.load(resume_path, map_location="cpu", weights_only=True)["config"]["model"]
-        if stored != asdict(config.model):
-            raise ValueError(f"checkpoint {resume_path} holds a different model config: {stored}")
+        current = asdict(config.model)
+        different = sorted(k for k in current if k != "backend" and stored.get(k) != current[k])  # backend may change
+        if different:
+            raise ValueError(f"checkpoint {resume_path} holds a different model config in {different}: {stored}")
         start_step = load_checkpoint(resume_path, wrapped, optimizer)
 
     metrics_path = out / "metrics.jsonl"

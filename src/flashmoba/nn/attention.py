@@ -236,7 +236,7 @@ class MoBAAttention(nn.Module):
         k = self.k_proj(x)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.key_conv is not None:
-            k = self.key_conv(k, packed.cu_seqlens if packed is not None else None)
+            k = self.key_conv(k, positions=packed.positions if packed is not None else None)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.rope:
             if packed is not None:
