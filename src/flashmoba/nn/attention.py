@@ -14,6 +14,9 @@ convolution or rotary position crosses a sequence boundary.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +71,42 @@ def dense_causal_attention(
         if end > start:
             outputs.append(dense_causal_attention(q[None, start:end], k[None, start:end], v[None, start:end], scale)[0])
     return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
+# On CUDA, packed dense and sliding-window attention can use PyTorch's own flash varlen kernel when this
+# PyTorch has it (torch.nn.attention.varlen): one call for the whole packed batch instead of one SDPA call
+# per sequence (dense) or chunked SDPA with a mask (sliding). Off until checked on the GPU machine's PyTorch.
+USE_FLASH_VARLEN = False
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_varlen_function():
+    """(varlen_attn, names of its keyword arguments), or None when this PyTorch has no varlen attention."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_varlen_supported(q: torch.Tensor, window_size: int | None = None) -> bool:
+    found = _flash_varlen_function()
+    if not (USE_FLASH_VARLEN and found and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return window_size is None or "window_size" in found[1]
+
+
+def flash_varlen_attention(q, k, v, packed: "PackedSequences", scale: float, window_size: int | None = None):
+    """Causal (optionally sliding-window) attention of packed ``[total, H, D]`` tensors in one flash call."""
+    varlen_attn, parameters = _flash_varlen_function()
+    groups = q.shape[-2] // k.shape[-2]
+    k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)
+    if "window_size" in parameters:  # (left, right): a query sees window_size - 1 earlier keys and itself
+        options = {"window_size": (-1 if window_size is None else window_size - 1, 0)}
+    else:
+        options = {"is_causal": True}
+    return varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                       scale=scale, **options)
 
 
 def sliding_window_attention(
@@ -266,9 +305,14 @@ class MoBAAttention(nn.Module):
                     self.block_size, self.topk, softmax_scale=scale, backend=self.backend,
                 )
         elif self.attention == "dense":
-            out = dense_causal_attention(q, k, v, scale, packed.bounds if packed is not None else None)
+            if packed is not None and flash_varlen_supported(q):
+                out = flash_varlen_attention(q, k, v, packed, scale)
+            else:
+                out = dense_causal_attention(q, k, v, scale, packed.bounds if packed is not None else None)
         else:
-            if packed is None:
+            if packed is not None and flash_varlen_supported(q, self.window_size):
+                out = flash_varlen_attention(q, k, v, packed, scale, self.window_size)
+            elif packed is None:
                 out = sliding_window_attention(q, k, v, self.window_size, scale)
             else:
                 out = sliding_window_attention(

@@ -1,0 +1,100 @@
+"""GPU checks of the model side (skipped without CUDA): flash varlen paths, Triton MoBA in the layer, bf16 training."""
+
+import time
+
+import pytest
+import torch
+
+from flashmoba.model import HybridLM, model_config_from_preset
+from flashmoba.nn import KeyConv, MoBAAttention, PackedSequences
+from flashmoba.nn import attention as attention_module
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CU_SEQLENS = [0, 700, 701, 2900, 4096, 8000]
+
+
+def packed_input(hidden=256, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32, device="cuda")
+    x = torch.randn(CU_SEQLENS[-1], hidden, device="cuda", dtype=dtype, requires_grad=True)
+    return x, cu_seqlens
+
+
+def run_layer(layer, x, cu_seqlens, use_flash_varlen):
+    previous = attention_module.USE_FLASH_VARLEN
+    attention_module.USE_FLASH_VARLEN = use_flash_varlen
+    try:
+        x = x.detach().requires_grad_(True)
+        out = layer(x, cu_seqlens)
+        out.float().square().mean().backward()
+        return out.detach().float(), x.grad.float()
+    finally:
+        attention_module.USE_FLASH_VARLEN = previous
+
+
+@pytest.mark.parametrize("attention", ["dense", "sliding"])
+def test_flash_varlen_path_matches_the_sdpa_path(attention):
+    layer = MoBAAttention(256, 4, 2, 64, attention=attention, window_size=256, rope=attention == "sliding").cuda()
+    x, cu_seqlens = packed_input()
+    found = attention_module._flash_varlen_function()
+    if found is None or (attention == "sliding" and "window_size" not in found[1]):
+        pytest.skip("this PyTorch has no flash varlen attention (with window)")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_flash, grad_flash = run_layer(layer, x, cu_seqlens, True)
+        out_sdpa, grad_sdpa = run_layer(layer, x, cu_seqlens, False)
+    assert (out_flash - out_sdpa).abs().max() < 2e-2 * out_sdpa.abs().max()
+    assert (grad_flash - grad_sdpa).abs().max() < 5e-2 * grad_sdpa.abs().max()
+
+
+def test_triton_moba_layer_matches_the_reference_layer():
+    torch.manual_seed(1)
+    layer = MoBAAttention(256, 4, 2, 64, attention="moba", block_size=128, topk=4, kconv_size=3).cuda()
+    x, cu_seqlens = packed_input()
+    results = {}
+    for backend in ("triton", "reference"):
+        layer.backend = backend
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results[backend] = run_layer(layer, x, cu_seqlens, True)
+    (out_t, grad_t), (out_r, grad_r) = results["triton"], results["reference"]
+    assert (out_t - out_r).abs().max() < 3e-2 * out_r.abs().max()
+    assert (grad_t - grad_r).abs().max() < 5e-2 * grad_r.abs().max()
+
+
+def test_keyconv_on_cuda_bf16():
+    conv = KeyConv(128, 5, init="zeros").cuda()
+    packed = PackedSequences(torch.tensor(CU_SEQLENS, dtype=torch.int32, device="cuda"))
+    k = torch.randn(CU_SEQLENS[-1], 128, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(conv(k, packed.cu_seqlens), k)
+    torch.nn.init.normal_(conv.weight)
+    out = conv(k, packed.cu_seqlens)
+    for start, end in zip(CU_SEQLENS[:-1], CU_SEQLENS[1:]):
+        assert torch.equal(out[start:end], conv(k[start:end].unsqueeze(0))[0])
+
+
+def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
+    torch.manual_seed(0)
+    results = {}
+    for global_attention, flash_varlen in (("moba", False), ("dense", False), ("moba", True), ("dense", True)):
+        attention_module.USE_FLASH_VARLEN = flash_varlen
+        model = HybridLM(model_config_from_preset("small", global_attention=global_attention, kconv_size=3)).cuda()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ids = torch.randint(0, 256, (16 * 4096 + 1,), device="cuda")
+        cu_seqlens = torch.tensor([0, 3000, 8192, 20000, 40000, 65536], dtype=torch.int32, device="cuda")
+        losses = []
+        for step in range(25):
+            if step == 5:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(ids[:-1], ids[1:], cu_seqlens)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        torch.cuda.synchronize()
+        results[f"{global_attention} (flash varlen {flash_varlen})"] = 20 * 65536 / (time.perf_counter() - start)
+        attention_module.USE_FLASH_VARLEN = False
+        assert losses[-1] < losses[0]  # memorises the fixed batch
+    print(f"\nsmall preset fwd+bwd+step, 64K packed tokens, {torch.cuda.get_device_name()}: "
+          + ", ".join(f"{k} {v / 1e3:.0f}K tokens/s" for k, v in results.items()))
