@@ -11,32 +11,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from flashmoba.bench import peak_memory_gib as peak_gib
+from flashmoba.bench import time_cuda_ms
 from flashmoba.ops import autograd as triton_autograd
 from flashmoba.ops import forward as triton_forward
 from flashmoba.ops.index import build_block_index, num_block_slots
 
 
 def median_ms(fn, repeats=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
-
-
-def peak_gib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return time_cuda_ms(fn, repeats)
 
 
 def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=torch.bfloat16):
