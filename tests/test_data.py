@@ -125,7 +125,7 @@ def test_retrieval_samples_put_the_answer_where_they_say(task, length, distracto
             distractor = tokenizer.decode(tokens[slice(*span)])
             assert sample.key not in distractor and sample.answer not in distractor
         if task != "passkey":
-            assert sample.key in prompt[prompt.rindex("\n"):]  # the question asks for this key
+            assert sample.key in prompt[prompt.rindex("\n") :]  # the question asks for this key
         if task == "niah3":
             assert len(sample.answer) == 36 and sample.answer.count("-") == 4
         if distractors == 0:  # the needle sits at the sentence boundary nearest the requested depth

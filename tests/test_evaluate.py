@@ -13,7 +13,9 @@ class OracleLM(nn.Module):
 
     def __init__(self, topk: int, shift: int = 1):
         super().__init__()
-        self.inner = HybridLM(model_config_from_preset("tiny", moba_block_size=32, moba_topk=topk, backend="reference"))
+        self.inner = HybridLM(
+            model_config_from_preset("tiny", moba_block_size=32, moba_topk=topk, backend="reference")
+        )
         self.config = self.inner.config
         self.shift = shift
 
@@ -35,7 +37,9 @@ def test_oracle_scores_everything_and_a_wrong_model_nothing():
     assert right["router_recall"] == {"1": 1.0, "3": 1.0}
     wrong = evaluate_retrieval(OracleLM(topk=2, shift=2).eval(), "niah3", 700, 2, torch.device("cpu"))
     assert wrong["accuracy"] == 0.0 and wrong["token_accuracy"] == 0.0
-    assert set(wrong["router_recall"]) == {"1", "3"} and all(0 <= r <= 1 for r in wrong["router_recall"].values())
+    assert set(wrong["router_recall"]) == {"1", "3"} and all(
+        0 <= r <= 1 for r in wrong["router_recall"].values()
+    )
 
 
 def test_too_short_lengths_are_reported_not_crashed():

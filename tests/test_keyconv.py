@@ -58,7 +58,9 @@ def test_batched_matches_naive_loop_and_gradcheck():
     for row in range(2):
         torch.testing.assert_close(out[row], naive_keyconv(k[row], conv.weight, [9]), rtol=1e-12, atol=1e-12)
     weight = conv.weight.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda k_, w_: torch.func.functional_call(conv, {"weight": w_}, (k_,)), (k, weight))
+    assert torch.autograd.gradcheck(
+        lambda k_, w_: torch.func.functional_call(conv, {"weight": w_}, (k_,)), (k, weight)
+    )
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5])

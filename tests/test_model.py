@@ -12,7 +12,9 @@ def layer_pair(**kwargs):
     """A MoBA layer and a dense layer with the same weights."""
     torch.manual_seed(0)
     moba = MoBAAttention(48, 6, 2, 8, attention="moba", backend="reference", **kwargs).double()
-    dense = MoBAAttention(48, 6, 2, 8, attention="dense", **{k: v for k, v in kwargs.items() if k not in ("block_size", "topk")}).double()
+    dense = MoBAAttention(
+        48, 6, 2, 8, attention="dense", **{k: v for k, v in kwargs.items() if k not in ("block_size", "topk")}
+    ).double()
     dense.load_state_dict(moba.state_dict())
     return moba, dense
 
@@ -24,8 +26,12 @@ def test_moba_with_topk_covering_all_blocks_equals_dense(kconv_size):
     out_moba, out_dense = moba(x), dense(x)
     torch.testing.assert_close(out_moba, out_dense, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(out_moba)
-    torch.testing.assert_close(torch.autograd.grad(out_moba, x, grad)[0], torch.autograd.grad(out_dense, x, grad)[0],
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        torch.autograd.grad(out_moba, x, grad)[0],
+        torch.autograd.grad(out_dense, x, grad)[0],
+        rtol=1e-10,
+        atol=1e-10,
+    )
     # Packed: sequences of different lengths.
     cu_seqlens = torch.tensor([0, 13, 50, 51, 90], dtype=torch.int32)
     packed = torch.randn(90, 48, dtype=torch.float64)
@@ -57,14 +63,26 @@ def test_sliding_window_matches_masked_attention(seqlen, window):
     torch.manual_seed(1)
     q = torch.randn(2, seqlen, 4, 8, dtype=torch.float64)
     k, v = (torch.randn(2, seqlen, 2, 8, dtype=torch.float64) for _ in range(2))
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window, 8**-0.5), naive_sliding(q, k, v, window))
+    torch.testing.assert_close(
+        sliding_window_attention(q, k, v, window, 8**-0.5), naive_sliding(q, k, v, window)
+    )
 
 
 @pytest.mark.parametrize("attention", ["moba", "dense", "sliding"])
 def test_packed_layer_equals_each_sequence_alone(attention):
     torch.manual_seed(2)
-    layer = MoBAAttention(32, 4, 2, attention=attention, block_size=4, topk=2, window_size=6, kconv_size=3,
-                          rope=attention == "sliding", backend="reference").double()
+    layer = MoBAAttention(
+        32,
+        4,
+        2,
+        attention=attention,
+        block_size=4,
+        topk=2,
+        window_size=6,
+        kconv_size=3,
+        rope=attention == "sliding",
+        backend="reference",
+    ).double()
     lengths = [5, 17, 1, 9]
     cu_seqlens = torch.tensor([0, 5, 22, 23, 32], dtype=torch.int32)
     x = torch.randn(32, 32, dtype=torch.float64)
@@ -76,8 +94,9 @@ def test_packed_layer_equals_each_sequence_alone(attention):
 
 def tiny_model(**overrides) -> HybridLM:
     torch.manual_seed(3)
-    config = model_config_from_preset("tiny", window_size=8, moba_block_size=4, moba_topk=2, kconv_size=3,
-                                      backend="reference", **overrides)
+    config = model_config_from_preset(
+        "tiny", window_size=8, moba_block_size=4, moba_topk=2, kconv_size=3, backend="reference", **overrides
+    )
     return HybridLM(config).double().eval()
 
 
@@ -123,8 +142,14 @@ def test_layer_pattern_and_gradients_reach_every_parameter():
 def test_paper_presets_have_the_paper_shapes():
     for name, hidden, heads, mlp in [("340m", 1024, 16, 2816), ("1b", 2048, 32, 8192)]:
         config = model_config_from_preset(name)
-        assert (config.num_layers, config.hidden_size, config.num_heads, config.head_dim, config.mlp_hidden_size,
-                config.window_size) == (24, hidden, heads, 64, mlp, 256)
+        assert (
+            config.num_layers,
+            config.hidden_size,
+            config.num_heads,
+            config.head_dim,
+            config.mlp_hidden_size,
+            config.window_size,
+        ) == (24, hidden, heads, 64, mlp, 256)
     with torch.device("meta"):
         model = HybridLM(model_config_from_preset("340m", vocab_size=32000))
     assert 300e6 < model.num_parameters(exclude_embeddings=True) < 320e6

@@ -24,20 +24,39 @@ def small_corpus(tmp_path: Path) -> str:
     directory.mkdir()
     for index in range(12):
         (directory / f"doc{index}.txt").write_text(
-            "".join(f"def function_{index}_{i}(x):\n    return x * {i} + {index}\n\n" for i in range(60)))
+            "".join(f"def function_{index}_{i}(x):\n    return x * {i} + {index}\n\n" for i in range(60))
+        )
     return str(directory)
 
 
 def small_run_args(out: Path, corpus: str, *extra: str) -> list[str]:
-    return ["--preset", "tiny", "--corpus", corpus, "--seq-len", "128", "--batch-size", "2", "--device", "cpu",
-            "--out", str(out), "--no-progress", *extra]
+    return [
+        "--preset",
+        "tiny",
+        "--corpus",
+        corpus,
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
     """The acceptance command, then flashmoba eval on its checkpoint."""
     run = tmp_path / "run"
-    assert train_module.main(["--preset", "tiny", "--max-steps", "30", "--device", "cpu", "--out", str(run),
-                              "--no-progress"]) == 0
+    assert (
+        train_module.main(
+            ["--preset", "tiny", "--max-steps", "30", "--device", "cpu", "--out", str(run), "--no-progress"]
+        )
+        == 0
+    )
     metrics = read_metrics(run)
     assert [row["step"] for row in metrics] == list(range(1, 31))
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(metrics[0])
@@ -48,8 +67,28 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
     assert (run / "checkpoints" / "step_0000030.pt").is_file()
 
     out = tmp_path / "eval"
-    assert evaluate.main(["--checkpoint", str(run), "--device", "cpu", "--lengths", "512", "--samples", "2",
-                          "--tasks", "niah1,passkey", "--ppl-batches", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(run),
+                "--device",
+                "cpu",
+                "--lengths",
+                "512",
+                "--samples",
+                "2",
+                "--tasks",
+                "niah1,passkey",
+                "--ppl-batches",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["heldout"]["perplexity"] > 1
     assert [(r["task"], r["length"]) for r in results["retrieval"]] == [("niah1", 512), ("passkey", 512)]
@@ -61,10 +100,22 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
 
 def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, small_corpus):
     full = tmp_path / "full"
-    train_module.main(small_run_args(full, small_corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3"))
+    train_module.main(
+        small_run_args(full, small_corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3")
+    )
     resumed = tmp_path / "resumed"
-    train_module.main(small_run_args(resumed, small_corpus, "--max-steps", "5", "--kconv", "3",
-                                     "--resume", str(full / "checkpoints" / "step_0000003.pt")))
+    train_module.main(
+        small_run_args(
+            resumed,
+            small_corpus,
+            "--max-steps",
+            "5",
+            "--kconv",
+            "3",
+            "--resume",
+            str(full / "checkpoints" / "step_0000003.pt"),
+        )
+    )
     expected = {row["step"]: row for row in read_metrics(full)}
     got = read_metrics(resumed)
     assert [row["step"] for row in got] == [4, 5]
@@ -72,16 +123,32 @@ def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, small_corpus
         assert row["loss"] == pytest.approx(expected[row["step"]]["loss"], rel=1e-6, abs=1e-6)
         assert row["lr"] == expected[row["step"]]["lr"]
     # --resume auto in the same directory continues from the latest checkpoint.
-    train_module.main(small_run_args(full, small_corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto"))
+    train_module.main(
+        small_run_args(full, small_corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto")
+    )
     assert [row["step"] for row in read_metrics(full)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_config_file_and_flags(tmp_path):
     config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps({"preset": "tiny", "model": {"kconv_size": 5, "rope_base": 500.0},
-                                       "data": {"task_fraction": 0.25}, "lr": 1e-3}))
-    config = parse_config(["--config", str(config_file), "--attn", "dense", "--lr", "2e-3", "--block-size", "16"])
-    assert (config.model.kconv_size, config.model.rope_base, config.model.global_attention) == (5, 500.0, "dense")
+    config_file.write_text(
+        json.dumps(
+            {
+                "preset": "tiny",
+                "model": {"kconv_size": 5, "rope_base": 500.0},
+                "data": {"task_fraction": 0.25},
+                "lr": 1e-3,
+            }
+        )
+    )
+    config = parse_config(
+        ["--config", str(config_file), "--attn", "dense", "--lr", "2e-3", "--block-size", "16"]
+    )
+    assert (config.model.kconv_size, config.model.rope_base, config.model.global_attention) == (
+        5,
+        500.0,
+        "dense",
+    )
     assert (config.model.moba_block_size, config.lr, config.data.task_fraction) == (16, 2e-3, 0.25)
     config_file.write_text(json.dumps({"model": {"kconv": 3}}))
     with pytest.raises(ValueError, match="kconv"):
@@ -100,9 +167,19 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_on_cpu(tmp_path, small_corpus, strategy):
     run = tmp_path / strategy
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "flashmoba.train", *small_run_args(run, small_corpus, "--max-steps", "3", "--distributed", strategy,
-                                                          "--activation-checkpointing")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "flashmoba.train",
+        *small_run_args(
+            run, small_corpus, "--max-steps", "3", "--distributed", strategy, "--activation-checkpointing"
+        ),
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -111,5 +188,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_corpus, strategy):
     assert metrics[0]["tokens"] == 2 * 2 * 128  # two processes, each 2 rows of 128 tokens
     assert (run / "checkpoints" / "step_0000003.pt").is_file()
     # The checkpoint of a sharded run is a plain full state dict that eval loads on one process.
-    model, _ = evaluate.load_model(run / "checkpoints" / "step_0000003.pt", device=__import__("torch").device("cpu"))
+    model, _ = evaluate.load_model(
+        run / "checkpoints" / "step_0000003.pt", device=__import__("torch").device("cpu")
+    )
     assert model.num_parameters() > 0

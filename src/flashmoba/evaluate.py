@@ -52,7 +52,9 @@ def find_checkpoint(path: str) -> Path:
     return candidate
 
 
-def load_model(checkpoint_path: Path, device: torch.device, backend: str | None = None, topk: int | None = None):
+def load_model(
+    checkpoint_path: Path, device: torch.device, backend: str | None = None, topk: int | None = None
+):
     """(model in eval mode, the run's config dict) from a ``flashmoba train`` checkpoint."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     config = checkpoint["config"]
@@ -73,17 +75,26 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def perplexity(model: HybridLM, corpus, seq_len: int, batch_size: int, batches: int, device, seed: int = 0) -> dict:
+def perplexity(
+    model: HybridLM, corpus, seq_len: int, batch_size: int, batches: int, device, seed: int = 0
+) -> dict:
     total_loss, total_tokens = 0.0, 0
     for index in range(batches):
-        batch = sample_batch(corpus, batch_size, seq_len, batch_rng(seed, 0, index, micro_step=2**31 - 2)).to(device)
+        batch = sample_batch(corpus, batch_size, seq_len, batch_rng(seed, 0, index, micro_step=2**31 - 2)).to(
+            device
+        )
         with _autocast(device):
             _, loss = model(batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen)
         tokens = int((batch.targets != -100).sum())
         total_loss += float(loss) * tokens
         total_tokens += tokens
     mean = total_loss / total_tokens
-    return {"loss": mean, "perplexity": math.exp(mean), "bits_per_token": mean / math.log(2), "tokens": total_tokens}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_token": mean / math.log(2),
+        "tokens": total_tokens,
+    }
 
 
 class RouterProbe:
@@ -125,10 +136,19 @@ def evaluate_retrieval(
     rng = np.random.default_rng([seed, TASKS.index(task), length])
     depths = (np.arange(samples) + 0.5) / samples
     try:
-        all_samples = [make_sample(task, length, rng, depth=float(d), distractors=distractors) for d in depths]
+        all_samples = [
+            make_sample(task, length, rng, depth=float(d), distractors=distractors) for d in depths
+        ]
     except ValueError as error:  # the length cannot hold the task's template
-        return {"task": task, "length": length, "samples": 0, "accuracy": None, "token_accuracy": None,
-                "router_recall": {}, "error": str(error)}
+        return {
+            "task": task,
+            "length": length,
+            "samples": 0,
+            "accuracy": None,
+            "token_accuracy": None,
+            "router_recall": {},
+            "error": str(error),
+        }
     probe = RouterProbe(model)
     correct = correct_tokens = answer_tokens = 0
     recall_hits = {index: 0 for index, _ in probe.layers}
@@ -151,7 +171,9 @@ def evaluate_retrieval(
                 selected = probe.selections[layer_index]  # [rows, heads, topk]
                 for row, sample in enumerate(chunk):
                     value_start, value_end = sample.value_span
-                    needle_blocks = torch.arange(value_start // attn.block_size, (value_end - 1) // attn.block_size + 1)
+                    needle_blocks = torch.arange(
+                        value_start // attn.block_size, (value_end - 1) // attn.block_size + 1
+                    )
                     hits = torch.isin(selected[row], needle_blocks).any(-1)  # [heads]
                     recall_hits[layer_index] += int(hits.sum())
             recall_total += len(chunk) * model.config.num_heads
@@ -189,18 +211,28 @@ def _markdown_tables(results: list[dict], tasks: list[str], lengths: list[int]) 
     by_key = {(r["task"], r["length"]): r for r in results}
     lines = []
     for key, title in [("accuracy", "Retrieval accuracy (%)"), ("token_accuracy", "Answer tokens right (%)")]:
-        lines += [f"## {title}", "", "| task | " + " | ".join(str(n) for n in lengths) + " | avg |",
-                  "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| task | " + " | ".join(str(n) for n in lengths) + " | avg |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for task in tasks:
             accuracies = [_accuracy(by_key[(task, n)], key) for n in lengths]
             measured = [a for a in accuracies if not math.isnan(a)]
             average = f"{np.mean(measured):.1f}" if measured else "-"
-            lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(_cell(a) for a in accuracies) + f" | {average} |")
+            lines.append(
+                f"| {TASK_TITLES[task]} | " + " | ".join(_cell(a) for a in accuracies) + f" | {average} |"
+            )
         lines.append("")
     layers = sorted({int(layer) for r in results for layer in r["router_recall"]})
     if layers:
-        lines += ["## Router recall of the needle's block (%), per MoBA layer, mean over tasks", "",
-                  "| layer | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        lines += [
+            "## Router recall of the needle's block (%), per MoBA layer, mean over tasks",
+            "",
+            "| layer | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---" * (len(lengths) + 1) + "|",
+        ]
         for layer in layers:
             cells = [_mean_recall([by_key[(t, n)] for t in tasks], layer) for n in lengths]
             lines.append(f"| {layer} | " + " | ".join(_cell(c) for c in cells) + " |")
@@ -218,20 +250,35 @@ def _plot(results: list[dict], tasks: list[str], lengths: list[int], path: Path,
     figure, axes = plt.subplots(1, 2 if layers else 1, figsize=(11 if layers else 6, 4), squeeze=False)
     accuracy_axis = axes[0][0]
     for task in tasks:
-        accuracy_axis.plot(lengths, [_accuracy(by_key[(task, n)]) for n in lengths], marker="o",
-                           label=TASK_TITLES[task])
-    accuracy_axis.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy (%)", ylim=(-3, 103),
-                      title="retrieval accuracy")
+        accuracy_axis.plot(
+            lengths, [_accuracy(by_key[(task, n)]) for n in lengths], marker="o", label=TASK_TITLES[task]
+        )
+    accuracy_axis.set(
+        xscale="log",
+        xlabel="context length (tokens)",
+        ylabel="accuracy (%)",
+        ylim=(-3, 103),
+        title="retrieval accuracy",
+    )
     accuracy_axis.set_xticks(lengths, [str(n) for n in lengths])
     accuracy_axis.minorticks_off()
     accuracy_axis.legend()
     if layers:
         recall_axis = axes[0][1]
         for layer in layers:
-            recall_axis.plot(lengths, [_mean_recall([by_key[(t, n)] for t in tasks], layer) for n in lengths],
-                             marker="o", label=f"layer {layer}")
-        recall_axis.set(xscale="log", xlabel="context length (tokens)", ylabel="recall (%)", ylim=(-3, 103),
-                        title="router recall of the needle block")
+            recall_axis.plot(
+                lengths,
+                [_mean_recall([by_key[(t, n)] for t in tasks], layer) for n in lengths],
+                marker="o",
+                label=f"layer {layer}",
+            )
+        recall_axis.set(
+            xscale="log",
+            xlabel="context length (tokens)",
+            ylabel="recall (%)",
+            ylim=(-3, 103),
+            title="router recall of the needle block",
+        )
         recall_axis.set_xticks(lengths, [str(n) for n in lengths])
         recall_axis.minorticks_off()
         recall_axis.legend(fontsize="small")
@@ -250,8 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--topk", type=int, help="MoBA top-k at evaluation (default: the trained one)")
     add("--lengths", help="comma-separated context lengths (default: half to 8x the training length)")
     add("--tasks", default="niah1,niah2,niah3", help=f"comma-separated, among {','.join(TASKS)}")
-    add("--samples", type=int, help="samples per task and length (default 50 on CUDA, 10 on CPU, where the "
-        "reference MoBA is slow; the paper uses 1000)")
+    add(
+        "--samples",
+        type=int,
+        help="samples per task and length (default 50 on CUDA, 10 on CPU, where the "
+        "reference MoBA is slow; the paper uses 1000)",
+    )
     add("--distractors", type=int, default=0, help="extra needles with other keys in each haystack")
     add("--max-tokens-per-batch", type=int, default=65536, help="rows per forward = this // length")
     add("--ppl-batches", type=int, default=8, help="held-out batches for perplexity (0: skip)")
@@ -279,32 +330,61 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else default_lengths(train_seq_len)
     out = Path(args.out) if args.out else checkpoint_path.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    print(f"flashmoba eval: {checkpoint_path} (step {torch.load(checkpoint_path, map_location='cpu', weights_only=True)['step']}), "
-          f"global attention {model.config.global_attention}, trained at {train_seq_len} tokens", flush=True)
+    print(
+        f"flashmoba eval: {checkpoint_path} (step {torch.load(checkpoint_path, map_location='cpu', weights_only=True)['step']}), "
+        f"global attention {model.config.global_attention}, trained at {train_seq_len} tokens",
+        flush=True,
+    )
 
-    summary: dict = {"checkpoint": str(checkpoint_path), "model": model.config.to_dict(), "lengths": lengths,
-                     "tasks": tasks, "samples": args.samples, "distractors": args.distractors}
+    summary: dict = {
+        "checkpoint": str(checkpoint_path),
+        "model": model.config.to_dict(),
+        "lengths": lengths,
+        "tasks": tasks,
+        "samples": args.samples,
+        "distractors": args.distractors,
+    }
     if args.ppl_batches > 0:
-        _, val_corpus = load_corpus(args.corpus or config["data"]["corpus"], val_fraction=config["data"]["val_fraction"],
-                                    bos_id=config["data"]["bos_id"])
-        summary["heldout"] = perplexity(model, val_corpus, train_seq_len, int(config["batch_size"]),
-                                        args.ppl_batches, device, args.seed)
-        print(f"held-out loss {summary['heldout']['loss']:.4f}, perplexity {summary['heldout']['perplexity']:.3f}, "
-              f"{summary['heldout']['bits_per_token']:.3f} bits per token", flush=True)
+        _, val_corpus = load_corpus(
+            args.corpus or config["data"]["corpus"],
+            val_fraction=config["data"]["val_fraction"],
+            bos_id=config["data"]["bos_id"],
+        )
+        summary["heldout"] = perplexity(
+            model, val_corpus, train_seq_len, int(config["batch_size"]), args.ppl_batches, device, args.seed
+        )
+        print(
+            f"held-out loss {summary['heldout']['loss']:.4f}, perplexity {summary['heldout']['perplexity']:.3f}, "
+            f"{summary['heldout']['bits_per_token']:.3f} bits per token",
+            flush=True,
+        )
 
     from tqdm.auto import tqdm
 
     jobs = [(task, n) for task in tasks for n in lengths]
     results = []
     for task, length in tqdm(jobs, desc="retrieval", disable=not args.progress, dynamic_ncols=True):
-        results.append(evaluate_retrieval(model, task, length, args.samples, device, distractors=args.distractors,
-                                          max_tokens_per_batch=args.max_tokens_per_batch, seed=args.seed))
+        results.append(
+            evaluate_retrieval(
+                model,
+                task,
+                length,
+                args.samples,
+                device,
+                distractors=args.distractors,
+                max_tokens_per_batch=args.max_tokens_per_batch,
+                seed=args.seed,
+            )
+        )
     summary["retrieval"] = results
     tables = _markdown_tables(results, tasks, lengths)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "niah.md").write_text(tables)
     name = f"{model.config.global_attention}" + (
-        f"-{model.config.moba_block_size}/k{model.config.moba_topk}" if model.config.global_attention == "moba" else "")
+        f"-{model.config.moba_block_size}/k{model.config.moba_topk}"
+        if model.config.global_attention == "moba"
+        else ""
+    )
     if model.config.kconv_size:
         name += f" + kconv{model.config.kconv_size}"
     _plot(results, tasks, lengths, out / "niah.png", f"{name}, trained at {train_seq_len} tokens")

@@ -69,23 +69,37 @@ class ModelConfig:
     backend: str = "auto"  # flashmoba backend for MoBA: auto (Triton on CUDA), reference, triton
 
     def __post_init__(self):
-        positive = ["vocab_size", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                    "mlp_hidden_size", "window_size", "moba_block_size", "moba_topk"]
+        positive = [
+            "vocab_size",
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mlp_hidden_size",
+            "window_size",
+            "moba_block_size",
+            "moba_topk",
+        ]
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.global_attention not in GLOBAL_ATTENTION_KINDS:
-            raise ValueError(f"ModelConfig.global_attention must be one of {GLOBAL_ATTENTION_KINDS}, got {self.global_attention!r}")
+            raise ValueError(
+                f"ModelConfig.global_attention must be one of {GLOBAL_ATTENTION_KINDS}, got {self.global_attention!r}"
+            )
         if isinstance(self.kconv_size, bool) or not isinstance(self.kconv_size, int) or self.kconv_size < 0:
             raise ValueError(f"ModelConfig.kconv_size must be an int >= 0, got {self.kconv_size!r}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"ModelConfig.head_dim must be even (RoPE), got {self.head_dim}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -96,17 +110,34 @@ class ModelConfig:
         return asdict(self)
 
 
-# Model presets. The training defaults that go with each (sequence length, batch) live in train.PRESETS.
+# Model presets. The training defaults that go with each (sequence length, batch) live in train.TRAIN_PRESETS.
 MODEL_PRESETS: dict[str, dict] = {
     # CPU tests and smoke runs: 4 layers, 0.2M parameters.
-    "tiny": dict(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_hidden_size=176,
-                 window_size=64, moba_block_size=32, moba_topk=4),
+    "tiny": dict(
+        num_layers=4,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        mlp_hidden_size=176,
+        window_size=64,
+        moba_block_size=32,
+        moba_topk=4,
+    ),
     # Single-GPU experiments (the paper's layer pattern and head_dim 64, fewer and narrower layers).
-    "small": dict(num_layers=8, hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_hidden_size=704),
-    "medium": dict(num_layers=12, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, mlp_hidden_size=1408),
+    "small": dict(
+        num_layers=8, hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_hidden_size=704
+    ),
+    "medium": dict(
+        num_layers=12, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, mlp_hidden_size=1408
+    ),
     # The paper's models (section 5.1).
-    "340m": dict(num_layers=24, hidden_size=1024, num_heads=16, num_kv_heads=16, head_dim=64, mlp_hidden_size=2816),
-    "1b": dict(num_layers=24, hidden_size=2048, num_heads=32, num_kv_heads=32, head_dim=64, mlp_hidden_size=8192),
+    "340m": dict(
+        num_layers=24, hidden_size=1024, num_heads=16, num_kv_heads=16, head_dim=64, mlp_hidden_size=2816
+    ),
+    "1b": dict(
+        num_layers=24, hidden_size=2048, num_heads=32, num_kv_heads=32, head_dim=64, mlp_hidden_size=8192
+    ),
 }
 
 
@@ -150,10 +181,17 @@ class Block(nn.Module):
         self.is_global = is_global_layer(layer_index)
         common = dict(num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, backend=config.backend)
         if self.is_global:
-            attention = dict(attention=config.global_attention, block_size=config.moba_block_size,
-                             topk=config.moba_topk, kconv_size=config.kconv_size, rope=False)
+            attention = dict(
+                attention=config.global_attention,
+                block_size=config.moba_block_size,
+                topk=config.moba_topk,
+                kconv_size=config.kconv_size,
+                rope=False,
+            )
         else:
-            attention = dict(attention="sliding", window_size=config.window_size, rope=True, rope_base=config.rope_base)
+            attention = dict(
+                attention="sliding", window_size=config.window_size, rope=True, rope_base=config.rope_base
+            )
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = MoBAAttention(config.hidden_size, config.num_heads, **common, **attention)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -195,7 +233,9 @@ class HybridLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 last = name.rsplit(".", 1)[-1]
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if last in ("o_proj", "down_proj") else std)
+                nn.init.normal_(
+                    module.weight, mean=0.0, std=residual_std if last in ("o_proj", "down_proj") else std
+                )
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, KeyConv):
@@ -224,16 +264,24 @@ class HybridLM(nn.Module):
             raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
         if cu_seqlens is not None:
             if input_ids.ndim != 1:
-                raise ValueError(f"with cu_seqlens, input_ids must be packed [total], got shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"with cu_seqlens, input_ids must be packed [total], got shape {tuple(input_ids.shape)}"
+                )
             packed = PackedSequences(cu_seqlens, max_seqlen)
             if packed.total != input_ids.shape[0]:
-                raise ValueError(f"cu_seqlens must end at the packed length {input_ids.shape[0]}, got {packed.total}")
+                raise ValueError(
+                    f"cu_seqlens must end at the packed length {input_ids.shape[0]}, got {packed.total}"
+                )
         else:
             if input_ids.ndim != 2:
-                raise ValueError(f"input_ids must be [batch, seqlen], or [total] with cu_seqlens, got {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"input_ids must be [batch, seqlen], or [total] with cu_seqlens, got {tuple(input_ids.shape)}"
+                )
             packed = None
         if targets is not None and targets.shape != input_ids.shape:
-            raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(targets.shape)}"
+            )
 
         x = self.embed(input_ids)
         for block in self.blocks:

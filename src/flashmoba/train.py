@@ -40,7 +40,8 @@ from flashmoba.model import MODEL_PRESETS, HybridLM, ModelConfig, model_config_f
 
 @dataclass
 class DataConfig:
-    corpus: str = "python"  # "python" (offline default), a path/glob of text, jsonl or token shards, "hf:NAME"
+    # "python" (the offline default), a path or glob of text, jsonl or token shards, or "hf:NAME"
+    corpus: str = "python"
     val_fraction: float = 0.05
     bos_id: int | None = None  # document-start token of token shards (default: the byte tokenizer's)
     task_fraction: float = 0.0  # share of rows replaced by retrieval samples (byte tokenizer only)
@@ -121,8 +122,11 @@ def config_from_preset(preset: str) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashmoba train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="flashmoba train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add = parser.add_argument
     add("--config", help="JSON file with TrainConfig fields (nested 'model' and 'data' objects)")
     add("--preset", choices=sorted(MODEL_PRESETS), help="model size and its training defaults (default tiny)")
@@ -142,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="auto, cpu or cuda")
     add("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
     add("--distributed", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (fully_shard)")
-    add("--activation-checkpointing", action="store_true", default=None, help="recompute each layer in backward")
+    add(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each layer in backward",
+    )
     add("--seed", type=int)
     add("--log-every", type=int)
     add("--eval-every", type=int, help="validation loss every N steps (0: at the end)")
@@ -164,14 +173,30 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     config = config_from_preset(args.preset or file_values.get("preset", "tiny"))
     _update_dataclass(config, {k: v for k, v in file_values.items() if k != "preset"}, "")
     flags = {
-        "model": {"global_attention": args.attn, "moba_block_size": args.block_size, "moba_topk": args.topk,
-                  "kconv_size": args.kconv, "backend": args.backend},
+        "model": {
+            "global_attention": args.attn,
+            "moba_block_size": args.block_size,
+            "moba_topk": args.topk,
+            "kconv_size": args.kconv,
+            "backend": args.backend,
+        },
         "data": {"corpus": args.corpus, "task_fraction": args.task_fraction},
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum_steps": args.grad_accum_steps,
-        "max_steps": args.max_steps, "lr": args.lr, "warmup_steps": args.warmup_steps, "device": args.device,
-        "precision": args.precision, "distributed": args.distributed,
-        "activation_checkpointing": args.activation_checkpointing, "seed": args.seed, "log_every": args.log_every,
-        "eval_every": args.eval_every, "save_every": args.save_every, "out": args.out, "resume": args.resume,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "grad_accum_steps": args.grad_accum_steps,
+        "max_steps": args.max_steps,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "device": args.device,
+        "precision": args.precision,
+        "distributed": args.distributed,
+        "activation_checkpointing": args.activation_checkpointing,
+        "seed": args.seed,
+        "log_every": args.log_every,
+        "eval_every": args.eval_every,
+        "save_every": args.save_every,
+        "out": args.out,
+        "resume": args.resume,
         "progress": args.progress,
     }
     given = {k: v for k, v in flags.items() if not isinstance(v, dict) and v is not None}
@@ -184,8 +209,16 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
 
 
 def validate_config(config: TrainConfig) -> None:
-    for name in ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "log_every", "save_every",
-                 "keep_checkpoints", "eval_batches"):
+    for name in (
+        "seq_len",
+        "batch_size",
+        "grad_accum_steps",
+        "max_steps",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "eval_batches",
+    ):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -196,7 +229,9 @@ def validate_config(config: TrainConfig) -> None:
     if config.distributed not in ("ddp", "fsdp"):
         raise ValueError(f"distributed must be ddp or fsdp, got {config.distributed!r}")
     if config.data.task_fraction > 0 and config.model.vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError("data.task_fraction > 0 needs the byte tokenizer's vocabulary (model.vocab_size >= 257)")
+        raise ValueError(
+            "data.task_fraction > 0 needs the byte tokenizer's vocabulary (model.vocab_size >= 257)"
+        )
     unknown_tasks = sorted(set(config.data.tasks) - set(TASKS))
     if unknown_tasks:
         raise ValueError(f"data.tasks must be among {TASKS}, got {unknown_tasks}")
@@ -245,7 +280,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         if not parameter.requires_grad:
             continue
         (decay if parameter.ndim >= 2 and "key_conv" not in name else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
 
 
@@ -275,12 +313,16 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: TrainConfig
     """Gather the full (unsharded) model and optimizer state and write it from rank 0."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer, options=_state_dict_options(cpu_offload=True)
+    )
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
-        torch.save({"step": step, "config": asdict(config), "model": model_state, "optimizer": optimizer_state},
-                   temporary)
+        torch.save(
+            {"step": step, "config": asdict(config), "model": model_state, "optimizer": optimizer_state},
+            temporary,
+        )
         os.replace(temporary, path)  # never leave a half-written checkpoint behind
         checkpoints = sorted(path.parent.glob("step_*.pt"))
         for old in checkpoints[: max(0, len(checkpoints) - config.keep_checkpoints)]:
@@ -294,8 +336,13 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    set_state_dict(model, optimizer, model_state_dict=checkpoint["model"],
-                   optim_state_dict=checkpoint["optimizer"], options=_state_dict_options())
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=checkpoint["model"],
+        optim_state_dict=checkpoint["optimizer"],
+        options=_state_dict_options(),
+    )
     return int(checkpoint["step"])
 
 
@@ -310,8 +357,12 @@ def validation_loss(model, corpus: TokenCorpus, config: TrainConfig, device, ran
     model.eval()
     total = torch.zeros((), device=device)
     for index in range(config.eval_batches):
-        batch = sample_batch(corpus, config.batch_size, config.seq_len,
-                             batch_rng(config.seed, rank, index, micro_step=2**31 - 1)).to(device)
+        batch = sample_batch(
+            corpus,
+            config.batch_size,
+            config.seq_len,
+            batch_rng(config.seed, rank, index, micro_step=2**31 - 1),
+        ).to(device)
         with autocast_context(config, device):
             _, loss = model(batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen)
         total += loss.float()
@@ -367,8 +418,12 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     wrapped = wrap_distributed(model, config, device)
     optimizer = make_optimizer(wrapped, config)
 
-    train_corpus, val_corpus = load_corpus(config.data.corpus, val_fraction=config.data.val_fraction,
-                                           bos_id=config.data.bos_id, max_bytes=config.data.max_bytes)
+    train_corpus, val_corpus = load_corpus(
+        config.data.corpus,
+        val_fraction=config.data.val_fraction,
+        bos_id=config.data.bos_id,
+        max_bytes=config.data.max_bytes,
+    )
 
     start_step = 0
     resume_path = None
@@ -381,30 +436,46 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
     if resume_path is not None:
         stored = torch.load(resume_path, map_location="cpu", weights_only=True)["config"]["model"]
         current = asdict(config.model)
-        different = sorted(k for k in current if k != "backend" and stored.get(k) != current[k])  # backend may change
+        different = sorted(
+            k for k in current if k != "backend" and stored.get(k) != current[k]
+        )  # backend may change
         if different:
-            raise ValueError(f"checkpoint {resume_path} holds a different model config in {different}: {stored}")
+            raise ValueError(
+                f"checkpoint {resume_path} holds a different model config in {different}: {stored}"
+            )
         start_step = load_checkpoint(resume_path, wrapped, optimizer)
 
     metrics_path = out / "metrics.jsonl"
     if is_main:  # keep the history up to the resumed step, drop what a crashed run logged after it
         kept = []
         if start_step > 0 and metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+            kept = [
+                line
+                for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-        print(f"flashmoba train: {model.num_parameters() / 1e6:.2f}M parameters, preset {config.preset}, "
-              f"global attention {config.model.global_attention}, {world} process(es) on {device}, "
-              f"corpus {config.data.corpus} ({train_corpus.num_tokens:,} training tokens)"
-              + (f", resumed from {resume_path} at step {start_step}" if resume_path else ""), flush=True)
+        print(
+            f"flashmoba train: {model.num_parameters() / 1e6:.2f}M parameters, preset {config.preset}, "
+            f"global attention {config.model.global_attention}, {world} process(es) on {device}, "
+            f"corpus {config.data.corpus} ({train_corpus.num_tokens:,} training tokens)"
+            + (f", resumed from {resume_path} at step {start_step}" if resume_path else ""),
+            flush=True,
+        )
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum_steps * world
     progress = None
     if is_main and config.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
     logged: list[dict] = []
     run_start = last_log_time = time.perf_counter()
     last_log_step = start_step
@@ -415,9 +486,14 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         for micro_step in range(config.grad_accum_steps):
-            batch = sample_batch(train_corpus, config.batch_size, config.seq_len,
-                                 batch_rng(config.seed, rank, step, micro_step),
-                                 task_fraction=config.data.task_fraction, tasks=tuple(config.data.tasks)).to(device)
+            batch = sample_batch(
+                train_corpus,
+                config.batch_size,
+                config.seq_len,
+                batch_rng(config.seed, rank, step, micro_step),
+                task_fraction=config.data.task_fraction,
+                tasks=tuple(config.data.tasks),
+            ).to(device)
             with _sync_gradients(wrapped, micro_step == config.grad_accum_steps - 1):
                 with autocast_context(config, device):
                     _, loss = wrapped(batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen)
@@ -439,9 +515,17 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
             now = time.perf_counter()  # throughput over the steps since the last log line
             tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
             last_log_time, last_log_step = now, step
-            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s,
-                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - run_start}
+            row = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "tokens_per_s": tokens_per_s,
+                "grad_norm": float(
+                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                ),
+                "tokens": step * tokens_per_step,
+                "elapsed_s": time.perf_counter() - run_start,
+            }
             if should_eval:
                 row["val_loss"] = validation_loss(wrapped, val_corpus, config, device, rank, world)
                 last_log_time = time.perf_counter()  # evaluation time does not count as training
@@ -452,19 +536,27 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                     handle.write(json.dumps(row) + "\n")
                 logged.append(row)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    progress.set_postfix(
+                        loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
+                    )
         if progress is not None:
             progress.update(1)
         if step % config.save_every == 0 or step == config.max_steps:
             save_start = time.perf_counter()
-            save_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt", wrapped, optimizer, step, config, rank)
+            save_checkpoint(
+                out / "checkpoints" / f"step_{step:07d}.pt", wrapped, optimizer, step, config, rank
+            )
             last_log_time += time.perf_counter() - save_start  # nor does saving
     if progress is not None:
         progress.close()
     if is_main and logged:
         last = logged[-1]
-        print(f"flashmoba train: step {last['step']} loss {last['loss']:.4f}"
-              + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; outputs in {out}", flush=True)
+        print(
+            f"flashmoba train: step {last['step']} loss {last['loss']:.4f}"
+            + (f" val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+            + f"; outputs in {out}",
+            flush=True,
+        )
     return logged
 
 

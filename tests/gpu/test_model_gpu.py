@@ -35,7 +35,9 @@ def run_layer(layer, x, cu_seqlens, use_flash_varlen):
 
 @pytest.mark.parametrize("attention", ["dense", "sliding"])
 def test_flash_varlen_path_matches_the_sdpa_path(attention):
-    layer = MoBAAttention(256, 4, 2, 64, attention=attention, window_size=256, rope=attention == "sliding").cuda()
+    layer = MoBAAttention(
+        256, 4, 2, 64, attention=attention, window_size=256, rope=attention == "sliding"
+    ).cuda()
     x, cu_seqlens = packed_input()
     found = attention_module._flash_varlen_function()
     if found is None or (attention == "sliding" and "window_size" not in found[1]):
@@ -75,9 +77,16 @@ def test_keyconv_on_cuda_bf16():
 def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
     torch.manual_seed(0)
     results = {}
-    for global_attention, flash_varlen in (("moba", False), ("dense", False), ("moba", True), ("dense", True)):
+    for global_attention, flash_varlen in (
+        ("moba", False),
+        ("dense", False),
+        ("moba", True),
+        ("dense", True),
+    ):
         attention_module.USE_FLASH_VARLEN = flash_varlen
-        model = HybridLM(model_config_from_preset("small", global_attention=global_attention, kconv_size=3)).cuda()
+        model = HybridLM(
+            model_config_from_preset("small", global_attention=global_attention, kconv_size=3)
+        ).cuda()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ids = torch.randint(0, 256, (16 * 4096 + 1,), device="cuda")
         cu_seqlens = torch.tensor([0, 3000, 8192, 20000, 40000, 65536], dtype=torch.int32, device="cuda")
@@ -93,8 +102,12 @@ def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
         torch.cuda.synchronize()
-        results[f"{global_attention} (flash varlen {flash_varlen})"] = 20 * 65536 / (time.perf_counter() - start)
+        results[f"{global_attention} (flash varlen {flash_varlen})"] = (
+            20 * 65536 / (time.perf_counter() - start)
+        )
         attention_module.USE_FLASH_VARLEN = False
         assert losses[-1] < losses[0]  # memorises the fixed batch
-    print(f"\nsmall preset fwd+bwd+step, 64K packed tokens, {torch.cuda.get_device_name()}: "
-          + ", ".join(f"{k} {v / 1e3:.0f}K tokens/s" for k, v in results.items()))
+    print(
+        f"\nsmall preset fwd+bwd+step, 64K packed tokens, {torch.cuda.get_device_name()}: "
+        + ", ".join(f"{k} {v / 1e3:.0f}K tokens/s" for k, v in results.items())
+    )

@@ -28,9 +28,9 @@ import os
 import re
 import sysconfig
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -94,8 +94,11 @@ def _docstring_documents() -> Iterator[tuple[str, str]]:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):
             continue
-        docstrings = [ast.get_docstring(node) for node in ast.walk(tree)
-                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docstrings = [
+            ast.get_docstring(node)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         text = "\n\n".join(d for d in docstrings if d and len(d) > 80)
         if text:
             yield f"docstrings/{name}", text
@@ -133,8 +136,10 @@ def _hf_documents(spec: str, max_bytes: int) -> Iterator[tuple[str, str]]:
     try:
         import datasets  # optional extra: pip install flashmoba[data]
     except ImportError as error:
-        raise ImportError("corpus 'hf:...' needs the optional 'datasets' package: pip install 'flashmoba[data]'") from error
-    parts = spec[len("hf:"):].split(":")
+        raise ImportError(
+            "corpus 'hf:...' needs the optional 'datasets' package: pip install 'flashmoba[data]'"
+        ) from error
+    parts = spec[len("hf:") :].split(":")
     name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
     split = parts[2] if len(parts) > 2 else "train"
     stream = datasets.load_dataset(name, config, split=split, streaming=True)
@@ -159,15 +164,21 @@ def _tokenize_documents(documents, tokenizer: ByteTokenizer, val_fraction: float
         cut = int(len(everything) * (1 - val_fraction))
         train_parts = [everything[:cut]]
         val_parts = [np.array([tokenizer.bos_id], dtype=np.uint16), everything[cut:]]
-    join = lambda parts: np.concatenate(parts).astype(np.uint16)  # noqa: E731
+    join = lambda parts: np.concatenate(parts).astype(np.uint16)
     bos = tokenizer.bos_id
-    return TokenCorpus([join(train_parts)], bos, f"{name}/train"), TokenCorpus([join(val_parts)], bos, f"{name}/val")
+    return TokenCorpus([join(train_parts)], bos, f"{name}/train"), TokenCorpus(
+        [join(val_parts)], bos, f"{name}/val"
+    )
 
 
 def _load_token_shards(paths: list[Path], bos_id: int, val_fraction: float, name: str):
     train, val = [], []
     for path in paths:
-        tokens = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=np.uint16, mode="r")
+        tokens = (
+            np.load(path, mmap_mode="r")
+            if path.suffix == ".npy"
+            else np.memmap(path, dtype=np.uint16, mode="r")
+        )
         if tokens.ndim != 1:
             raise ValueError(f"token shard {path} must be 1-D, got shape {tokens.shape}")
         cut = int(len(tokens) * (1 - val_fraction))
@@ -203,13 +214,17 @@ def load_corpus(
     elif path.exists():
         paths = [path]
     else:
-        raise ValueError(f"corpus {spec!r} is neither 'python', 'hf:NAME', nor an existing file, directory or glob")
+        raise ValueError(
+            f"corpus {spec!r} is neither 'python', 'hf:NAME', nor an existing file, directory or glob"
+        )
     token_paths = [p for p in paths if p.suffix in TOKEN_SUFFIXES]
     text_paths = [p for p in paths if p.suffix in TEXT_SUFFIXES]
     if token_paths and text_paths:
         raise ValueError(f"corpus {spec!r} mixes text files and token shards; give one kind")
     if token_paths:
-        return _load_token_shards(token_paths, tokenizer.bos_id if bos_id is None else bos_id, val_fraction, spec)
+        return _load_token_shards(
+            token_paths, tokenizer.bos_id if bos_id is None else bos_id, val_fraction, spec
+        )
     if not text_paths:
         raise ValueError(f"corpus {spec!r} has no {TEXT_SUFFIXES + TOKEN_SUFFIXES} files")
 

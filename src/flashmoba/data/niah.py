@@ -130,10 +130,20 @@ def make_sample(
 
     if task == "passkey":
         kind, intro, needle_parts, question, answer_prefix = (
-            "", PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX)
+            "",
+            PASSKEY_INTRO,
+            PASSKEY_NEEDLE,
+            PASSKEY_QUESTION,
+            PASSKEY_ANSWER_PREFIX,
+        )
     else:
         kind = "uuids" if task == "niah3" else "numbers"
-        intro, needle_parts, question, answer_prefix = NIAH_INTRO, NIAH_NEEDLE, NIAH_QUESTION, NIAH_ANSWER_PREFIX
+        intro, needle_parts, question, answer_prefix = (
+            NIAH_INTRO,
+            NIAH_NEEDLE,
+            NIAH_QUESTION,
+            NIAH_ANSWER_PREFIX,
+        )
     sentences = _noise_sentences() if task in ("niah1", "passkey") else _natural_sentences()
 
     # The query needle, then distractors with distinct keys.
@@ -145,19 +155,27 @@ def make_sample(
     values = [_random_value(task, rng) for _ in keys]
     needles = []  # (tokens, value offset, value length)
     for key, value in zip(keys, values):
-        before, after = (part.format(kind=kind, key=key, value=value) for part in (needle_parts[0], needle_parts[2]))
+        before, after = (
+            part.format(kind=kind, key=key, value=value) for part in (needle_parts[0], needle_parts[2])
+        )
         value_tokens = encode(value)
         tokens = np.concatenate([encode(before), value_tokens, encode(after + " ")])
         needles.append((tokens, len(encode(before)), len(value_tokens)))
 
     head = np.concatenate([[tokenizer.bos_id], encode(intro.format(kind=kind))]).astype(np.int64)
-    tail = np.concatenate([encode(question.format(kind=kind, key=keys[0])),
-                           encode(answer_prefix.format(kind=kind, key=keys[0]))])
+    tail = np.concatenate(
+        [
+            encode(question.format(kind=kind, key=keys[0])),
+            encode(answer_prefix.format(kind=kind, key=keys[0])),
+        ]
+    )
     scored = encode(" " + values[0])
     answer = np.concatenate([scored, encode(".")])
     budget = length - len(head) - len(tail) - len(answer) - sum(len(n[0]) for n in needles)
     if budget < 0:
-        raise ValueError(f"length {length} is too short for task {task!r}: it needs at least {length - budget} tokens")
+        raise ValueError(
+            f"length {length} is too short for task {task!r}: it needs at least {length - budget} tokens"
+        )
 
     # Haystack: consecutive sentences from a random starting sentence, cut to exactly `budget` tokens.
     pieces, boundaries, filled = [], [0], 0
@@ -189,7 +207,10 @@ def make_sample(
         cursor = at
         tokens, value_offset, value_length = needles[n]
         parts.append(tokens)
-        spans[n] = ((position, position + len(tokens)), (position + value_offset, position + value_offset + value_length))
+        spans[n] = (
+            (position, position + len(tokens)),
+            (position + value_offset, position + value_offset + value_length),
+        )
         position += len(tokens)
     parts += [haystack[cursor:], tail, answer]
     all_tokens = np.concatenate(parts).astype(np.int64)
@@ -207,4 +228,3 @@ def make_sample(
         depth=depth,
         distractor_spans=[spans[n][0] for n in range(1, len(needles))],
     )
-

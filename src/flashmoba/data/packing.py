@@ -29,7 +29,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(
             self.input_ids.to(device, non_blocking=True),
             self.targets.to(device, non_blocking=True),
@@ -54,7 +54,7 @@ def pack_rows(rows: np.ndarray, bos_id: int) -> PackedBatch:
         raise ValueError(f"rows must be [batch, seq_len + 1] with seq_len >= 1, got shape {rows.shape}")
     batch, seq_len = rows.shape[0], rows.shape[1] - 1
     inputs, targets = rows[:, :-1], rows[:, 1:]
-    starts = (inputs == bos_id)
+    starts = inputs == bos_id
     starts[:, 0] = True
     start_positions = np.flatnonzero(starts.reshape(-1))
     cu_seqlens = np.append(start_positions, batch * seq_len).astype(np.int32)

@@ -62,14 +62,19 @@ def dense_causal_attention(
     groups = q.shape[-2] // k.shape[-2]
     if sequence_bounds is None:
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), _repeat_kv(k, groups, 2).transpose(1, 2), _repeat_kv(v, groups, 2).transpose(1, 2),
-            is_causal=True, scale=scale,
+            q.transpose(1, 2),
+            _repeat_kv(k, groups, 2).transpose(1, 2),
+            _repeat_kv(v, groups, 2).transpose(1, 2),
+            is_causal=True,
+            scale=scale,
         )
         return out.transpose(1, 2)
     outputs = []
     for start, end in zip(sequence_bounds[:-1], sequence_bounds[1:]):
         if end > start:
-            outputs.append(dense_causal_attention(q[None, start:end], k[None, start:end], v[None, start:end], scale)[0])
+            outputs.append(
+                dense_causal_attention(q[None, start:end], k[None, start:end], v[None, start:end], scale)[0]
+            )
     return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
 
 
@@ -96,7 +101,7 @@ def flash_varlen_supported(q: torch.Tensor, window_size: int | None = None) -> b
     return window_size is None or "window_size" in found[1]
 
 
-def flash_varlen_attention(q, k, v, packed: "PackedSequences", scale: float, window_size: int | None = None):
+def flash_varlen_attention(q, k, v, packed: PackedSequences, scale: float, window_size: int | None = None):
     """Causal (optionally sliding-window) attention of packed ``[total, H, D]`` tensors in one flash call."""
     varlen_attn, parameters = _flash_varlen_function()
     groups = q.shape[-2] // k.shape[-2]
@@ -105,8 +110,17 @@ def flash_varlen_attention(q, k, v, packed: "PackedSequences", scale: float, win
         options = {"window_size": (-1 if window_size is None else window_size - 1, 0)}
     else:
         options = {"is_causal": True}
-    return varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                       scale=scale, **options)
+    return varlen_attn(
+        q,
+        k,
+        v,
+        packed.cu_seqlens,
+        packed.cu_seqlens,
+        packed.max_seqlen,
+        packed.max_seqlen,
+        scale=scale,
+        **options,
+    )
 
 
 def sliding_window_attention(
@@ -132,7 +146,9 @@ def sliding_window_attention(
         sequence_ids = torch.zeros(batch, seqlen, dtype=torch.int64, device=q.device)
     # Padding tokens get sequence id -1, so real queries never see them.
     sequence_ids = F.pad(sequence_ids.to(torch.int64), (0, pad), value=-1).view(batch, num_chunks, chunk)
-    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk, t.shape[2], head_dim) for t in (q, k, v))
+    q, k, v = (
+        F.pad(t, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk, t.shape[2], head_dim) for t in (q, k, v)
+    )
 
     def with_previous_chunk(t: torch.Tensor, fill) -> torch.Tensor:
         previous = torch.cat([torch.full_like(t[:, :1], fill), t[:, :-1]], dim=1)
@@ -141,16 +157,23 @@ def sliding_window_attention(
     keys, values = with_previous_chunk(k, 0.0), with_previous_chunk(v, 0.0)
     key_sequence_ids = with_previous_chunk(sequence_ids, -1)
     # Query at offset i of a chunk and key at offset j of [previous chunk, chunk] are i + chunk - j apart.
-    distance = torch.arange(chunk, device=q.device)[:, None] + chunk - torch.arange(2 * chunk, device=q.device)
+    distance = (
+        torch.arange(chunk, device=q.device)[:, None] + chunk - torch.arange(2 * chunk, device=q.device)
+    )
     in_window = (distance >= 0) & (distance < window_size)
-    mask = in_window & (sequence_ids.unsqueeze(-1) == key_sequence_ids.unsqueeze(-2))  # [batch, chunks, C, 2C]
+    mask = in_window & (
+        sequence_ids.unsqueeze(-1) == key_sequence_ids.unsqueeze(-2)
+    )  # [batch, chunks, C, 2C]
 
     def heads_first(t: torch.Tensor) -> torch.Tensor:  # [batch, chunks, L, H, D] -> [batch * chunks, H, L, D]
         return t.reshape(batch * num_chunks, t.shape[2], t.shape[3], head_dim).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
-        heads_first(q), heads_first(_repeat_kv(keys, groups, 3)), heads_first(_repeat_kv(values, groups, 3)),
-        attn_mask=mask.reshape(batch * num_chunks, 1, chunk, 2 * chunk), scale=scale,
+        heads_first(q),
+        heads_first(_repeat_kv(keys, groups, 3)),
+        heads_first(_repeat_kv(values, groups, 3)),
+        attn_mask=mask.reshape(batch * num_chunks, 1, chunk, 2 * chunk),
+        scale=scale,
     )
     out = out.transpose(1, 2).reshape(batch, num_chunks * chunk, heads_q, head_dim)
     return out[:, :seqlen]
@@ -227,9 +250,15 @@ class MoBAAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        for name, value in [("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                             ("head_dim", head_dim), ("block_size", block_size), ("topk", topk),
-                             ("window_size", window_size)]:
+        for name, value in [
+            ("hidden_size", hidden_size),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("block_size", block_size),
+            ("topk", topk),
+            ("window_size", window_size),
+        ]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if num_heads % num_kv_heads != 0:
@@ -240,8 +269,18 @@ class MoBAAttention(nn.Module):
             raise ValueError(f"kconv_size must be an int >= 0, got {kconv_size!r}")
         if rope and head_dim % 2 != 0:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
-        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
-        self.attention, self.block_size, self.topk, self.window_size = attention, block_size, topk, window_size
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        )
+        self.attention, self.block_size, self.topk, self.window_size = (
+            attention,
+            block_size,
+            topk,
+            window_size,
+        )
         self.rope, self.rope_base, self.backend = rope, float(rope_base), backend
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -263,10 +302,14 @@ class MoBAAttention(nn.Module):
             return packed
         if cu_seqlens is not None:
             if x.ndim != 2:
-                raise ValueError(f"with cu_seqlens, x must be packed [total, hidden], got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"with cu_seqlens, x must be packed [total, hidden], got shape {tuple(x.shape)}"
+                )
             return PackedSequences(cu_seqlens, max_seqlen)
         if x.ndim != 3:
-            raise ValueError(f"x must be [batch, seqlen, hidden], or [total, hidden] with cu_seqlens, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be [batch, seqlen, hidden], or [total, hidden] with cu_seqlens, got {tuple(x.shape)}"
+            )
         return None
 
     def project(self, x: torch.Tensor, packed: PackedSequences | None = None):
@@ -282,7 +325,10 @@ class MoBAAttention(nn.Module):
                 positions = packed.positions
             else:
                 positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            q, k = rotary_embedding(q, positions, self.rope_base), rotary_embedding(k, positions, self.rope_base)
+            q, k = (
+                rotary_embedding(q, positions, self.rope_base),
+                rotary_embedding(k, positions, self.rope_base),
+            )
         return q, k, v
 
     def forward(
@@ -298,11 +344,22 @@ class MoBAAttention(nn.Module):
         scale = self.head_dim**-0.5
         if self.attention == "moba":
             if packed is None:
-                out = moba_attn(q, k, v, self.block_size, self.topk, softmax_scale=scale, backend=self.backend)
+                out = moba_attn(
+                    q, k, v, self.block_size, self.topk, softmax_scale=scale, backend=self.backend
+                )
             else:
                 out = moba_attn_varlen(
-                    q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                    self.block_size, self.topk, softmax_scale=scale, backend=self.backend,
+                    q,
+                    k,
+                    v,
+                    packed.cu_seqlens,
+                    packed.cu_seqlens,
+                    packed.max_seqlen,
+                    packed.max_seqlen,
+                    self.block_size,
+                    self.topk,
+                    softmax_scale=scale,
+                    backend=self.backend,
                 )
         elif self.attention == "dense":
             if packed is not None and flash_varlen_supported(q):
@@ -336,6 +393,13 @@ class MoBAAttention(nn.Module):
         if packed is None:
             return moba_select(q, k, self.block_size, self.topk, backend=self.backend)
         return moba_select(
-            q, k, self.block_size, self.topk, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens,
-            max_seqlen_q=packed.max_seqlen, max_seqlen_k=packed.max_seqlen, backend=self.backend,
+            q,
+            k,
+            self.block_size,
+            self.topk,
+            cu_seqlens_q=packed.cu_seqlens,
+            cu_seqlens_k=packed.cu_seqlens,
+            max_seqlen_q=packed.max_seqlen,
+            max_seqlen_k=packed.max_seqlen,
+            backend=self.backend,
         )

@@ -106,21 +106,33 @@ class KeyConv(nn.Module):
         if not isinstance(k, torch.Tensor):
             raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
         if k.shape[-1] != self.channels:
-            raise ValueError(f"k must have {self.channels} channels in its last dimension, got shape {tuple(k.shape)}")
+            raise ValueError(
+                f"k must have {self.channels} channels in its last dimension, got shape {tuple(k.shape)}"
+            )
         if cu_seqlens is not None and k.ndim == 3 and k.shape[0] == 1:  # flash-attn style batch of one
             return self.forward(k[0], cu_seqlens).unsqueeze(0)
         if cu_seqlens is not None:
             if k.ndim != 2:
-                raise ValueError(f"packed k must be [total, channels] with cu_seqlens, got shape {tuple(k.shape)}")
-            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.is_floating_point():
+                raise ValueError(
+                    f"packed k must be [total, channels] with cu_seqlens, got shape {tuple(k.shape)}"
+                )
+            if (
+                not isinstance(cu_seqlens, torch.Tensor)
+                or cu_seqlens.ndim != 1
+                or cu_seqlens.is_floating_point()
+            ):
                 raise TypeError("cu_seqlens must be a 1-D integer torch.Tensor [num_sequences + 1]")
             bounds = cu_seqlens.tolist()
             if bounds[0] != 0 or bounds[-1] != k.shape[0] or any(b < a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError(f"cu_seqlens must rise from 0 to the packed length {k.shape[0]}, got {bounds}")
+                raise ValueError(
+                    f"cu_seqlens must rise from 0 to the packed length {k.shape[0]}, got {bounds}"
+                )
             positions = positions_in_sequence(cu_seqlens, k.shape[0])
         elif positions is not None:
             if k.ndim != 2 or positions.shape != k.shape[:1]:
-                raise ValueError(f"positions must be [total] for packed k [total, channels], got {tuple(positions.shape)}")
+                raise ValueError(
+                    f"positions must be [total] for packed k [total, channels], got {tuple(positions.shape)}"
+                )
         elif k.ndim != 3:
             raise ValueError(
                 f"k must be [batch, seqlen, channels], or [total, channels] with cu_seqlens, got shape {tuple(k.shape)}"
