@@ -80,8 +80,9 @@ def dense_causal_attention(
 
 # On CUDA, packed dense and sliding-window attention can use PyTorch's own flash varlen kernel when this
 # PyTorch has it (torch.nn.attention.varlen): one call for the whole packed batch instead of one SDPA call
-# per sequence (dense) or chunked SDPA with a mask (sliding). Off until checked on the GPU machine's PyTorch.
-USE_FLASH_VARLEN = False
+# per sequence (dense) or chunked SDPA with a mask (sliding). Checked against the SDPA path (outputs and
+# gradients, dense and sliding) by tests/gpu/test_model_gpu.py on an H100 with PyTorch 2.11 (RESULTS.md).
+USE_FLASH_VARLEN = True
 
 
 @functools.lru_cache(maxsize=1)
