@@ -1,0 +1,303 @@
+"""experiments/: the report builder on synthetic run outputs (the formats of flashmoba train / eval and of
+run.py), its verdict rules, one real tiny run through run.py, and ``run.py --list``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import protocol as protocol_module
+import report
+import run as run_module
+from protocol import PILOT_PROTOCOL, PROTOCOL, EvaluationSettings
+
+TRAIN_LENGTH = PROTOCOL.training.seq_len
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic outputs, in the formats train.py, evaluate.py and run.py write
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_metrics(directory: Path, steps: int, final_loss: float) -> None:
+    """metrics.jsonl as flashmoba train writes it: one row per logged step, val_loss at evaluations."""
+    tokens_per_step = PROTOCOL.training.tokens_per_step
+    rows = []
+    for step in range(100, steps + 1, 100):
+        row = {
+            "step": step,
+            "loss": final_loss + 1.0 / step,
+            "lr": 6e-4,
+            "tokens_per_s": 250000.0,
+            "grad_norm": 0.5,
+            "tokens": step * tokens_per_step,
+            "elapsed_s": step * 0.25,
+        }
+        if step % 500 == 0 or step == steps:
+            row["val_loss"] = final_loss + 0.01
+        rows.append(row)
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_results(
+    directory: Path, configuration, loss: float, accuracy_by_task_length, recall: float
+) -> None:
+    """eval/results.json as flashmoba eval writes it."""
+    evaluation = PROTOCOL.evaluation
+    layers = ["1", "3", "5", "7", "9", "11"] if configuration.attention == "moba" else []
+    retrieval = [
+        {
+            "task": task,
+            "length": length,
+            "samples": evaluation.samples,
+            "accuracy": accuracy_by_task_length(task, length) / 100,
+            "token_accuracy": min(1.0, accuracy_by_task_length(task, length) / 100 + 0.1),
+            "router_recall": {layer: recall for layer in layers},
+        }
+        for task in evaluation.tasks
+        for length in evaluation.lengths
+    ]
+    summary = {
+        "checkpoint": str(directory / "checkpoints" / f"step_{PROTOCOL.training.max_steps:07d}.pt"),
+        "model": {"global_attention": configuration.attention},
+        "lengths": list(evaluation.lengths),
+        "tasks": list(evaluation.tasks),
+        "samples": evaluation.samples,
+        "distractors": 0,
+        "heldout": {
+            "loss": loss,
+            "perplexity": 2.718281828**loss,
+            "bits_per_token": loss / 0.693147,
+            "tokens": 1_000_000,
+        },
+        "retrieval": retrieval,
+    }
+    (directory / "eval").mkdir(parents=True, exist_ok=True)
+    (directory / "eval" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_cost(directory: Path, minutes: float) -> None:
+    call = {
+        "started_utc": "2026-11-27T10:00:00+00:00",
+        "device": "cuda",
+        "python": "3.12.3",
+        "train_minutes": minutes,
+        "eval_minutes": 1.0,
+        "steps_before": 0,
+        "card": "NVIDIA H100 80GB HBM3",
+        "torch": "2.11.0",
+        "steps_after": PROTOCOL.training.max_steps,
+        "training": "finished",
+        "evaluation": "finished",
+    }
+    cost = {
+        "run": directory.name,
+        "calls": [call],
+        "cards": [call["card"]],
+        "train_minutes": minutes,
+        "eval_minutes": 1.0,
+        "total_minutes": minutes + 1.0,
+        "trained_tokens": PROTOCOL.training.token_budget,
+        "trained_steps": PROTOCOL.training.max_steps,
+    }
+    (directory / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+
+
+# Per configuration and seed: (held-out loss, S-NIAH accuracy at or below the training length, beyond it).
+SYNTHETIC = {
+    "dense": [(1.000, 90, 0), (1.004, 88, 4)],
+    "moba-256": [(1.060, 40, 30), (1.064, 44, 26)],
+    "moba-128": [(1.040, 60, 50), (1.045, 58, 52)],
+    "moba-64": [(1.020, 80, 70), (1.026, 76, 72)],
+    "moba-64-kconv5": [(1.021, 70, 60), (1.024, 72, 58)],  # below moba-64: claim 2 reversed
+    "moba-64-kconv3": [(1.022, 79, 70), None],  # seed 1 missing
+}
+
+
+def write_synthetic_runs(runs_dir: Path, skip: set[str] = frozenset()) -> None:
+    for run in PROTOCOL.runs:
+        values = SYNTHETIC[run.configuration.name][run.seed]
+        if values is None or run.name in skip:
+            continue
+        loss, within, beyond = values
+        directory = runs_dir / run.name
+        directory.mkdir(parents=True)
+        write_metrics(directory, PROTOCOL.training.max_steps, loss)
+        write_results(
+            directory,
+            run.configuration,
+            loss,
+            lambda task, length, w=within, b=beyond: w if length <= TRAIN_LENGTH else b,
+            recall=0.5,
+        )
+        write_cost(directory, minutes=6.0)
+
+
+def niah_average(within: float, beyond: float) -> float:
+    lengths = PROTOCOL.evaluation.lengths
+    return sum(within if n <= TRAIN_LENGTH else beyond for n in lengths) / len(lengths)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verdict rules
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_seed_comparison_needs_non_overlapping_ranges():
+    assert report.compare_seeds([60, 62], [50, 55], higher_is_better=True) == report.HOLDS
+    assert report.compare_seeds([50, 55], [60, 62], higher_is_better=True) == report.REVERSED
+    assert report.compare_seeds([50, 61], [60, 62], higher_is_better=True) == report.UNRESOLVED
+    assert report.compare_seeds([1.0, 1.01], [1.02, 1.03], higher_is_better=False) == report.HOLDS
+
+
+def test_retention_and_closeness_rules():
+    # keeps >= half of its accuracy at the training length, on every seed
+    assert report.compare_retention([90, 100], [60, 55], expect_retained=True) == report.HOLDS
+    assert report.compare_retention([90, 100], [0, 4], expect_retained=False) == report.HOLDS
+    assert report.compare_retention([90, 100], [0, 4], expect_retained=True) == report.REVERSED
+    assert report.compare_retention([90, 100], [40, 60], expect_retained=True) == report.UNRESOLVED
+    assert (
+        report.compare_retention([10, 100], [0, 0], expect_retained=False) == report.UNRESOLVED
+    )  # never learned
+    tolerance = protocol_module.LM_CLOSENESS
+    assert report.compare_closeness([1.005, 1.009], [1.0, 1.001], tolerance) == report.HOLDS
+    assert report.compare_closeness([1.03, 1.04], [1.0, 1.001], tolerance) == report.REVERSED
+    assert report.compare_closeness([1.005, 1.03], [1.0, 1.001], tolerance) == report.UNRESOLVED
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report from synthetic outputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_report_from_synthetic_runs(tmp_path):
+    runs_dir = tmp_path / "runs"
+    write_synthetic_runs(runs_dir)
+    text = report.build_report(PROTOCOL, runs_dir, tmp_path / "REPORT.md", tmp_path / "figures")
+    assert (tmp_path / "REPORT.md").read_text() == text
+
+    outputs = report.load_runs(PROTOCOL, runs_dir)
+    verdicts = {
+        v.claim.number: v
+        for v in (report.evaluate_claim(c, PROTOCOL, outputs) for c in protocol_module.CLAIMS)
+    }
+    assert verdicts[1].verdict == report.REPRODUCED  # moba-64 beats moba-256 on every seed, both measures
+    assert verdicts[2].verdict == report.NOT_REPRODUCED  # kconv5 below moba-64 on every seed
+    assert verdicts[3].verdict == report.REPRODUCED  # dense 90 -> 0/4, moba-64-kconv5 70 -> 60
+    assert verdicts[4].verdict == report.NOT_REPRODUCED  # moba-64 2.0-2.6% above dense: beyond 1%
+    assert [c.outcome for c in verdicts[3].checks] == [report.HOLDS] * 3
+    assert "moba-64-kconv3-seed1" not in verdicts[2].missing_runs  # kconv3 only informs claim 2
+
+    # Table 3's shape: per-run average, seed mean of the cells, the missing run shown as missing
+    expected = niah_average(80, 70)
+    assert "| moba-64-seed0 | 80 | 80 | 70 | 70 | 70 |" in text
+    assert f"| {expected:.1f} |" in text
+    assert "| moba-64-kconv3-seed1 | " + " | ".join(["missing"] * 16) + " |" in text
+    assert "| MoBA-64 + kconv3 | 79 | 79 |" in text and "(1 seed)" in text
+    assert "| moba-64-kconv3-seed1 | missing | - |" in text  # cost table
+    assert "NVIDIA H100 80GB HBM3" in text and "| all runs | | | 66.0 | 11.0 | 77.0 |" in text
+    assert "| MoBA-64 (k=8) | 50 | 50 | 50 | 50 | 50 | layer 1 (50) |" in text  # router recall
+    assert "No run of this protocol has been made yet" not in text
+    for name in ("niah_by_length", "block_size", "router_recall", "training_loss"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 0
+        assert f"(figures/{name}.png)" in text
+
+
+def test_missing_deciding_runs_make_claims_inconclusive_or_not_run(tmp_path):
+    runs_dir = tmp_path / "runs"
+    write_synthetic_runs(runs_dir, skip={"moba-64-seed1", "dense-seed0", "dense-seed1"})
+    outputs = report.load_runs(PROTOCOL, runs_dir)
+    verdicts = [report.evaluate_claim(c, PROTOCOL, outputs).verdict for c in protocol_module.CLAIMS]
+    assert verdicts == [report.INCONCLUSIVE, report.INCONCLUSIVE, report.INCONCLUSIVE, report.INCONCLUSIVE]
+
+    # a run whose training stopped early does not count, and says where it stopped
+    partial = runs_dir / "dense-seed0"
+    partial.mkdir()
+    write_metrics(partial, 300, 1.0)
+    assert (
+        report.load_runs(PROTOCOL, runs_dir)["dense-seed0"].status == "training stopped at step 300 of 1500"
+    )
+
+    empty = tmp_path / "empty"
+    text = report.build_report(PROTOCOL, empty, tmp_path / "EMPTY.md", tmp_path / "no-figures")
+    assert text.count("**not run**") == len(protocol_module.CLAIMS)
+    assert "No run of this protocol has been made yet" in text
+    assert "None: no run is complete." in text and not (tmp_path / "no-figures").exists()
+    assert "1.0" not in text.split("## Language modelling")[1].split("## Figures")[0]  # no number is made up
+
+
+# ----------------------------------------------------------------------------------------------------
+# run.py
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_run_list_names_every_run():
+    listing = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "run.py"), "--list"], capture_output=True, text=True, check=True
+    ).stdout
+    for run in PROTOCOL.runs:
+        assert f"\n{run.name} " in listing
+    assert "12 runs" in listing and "1500 steps" in listing
+    first = [line.split()[0] for line in listing.splitlines()[1:]]
+    assert first[:6] == [
+        f"{c.name}-seed0" for c in (PROTOCOL.configuration(n) for n in PROTOCOL.seeds_by_configuration)
+    ]
+
+
+def test_train_configs_share_budget_and_data_and_keep_sparsity():
+    configs = [PROTOCOL.train_config(run) for run in PROTOCOL.runs]
+    shared = {
+        json.dumps({k: v for k, v in c.items() if k not in ("model", "seed")}, sort_keys=True)
+        for c in configs
+    }
+    assert len(shared) == 1  # same budget, schedule and data mixture everywhere
+    for config in configs:
+        model = config["model"]
+        if model["global_attention"] == "moba":
+            assert model["moba_block_size"] * model["moba_topk"] == TRAIN_LENGTH // 8  # 7/8 sparsity
+        assert model["head_dim"] == 64
+
+
+def test_stopped_training_is_reported_and_export_leaves_out_checkpoints(tmp_path):
+    log = tmp_path / "sleep.log"
+    assert run_module.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 0.5) == "stopped"
+    directory = tmp_path / "some-run"
+    (directory / "checkpoints").mkdir(parents=True)
+    (directory / "checkpoints" / "step_0000001.pt").write_bytes(b"x")
+    (directory / "metrics.jsonl").write_text("{}\n")
+    import tarfile
+
+    with tarfile.open(run_module.export_outputs(directory, tmp_path / "out")) as archive:
+        assert archive.getnames() == ["some-run", "some-run/metrics.jsonl"]
+
+
+def test_a_tiny_real_run_goes_through_train_eval_and_report(tmp_path):
+    """run.py with flashmoba train and eval for real (2 steps, one length): the report reads their files."""
+    tiny = replace(
+        PILOT_PROTOCOL,
+        training=replace(PILOT_PROTOCOL.training, max_steps=2, batch_size=1, eval_every=2, save_every=2),
+        evaluation=EvaluationSettings(lengths=(512,), tasks=("niah1",), samples=1, ppl_batches=1),
+        seeds_by_configuration={"moba-64": (0,)},
+        runs_dir=str(tmp_path / "runs"),
+    )
+    run = tiny.run("moba-64-seed0")
+    cost = run_module.make_run(tiny, run, "cpu", max_minutes=None)
+    assert cost["trained_steps"] == 2 and cost["trained_tokens"] == 2 * 512 and len(cost["calls"]) == 1
+    again = run_module.make_run(tiny, run, "cpu", max_minutes=None)  # resumes: nothing left to do
+    assert again["calls"][-1]["training"].startswith("skipped") and again["calls"][-1][
+        "evaluation"
+    ].startswith("skipped")
+
+    outputs = report.load_runs(tiny, tmp_path / "runs")
+    assert outputs["moba-64-seed0"].complete
+    results = outputs["moba-64-seed0"].results
+    assert report.heldout_loss(results) > 0 and report.accuracy(results, "niah1", 512) in (0.0, 100.0)
+    assert report.router_recall(results, 512) is not None
+    text = report.build_report(tiny, tmp_path / "runs", tmp_path / "REPORT.md", tmp_path / "figures")
+    assert "1 of 1 runs complete" in text and "CPU pipeline check" in text
