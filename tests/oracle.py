@@ -1,19 +1,35 @@
 """An independent brute-force MoBA: a per-query float64 loop written straight from the contract.
 
 Deliberately naive and separate from ``flashmoba.reference`` (no chunking, no sorting tricks), so that a
-shared misreading of the rules is unlikely to hide in both.
+shared misreading of the rules is unlikely to hide in both. Routing scores are exact rationals, so the
+tie rule is tested on ties of real arithmetic, not on ties that rounding happens to produce.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
 
+def exact_centroids(keys, block_size):
+    """Block means as exact rationals: keys [S, D] float64 -> list over blocks of lists of Fractions."""
+    seqlen = keys.shape[0]
+    centroids = []
+    for start in range(0, seqlen, block_size):
+        rows = keys[start : start + block_size].tolist()
+        centroids.append([sum(Fraction(row[d]) for row in rows) / len(rows) for d in range(keys.shape[1])])
+    return centroids
+
+
 def select_blocks(q_row, centroids, position, num_blocks, block_size, topk, causal):
-    """The set of selected block ids for one query row (float64 scores, ties to the later block)."""
-    scores = [float(q_row @ centroids[j]) for j in range(num_blocks)]
+    """The set of selected block ids for one query row.
+
+    Scores are exact rationals, so a tie in real arithmetic is a tie here, and goes to the later block.
+    """
+    q_exact = [Fraction(x) for x in q_row.tolist()]
+    scores = [sum(a * b for a, b in zip(q_exact, centroids[j])) for j in range(num_blocks)]
     by_score = lambda j: (scores[j], j)  # noqa: E731  (later block wins a tie)
     if causal:
         if position < 0:
@@ -40,7 +56,7 @@ def brute_force_sequence(q, k, v, block_size, topk, causal, softmax_scale=None):
     selections = {}
     for h in range(heads_q):
         keys, values = k[:, h // group], v[:, h // group]
-        centroids = [keys[j * block_size : (j + 1) * block_size].mean(dim=0) for j in range(num_blocks)]
+        centroids = exact_centroids(keys, block_size)
         for i in range(seqlen_q):
             position = i + seqlen_k - seqlen_q
             chosen = select_blocks(q[i, h], centroids, position, num_blocks, block_size, topk, causal)

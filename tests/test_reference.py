@@ -215,3 +215,18 @@ def test_low_precision_inputs_keep_dtype_and_track_float64(dtype):
     # Same (quantized) inputs in float64: only the final rounding to the input dtype differs.
     expected = flashmoba.moba_attn(q.double(), k.double(), v.double(), 16, 2)
     assert (out.double() - expected).abs().max() <= 2 * torch.finfo(dtype).eps * expected.abs().max()
+
+
+@pytest.mark.parametrize("block_size", [3, 6])
+@pytest.mark.parametrize("causal", [True, False])
+def test_real_arithmetic_ties_with_small_integer_inputs(block_size, causal):
+    """Integer inputs: block means such as 7/6 round in float, yet scores that tie exactly (the oracle
+    scores in exact rationals) must tie in the reference too, and go to the later block."""
+    generator = torch.Generator().manual_seed(block_size)
+    q = torch.randint(-2, 3, (1, 36, 4, 4), generator=generator).double()
+    k = torch.randint(-2, 3, (1, 36, 2, 4), generator=generator).double()
+    v = torch.randn(1, 36, 2, 4, generator=generator, dtype=torch.float64)
+    _assert_matches_oracle(q, k, v, block_size, 3, causal)
+    # float32 inputs route the same way
+    selected = flashmoba.moba_select(q.float(), k.float(), block_size, 3, causal=causal)
+    assert torch.equal(selected, flashmoba.moba_select(q, k, block_size, 3, causal=causal))

@@ -341,3 +341,12 @@ def test_unsupported_raise_value_error():
         router.route(q, k, 0, 2)
     # topk beyond the on-chip limit is fine when it covers every block.
     assert (router.route(q, k, 16, 500)[..., 1:] == -1).all()
+
+
+@pytest.mark.parametrize("block_size", [3, 6, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_real_arithmetic_ties_with_non_power_of_two_blocks(block_size, causal):
+    """Small-integer keys in blocks of 3, 6 or 7 tokens: block means like 7/6 are not exact in float32,
+    yet blocks whose scores tie exactly must still tie (later block wins), as in the reference."""
+    _check_padded(1, 40, 40, 2, 1, 16, block_size, 3, causal, integers=True, seed=block_size)
+    _check_varlen([17, 23], [17, 30], 2, 2, 16, block_size, 4, causal, integers=True, seed=block_size + 1)

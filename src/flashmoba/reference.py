@@ -9,7 +9,8 @@ Semantics (see README and ``flashmoba.api``):
 
 - keys of each sequence are cut into blocks ``[j*B, (j+1)*B)``; the last block may be partial;
 - a block's centroid is the mean of its real keys, accumulated in float32 (float64 for float64
-  inputs) and rounded to the input dtype, as the kernels store it;
+  inputs); for float16/bfloat16 keys it is rounded to the input dtype, as the kernels store it (for
+  float32/float64 the score is computed as ``(q . block sum) / count``, see ``_routing_keys``);
 - query head h scores block j by ``q . centroid_j`` (no softmax scale) against kv head
   ``h // (heads_q // heads_kv)``;
 - causal: query i of a sequence with T queries and S keys sits at key position ``p = i + S - T``; its own
@@ -35,11 +36,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def block_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of each key block over its real tokens.
+def _block_sums(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of each key block over its real tokens and the token counts.
 
-    k: [S, Hkv, D] (one sequence). Returns [num_blocks, Hkv, D] in k's dtype, accumulated in float32
-    (float64 for float64 keys), num_blocks = ceil(S / block_size).
+    k: [S, Hkv, D] (one sequence). Returns sums [n, Hkv, D] in float32 (float64 for float64 keys) and
+    counts [n] in the same dtype, n = ceil(S / block_size).
     """
     seqlen_k, heads_kv, head_dim = k.shape
     num_blocks = -(-seqlen_k // block_size)
@@ -49,12 +50,37 @@ def block_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
     counts = torch.full((num_blocks,), block_size, dtype=sums.dtype, device=k.device)
     if num_blocks:
         counts[-1] = seqlen_k - (num_blocks - 1) * block_size
+    return sums, counts
+
+
+def block_centroids(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each key block over its real tokens.
+
+    k: [S, Hkv, D] (one sequence). Returns [num_blocks, Hkv, D] in k's dtype, accumulated in float32
+    (float64 for float64 keys), num_blocks = ceil(S / block_size).
+    """
+    sums, counts = _block_sums(k, block_size)
     return (sums / counts[:, None, None]).to(k.dtype)
+
+
+def _routing_keys(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What queries are scored against: score_j = (q . vectors_j) / divisors_j = q . centroid_j.
+
+    float32/float64 keys: the block sums and counts, so that the score is one dot product of exact
+    inputs divided once; blocks whose scores tie in real arithmetic then tie bitwise whenever the dot
+    products are exact (small integers, planted ties), instead of drifting apart through the rounding
+    of each centroid. float16/bfloat16 keys: the centroids rounded to the input dtype, as the kernels
+    store them for their tensor-core dot products.
+    """
+    if k.dtype in (torch.float32, torch.float64):
+        return _block_sums(k, block_size)
+    centroids = block_centroids(k, block_size).float()
+    return centroids, torch.ones(centroids.shape[0], dtype=centroids.dtype, device=k.device)
 
 
 def _route_chunk(
     q_chunk: torch.Tensor,
-    centroids: torch.Tensor,
+    routing_keys: tuple[torch.Tensor, torch.Tensor],
     query_pos: torch.Tensor,
     block_size: int,
     topk: int,
@@ -62,19 +88,19 @@ def _route_chunk(
 ) -> torch.Tensor:
     """Selected blocks of a chunk of queries as a boolean mask.
 
-    q_chunk [C, Hq, D], centroids [n, Hkv, D], query_pos [C] (key position p of each query).
-    Returns [C, Hq, n] bool: True where the query head attends to the block.
+    q_chunk [C, Hq, D], routing_keys from ``_routing_keys`` ([n, Hkv, D] and [n]), query_pos [C] (key
+    position p of each query). Returns [C, Hq, n] bool: True where the query head attends to the block.
     """
+    vectors, divisors = routing_keys
     chunk, heads_q, head_dim = q_chunk.shape
-    num_blocks, heads_kv, _ = centroids.shape
+    num_blocks, heads_kv, _ = vectors.shape
     group = heads_q // heads_kv
-    compute = _compute_dtype(q_chunk.dtype)
     # [C, Hkv, group, 1, D] * [1, Hkv, 1, n, D] summed over D -> [C, Hq, n]. An elementwise product
-    # and sum (not a matmul) so that identical centroids get bitwise-identical scores: a matmul may
+    # and sum (not a matmul) so that identical blocks get bitwise-identical scores: a matmul may
     # round its edge columns differently, which would break exact ties.
-    queries = q_chunk.to(compute).view(chunk, heads_kv, group, 1, head_dim)
-    keys = centroids.to(compute).permute(1, 0, 2)[None, :, None]
-    scores = (queries * keys).sum(dim=-1).reshape(chunk, heads_q, num_blocks)
+    queries = q_chunk.to(vectors.dtype).view(chunk, heads_kv, group, 1, head_dim)
+    keys = vectors.permute(1, 0, 2)[None, :, None]
+    scores = (queries * keys).sum(dim=-1).reshape(chunk, heads_q, num_blocks) / divisors
     block_ids = torch.arange(num_blocks, device=q_chunk.device)
     if causal:
         own_block = torch.div(query_pos, block_size, rounding_mode="floor")  # -1 when p < 0
@@ -156,12 +182,12 @@ def moba_sequence_reference(
         out = q.new_zeros(seqlen_q, heads_q, head_dim)
         return out, torch.full((heads_q, seqlen_q), -math.inf, dtype=lse_dtype, device=q.device)
     with torch.no_grad():
-        centroids = block_centroids(k.detach(), block_size)
+        routing_keys = _routing_keys(k.detach(), block_size)
     use_checkpoint = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     key_pos = torch.arange(seqlen_k, device=q.device)
     key_block = torch.div(key_pos, block_size, rounding_mode="floor")
     outs, lses = [], []
-    num_blocks = centroids.shape[0]
+    num_blocks = routing_keys[0].shape[0]
     step = _chunk_size(heads_q, max(seqlen_k, num_blocks * head_dim))
     for start in range(0, seqlen_q, step):
         stop = min(seqlen_q, start + step)
@@ -174,7 +200,7 @@ def moba_sequence_reference(
             lses.append(torch.full((heads_q, stop - start), -math.inf, dtype=compute, device=q.device))
             continue
         with torch.no_grad():
-            selected = _route_chunk(q_chunk.detach(), centroids, query_pos, block_size, topk, causal)
+            selected = _route_chunk(q_chunk.detach(), routing_keys, query_pos, block_size, topk, causal)
             visible = selected[:, :, key_block[:keys_used]]
             if causal:
                 visible &= (key_pos[:keys_used][None, :] <= query_pos[:, None])[:, None, :]
@@ -202,13 +228,13 @@ def select_sequence_reference(
     result = torch.full((seqlen_q, heads_q, topk), -1, dtype=torch.int32, device=q.device)
     if seqlen_q == 0 or seqlen_k == 0:
         return result
-    centroids = block_centroids(k, block_size)
-    num_blocks = centroids.shape[0]
+    routing_keys = _routing_keys(k, block_size)
+    num_blocks = routing_keys[0].shape[0]
     step = _chunk_size(heads_q, num_blocks * q.shape[-1])
     for start in range(0, seqlen_q, step):
         stop = min(seqlen_q, start + step)
         query_pos = torch.arange(start, stop, device=q.device) + (seqlen_k - seqlen_q)
-        selected = _route_chunk(q[start:stop], centroids, query_pos, block_size, topk, causal)
+        selected = _route_chunk(q[start:stop], routing_keys, query_pos, block_size, topk, causal)
         # Selected ids first in ascending order, then the unselected ones as -1.
         block_ids = torch.arange(num_blocks, device=q.device).expand_as(selected)
         keyed = torch.where(selected, block_ids, num_blocks + block_ids)

@@ -3,7 +3,9 @@
 Two kernels, no host synchronisation between or inside them (CUDA-graph capturable):
 
 1. ``_block_centroids_kernel``: the mean of each key block over its real tokens, accumulated in float32
-   and stored in k's dtype. Blocks restart at every sequence. Centroids are stored packed: block j of
+   and stored in k's dtype (float32 keys: the block sum, and the top-k kernel divides each score by the
+   block's length, as the reference does, so that ties of real arithmetic stay ties, e.g. small-integer
+   keys in blocks of 3 or 6 tokens). Blocks restart at every sequence. Centroids are stored packed: block j of
    sequence b lives at row ``cu_seqlens_k[b] // block_size + b + j`` of a ``[total_k // block_size +
    batch, Hkv, D]`` tensor. That row needs no prefix sum over the batch, and rows of different sequences
    never overlap (``floor((c + L) / B) + 1 >= floor(c / B) + ceil(L / B)``); the at most ``batch`` rows
@@ -80,8 +82,13 @@ def _block_centroids_kernel(
     TOKEN_TILE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr,
+    STORE_SUMS: tl.constexpr,
 ):
-    """Program (block j, sequence b, kv head h): centroid of keys [j*B, min((j+1)*B, S_b)) of head h."""
+    """Program (block j, sequence b, kv head h): centroid of keys [j*B, min((j+1)*B, S_b)) of head h.
+
+    With STORE_SUMS the block's sum is stored instead and the top-k kernel divides each score by the
+    block's length (float32, as the reference does, so that ties of real arithmetic stay exact ties).
+    """
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -114,7 +121,10 @@ def _block_centroids_kernel(
         keys = tl.load(key_ptrs, mask=mask, other=0.0)
         block_sum += tl.sum(keys.to(tl.float32), axis=0)
 
-    centroid = block_sum / tl.maximum(block_len, 1).to(tl.float32)
+    if STORE_SUMS:
+        centroid = block_sum
+    else:
+        centroid = block_sum / tl.maximum(block_len, 1).to(tl.float32)
     row = (seq_start // block_size + seq + block).to(tl.int64)
     centroid_ptrs = centroids_ptr + row * stride_centroid_row + head.to(tl.int64) * stride_centroid_head
     centroid_ptrs += dims
@@ -196,6 +206,7 @@ def _route_topk_kernel(
     TAIL_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
+    CENTROIDS_ARE_SUMS: tl.constexpr,
     FILTER: tl.constexpr,
     INSERT_ROUNDS: tl.constexpr,
 ):
@@ -262,6 +273,9 @@ def _route_topk_kernel(
         if DOT_IN_FLOAT32:
             centroids = centroids.to(tl.float32)
         block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if CENTROIDS_ARE_SUMS:
+            block_lengths = tl.maximum(tl.minimum(block_size, k_len - block_ids * block_size), 1)
+            block_scores = block_scores / block_lengths.to(tl.float32)[None, :]
         may_enter = block_ids[None, :] < candidate_limit[:, None]
         if FILTER:
             # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
@@ -378,8 +392,15 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k:
         )
 
 
-def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size, is_varlen):
-    """k [total_k, Hkv, D] (varlen) or [B, S, Hkv, D] -> centroids [total // block_size + batch, Hkv, D]."""
+def _stores_sums(dtype: torch.dtype) -> bool:
+    """float32 routes on block sums divided once per score (exact ties stay ties, as in the reference);
+    float16/bfloat16 on means rounded to the input dtype, the tensor cores' operands."""
+    return dtype == torch.float32
+
+
+def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size, is_varlen, store_sums=False):
+    """k [total_k, Hkv, D] (varlen) or [B, S, Hkv, D] -> centroids [total // block_size + batch, Hkv, D]
+    (block sums instead of means with store_sums)."""
     heads_kv, head_dim = k.shape[-2], k.shape[-1]
     total_keys = k.shape[0] if is_varlen else batch * seqlen_k
     rows = total_keys // block_size + batch
@@ -401,6 +422,7 @@ def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size
         TOKEN_TILE=max(2, min(_next_power_of_2(block_size), 4096 // head_dim_pad, 64)),
         HEAD_DIM_PAD=head_dim_pad,
         EVEN_HEAD_DIM=head_dim == head_dim_pad,
+        STORE_SUMS=store_sums,
         num_warps=4,
     )
     return centroids
@@ -442,6 +464,7 @@ def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seq
         TAIL_TILE=min(64, max(16, _next_power_of_2(tail))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_float32 else "tf32",
         DOT_IN_FLOAT32=dot_in_float32,
+        CENTROIDS_ARE_SUMS=_stores_sums(q.dtype),
         **config,
     )
     return selected
@@ -509,7 +532,9 @@ def route_varlen(
     if cu_seqlens_k.numel() != batch + 1:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries")
     selected = _new_selection((q.shape[0], q.shape[1], topk), q.device, out)
-    centroids = _launch_centroids(k, cu_seqlens_k, batch, 0, max_seqlen_k, block_size, is_varlen=True)
+    centroids = _launch_centroids(
+        k, cu_seqlens_k, batch, 0, max_seqlen_k, block_size, is_varlen=True, store_sums=_stores_sums(k.dtype)
+    )
     return _launch_route(
         q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, 0, 0,
         max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen=True,
@@ -539,7 +564,9 @@ def route(
     if k.shape[0] != batch:
         raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
     selected = _new_selection((batch, seqlen_q, heads_q, topk), q.device, out)
-    centroids = _launch_centroids(k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False)
+    centroids = _launch_centroids(
+        k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False, store_sums=_stores_sums(k.dtype)
+    )
     # The padded batch is read as packed sequences of equal length: sequence b starts at token b*T.
     _launch_route(
         q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
