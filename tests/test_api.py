@@ -133,3 +133,17 @@ def test_non_contiguous_inputs():
 def test_import_does_not_import_triton():
     code = "import sys, flashmoba; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_auto_backend_choice():
+    from types import SimpleNamespace
+
+    from flashmoba.api import _resolve_backend
+
+    def tensor_on(device, dtype):  # _resolve_backend reads only these two attributes
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert _resolve_backend("auto", tensor_on("cpu", torch.bfloat16)) == "reference"
+    assert _resolve_backend("auto", tensor_on("cuda", torch.bfloat16)) == "triton"
+    assert _resolve_backend("auto", tensor_on("cuda", torch.float64)) == "reference"
+    assert _resolve_backend("reference", tensor_on("cuda", torch.float16)) == "reference"

@@ -15,7 +15,7 @@ The contract (every backend computes exactly this; ``flashmoba.reference`` is it
   of the selected blocks, times v. No gradient flows through the selection.
 
 Backends: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, reference otherwise). An explicit backend never
+under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, reference otherwise and for float64). An explicit backend never
 falls back silently.
 """
 
@@ -139,9 +139,11 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
 # ----------------------------------------------------------------------------------------------------
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    device = q.device
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        # float64 is the reference's alone (the kernels compute in float32 at most).
+        return "triton" if device.type == "cuda" and q.dtype != torch.float64 else "reference"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
@@ -198,7 +200,7 @@ def moba_attn(
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if _resolve_backend(backend, q.device) == "triton":
+    if _resolve_backend(backend, q) == "triton":
         out, lse = _triton_ops().moba_attn_triton(q, k, v, block_size, topk, causal, scale, deterministic)
     else:
         out, lse = reference.moba_attn_reference(q, k, v, block_size, topk, causal, scale)
@@ -239,7 +241,7 @@ def moba_attn_varlen(
         _check_options(block_size, topk, softmax_scale, backend)
         _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if _resolve_backend(backend, q.device) == "triton":
+    if _resolve_backend(backend, q) == "triton":
         out, lse = _triton_ops().moba_attn_varlen_triton(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             block_size, topk, causal, scale, deterministic,
@@ -295,7 +297,7 @@ def moba_select(
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
         if _checks_enabled():
             _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if _resolve_backend(backend, q.device) == "triton":
+    if _resolve_backend(backend, q) == "triton":
         ops = _triton_ops()
         if packed:
             return ops.moba_select_varlen_triton(
