@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from flashmoba.ops import router
 from flashmoba.ops.backward import sparse_attention_backward
 from flashmoba.ops.forward import check_supported, chunking, sparse_attention_forward
 from flashmoba.ops.index import num_block_slots
@@ -38,8 +39,6 @@ def select_varlen(
     topk: int,
     causal: bool,
 ) -> torch.Tensor:
-    from flashmoba.ops import router  # written alongside; imported on first use
-
     return router.route_varlen(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
     )
