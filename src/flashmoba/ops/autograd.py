@@ -191,6 +191,9 @@ def moba_attn_varlen_triton(
 
     Returns o ``[total_q, Hq, D]`` (q's dtype) and lse ``[Hq, total_q]`` float32.
     """
+    # Slots past the longest sequence's block count are always empty: route and attend with no more
+    # (topk >= number of blocks, "dense MoBA", then costs what the blocks cost, whatever topk says).
+    topk = max(1, min(topk, -(-max_seqlen_k // block_size)))
     check_supported(q, k, topk)
     selected = moba_select_varlen_triton(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
