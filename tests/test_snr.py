@@ -446,3 +446,17 @@ def test_cli_measure_synthetic_and_file(tmp_path):
     assert code == 0 and "block_size 32" in text
     with pytest.raises(SystemExit):
         _run_cli(["measure", str(path), "--block-size", "32"])  # no needle / query positions anywhere
+
+
+def test_measure_on_a_training_checkpoint(tmp_path, capsys):
+    """`flashmoba snr measure --checkpoint` reads a `flashmoba train` checkpoint and measures each MoBA layer."""
+    from flashmoba.cli import main as cli_main
+
+    run = tmp_path / "run"
+    assert cli_main(["train", "--preset", "tiny", "--max-steps", "1", "--device", "cpu", "--out", str(run),
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["snr", "measure", "--checkpoint", str(run), "--length", "512", "--samples", "2"]) == 0
+    output = capsys.readouterr().out
+    assert output.count("recall predicted") == 2  # the tiny preset has two MoBA layers
+    assert "block_size 32, topk 4" in output

@@ -113,7 +113,16 @@ def _measure_parser() -> argparse.ArgumentParser:
         "'query_positions': [...]} (optionally 'signal_positions', 'block_size', 'topk'), or a dict of such "
         "dicts / (q, k) pairs per layer (as flashmoba.snr.capture_qk returns). Flags override the file.",
     )
-    parser.add_argument("file", nargs="?", help="the .pt file (omit with --synthetic)")
+    parser.add_argument("file", nargs="?", help="the .pt file (omit with --synthetic or --checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a flashmoba train checkpoint (file or run directory): capture q/k of its MoBA layers on "
+        "S-NIAH samples and measure there (needle: the value's tokens; query: the token before the answer)",
+    )
+    parser.add_argument("--task", default="niah1", help="--checkpoint: the retrieval task of the samples")
+    parser.add_argument("--length", type=int, help="--checkpoint: sample length (default: the training length)")
+    parser.add_argument("--samples", type=int, default=8, help="--checkpoint: samples (needle depths)")
+    parser.add_argument("--device", default="cpu", help="--checkpoint: device to run the model on")
     parser.add_argument(
         "--synthetic",
         action="store_true",
@@ -541,9 +550,11 @@ def _measure(args) -> int:
     import torch
 
     parser = _measure_parser()
-    if args.synthetic == (args.file is not None):
-        parser.error("give either FILE or --synthetic")
-    if args.synthetic:
+    if [args.synthetic, args.file is not None, args.checkpoint is not None].count(True) != 1:
+        parser.error("give one of FILE, --synthetic or --checkpoint")
+    if args.checkpoint is not None:
+        layers = _layers_from_checkpoint(args)
+    elif args.synthetic:
         block_size = args.block_size or 64
         seqlen, heads, head_dim = 32 * block_size, 4, 64
         needles = args.needle or [5 * block_size + 3, 5 * block_size + 4, 5 * block_size + 5]
@@ -606,6 +617,36 @@ def _measure(args) -> int:
         if skipped:
             print(f"  left out: {skipped}")
     return 0
+
+
+def _layers_from_checkpoint(args) -> dict:
+    """q/k of every MoBA layer of a trained model on S-NIAH samples, with needle and query positions."""
+    import numpy as np
+    import torch
+
+    from flashmoba.data import make_sample
+    from flashmoba.evaluate import find_checkpoint, load_model
+
+    checkpoint = find_checkpoint(args.checkpoint)
+    lm, run_config = load_model(checkpoint, torch.device(args.device), backend="reference")
+    length = args.length or int(run_config["seq_len"])
+    rng = np.random.default_rng(args.seed)
+    depths = (np.arange(args.samples) + 0.5) / args.samples
+    samples = [make_sample(args.task, length, rng, depth=float(depth)) for depth in depths]
+    tokens = torch.from_numpy(np.stack([sample.tokens for sample in samples])).to(args.device)
+    captured = model.capture_qk(lm, tokens)
+    needles = [list(range(*sample.value_span)) for sample in samples]
+    queries = [[sample.prompt_length - 1] for sample in samples]  # the query that must produce the answer
+    print(
+        f"checkpoint {checkpoint}: {len(captured)} MoBA layers, {args.samples} {args.task} samples of {length} "
+        "tokens; needle = the value's tokens, query = the token before the answer"
+    )
+    block_size, topk = lm.config.moba_block_size, lm.config.moba_topk
+    return {
+        name: {"q": q.float().cpu(), "k": k.float().cpu(), "needle_positions": needles, "query_positions": queries,
+               "block_size": block_size, "topk": topk}
+        for name, (q, k) in captured.items()
+    }
 
 
 def _layers_from_file(loaded, path: str) -> dict:
