@@ -676,35 +676,29 @@ def commands_section(protocol: Protocol) -> list[str]:
             "```",
         ]
     return [
-        (
-            "One device call per run (the device tool's `run`, `timeout_s` 600), in the order of "
-            "`python experiments/run.py --list`:"
-        ),
+        "All runs in one device call on a machine of 4 GPUs (the device tool's `run`, `timeout_s` 600):",
         "",
         "```bash",
-        "export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1",
-        f"python3 experiments/run.py {first} --device cuda --max-minutes 9 --export $OUT",
+        "bash experiments/gpu_runs.sh          # one queue per card; outputs without checkpoints in $OUT/runs.tar.gz",
         "```",
         "",
         (
-            "On a 2-GPU machine, two runs per call: `CUDA_VISIBLE_DEVICES=0 python3 experiments/run.py A ... &` and "
-            '`CUDA_VISIBLE_DEVICES=1 python3 experiments/run.py B ... & wait`. If a call ends with "not complete", '
-            "repeat the same command on the same (warm) machine: training resumes from its last checkpoint, which "
-            "stays on that machine. Then, here:"
+            "On fewer cards, name the runs (`bash experiments/gpu_runs.sh dense-seed0 moba-32-seed0`) or make one "
+            f"run by itself: `python3 experiments/run.py {first} --device cuda --max-minutes 9`. A run stopped by "
+            "its deadline resumes from its last checkpoint when the same command is repeated on the same (warm) "
+            "machine. Then, here:"
         ),
         "",
         "```bash",
-        f"tar -xzf <returned files>/{first}.tar.gz -C experiments/runs   # outputs without checkpoints",
-        "python experiments/report.py                                      # rebuilds this file and its figures",
+        "tar -xzf <returned files>/runs.tar.gz        # experiments/runs/NAME/, outputs without checkpoints",
+        "python experiments/report.py                 # rebuilds this file and its figures",
         "```",
         "",
         (
-            f"Plan: {len(protocol.runs)} runs, estimated 5-10 H100 minutes each (training plus evaluation; see the "
-            "cost estimate above), so 60-120 GPU minutes in all. A session's device time (30 minutes, machine start "
-            "included) holds about two runs on one GPU, or four on two GPUs in parallel. Make every configuration's "
-            "seed 0 first (the order of `--list`), then the seed-1 runs; commit each run's outputs as they come "
-            "back. The first run's `metrics.jsonl` (tokens_per_s) and `cost.json` replace the estimate; the "
-            "protocol itself does not change after any evaluation has been seen."
+            f"Plan: {len(protocol.runs)} runs, estimated 2-2.5 H100 minutes each (training plus evaluation; see the "
+            "cost estimate above): three runs per card fit one 10-minute command on 4 cards. `cost.json` and "
+            "`metrics.jsonl` (tokens_per_s) replace the estimate; the protocol does not change after any "
+            "evaluation has been seen."
         ),
     ]
 

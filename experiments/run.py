@@ -16,7 +16,7 @@ A run writes under ``experiments/runs/NAME/`` (``experiments/pilot/runs/NAME/`` 
 Calling it again resumes: training continues from the latest checkpoint (``--resume auto``) and is
 skipped once the last step's checkpoint exists; evaluation is skipped once ``eval/results.json`` belongs
 to that checkpoint. ``--max-minutes`` stops training (at its last checkpoint) so that the call ends in
-time, and starts the evaluation only when ``EVAL_RESERVE_MINUTES`` are left. ``--export DIR`` packs the
+time, and starts the evaluation only when ``--eval-reserve`` minutes are left. ``--export DIR`` packs the
 run's outputs without checkpoints into ``DIR/NAME.tar.gz`` (unpack with
 ``tar -xzf NAME.tar.gz -C experiments/runs``).
 """
@@ -40,7 +40,7 @@ sys.path.insert(0, str(EXPERIMENTS_DIR))
 
 from protocol import Protocol, Run, protocol_for
 
-EVAL_RESERVE_MINUTES = 3.0  # evaluation is started only when at least this much of --max-minutes is left
+EVAL_RESERVE_MINUTES = 1.0  # default of --eval-reserve: evaluation starts only with this much of --max-minutes left
 
 
 def run_directory(protocol: Protocol, run: Run) -> Path:
@@ -142,7 +142,13 @@ def export_outputs(directory: Path, export_dir: Path) -> Path:
     return archive
 
 
-def make_run(protocol: Protocol, run: Run, device: str, max_minutes: float | None) -> dict:
+def make_run(
+    protocol: Protocol,
+    run: Run,
+    device: str,
+    max_minutes: float | None,
+    eval_reserve_minutes: float = EVAL_RESERVE_MINUTES,
+) -> dict:
     """Train and evaluate ``run`` as far as ``max_minutes`` allows; returns the run's cost record."""
     directory = run_directory(protocol, run)
     directory.mkdir(parents=True, exist_ok=True)
@@ -191,7 +197,7 @@ def make_run(protocol: Protocol, run: Run, device: str, max_minutes: float | Non
         left = minutes_left()
         if evaluation_is_done(directory, final_checkpoint):
             evaluation = "skipped (already evaluated)"
-        elif left is not None and left < EVAL_RESERVE_MINUTES:
+        elif left is not None and left < eval_reserve_minutes:
             evaluation = f"skipped (only {left:.1f} of --max-minutes left)"
         else:
             eval_command = [
@@ -249,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="stop training in time to end the call within this many minutes (resume later)",
     )
+    parser.add_argument(
+        "--eval-reserve",
+        type=float,
+        default=EVAL_RESERVE_MINUTES,
+        help="start the evaluation only when this many of --max-minutes are left (default: %(default)s)",
+    )
     parser.add_argument("--export", help="also write the outputs, without checkpoints, to EXPORT/NAME.tar.gz")
     return parser
 
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name:
         build_parser().error("give a run name or --list")
     run = protocol.run(args.name)
-    make_run(protocol, run, args.device, args.max_minutes)
+    make_run(protocol, run, args.device, args.max_minutes, args.eval_reserve)
     if args.export:
         print(f"exported {export_outputs(run_directory(protocol, run), Path(args.export))}")
     return 0

@@ -58,6 +58,30 @@ def test_task_rows_in_the_training_mixture_are_whole_samples():
     assert all("special magic numbers" in tokenizer.decode(row.tolist()) for row in rows)
 
 
+def test_answer_loss_weight_marks_exactly_the_answer_targets():
+    corpus = TokenCorpus([np.zeros(10_000, dtype=np.uint16) + ord("a")], tokenizer.bos_id, "a")
+    plain = sample_batch(corpus, 6, 600, batch_rng(3, 0, 0), task_fraction=0.5)
+    assert plain.loss_weights is None
+    batch = sample_batch(corpus, 6, 600, batch_rng(3, 0, 0), task_fraction=0.5, answer_loss_weight=7.0)
+    assert torch.equal(batch.input_ids, plain.input_ids)  # the weight never changes the batch itself
+    weights, targets = batch.loss_weights.view(6, 600), batch.targets.view(6, 600)
+    task_rows = [r for r in range(6) if targets[r, -1] == ord(".")]  # samples end with the answer's "."
+    assert 0 < len(task_rows) < 6
+    for row in range(6):
+        weighted = torch.nonzero(weights[row] == 7.0).flatten().tolist()
+        if row not in task_rows:
+            assert weighted == [] and (weights[row] == 1).all()
+            continue
+        text = tokenizer.decode(targets[row, weighted].tolist())
+        prompt = tokenizer.decode(batch.input_ids.view(6, 600)[row, : weighted[0] + 1].tolist())
+        value = text.strip()
+        # The weighted targets are " VALUE", right before the final ".", and VALUE stands in the haystack.
+        assert text == " " + value and weighted[-1] == 600 - 2 and value and value in prompt
+        assert (weights[row][[i for i in range(600) if i not in weighted]] == 1).all()
+    with pytest.raises(ValueError, match="answer_loss_weight"):
+        sample_batch(corpus, 2, 600, batch_rng(0, 0, 0), answer_loss_weight=0.0)
+
+
 def test_load_corpus_from_text_jsonl_and_token_shards(tmp_path):
     (tmp_path / "a.txt").write_text("first document " * 50)
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"record {i} " * 20}) for i in range(40)))

@@ -112,11 +112,11 @@ def write_cost(directory: Path, minutes: float) -> None:
 # Per configuration and seed: (held-out loss, S-NIAH accuracy at or below the training length, beyond it).
 SYNTHETIC = {
     "dense": [(1.000, 90, 0), (1.004, 88, 4)],
-    "moba-256": [(1.060, 40, 30), (1.064, 44, 26)],
-    "moba-128": [(1.040, 60, 50), (1.045, 58, 52)],
-    "moba-64": [(1.020, 80, 70), (1.026, 76, 72)],
-    "moba-64-kconv5": [(1.021, 70, 60), (1.024, 72, 58)],  # below moba-64: claim 2 reversed
-    "moba-64-kconv3": [(1.022, 79, 70), None],  # seed 1 missing
+    "moba-128": [(1.060, 40, 30), (1.064, 44, 26)],
+    "moba-64": [(1.040, 60, 50), (1.045, 58, 52)],
+    "moba-32": [(1.020, 80, 70), (1.026, 76, 72)],
+    "moba-32-kconv5": [(1.021, 70, 60), (1.024, 72, 58)],  # below moba-32: claim 2 reversed
+    "moba-32-kconv3": [(1.022, 79, 70), None],  # seed 1 missing
 }
 
 
@@ -187,22 +187,22 @@ def test_report_from_synthetic_runs(tmp_path):
         v.claim.number: v
         for v in (report.evaluate_claim(c, PROTOCOL, outputs) for c in protocol_module.CLAIMS)
     }
-    assert verdicts[1].verdict == report.REPRODUCED  # moba-64 beats moba-256 on every seed, both measures
-    assert verdicts[2].verdict == report.NOT_REPRODUCED  # kconv5 below moba-64 on every seed
-    assert verdicts[3].verdict == report.REPRODUCED  # dense 90 -> 0/4, moba-64-kconv5 70 -> 60
-    assert verdicts[4].verdict == report.NOT_REPRODUCED  # moba-64 2.0-2.6% above dense: beyond 1%
+    assert verdicts[1].verdict == report.REPRODUCED  # moba-32 beats moba-128 on every seed, both measures
+    assert verdicts[2].verdict == report.NOT_REPRODUCED  # kconv5 below moba-32 on every seed
+    assert verdicts[3].verdict == report.REPRODUCED  # dense 90 -> 0/4, moba-32-kconv5 70 -> 60
+    assert verdicts[4].verdict == report.NOT_REPRODUCED  # moba-32 2.0-2.6% above dense: beyond 1%
     assert [c.outcome for c in verdicts[3].checks] == [report.HOLDS] * 3
-    assert "moba-64-kconv3-seed1" not in verdicts[2].missing_runs  # kconv3 only informs claim 2
+    assert "moba-32-kconv3-seed1" not in verdicts[2].missing_runs  # kconv3 only informs claim 2
 
     # Table 3's shape: per-run average, seed mean of the cells, the missing run shown as missing
     expected = niah_average(80, 70)
-    assert "| moba-64-seed0 | 80 | 80 | 70 | 70 | 70 |" in text
+    assert "| moba-32-seed0 | 80 | 80 | 70 | 70 | 70 |" in text
     assert f"| {expected:.1f} |" in text
-    assert "| moba-64-kconv3-seed1 | " + " | ".join(["missing"] * 16) + " |" in text
-    assert "| MoBA-64 + kconv3 | 79 | 79 |" in text and "(1 seed)" in text
-    assert "| moba-64-kconv3-seed1 | missing | - |" in text  # cost table
+    assert "| moba-32-kconv3-seed1 | " + " | ".join(["missing"] * 16) + " |" in text
+    assert "| MoBA-32 + kconv3 | 79 | 79 |" in text and "(1 seed)" in text
+    assert "| moba-32-kconv3-seed1 | missing | - |" in text  # cost table
     assert "NVIDIA H100 80GB HBM3" in text and "| all runs | | | 66.0 | 11.0 | 77.0 |" in text
-    assert "| MoBA-64 (k=8) | 50 | 50 | 50 | 50 | 50 | layer 1 (50) |" in text  # router recall
+    assert "| MoBA-32 (k=8) | 50 | 50 | 50 | 50 | 50 | layer 1 (50) |" in text  # router recall
     assert "No run of this protocol has been made yet" not in text
     for name in ("niah_by_length", "block_size", "router_recall", "training_loss"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 0
@@ -211,7 +211,7 @@ def test_report_from_synthetic_runs(tmp_path):
 
 def test_missing_deciding_runs_make_claims_inconclusive_or_not_run(tmp_path):
     runs_dir = tmp_path / "runs"
-    write_synthetic_runs(runs_dir, skip={"moba-64-seed1", "dense-seed0", "dense-seed1"})
+    write_synthetic_runs(runs_dir, skip={"moba-32-seed1", "dense-seed0", "dense-seed1"})
     outputs = report.load_runs(PROTOCOL, runs_dir)
     verdicts = [report.evaluate_claim(c, PROTOCOL, outputs).verdict for c in protocol_module.CLAIMS]
     assert verdicts == [report.INCONCLUSIVE, report.INCONCLUSIVE, report.INCONCLUSIVE, report.INCONCLUSIVE]
@@ -221,7 +221,7 @@ def test_missing_deciding_runs_make_claims_inconclusive_or_not_run(tmp_path):
     partial.mkdir()
     write_metrics(partial, 300, 1.0)
     assert (
-        report.load_runs(PROTOCOL, runs_dir)["dense-seed0"].status == "training stopped at step 300 of 1500"
+        report.load_runs(PROTOCOL, runs_dir)["dense-seed0"].status == f"training stopped at step 300 of {PROTOCOL.training.max_steps}"
     )
 
     empty = tmp_path / "empty"
@@ -243,7 +243,7 @@ def test_run_list_names_every_run():
     ).stdout
     for run in PROTOCOL.runs:
         assert f"\n{run.name} " in listing
-    assert "12 runs" in listing and "1500 steps" in listing
+    assert "12 runs" in listing and f"{PROTOCOL.training.max_steps} steps" in listing
     first = [line.split()[0] for line in listing.splitlines()[1:]]
     assert first[:6] == [
         f"{c.name}-seed0" for c in (PROTOCOL.configuration(n) for n in PROTOCOL.seeds_by_configuration)
@@ -283,10 +283,10 @@ def test_a_tiny_real_run_goes_through_train_eval_and_report(tmp_path):
         PILOT_PROTOCOL,
         training=replace(PILOT_PROTOCOL.training, max_steps=2, batch_size=1, eval_every=2, save_every=2),
         evaluation=EvaluationSettings(lengths=(512,), tasks=("niah1",), samples=1, ppl_batches=1),
-        seeds_by_configuration={"moba-64": (0,)},
+        seeds_by_configuration={"moba-32": (0,)},
         runs_dir=str(tmp_path / "runs"),
     )
-    run = tiny.run("moba-64-seed0")
+    run = tiny.run("moba-32-seed0")
     cost = run_module.make_run(tiny, run, "cpu", max_minutes=None)
     assert cost["trained_steps"] == 2 and cost["trained_tokens"] == 2 * 512 and len(cost["calls"]) == 1
     again = run_module.make_run(tiny, run, "cpu", max_minutes=None)  # resumes: nothing left to do
@@ -295,8 +295,8 @@ def test_a_tiny_real_run_goes_through_train_eval_and_report(tmp_path):
     ].startswith("skipped")
 
     outputs = report.load_runs(tiny, tmp_path / "runs")
-    assert outputs["moba-64-seed0"].complete
-    results = outputs["moba-64-seed0"].results
+    assert outputs["moba-32-seed0"].complete
+    results = outputs["moba-32-seed0"].results
     assert report.heldout_loss(results) > 0 and report.accuracy(results, "niah1", 512) in (0.0, 100.0)
     assert report.router_recall(results, 512) is not None
     text = report.build_report(tiny, tmp_path / "runs", tmp_path / "REPORT.md", tmp_path / "figures")

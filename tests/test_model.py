@@ -124,6 +124,17 @@ def test_model_packed_documents_do_not_see_each_other():
     _, loss = model(ids, targets, cu_seqlens=cu_seqlens)
     expected = torch.nn.functional.cross_entropy(packed_logits.float(), targets)
     torch.testing.assert_close(loss, expected)
+    # Weights scale each target's loss; the sum is divided by the number of scored targets.
+    targets[3] = -100
+    weights = torch.ones(45)
+    weights[[5, 40]] = 4.0
+    _, weighted = model(ids, targets, cu_seqlens=cu_seqlens, loss_weights=weights)
+    per_token = torch.nn.functional.cross_entropy(packed_logits.float(), targets, reduction="none")
+    torch.testing.assert_close(weighted, (per_token * weights).sum() / 44)
+    _, ones = model(ids, targets, cu_seqlens=cu_seqlens, loss_weights=torch.ones(45))
+    torch.testing.assert_close(ones, torch.nn.functional.cross_entropy(packed_logits.float(), targets))
+    with pytest.raises(ValueError, match="loss_weights"):
+        model(ids, targets, cu_seqlens=cu_seqlens, loss_weights=torch.ones(44))
 
 
 def test_layer_pattern_and_gradients_reach_every_parameter():

@@ -205,14 +205,16 @@ class Block(nn.Module):
 class HybridLM(nn.Module):
     """The hybrid decoder-only LM.
 
-    ``forward(input_ids, targets=None, cu_seqlens=None, max_seqlen=None)``:
+    ``forward(input_ids, targets=None, cu_seqlens=None, max_seqlen=None, loss_weights=None)``:
 
     - ``input_ids [batch, seqlen]`` int64: one sequence per row; or
     - ``input_ids [total]`` with ``cu_seqlens`` (int32 ``[n + 1]``): packed sequences (documents) that
       never attend to each other.
 
     Returns ``(logits, loss)``: logits ``[..., vocab_size]`` (float32 when ``targets`` is given), loss the
-    mean cross-entropy over targets that are not -100 (None without targets).
+    mean cross-entropy over targets that are not -100 (None without targets). ``loss_weights`` (float, the
+    shape of ``targets``) scales each target's cross-entropy; the sum is still divided by the number of
+    scored targets.
     """
 
     def __init__(self, config: ModelConfig):
@@ -259,6 +261,7 @@ class HybridLM(nn.Module):
         targets: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        loss_weights: torch.Tensor | None = None,
     ):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
@@ -282,6 +285,14 @@ class HybridLM(nn.Module):
             raise ValueError(
                 f"targets must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(targets.shape)}"
             )
+        if loss_weights is not None:
+            if targets is None:
+                raise ValueError("loss_weights needs targets")
+            if loss_weights.shape != targets.shape or not loss_weights.is_floating_point():
+                raise ValueError(
+                    f"loss_weights must be a float tensor of targets' shape {tuple(targets.shape)}, got "
+                    f"{loss_weights.dtype} {tuple(loss_weights.shape)}"
+                )
 
         x = self.embed(input_ids)
         for block in self.blocks:
@@ -293,5 +304,15 @@ class HybridLM(nn.Module):
         if targets is None:
             return logits, None
         logits = logits.float()
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        flat_targets = targets.reshape(-1)
+        if loss_weights is None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), flat_targets, ignore_index=-100)
+            return logits, loss
+        # Weighted sum over the scored targets, divided by their count (not by the weights' sum), so that
+        # weight 1 everywhere gives the plain mean and extra weight adds to the objective.
+        per_token = F.cross_entropy(
+            logits.view(-1, logits.shape[-1]), flat_targets, ignore_index=-100, reduction="none"
+        )
+        scored = flat_targets != -100
+        loss = (per_token * loss_weights.reshape(-1).float()).sum() / scored.sum().clamp(min=1)
         return logits, loss

@@ -10,7 +10,7 @@ GPU), the preset (model shape, sequence length, batch), a JSON config file (``--
 fields of ``TrainConfig``; ``model`` and ``data`` are nested objects), then command-line flags.
 
 Outputs in ``--out``: ``config.json`` (the resolved settings), ``metrics.jsonl`` (one JSON object per
-logged step: step, loss, lr, tokens_per_s, grad_norm, tokens, elapsed_s, and val_loss when evaluated),
+logged step: step, loss (the training objective, answer-weighted when ``data.answer_loss_weight != 1``), lr, tokens_per_s, grad_norm, tokens, elapsed_s, and val_loss when evaluated),
 and ``checkpoints/step_XXXXXXX.pt`` (model, optimizer, step, config). A run resumes exactly from a
 checkpoint (``--resume auto`` takes the latest in ``--out``): batches are a pure function of the step.
 
@@ -45,6 +45,7 @@ class DataConfig:
     val_fraction: float = 0.05
     bos_id: int | None = None  # document-start token of token shards (default: the byte tokenizer's)
     task_fraction: float = 0.0  # share of rows replaced by retrieval samples (byte tokenizer only)
+    answer_loss_weight: float = 1.0  # loss weight of retrieval answers' tokens (1: plain next-token loss)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     max_bytes: int = 200_000_000  # text read from text files or a streamed dataset
 
@@ -232,6 +233,9 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(
             "data.task_fraction > 0 needs the byte tokenizer's vocabulary (model.vocab_size >= 257)"
         )
+    weight = config.data.answer_loss_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ValueError(f"data.answer_loss_weight must be a number > 0, got {weight!r}")
     unknown_tasks = sorted(set(config.data.tasks) - set(TASKS))
     if unknown_tasks:
         raise ValueError(f"data.tasks must be among {TASKS}, got {unknown_tasks}")
@@ -493,10 +497,13 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
                 batch_rng(config.seed, rank, step, micro_step),
                 task_fraction=config.data.task_fraction,
                 tasks=tuple(config.data.tasks),
+                answer_loss_weight=config.data.answer_loss_weight,
             ).to(device)
             with _sync_gradients(wrapped, micro_step == config.grad_accum_steps - 1):
                 with autocast_context(config, device):
-                    _, loss = wrapped(batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen)
+                    _, loss = wrapped(
+                        batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen, batch.loss_weights
+                    )
                 (loss / config.grad_accum_steps).backward()
             step_loss += loss.detach() / config.grad_accum_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)

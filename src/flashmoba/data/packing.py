@@ -22,12 +22,16 @@ from flashmoba.data.niah import TASKS, make_sample
 
 @dataclass
 class PackedBatch:
-    """Packed sequences: ``input_ids``/``targets`` ``[total]`` int64 (target -100: none), int32 ``cu_seqlens``."""
+    """Packed sequences: ``input_ids``/``targets`` ``[total]`` int64 (target -100: none), int32 ``cu_seqlens``.
+
+    ``loss_weights`` (float32 ``[total]`` or None) weights each target in the training loss.
+    """
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    loss_weights: torch.Tensor | None = None
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(
@@ -35,6 +39,7 @@ class PackedBatch:
             self.targets.to(device, non_blocking=True),
             self.cu_seqlens.to(device, non_blocking=True),
             self.max_seqlen,
+            None if self.loss_weights is None else self.loss_weights.to(device, non_blocking=True),
         )
 
     @property
@@ -93,13 +98,27 @@ def sample_batch(
     *,
     task_fraction: float = 0.0,
     tasks: tuple[str, ...] = TASKS,
+    answer_loss_weight: float = 1.0,
 ) -> PackedBatch:
-    """A packed training batch; each row is a retrieval sample with probability ``task_fraction``."""
+    """A packed training batch; each row is a retrieval sample with probability ``task_fraction``.
+
+    With ``answer_loss_weight != 1`` the batch carries ``loss_weights``: that weight on the targets of
+    retrieval answers (the tokens that can only be predicted by finding the needle), 1 elsewhere.
+    """
     if not 0.0 <= task_fraction <= 1.0:
         raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
+    if not answer_loss_weight > 0:
+        raise ValueError(f"answer_loss_weight must be > 0, got {answer_loss_weight}")
     rows = sample_windows(corpus, batch_size, seq_len + 1, rng)
+    weights = np.ones((batch_size, seq_len), dtype=np.float32)
     if task_fraction > 0:
         for row in np.flatnonzero(rng.random(batch_size) < task_fraction):
             task = tasks[int(rng.integers(len(tasks)))]
-            rows[row] = make_sample(task, seq_len + 1, rng).tokens
-    return pack_rows(rows, corpus.bos_id)
+            sample = make_sample(task, seq_len + 1, rng)
+            rows[row] = sample.tokens
+            # Token p of the row is the target at index p - 1.
+            weights[row, sample.answer_span[0] - 1 : sample.answer_span[1] - 1] = answer_loss_weight
+    batch = pack_rows(rows, corpus.bos_id)
+    if answer_loss_weight != 1.0:
+        batch.loss_weights = torch.from_numpy(weights.reshape(-1))
+    return batch
