@@ -180,7 +180,7 @@ CONFIGURATIONS = (
 )
 
 PROTOCOL = Protocol(
-    title="Issue 6: the paper's quality claims at small scale (H100s)",
+    title="Issue 6: the paper's quality claims at small scale",
     training=TrainingSettings(
         preset="small",
         # 8 layers (4 sliding-window + 4 global), hidden 256 = 4 heads x 64, SwiGLU 704: 6.56M parameters.
@@ -211,15 +211,18 @@ PROTOCOL = Protocol(
         ppl_batches=16,
     ),
     configurations=CONFIGURATIONS,
+    # Seeds 0-1 were fixed before any run; 2-3 were added after their results (see JUSTIFICATION).
     seeds_by_configuration={
-        "dense": (0, 1),
-        "moba-128": (0, 1),
-        "moba-64": (0, 1),
-        "moba-32": (0, 1),
-        "moba-32-kconv5": (0, 1),
-        "moba-32-kconv3": (0, 1),
+        "dense": (0, 1, 2, 3),
+        "moba-128": (0, 1, 2, 3),
+        "moba-64": (0, 1, 2, 3),
+        "moba-32": (0, 1, 2, 3),
+        "moba-32-kconv5": (0, 1, 2, 3),
+        "moba-32-kconv3": (0, 1, 2, 3),
     },
 )
+
+PREREGISTERED_SEEDS = (0, 1)  # the seeds of the protocol as fixed before any run; the report also judges on these
 
 CLAIMS = (
     Claim(
@@ -338,10 +341,15 @@ JUSTIFICATION = (
         ),
     ),
     (
-        "Seeds: 2 per configuration (12 runs); verdicts need non-overlapping seed ranges",
+        "Seeds: 4 per configuration (24 runs); verdicts need non-overlapping seed ranges",
         (
-            "Claims 1 and 2 need at least 2 seeds (issue 6); dense and kconv3 get 2 as well so that claims 3 and 4 "
-            "have a spread too. Seeds change the initialisation and every batch."
+            "Fixed before any run: 2 seeds per configuration (issue 6 asks for at least 2 for claims 1 and 2; dense "
+            "and kconv3 got 2 as well so that claims 3 and 4 have a spread too). Seeds change the initialisation "
+            "and every batch. The 2-seed results showed seed spreads wider than most effects (S-NIAH average "
+            "26 vs 62 for MoBA-32), so seeds 2 and 3 were added for every configuration, with nothing else "
+            "changed. Under the range rule an added seed can only widen a range, so it can turn a verdict "
+            "inconclusive but never make one reproduced that was not; the report shows the verdicts on the "
+            "pre-registered seeds 0-1 beside those on all seeds."
         ),
     ),
     (
@@ -391,6 +399,7 @@ PILOT_PROTOCOL = replace(
         lengths=(512, 1024, 2048, 4096), tasks=("niah1", "niah2", "niah3"), samples=2, ppl_batches=1
     ),
     configurations=tuple(_pilot_configuration(c) for c in CONFIGURATIONS),
+    seeds_by_configuration={name: PREREGISTERED_SEEDS for name in PROTOCOL.seeds_by_configuration},
     runs_dir="experiments/pilot/runs",
     report_path="experiments/pilot/REPORT.md",
     figures_dir="experiments/pilot/figures",
