@@ -755,9 +755,33 @@ def protocol_section(protocol: Protocol) -> list[str]:
     return lines
 
 
+def scale_difference(protocol: Protocol) -> str:
+    """The scale line of "Differences from the paper", from the protocol's own numbers."""
+    import torch
+
+    from flashmoba.model import HybridLM, model_config_from_preset
+
+    settings = protocol.training
+    config = model_config_from_preset(settings.preset, **settings.model_shape)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in HybridLM(config).parameters())
+    paper_length = 8192
+    return (
+        f"- Scale: {parameters / 1e6:.2f}M parameters and {settings.token_budget / 1e6:.1f}M byte tokens per run "
+        "against 340M/1B parameters and 100B Llama-2 tokens; "
+        f"{config.num_layers} layers instead of 24; training length {settings.seq_len} instead of {paper_length}, "
+        f"blocks {paper_length // settings.seq_len}x smaller at the same block count."
+    )
+
+
 def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_dir: Path) -> str:
     outputs = load_runs(protocol, runs_dir)
     verdicts = [evaluate_claim(claim, protocol, outputs) for claim in CLAIMS]
+    preregistered = {
+        name: o for name, o in outputs.items() if o.run.seed in protocol_module.PREREGISTERED_SEEDS
+    }
+    added_seeds = len(preregistered) < len(outputs)
+    preregistered_verdicts = [evaluate_claim(claim, protocol, preregistered) for claim in CLAIMS]
     figures = make_figures(protocol, outputs, figures_dir)
     complete = [o for o in outputs.values() if o.complete]
 
@@ -790,12 +814,23 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
             "",
         ]
 
-    lines += ["## Verdicts", "", "| claim | verdict | deciding runs complete |", "|---|---|---|"]
-    for verdict in verdicts:
+    preregistered_text = ", ".join(map(str, protocol_module.PREREGISTERED_SEEDS))
+    if added_seeds:
+        lines += [
+            "## Verdicts",
+            "",
+            f"| claim | verdict, all seeds | verdict, pre-registered seeds ({preregistered_text}) | "
+            "deciding runs complete |",
+            "|---|---|---|---|",
+        ]
+    else:
+        lines += ["## Verdicts", "", "| claim | verdict | deciding runs complete |", "|---|---|---|"]
+    for verdict, early in zip(verdicts, preregistered_verdicts):
         deciding = [o for o in outputs.values() if o.run.configuration.name in verdict.claim.deciding]
         lines.append(
             f"| {verdict.claim.number}. {verdict.claim.statement} | **{verdict.verdict}** | "
-            f"{sum(o.complete for o in deciding)} of {len(deciding)} |"
+            + (f"{early.verdict} | " if added_seeds else "")
+            + f"{sum(o.complete for o in deciding)} of {len(deciding)} |"
         )
     lines += [
         "",
@@ -806,9 +841,18 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
             "reversed, *inconclusive* otherwise or when a deciding run is missing, and *not run* when none of "
             "its deciding runs is complete. The thresholds were fixed in `experiments/protocol.py` before any "
             "run."
+            + (
+                f" Seeds {preregistered_text} were fixed before any run; the others were added after their "
+                "results (see Protocol), and the details below use all seeds."
+                if added_seeds
+                else ""
+            )
         ),
         "",
     ]
+    discussion_path = report_path.parent / "DISCUSSION.md"
+    if discussion_path.exists():
+        lines += ["## Discussion (written after the runs)", "", discussion_path.read_text().strip(), ""]
 
     lines += ["## Protocol", ""] + protocol_section(protocol) + [""]
     lines += ["## Commands", ""] + commands_section(protocol) + [""]
@@ -886,15 +930,13 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
     lines += cost_table(outputs) + [""]
 
     lines += [
-        "## Differences from the paper" + (" (of the H100 protocol)" if protocol.pilot else ""),
+        "## Differences from the paper" + (" (of the GPU protocol)" if protocol.pilot else ""),
         "",
-        (
-            "- Scale: 21.4M parameters and ~98M byte tokens per run against 340M/1B parameters and 100B "
-            "Llama-2 tokens; 12 layers instead of 24; training length 4K instead of 8K, blocks halved."
-        ),
+        scale_difference(protocol_module.PROTOCOL),
         (
             "- Data: Python's own sources and help text instead of FineWeb-Edu (no network on the GPU machine); "
-            "the retrieval task format is part of the training mixture, while the paper tests zero-shot."
+            "the retrieval task format is part of the training mixture (answers weighted "
+            f"{protocol_module.PROTOCOL.training.answer_loss_weight:g}x in the loss), while the paper tests zero-shot."
         ),
         (
             "- Evaluation: S-NIAH at half to 8x the training length, 100 samples per cell (paper: 1000); no "
