@@ -120,9 +120,17 @@ SYNTHETIC = {
 }
 
 
-def write_synthetic_runs(runs_dir: Path, skip: set[str] = frozenset()) -> None:
+# The synthetic outputs have the pre-registered seeds 0-1; the protocol's added seeds get their own test.
+TWO_SEEDS = replace(
+    PROTOCOL, seeds_by_configuration={name: (0, 1) for name in PROTOCOL.seeds_by_configuration}
+)
+
+
+def write_synthetic_runs(runs_dir: Path, skip: set[str] = frozenset(), synthetic: dict = SYNTHETIC) -> None:
     for run in PROTOCOL.runs:
-        values = SYNTHETIC[run.configuration.name][run.seed]
+        if run.seed >= len(synthetic[run.configuration.name]):
+            continue
+        values = synthetic[run.configuration.name][run.seed]
         if values is None or run.name in skip:
             continue
         loss, within, beyond = values
@@ -179,13 +187,13 @@ def test_retention_and_closeness_rules():
 def test_report_from_synthetic_runs(tmp_path):
     runs_dir = tmp_path / "runs"
     write_synthetic_runs(runs_dir)
-    text = report.build_report(PROTOCOL, runs_dir, tmp_path / "REPORT.md", tmp_path / "figures")
+    text = report.build_report(TWO_SEEDS, runs_dir, tmp_path / "REPORT.md", tmp_path / "figures")
     assert (tmp_path / "REPORT.md").read_text() == text
 
-    outputs = report.load_runs(PROTOCOL, runs_dir)
+    outputs = report.load_runs(TWO_SEEDS, runs_dir)
     verdicts = {
         v.claim.number: v
-        for v in (report.evaluate_claim(c, PROTOCOL, outputs) for c in protocol_module.CLAIMS)
+        for v in (report.evaluate_claim(c, TWO_SEEDS, outputs) for c in protocol_module.CLAIMS)
     }
     assert verdicts[1].verdict == report.REPRODUCED  # moba-32 beats moba-128 on every seed, both measures
     assert verdicts[2].verdict == report.NOT_REPRODUCED  # kconv5 below moba-32 on every seed
@@ -212,8 +220,8 @@ def test_report_from_synthetic_runs(tmp_path):
 def test_missing_deciding_runs_make_claims_inconclusive_or_not_run(tmp_path):
     runs_dir = tmp_path / "runs"
     write_synthetic_runs(runs_dir, skip={"moba-32-seed1", "dense-seed0", "dense-seed1"})
-    outputs = report.load_runs(PROTOCOL, runs_dir)
-    verdicts = [report.evaluate_claim(c, PROTOCOL, outputs).verdict for c in protocol_module.CLAIMS]
+    outputs = report.load_runs(TWO_SEEDS, runs_dir)
+    verdicts = [report.evaluate_claim(c, TWO_SEEDS, outputs).verdict for c in protocol_module.CLAIMS]
     assert verdicts == [report.INCONCLUSIVE, report.INCONCLUSIVE, report.INCONCLUSIVE, report.INCONCLUSIVE]
 
     # a run whose training stopped early does not count, and says where it stopped
@@ -221,15 +229,32 @@ def test_missing_deciding_runs_make_claims_inconclusive_or_not_run(tmp_path):
     partial.mkdir()
     write_metrics(partial, 300, 1.0)
     assert (
-        report.load_runs(PROTOCOL, runs_dir)["dense-seed0"].status == f"training stopped at step 300 of {PROTOCOL.training.max_steps}"
+        report.load_runs(TWO_SEEDS, runs_dir)["dense-seed0"].status == f"training stopped at step 300 of {PROTOCOL.training.max_steps}"
     )
 
     empty = tmp_path / "empty"
-    text = report.build_report(PROTOCOL, empty, tmp_path / "EMPTY.md", tmp_path / "no-figures")
+    text = report.build_report(TWO_SEEDS, empty, tmp_path / "EMPTY.md", tmp_path / "no-figures")
     assert text.count("**not run**") == len(protocol_module.CLAIMS)
     assert "No run of this protocol has been made yet" in text
     assert "None: no run is complete." in text and not (tmp_path / "no-figures").exists()
     assert "1.0" not in text.split("## Language modelling")[1].split("## Figures")[0]  # no number is made up
+
+
+def test_added_seeds_are_judged_beside_the_preregistered_ones(tmp_path):
+    # Seeds 2-3 copy seeds 0-1, except that MoBA-32's seed 2 falls into MoBA-128's range on both measures.
+    synthetic = {name: values + values for name, values in SYNTHETIC.items()}
+    synthetic["moba-32"] = synthetic["moba-32"][:2] + [(1.062, 42, 30), synthetic["moba-32"][3]]
+    runs_dir = tmp_path / "runs"
+    write_synthetic_runs(runs_dir, synthetic=synthetic)
+    text = report.build_report(PROTOCOL, runs_dir, tmp_path / "REPORT.md", tmp_path / "figures")
+    preregistered_seeds = ", ".join(map(str, protocol_module.PREREGISTERED_SEEDS))
+    assert f"| claim | verdict, all seeds | verdict, pre-registered seeds ({preregistered_seeds}) |" in text
+    claim_1 = next(line for line in text.splitlines() if line.startswith("| 1. "))
+    assert f"| **{report.INCONCLUSIVE}** | {report.REPRODUCED} |" in claim_1
+    claim_2 = next(line for line in text.splitlines() if line.startswith("| 2. "))  # its range now overlaps too
+    assert f"| **{report.INCONCLUSIVE}** | {report.NOT_REPRODUCED} |" in claim_2
+    claim_4 = next(line for line in text.splitlines() if line.startswith("| 4. "))  # still > 1% above dense
+    assert f"| **{report.NOT_REPRODUCED}** | {report.NOT_REPRODUCED} |" in claim_4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +268,7 @@ def test_run_list_names_every_run():
     ).stdout
     for run in PROTOCOL.runs:
         assert f"\n{run.name} " in listing
-    assert "12 runs" in listing and f"{PROTOCOL.training.max_steps} steps" in listing
+    assert f"{len(PROTOCOL.runs)} runs" in listing and f"{PROTOCOL.training.max_steps} steps" in listing
     first = [line.split()[0] for line in listing.splitlines()[1:]]
     assert first[:6] == [
         f"{c.name}-seed0" for c in (PROTOCOL.configuration(n) for n in PROTOCOL.seeds_by_configuration)
