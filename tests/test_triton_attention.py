@@ -156,7 +156,7 @@ def test_deterministic_matches_reference_and_is_bitwise_reproducible():
 def test_several_chunks_of_partials(monkeypatch):
     # A tiny scratch budget forces the forward (and the deterministic dQ) through many row chunks.
     monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 7 * 2 * 3 * 33 * 4)
-    assert triton_forward.chunking(70, 2, 3, 32, 4)[1] > 5
+    assert triton_forward.chunking(70, 2, 3, 32, torch.float32)[1] > 5
     check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True)
     check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True, deterministic=True)
 
@@ -281,3 +281,23 @@ def test_topk_far_above_the_block_count_is_dense_attention():
     torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-4)
     selected = flashmoba.moba_select(q, k, B, 40, backend="triton")
     assert selected.shape == (1, 40, 2, 40) and torch.all(selected[..., 3:] == -1)
+
+
+def test_float16_forward_and_its_partials(monkeypatch):
+    """float16 through the interpreter (bfloat16 tl.dot is wrong there), against float64 on the same inputs.
+
+    Measured as mean error over the output's own float16 rounding error (1.0 is the best a float16 output
+    can do): float32 partials stay close to it; float16 partials add one rounding per partial, so they
+    are worse, yet bounded (the merge is a convex combination of them)."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 160, 2, 32, generator=generator).half() for _ in range(3))
+    expected, _ = reference.moba_attn_reference(q.double(), k.double(), v.double(), B, 4, causal=True)
+    own_rounding = (expected.half().double() - expected).abs().mean()
+    relative_error = {}
+    for partials_in_input_dtype in (False, True):
+        monkeypatch.setattr(triton_forward, "PARTIALS_IN_INPUT_DTYPE", partials_in_input_dtype)
+        got = flashmoba.moba_attn(q, k, v, B, 4, causal=True, backend="triton")
+        assert got.dtype == torch.float16
+        relative_error[partials_in_input_dtype] = ((got.double() - expected).abs().mean() / own_rounding).item()
+    assert relative_error[False] <= 1.5, relative_error
+    assert relative_error[False] < relative_error[True] <= 2.2, relative_error

@@ -30,7 +30,7 @@ def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=tor
     route = lambda: triton_autograd.moba_select_varlen_triton(  # noqa: E731
         packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True)
     selected = route()
-    chunk_rows, num_chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, 2)
+    chunk_rows, num_chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
     index = lambda: build_block_index(  # noqa: E731
         selected, cu, cu, block_size, num_block_slots(batch * seqlen, batch, block_size), num_chunks, chunk_rows)
     forward = lambda: triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, scale)  # noqa: E731
@@ -120,7 +120,33 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
     triton_backward.backward_tiles = default_bwd
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["breakdown"]:
+def partial_dtypes(seqlen=65536, batch=2, heads=16, head_dim=128):
+    """Forward time with float32 partials against bf16 partials, and how far the outputs move."""
+    for block_size, topk in ((128, 8), (32, 32)):
+        packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(3)]
+        cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+        selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
+                                                             block_size, topk, True)
+
+        def forward():
+            return triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)
+
+        outputs = {}
+        for in_input_dtype in (False, True):
+            triton_forward.PARTIALS_IN_INPUT_DTYPE = in_input_dtype
+            outputs[in_input_dtype] = forward()[0].float()
+            print(f"N={seqlen} B={block_size} k={topk} bf16 partials={in_input_dtype}: fwd "
+                  f"{median_ms(forward, 5):.2f} ms", flush=True)
+        triton_forward.PARTIALS_IN_INPUT_DTYPE = False
+        difference = (outputs[True] - outputs[False]).abs()
+        print(f"  output change from bf16 partials: max {difference.max():.2e}, mean {difference.mean():.2e} "
+              f"(output magnitude mean {outputs[False].abs().mean():.2e})", flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["partials"]:
+    partial_dtypes()
+elif __name__ == "__main__" and sys.argv[1:2] == ["breakdown"]:
     kernel_breakdown()
 elif __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
     sweep_tiles()

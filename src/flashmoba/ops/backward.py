@@ -253,7 +253,7 @@ def sparse_attention_backward(
     topk = entries.numel() // max(1, total_q * heads_q)
     batch = cu_seqlens_q.numel() - 1
     block_slots = num_block_slots(total_k, batch, block_size)
-    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.element_size())
+    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if total_q == 0 or block_slots == 0:

@@ -27,6 +27,10 @@ LN_2 = 0.6931471805599453
 
 # Scratch bound of the partial outputs per chunk; None picks max(64 MiB, 2 x output bytes).
 PARTIAL_BUFFER_BYTES: int | None = None
+# True stores the partial outputs of float16/bfloat16 inputs in that dtype: half the bytes written and read
+# again by the merge, at the price of one more rounding per partial (on fp16 in the interpreter, about 3x
+# the output's own rounding error). Off until measured: tests/gpu/profile_attention.py partials.
+PARTIALS_IN_INPUT_DTYPE = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ def _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry,
     partial_out = accumulator / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     pair = (entry - chunk_first_entry).to(tl.int64)
     tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
-    tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :], partial_out,
+    tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :], partial_out.to(PartialOut.dtype.element_ty),
              mask=entry_mask[:, None] & d_mask[None, :])
 
 
@@ -170,7 +174,7 @@ def _moba_fwd_merge_kernel(
         part = tl.load(
             PartialOut + (pair_first + slot)[:, None] * HEAD_DIM + offs_d[None, :],
             mask=used[:, None] & d_mask[None, :], other=0.0,
-        )
+        ).to(tl.float32)
         accumulator += tl.where(used, weight, 0.0)[:, None] * part
 
     rows = first_row + pairs // heads_q
@@ -212,12 +216,16 @@ def forward_tiles(head_dim: int, block_size: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4, num_stages=1)
 
 
-def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, itemsize: int) -> tuple[int, int]:
-    """(rows per chunk, number of chunks): the forward keeps float32 partials of one chunk at a time."""
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if PARTIALS_IN_INPUT_DTYPE and dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(rows per chunk, number of chunks): the forward keeps the partials of one chunk at a time."""
     budget = PARTIAL_BUFFER_BYTES
     if budget is None:
-        budget = max(64 << 20, 2 * total_q * heads_q * head_dim * itemsize)
-    bytes_per_row = heads_q * topk * (head_dim + 1) * 4
+        budget = max(64 << 20, 2 * total_q * heads_q * head_dim * dtype.itemsize)
+    bytes_per_row = heads_q * topk * (head_dim * partial_dtype(dtype).itemsize + 4)  # outputs + lse
     chunk_rows = max(1, min(max(total_q, 1), budget // bytes_per_row))
     return chunk_rows, max(1, -(-total_q // chunk_rows))
 
@@ -273,7 +281,7 @@ def sparse_attention_forward(
     topk = selected.shape[-1]
     batch = cu_seqlens_q.numel() - 1
     block_slots = num_block_slots(total_k, batch, block_size)
-    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.element_size())
+    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype)
     entries, offsets = build_block_index(
         selected, cu_seqlens_q, cu_seqlens_k, block_size, block_slots, num_chunks, chunk_rows
     )
@@ -286,7 +294,7 @@ def sparse_attention_forward(
     tiles = forward_tiles(head_dim, block_size)
     block_d = head_dim_tile(head_dim)
     scratch_pairs = chunk_rows * heads_q * topk
-    partial_out = torch.empty(scratch_pairs, head_dim, dtype=torch.float32, device=q.device)
+    partial_out = torch.empty(scratch_pairs, head_dim, dtype=partial_dtype(q.dtype), device=q.device)
     partial_lse = torch.empty(scratch_pairs, dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * LOG2_E
     block_r = 16 if interpreting() else 32
