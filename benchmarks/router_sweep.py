@@ -363,7 +363,7 @@ def print_case_table(rows: list[dict]) -> None:
     first = rows[0]
     print(f"\nN {first['seqlen']}, block {first['block_size']}, topk {first['topk']} ({first['card']}, "
           f"B {first['batch']} H {first['heads']} d {first['head_dim']} {first['dtype']}, causal)")
-    header = f"{'':<8} {'config':<28} {'route ms':>9} {'TF/s':>6} {'top-k ms':>9} {'TF/s':>6} {'centr. ms':>9}"
+    header = f"{'':<8} {'config':<44} {'route ms':>9} {'TF/s':>6} {'top-k ms':>9} {'TF/s':>6} {'centr. ms':>9}"
     print(header)
     print("-" * len(header))
     ok = [row for row in rows if row["status"] == "ok"]
