@@ -56,14 +56,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Partial overrides of router._topk_config (unset keys keep the default's choice for the case).
 SMALL_GRID = [
-    dict(SCORE_INSERT=True),
-    dict(HEAVY_FIRST=True),
-    dict(SCORE_INSERT=True, HEAVY_FIRST=True),
-    dict(SCORE_INSERT=True, HEAVY_FIRST=True, INSERT_ROUNDS=8),
-    dict(SCORE_INSERT=True, HEAVY_FIRST=True, BLOCK_M=128, num_warps=8),
+    dict(BLOCK_M=64, num_warps=4),  # the default before the H100 sweep of 2026-11-26 (NOTES section 3)
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=8),
     dict(num_stages=3),
+    dict(BLOCK_M=128, num_warps=8, num_stages=3),
+    dict(INSERT_ROUNDS=8),
 ]
 
 # The CPU self-check: two configurations that differ from the default's (BLOCK_M 64, BLOCK_N 16 there)
@@ -90,7 +88,7 @@ def config_name(overrides: dict) -> str:
     if not overrides:
         return "default"
     short = dict(BLOCK_M="M", BLOCK_N="N", num_warps="w", num_stages="s", FILTER="filter",
-                 INSERT_ROUNDS="insert", SCORE_INSERT="score", HEAVY_FIRST="heavy")
+                 INSERT_ROUNDS="insert")
     return "_".join(f"{short.get(key, key)}{int(value) if isinstance(value, bool) else value}"
                     for key, value in overrides.items())
 
@@ -363,7 +361,7 @@ def print_case_table(rows: list[dict]) -> None:
     first = rows[0]
     print(f"\nN {first['seqlen']}, block {first['block_size']}, topk {first['topk']} ({first['card']}, "
           f"B {first['batch']} H {first['heads']} d {first['head_dim']} {first['dtype']}, causal)")
-    header = f"{'':<8} {'config':<44} {'route ms':>9} {'TF/s':>6} {'top-k ms':>9} {'TF/s':>6} {'centr. ms':>9}"
+    header = f"{'':<8} {'config':<28} {'route ms':>9} {'TF/s':>6} {'top-k ms':>9} {'TF/s':>6} {'centr. ms':>9}"
     print(header)
     print("-" * len(header))
     ok = [row for row in rows if row["status"] == "ok"]
@@ -379,9 +377,8 @@ def print_case_table(rows: list[dict]) -> None:
             continue
         config = row["config"]
         text = (f"M{config['BLOCK_M']} N{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']} "
-                f"f{int(config['FILTER'])} i{config['INSERT_ROUNDS']} score{int(config['SCORE_INSERT'])} "
-                f"heavy{int(config['HEAVY_FIRST'])}")
-        print(f"{title:<8} {text:<44} {number(row['route_ms'], '.3f'):>9} {number(row['route_tflops'], '.0f'):>6} "
+                f"f{int(config['FILTER'])} i{config['INSERT_ROUNDS']}")
+        print(f"{title:<8} {text:<28} {number(row['route_ms'], '.3f'):>9} {number(row['route_tflops'], '.0f'):>6} "
               f"{number(row['topk_ms'], '.3f'):>9} {number(row['topk_tflops'], '.0f'):>6} "
               f"{number(row['centroid_ms'], '.3f'):>9}")
     if default is not None and best is not None:

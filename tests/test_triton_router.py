@@ -191,11 +191,9 @@ def test_many_centroid_tiles_and_large_topk():
         dict(FILTER=False),  # every tile merged by tl.topk
         dict(INSERT_ROUNDS=0),  # tiles skipped by the threshold, the rest merged
         dict(INSERT_ROUNDS=1000),  # tiles skipped or inserted key by key
-        dict(SCORE_INSERT=True, INSERT_ROUNDS=1000),  # inserted from float32 scores, threshold carried
-        dict(SCORE_INSERT=True, HEAVY_FIRST=True),  # both candidates, with the default insert rounds
         dict(),
     ],
-    ids=["merge", "filter-merge", "filter-insert", "score-insert", "score-insert-heavy-first", "default"],
+    ids=["merge", "filter-merge", "filter-insert", "default"],
 )
 def test_tile_update_paths(overrides, monkeypatch):
     # Small tiles so each row sees many centroid tiles: 60 blocks in tiles of 16; integer data ties often.
@@ -262,13 +260,6 @@ def test_varlen_block_48_head_dim_96():
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[{}, dict(SCORE_INSERT=True, HEAVY_FIRST=True, INSERT_ROUNDS=1000)], ids=["default", "score-insert"])
-def tie_path(request, monkeypatch):
-    """The tie tests run on the default tile update paths and on the float32-score insertion."""
-    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(request.param))
-
-
-@pytest.mark.usefixtures("tie_path")
 @pytest.mark.parametrize("causal", [True, False])
 def test_all_blocks_tied(causal):
     # Every key block identical: all scores tie, so the latest allowed blocks win.
@@ -288,7 +279,6 @@ def test_all_blocks_tied(causal):
         assert (got[0] == torch.tensor([3, 4, 5], dtype=torch.int32, device=DEVICE)).all()
 
 
-@pytest.mark.usefixtures("tie_path")
 @pytest.mark.parametrize("causal", [True, False])
 def test_planted_duplicate_blocks(causal):
     # Integer data with duplicated key blocks: many exact ties, all scores exact; must equal the reference.
@@ -309,7 +299,6 @@ def test_planted_duplicate_blocks(causal):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.usefixtures("tie_path")
 def test_zero_scores_tie():
     # q orthogonal to every centroid (products of either sign of zero): every score is zero, all tie.
     k = torch.zeros(1, 64, 1, 16, device=DEVICE)
@@ -361,3 +350,11 @@ def test_real_arithmetic_ties_with_non_power_of_two_blocks(block_size, causal):
     yet blocks whose scores tie exactly must still tie (later block wins), as in the reference."""
     _check_padded(1, 40, 40, 2, 1, 16, block_size, 3, causal, integers=True, seed=block_size)
     _check_varlen([17, 23], [17, 30], 2, 2, 16, block_size, 4, causal, integers=True, seed=block_size + 1)
+
+
+def test_wide_query_tiles_of_long_sequences(monkeypatch):
+    # The default for running lists of 16-32 slots over >= 1024 blocks: 128 query rows per program.
+    assert router._topk_config(128, 32, 2048)["BLOCK_M"] == 128
+    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=128, BLOCK_N=32, num_warps=8))
+    for causal in (True, False):
+        _check_padded(1, 150, 160, 2, 1, 16, 4, 17, causal, integers=True, seed=21)

@@ -27,10 +27,11 @@ LN_2 = 0.6931471805599453
 
 # Scratch bound of the partial outputs per chunk; None picks max(64 MiB, 2 x output bytes).
 PARTIAL_BUFFER_BYTES: int | None = None
-# True stores the partial outputs of float16/bfloat16 inputs in that dtype: half the bytes written and read
-# again by the merge, at the price of one more rounding per partial (on fp16 in the interpreter, about 3x
-# the output's own rounding error). Off until measured: tests/gpu/profile_attention.py partials.
-PARTIALS_IN_INPUT_DTYPE = False
+# Partial outputs of float16/bfloat16 inputs are stored in that dtype: half the bytes written and read
+# again by the merge, for one more rounding per partial. Measured on H100 at 64K, bf16 (benchmarks/NOTES.md
+# section 3): forward 1.38x (B128/k8) and 1.72x (B32/k32) faster, outputs moved by at most 1-2 bf16 units
+# in the last place (mean 7e-5 on outputs of mean magnitude 0.04). False keeps float32 partials.
+PARTIALS_IN_INPUT_DTYPE = True
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -133,13 +133,13 @@ def _block_centroids_kernel(
 
 @triton.jit
 def _score_keys(block_scores, block_ids):
-    """Pack float32 scores and block ids (broadcast together) into int64 keys ordered by (score, block id)."""
+    """Pack float32 scores [M, N] and block ids [N] into int64 keys ordered by (score, block id)."""
     # torch.sort sees -0.0 == +0.0; make them one value so the tie rule decides between them.
     block_scores = tl.where(block_scores == 0.0, 0.0, block_scores)
     bits = block_scores.to(tl.int32, bitcast=True)
     # Negative floats order backwards as integers: flip their magnitude bits (the sign bit stays).
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | block_ids.to(tl.int64)
+    return (ordered.to(tl.int64) << 32) | block_ids.to(tl.int64)[None, :]
 
 
 @triton.jit
@@ -169,25 +169,6 @@ def _insert_best(running_topk, keys, rounds, RUNNING_TOPK: tl.constexpr):
         # Overwrite the smallest entry if beaten: the row is then a rotated bitonic sequence.
         smallest = columns[None, :] == 0
         running_topk = tl.where(smallest, tl.maximum(running_topk, best[:, None]), running_topk)
-        running_topk = tl.bitonic_merge(running_topk, dim=1, descending=False)
-    return running_topk
-
-
-@triton.jit
-def _insert_best_scores(running_topk, block_scores, block_ids, entering, rounds, RUNNING_TOPK: tl.constexpr):
-    """_insert_best on the float32 scores [M, N] of the tile's entering blocks: each round takes a row's
-    best score and, among equal ones, its latest block (the tie rule), and packs only that [M] key. This
-    spares packing and reducing the whole tile as int64 keys."""
-    columns = tl.arange(0, RUNNING_TOPK)
-    smallest = columns[None, :] == 0
-    block_scores = tl.where(block_scores == 0.0, 0.0, block_scores)  # -0.0 and +0.0 tie, as in _score_keys
-    for _ in range(rounds):
-        masked = tl.where(entering, block_scores, float("-inf"))
-        best = tl.max(masked, axis=1)
-        best_block = tl.max(tl.where(entering & (masked == best[:, None]), block_ids[None, :], -1), axis=1)
-        key = tl.where(best_block >= 0, _score_keys(best, best_block), EMPTY_KEY)
-        entering &= block_ids[None, :] != best_block[:, None]
-        running_topk = tl.where(smallest, tl.maximum(running_topk, key[:, None]), running_topk)
         running_topk = tl.bitonic_merge(running_topk, dim=1, descending=False)
     return running_topk
 
@@ -228,15 +209,9 @@ def _route_topk_kernel(
     CENTROIDS_ARE_SUMS: tl.constexpr,
     FILTER: tl.constexpr,
     INSERT_ROUNDS: tl.constexpr,
-    SCORE_INSERT: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr,
 ):
     """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
-    if HEAVY_FIRST and CAUSAL:
-        # The last query tiles visit the most centroid tiles: launch them first, the light ones fill the tail.
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        tile = tl.program_id(0)
+    tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // heads_per_kv
@@ -283,9 +258,6 @@ def _route_topk_kernel(
     running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
     columns = tl.arange(0, RUNNING_TOPK)
     threshold_column = RUNNING_TOPK - picks
-    at_threshold = columns[None, :] == threshold_column
-    # The picks-th best score of each row (NaN while its list has empty slots: every comparison is False).
-    threshold_score = _key_score(tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1))
     block_offsets = tl.arange(0, BLOCK_N)
     num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
     for tile_index in range(0, num_tiles):
@@ -309,28 +281,19 @@ def _route_topk_kernel(
             # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
             # first, so an equal score belongs to an earlier block and loses the tie. When no row of the
             # tile has such a score, the sort is skipped.
-            if not SCORE_INSERT:  # SCORE_INSERT keeps the threshold up to date when the list changes
-                threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
-                threshold_score = _key_score(threshold_key)
-            may_enter &= ~(block_scores <= threshold_score[:, None])
+            at_threshold = columns[None, :] == threshold_column
+            threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
+            below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
+            may_enter &= ~below
             rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
         else:
             rounds = INSERT_ROUNDS + 1
         if rounds > 0:
+            keys = tl.where(may_enter, _score_keys(block_scores, block_ids), EMPTY_KEY)
             if rounds <= INSERT_ROUNDS:
-                if SCORE_INSERT:
-                    running_topk = _insert_best_scores(
-                        running_topk, block_scores, block_ids, may_enter, rounds, RUNNING_TOPK
-                    )
-                else:
-                    keys = tl.where(may_enter, _score_keys(block_scores, block_ids[None, :]), EMPTY_KEY)
-                    running_topk = _insert_best(running_topk, keys, rounds, RUNNING_TOPK)
+                running_topk = _insert_best(running_topk, keys, rounds, RUNNING_TOPK)
             else:
-                keys = tl.where(may_enter, _score_keys(block_scores, block_ids[None, :]), EMPTY_KEY)
                 running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
-            if SCORE_INSERT:
-                threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
-                threshold_score = _key_score(threshold_key)
 
     # Keep the best `picks` of each row, then list their block ids in ascending order.
     rank = RUNNING_TOPK - 1 - columns
@@ -384,13 +347,15 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     # No wider than the blocks a sequence can have; never narrower than the running list (tl.topk).
     block_n = max(16, min(block_n, _next_power_of_2(max_blocks)), running_topk)
     block_m = 64 if running_topk <= 32 else 32
+    if 16 <= running_topk <= 32 and max_blocks >= 1024:
+        # Measured on H100 (benchmarks/NOTES.md section 3): 128 query rows per program, 8 warps, route
+        # B64/k16 and B32/k32 1.08-1.29x faster at 64K and 512K; at 8K, fewer programs make it slower.
+        block_m = 128
     num_warps = 8 if running_topk * block_m >= 64 * 64 or head_dim_pad >= 256 else 4
     # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
     # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge.
-    # SCORE_INSERT (insert on float32 scores, threshold kept across tiles) and HEAVY_FIRST (causal: heaviest
-    # query tiles launched first) are candidates under measurement (benchmarks/router_sweep.py).
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4, SCORE_INSERT=False,
-                  HEAVY_FIRST=False, num_warps=num_warps, num_stages=2)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
+                  num_warps=num_warps, num_stages=2)
     config.update(TOPK_CONFIG_OVERRIDES)
     return config
 
