@@ -351,7 +351,7 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
         # Measured on H100 (benchmarks/NOTES.md section 3): 128 query rows per program, 8 warps, route
         # B64/k16 and B32/k32 1.08-1.29x faster at 64K and 512K; at 8K, fewer programs make it slower.
         block_m = 128
-    num_warps = 8 if running_topk * block_m >= 64 * 64 or head_dim_pad >= 256 else 4
+    num_warps = 8 if running_topk * block_m >= 64 * 64 or block_m == 128 or head_dim_pad >= 256 else 4
     # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
     # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge.
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
