@@ -755,6 +755,37 @@ def protocol_section(protocol: Protocol) -> list[str]:
     return lines
 
 
+def reruns_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_dir: Path) -> list[str]:
+    """Runs repeated later (``reruns/NAME-TAG/``, the outputs of ``run.py`` moved there) against the seed
+    ranges of their configuration: the issue's check that a rerun lands within the reported spread."""
+    directories = sorted(path for path in reruns_dir.glob("*") if (path / "cost.json").exists())
+    if not directories:
+        return []
+    tasks, lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
+    lines = [
+        "| rerun | of run | card | S-NIAH average | seed range | within | held-out loss | seed range | within |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for directory in directories:
+        cost = read_json(directory / "cost.json")
+        rerun = RunOutputs(protocol.run(cost["run"]), read_jsonl(directory / "metrics.jsonl"),
+                           read_json(directory / "eval" / "results.json"), cost, protocol.training.max_steps)
+        if not rerun.complete:
+            lines.append(f"| {directory.name} | {cost['run']} | | {rerun.status} | | | | | |")
+            continue
+        seeds = SeedValues(protocol, outputs)
+        name = rerun.run.configuration.name
+        cells = []
+        for measure, digits in ((lambda o: retrieval_average(o.results, tasks, lengths), 1),
+                                (lambda o: heldout_loss(o.results), 4)):
+            value, spread = measure(rerun), seeds.of(name, measure)
+            within = "yes" if spread and min(spread) <= value <= max(spread) else "no"
+            low_high = f"{min(spread):.{digits}f}-{max(spread):.{digits}f}" if spread else "-"
+            cells += [f"{value:.{digits}f}", low_high, within]
+        lines.append(f"| {directory.name} | {cost['run']} | {', '.join(cost['cards'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def scale_difference(protocol: Protocol) -> str:
     """The scale line of "Differences from the paper", from the protocol's own numbers."""
     import torch
@@ -928,6 +959,19 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
         "",
     ]
     lines += cost_table(outputs) + [""]
+
+    reruns = reruns_section(protocol, outputs, report_path.parent / "reruns")
+    if reruns:
+        lines += [
+            "## Reruns",
+            "",
+            (
+                "A run made again later, possibly on another card, against the seed ranges of its configuration "
+                "(all seeds). The same seed gives the same initialisation and batches; what differs is the "
+                "arithmetic: the card's kernels and the order of floating-point atomics in the backward."
+            ),
+            "",
+        ] + reruns + [""]
 
     lines += [
         "## Differences from the paper" + (" (of the GPU protocol)" if protocol.pilot else ""),

@@ -326,3 +326,22 @@ def test_a_tiny_real_run_goes_through_train_eval_and_report(tmp_path):
     assert report.router_recall(results, 512) is not None
     text = report.build_report(tiny, tmp_path / "runs", tmp_path / "REPORT.md", tmp_path / "figures")
     assert "1 of 1 runs complete" in text and "CPU pipeline check" in text
+
+
+def test_reruns_are_checked_against_the_seed_ranges(tmp_path):
+    write_synthetic_runs(tmp_path / "runs")
+    configuration = TWO_SEEDS.configuration("moba-32")
+    # moba-32's seeds: losses 1.020 / 1.026, S-NIAH 80 / 76 within the training length, 70 / 72 beyond.
+    for name, loss, within, beyond in (("inside", 1.023, 78, 71), ("outside", 1.030, 90, 90)):
+        directory = tmp_path / "reruns" / f"moba-32-seed0-{name}"
+        directory.mkdir(parents=True)
+        write_metrics(directory, PROTOCOL.training.max_steps, loss)
+        write_results(directory, configuration, loss,
+                      lambda task, length, w=within, b=beyond: w if length <= TRAIN_LENGTH else b, recall=0.5)
+        write_cost(directory, minutes=2.0)
+        cost = json.loads((directory / "cost.json").read_text())
+        (directory / "cost.json").write_text(json.dumps(dict(cost, run="moba-32-seed0")))
+    text = report.build_report(TWO_SEEDS, tmp_path / "runs", tmp_path / "REPORT.md", tmp_path / "figures")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.split("## Reruns")[1].splitlines() if "seed0-" in line}
+    assert rows["moba-32-seed0-inside"].endswith("| yes | 1.0230 | 1.0200-1.0260 | yes |")
+    assert rows["moba-32-seed0-outside"].endswith("| no | 1.0300 | 1.0200-1.0260 | no |")
