@@ -10,7 +10,8 @@ GPU), the preset (model shape, sequence length, batch), a JSON config file (``--
 fields of ``TrainConfig``; ``model`` and ``data`` are nested objects), then command-line flags.
 
 Outputs in ``--out``: ``config.json`` (the resolved settings), ``metrics.jsonl`` (one JSON object per
-logged step: step, loss (the training objective, answer-weighted when ``data.answer_loss_weight != 1``), lr, tokens_per_s, grad_norm, tokens, elapsed_s, and val_loss when evaluated),
+logged step: step, loss (the training objective, answer-weighted when ``data.answer_loss_weight != 1``),
+lr, tokens_per_s, grad_norm, tokens, elapsed_s, and val_loss when evaluated),
 and ``checkpoints/step_XXXXXXX.pt`` (model, optimizer, step, config). A run resumes exactly from a
 checkpoint (``--resume auto`` takes the latest in ``--out``): batches are a pure function of the step.
 

@@ -22,9 +22,8 @@ from flashmoba.data.niah import TASKS, make_sample
 
 @dataclass
 class PackedBatch:
-    """Packed sequences: ``input_ids``/``targets`` ``[total]`` int64 (target -100: none), int32 ``cu_seqlens``.
-
-    ``loss_weights`` (float32 ``[total]`` or None) weights each target in the training loss.
+    """Packed sequences: ``input_ids``/``targets`` ``[total]`` int64 (target -100: none), int32
+    ``cu_seqlens``; ``loss_weights`` (float32 ``[total]`` or None) weights each target in the training loss.
     """
 
     input_ids: torch.Tensor

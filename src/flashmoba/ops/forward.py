@@ -47,8 +47,8 @@ def _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry,
     partial_out = accumulator / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     pair = (entry - chunk_first_entry).to(tl.int64)
     tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
-    tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :], partial_out.to(PartialOut.dtype.element_ty),
-             mask=entry_mask[:, None] & d_mask[None, :])
+    tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :],
+             partial_out.to(PartialOut.dtype.element_ty), mask=entry_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
