@@ -276,7 +276,7 @@ JUSTIFICATION = (
         (
             "The paper's hybrid layout (sliding-window + RoPE layers alternating with NoPE global layers) and its "
             "head_dim 64, which the SNR model depends on (SNR ~ sqrt(d / 2B)); 4 global layers and 4 heads give 16 "
-            "routers per token for the recall measurement. Sized so that all 12 runs, evaluation included, fit one "
+            "routers per token for the recall measurement. Sized so that the 12 pre-registered runs, evaluation included, fit one "
             "10-minute command on a machine of 4 H100s (3 runs per card, one after the other): the session's GPU "
             "budget is 30 device-minutes. A first draft (21.4M parameters, 4K tokens, 98M tokens per run) needed "
             "an estimated 50-100 H100-minutes and was replaced before any run was made."

@@ -676,17 +676,21 @@ def commands_section(protocol: Protocol) -> list[str]:
             "```",
         ]
     return [
-        "All runs in one device call on a machine of 4 GPUs (the device tool's `run`, `timeout_s` 600):",
+        (
+            "On a machine of 4 GPUs, 12 runs per device call (the device tool's `run`, `timeout_s` 600): the "
+            "runs of seeds 0-1, then those of seeds 2-3. Each card runs three, one after the other:"
+        ),
         "",
         "```bash",
-        "bash experiments/gpu_runs.sh          # one queue per card; outputs without checkpoints in $OUT/runs.tar.gz",
+        "names() { python3 experiments/run.py --list | awk -v s=\"$1\" '$1 ~ (\"-seed[\" s \"]$\") {print $1}'; }",
+        "bash experiments/gpu_runs.sh $(names 01)     # outputs without checkpoints in $OUT/runs.tar.gz",
+        "bash experiments/gpu_runs.sh $(names 23)     # (next call)",
         "```",
         "",
         (
-            "On fewer cards, name the runs (`bash experiments/gpu_runs.sh dense-seed0 moba-32-seed0`) or make one "
-            f"run by itself: `python3 experiments/run.py {first} --device cuda --max-minutes 9`. A run stopped by "
-            "its deadline resumes from its last checkpoint when the same command is repeated on the same (warm) "
-            "machine. Then, here:"
+            f"Or make one run by itself: `python3 experiments/run.py {first} --device cuda --max-minutes 9`. A "
+            "run stopped by its deadline resumes from its last checkpoint when the same command is repeated on "
+            "the same (warm) machine. Then, here:"
         ),
         "",
         "```bash",
@@ -696,9 +700,8 @@ def commands_section(protocol: Protocol) -> list[str]:
         "",
         (
             f"Plan: {len(protocol.runs)} runs, estimated 2-2.5 H100 minutes each (training plus evaluation; see the "
-            "cost estimate above): three runs per card fit one 10-minute command on 4 cards. `cost.json` and "
-            "`metrics.jsonl` (tokens_per_s) replace the estimate; the protocol does not change after any "
-            "evaluation has been seen."
+            "cost estimate above), three per card in one 10-minute command on 4 cards. The cost table below "
+            "has what each run took; the protocol does not change after any evaluation has been seen."
         ),
     ]
 
