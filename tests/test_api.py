@@ -87,6 +87,38 @@ def test_bad_varlen_inputs(name, change, error, message):
         flashmoba.moba_attn_varlen(**arguments)
 
 
+def _count_host_reads(monkeypatch, tensor) -> list:
+    """Calls of tensor.tolist() on ``tensor`` itself (the API's way of reading cu_seqlens back)."""
+    reads, tolist = [], torch.Tensor.tolist
+
+    def counting(self):
+        if self is tensor:
+            reads.append(1)
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_check_cu_seqlens_false_skips_only_the_value_read(backend, monkeypatch):
+    q, k, v, cu = _packed()
+    expected = flashmoba.moba_attn_varlen(q, k, v, cu, cu, 5, 5, 4, 2, backend=backend)
+    reads = _count_host_reads(monkeypatch, cu)
+    flashmoba.moba_attn_varlen(q, k, v, cu, cu, 5, 5, 4, 2, backend=backend)
+    checked_reads = len(reads)
+    assert checked_reads >= 1
+    got = flashmoba.moba_attn_varlen(q, k, v, cu, cu, 5, 5, 4, 2, backend=backend, check_cu_seqlens=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if backend == "triton":  # the reference loops over the sequences on the host anyway
+        assert len(reads) == checked_reads
+    # Checks that need no host read still run; wrong values pass unchecked (the caller's promise).
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
+        flashmoba.moba_attn_varlen(q, k, v, cu.long(), cu, 5, 5, 4, 2, check_cu_seqlens=False)
+    with pytest.raises(TypeError, match="check_cu_seqlens must be a bool"):
+        flashmoba.moba_attn_varlen(q, k, v, cu, cu, 5, 5, 4, 2, check_cu_seqlens=None)
+
+
 def test_varlen_wrong_ndim():
     q, k, v, cu = _packed()
     with pytest.raises(ValueError, match="3 dimensions"):

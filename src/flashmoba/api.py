@@ -95,7 +95,9 @@ def _check_options(block_size, topk, softmax_scale, backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device, max_seqlen, max_name: str):
+def _check_cu_seqlens(
+    name: str, cu_seqlens, total: int, device: torch.device, max_seqlen, max_name: str, read_values: bool = True
+):
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -104,9 +106,9 @@ def _check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device, m
         raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} must be on the tensors' device {device}, got {cu_seqlens.device}")
-    if not _checks_enabled():
+    if not (read_values and _checks_enabled()):
         return
-    values = cu_seqlens.tolist()
+    values = cu_seqlens.tolist()  # one device-to-host copy: a synchronisation on CUDA
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
@@ -119,14 +121,14 @@ def _check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device, m
         raise ValueError(f"{max_name} must be >= the longest sequence ({longest}), got {max_seqlen}")
 
 
-def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values: bool = True) -> None:
     for max_name, max_value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(max_value, bool) or not isinstance(max_value, int):
             raise TypeError(f"{max_name} must be an int, got {type(max_value).__name__}")
         if max_value < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_value}")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q", read_values)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k", read_values)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
@@ -224,6 +226,7 @@ def moba_attn_varlen(
     backend: str = "auto",
     return_lse: bool = False,
     deterministic: bool = False,
+    check_cu_seqlens: bool = True,
 ):
     """Mixture of Block Attention on packed sequences (flash-attn varlen layout).
 
@@ -231,6 +234,10 @@ def moba_attn_varlen(
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` sequence starts (0 first, total last).
         max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (Python ints).
+        check_cu_seqlens: read the cu_seqlens values back to check them (0 first, non-decreasing, total
+            last, no sequence longer than max_seqlen). On CUDA that read synchronises with the device, once
+            per call; a caller that has checked them already (the model checks once per batch for all its
+            layers) passes False. Wrong values are then undefined behaviour, as in flash-attn.
         Other arguments as in ``moba_attn``.
 
     Returns:
@@ -239,7 +246,9 @@ def moba_attn_varlen(
     if _checks_enabled():
         _check_qkv(q, k, v, 3, "[total_q, heads_q, head_dim]", "[total_k, heads_kv, head_dim]")
         _check_options(block_size, topk, softmax_scale, backend)
-        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        if not isinstance(check_cu_seqlens, bool):
+            raise TypeError(f"check_cu_seqlens must be a bool, got {type(check_cu_seqlens).__name__}")
+        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_cu_seqlens)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if _resolve_backend(backend, q) == "triton":
         out, lse = _triton_ops().moba_attn_varlen_triton(

@@ -201,6 +201,8 @@ class PackedSequences:
         if self.bounds[0] != 0 or min(lengths) < 0:
             raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {self.bounds}")
         self.max_seqlen = max(lengths) if max_seqlen is None else int(max_seqlen)
+        if self.max_seqlen < max(lengths):
+            raise ValueError(f"max_seqlen must be >= the longest sequence ({max(lengths)}), got {max_seqlen}")
         self.total = self.bounds[-1]
         self.positions = positions_in_sequence(self.cu_seqlens, self.total)
         token_index = torch.arange(self.total, device=cu_seqlens.device)
@@ -299,14 +301,16 @@ class MoBAAttention(nn.Module):
 
     @staticmethod
     def _packing(x, cu_seqlens, max_seqlen, packed) -> PackedSequences | None:
+        if packed is None and cu_seqlens is not None:
+            packed = PackedSequences(cu_seqlens, max_seqlen)
         if packed is not None:
-            return packed
-        if cu_seqlens is not None:
-            if x.ndim != 2:
+            # The attention kernels trust the checked packing (no host read per layer): it must fit x.
+            if x.ndim != 2 or x.shape[0] != packed.total:
                 raise ValueError(
-                    f"with cu_seqlens, x must be packed [total, hidden], got shape {tuple(x.shape)}"
+                    f"with cu_seqlens, x must be packed [total = {packed.total}, hidden], got shape "
+                    f"{tuple(x.shape)}"
                 )
-            return PackedSequences(cu_seqlens, max_seqlen)
+            return packed
         if x.ndim != 3:
             raise ValueError(
                 f"x must be [batch, seqlen, hidden], or [total, hidden] with cu_seqlens, got {tuple(x.shape)}"
@@ -361,6 +365,7 @@ class MoBAAttention(nn.Module):
                     self.topk,
                     softmax_scale=scale,
                     backend=self.backend,
+                    check_cu_seqlens=False,  # PackedSequences checked them once for every layer
                 )
         elif self.attention == "dense":
             if packed is not None and flash_varlen_supported(q):
