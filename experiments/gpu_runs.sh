@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# All runs of the protocol on one GPU machine, in one command: one queue per card, runs one after the other.
-#   bash experiments/gpu_runs.sh [RUN ...]          # default: every run of `run.py --list`, in that order
-# Environment: DEADLINE_MINUTES (default 9.2): every run stops by then (training at its last checkpoint,
-# evaluation only with --eval-reserve minutes left), so that the outputs are packed before a 10-minute
-# command ends. Outputs without checkpoints go to $OUT/runs.tar.gz (unpack: tar -xzf runs.tar.gz), logs to
-# $OUT/gpu_runs.log. A run that did not finish is reported; calling the script again on the same machine
-# resumes it. PILOT=1 makes the shrunk CPU pipeline check instead (--pilot --device cpu, experiments/pilot/runs),
-# to try this script without a GPU: give it a stand-in `nvidia-smi` on PATH.
+# Runs of the protocol on one GPU machine, in one command: one queue per card, runs one after the other.
+#   bash experiments/gpu_runs.sh [RUN ...]   # default: every run of `run.py --list` (more than one call
+#                                            # holds: name the runs, see experiments/REPORT.md, Commands)
+# DEADLINE_MINUTES (default 9.2): every run stops by then (training at its last checkpoint, evaluation only
+# with --eval-reserve minutes left), so that the outputs are packed before a 10-minute command ends. Outputs
+# without checkpoints go to $OUT/runs.tar.gz (unpack: tar -xzf runs.tar.gz); the script's own output, a
+# line per run and a summary, is the log (tee it into $OUT). A run that did not finish is reported, and
+# calling the script again on the same machine resumes it. PILOT=1 makes the shrunk CPU pipeline check
+# instead (--pilot --device cpu, experiments/pilot/runs), to try this script without a GPU: give it a
+# stand-in `nvidia-smi` on PATH.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -39,7 +41,7 @@ for ((gpu = 0; gpu < gpus; gpu++)); do
     for ((index = gpu; index < ${#runs[@]}; index += gpus)); do
       name=${runs[index]}
       left=$(minutes_left)
-      if python3 -c "import sys; sys.exit(float(sys.argv[1]) > 0.5)" "$left"; then
+      if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 0.5 else 1)" "$left"; then
         echo "[gpu $gpu] $name: not started, $left min left"
         continue
       fi
