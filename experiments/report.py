@@ -556,6 +556,19 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
         above = [max(v) - m if v else 0 for m, v in zip(means, values_per_point)]
         return means, [below, above]
 
+    def by_length(axis, ylabel: str, title: str) -> None:
+        """A percentage against context length (log axis), the training length dotted."""
+        axis.axvline(protocol.training.seq_len, color="grey", linestyle=":", linewidth=1)
+        axis.set(xscale="log", xlabel="context length (tokens)", ylabel=ylabel, ylim=(-3, 103), title=title)
+        axis.set_xticks(lengths, [short_length(n) for n in lengths])
+        axis.minorticks_off()
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        paths.append(figures_dir / f"{name}.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+
     # S-NIAH accuracy by length, one panel per task (Table 3 as a plot)
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for axis, task in zip(axes[0], tasks):
@@ -566,22 +579,10 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
             ]
             means, bars = error_bars(per_length)
             axis.errorbar(lengths, means, yerr=bars, marker="o", capsize=3, label=configuration.title)
-        axis.axvline(protocol.training.seq_len, color="grey", linestyle=":", linewidth=1)
-        axis.set(
-            xscale="log",
-            xlabel="context length (tokens)",
-            ylabel="accuracy (%)",
-            ylim=(-3, 103),
-            title=TASK_TITLES[task],
-        )
-        axis.set_xticks(lengths, [short_length(n) for n in lengths])
-        axis.minorticks_off()
+        by_length(axis, "accuracy (%)", TASK_TITLES[task])
     axes[0][0].legend(fontsize="small")
     figure.suptitle("S-NIAH accuracy by length (seed mean, bars: seed range; dotted: training length)")
-    figure.tight_layout()
-    paths.append(figures_dir / "niah_by_length.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
+    save(figure, "niah_by_length")
 
     # Block size against held-out perplexity and S-NIAH average (the paper's Figure 2)
     block_configurations = [c for c in configurations if c.attention == "moba" and not c.kconv]
@@ -607,10 +608,7 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
         left.minorticks_off()
         left.invert_xaxis()
         figure.suptitle("Block size at equal sparsity (seed mean and range)")
-        figure.tight_layout()
-        paths.append(figures_dir / "block_size.png")
-        figure.savefig(paths[-1], dpi=110)
-        plt.close(figure)
+        save(figure, "block_size")
 
     # Router recall of the needle block by length
     moba_configurations = [c for c in configurations if c.attention == "moba"]
@@ -622,21 +620,9 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
             ]
             means, bars = error_bars(per_length)
             axis.errorbar(lengths, means, yerr=bars, marker="o", capsize=3, label=configuration.title)
-        axis.axvline(protocol.training.seq_len, color="grey", linestyle=":", linewidth=1)
-        axis.set(
-            xscale="log",
-            xlabel="context length (tokens)",
-            ylabel="recall (%)",
-            ylim=(-3, 103),
-            title="Router recall of the needle block (mean over layers, heads, tasks)",
-        )
-        axis.set_xticks(lengths, [short_length(n) for n in lengths])
-        axis.minorticks_off()
+        by_length(axis, "recall (%)", "Router recall of the needle block (mean over layers, heads, tasks)")
         axis.legend(fontsize="small")
-        figure.tight_layout()
-        paths.append(figures_dir / "router_recall.png")
-        figure.savefig(paths[-1], dpi=110)
-        plt.close(figure)
+        save(figure, "router_recall")
 
     # Training curves
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -653,10 +639,7 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
         )
     axis.set(xlabel="trained tokens", ylabel="training loss (nats per token)", title="Training loss")
     axis.legend(fontsize="x-small", ncol=2)
-    figure.tight_layout()
-    paths.append(figures_dir / "training_loss.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
+    save(figure, "training_loss")
     return paths
 
 
@@ -765,6 +748,7 @@ def reruns_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_di
     if not directories:
         return []
     tasks, lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
+    seeds = SeedValues(protocol, outputs)
     lines = [
         "| rerun | of run | card | S-NIAH average | seed range | within | held-out loss | seed range | within |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -776,7 +760,6 @@ def reruns_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_di
         if not rerun.complete:
             lines.append(f"| {directory.name} | {cost['run']} | | {rerun.status} | | | | | |")
             continue
-        seeds = SeedValues(protocol, outputs)
         name = rerun.run.configuration.name
         cells = []
         for measure, digits in ((lambda o: retrieval_average(o.results, tasks, lengths), 1),

@@ -137,7 +137,7 @@ def test_model_packed_documents_do_not_see_each_other():
         model(ids, targets, cu_seqlens=cu_seqlens, loss_weights=torch.ones(44))
 
 
-def test_packed_forward_reads_cu_seqlens_once_for_all_layers(monkeypatch):
+def test_packed_forward_reads_cu_seqlens_once_for_all_layers(count_host_reads):
     # The Triton backend on CPU (interpreter): MoBA layers trust the model's one check of the packing.
     config = model_config_from_preset(
         "tiny", window_size=8, moba_block_size=4, moba_topk=2, kconv_size=3, backend="triton"
@@ -145,14 +145,7 @@ def test_packed_forward_reads_cu_seqlens_once_for_all_layers(monkeypatch):
     model = HybridLM(config).eval()
     ids = torch.randint(0, 257, (45,))
     cu_seqlens = torch.tensor([0, 12, 30, 45], dtype=torch.int32)
-    reads, tolist = [], torch.Tensor.tolist
-
-    def counting(self):
-        if self is cu_seqlens:
-            reads.append(1)
-        return tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    reads = count_host_reads(cu_seqlens)
     model(ids, cu_seqlens=cu_seqlens)
     assert len(reads) == 1
     with pytest.raises(ValueError, match="max_seqlen must be >= the longest"):

@@ -109,15 +109,15 @@ def sample_batch(
     if not answer_loss_weight > 0:
         raise ValueError(f"answer_loss_weight must be > 0, got {answer_loss_weight}")
     rows = sample_windows(corpus, batch_size, seq_len + 1, rng)
-    weights = np.ones((batch_size, seq_len), dtype=np.float32)
+    weights = np.ones((batch_size, seq_len), dtype=np.float32) if answer_loss_weight != 1.0 else None
     if task_fraction > 0:
         for row in np.flatnonzero(rng.random(batch_size) < task_fraction):
             task = tasks[int(rng.integers(len(tasks)))]
             sample = make_sample(task, seq_len + 1, rng)
             rows[row] = sample.tokens
-            # Token p of the row is the target at index p - 1.
-            weights[row, sample.answer_span[0] - 1 : sample.answer_span[1] - 1] = answer_loss_weight
+            if weights is not None:  # token p of the row is the target at index p - 1
+                weights[row, sample.answer_span[0] - 1 : sample.answer_span[1] - 1] = answer_loss_weight
     batch = pack_rows(rows, corpus.bos_id)
-    if answer_loss_weight != 1.0:
+    if weights is not None:
         batch.loss_weights = torch.from_numpy(weights.reshape(-1))
     return batch

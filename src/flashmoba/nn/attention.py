@@ -200,9 +200,10 @@ class PackedSequences:
         lengths = [end - start for start, end in zip(self.bounds[:-1], self.bounds[1:])]
         if self.bounds[0] != 0 or min(lengths) < 0:
             raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {self.bounds}")
-        self.max_seqlen = max(lengths) if max_seqlen is None else int(max_seqlen)
-        if self.max_seqlen < max(lengths):
-            raise ValueError(f"max_seqlen must be >= the longest sequence ({max(lengths)}), got {max_seqlen}")
+        longest = max(lengths)
+        self.max_seqlen = longest if max_seqlen is None else int(max_seqlen)
+        if self.max_seqlen < longest:
+            raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
         self.total = self.bounds[-1]
         self.positions = positions_in_sequence(self.cu_seqlens, self.total)
         token_index = torch.arange(self.total, device=cu_seqlens.device)
