@@ -25,6 +25,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from flashmoba.ops import autograd as triton_autograd  # noqa: E402
+from flashmoba.ops import backward as triton_backward  # noqa: E402
 from flashmoba.ops import forward as triton_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,12 +154,40 @@ def test_deterministic_matches_reference_and_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
-def test_several_chunks_of_partials(monkeypatch):
-    # A tiny scratch budget forces the forward (and the deterministic dQ) through many row chunks.
-    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 7 * 2 * 3 * 33 * 4)
-    assert triton_forward.chunking(70, 2, 3, 32, torch.float32)[1] > 5
+def test_partials_in_head_groups(monkeypatch):
+    # One head's float32 partials take 70 rows x 3 slots x (32 x 4 + 4) bytes; room for two heads gives
+    # chunks of heads {0, 1} and {2}, every row in each.
+    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 2 * 70 * 3 * (32 * 4 + 4))
+    assert triton_forward.chunking(70, 3, 3, 32, torch.float32) == (2, 70, 1)
+    check_against_reference([3, 40, 27], [3, 40, 27], 3, 1, 32, B, 3, True)
+    check_against_reference([3, 40, 27], [3, 40, 27], 3, 1, 32, B, 3, True, deterministic=True)
+
+
+def test_partials_in_row_chunks(monkeypatch):
+    # Less than one head's partials: each head is split into row chunks of 14 rows.
+    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 14 * 3 * (32 * 4 + 4))
+    assert triton_forward.chunking(70, 2, 3, 32, torch.float32) == (1, 14, 5)
     check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True)
     check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True, deterministic=True)
+
+
+@pytest.mark.parametrize("stored_partials", [True, False], ids=["dq_stored_partials", "dq_atomics"])
+def test_dq_paths(monkeypatch, stored_partials):
+    # B = 16 is one key tile: dQ goes through stored partials unless switched off (then float32 atomics).
+    monkeypatch.setattr(triton_backward, "DQ_BY_STORED_PARTIALS", stored_partials)
+    check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True)
+
+
+def test_dq_partials_in_kv_head_groups(monkeypatch):
+    # Room for one kv head's two query heads (68 rows x 3 slots x (32 x 4 + 4) bytes each): the dK/dV
+    # programs run in two launches, each storing and summing the dQ partials of its query heads.
+    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 2 * 68 * 3 * (32 * 4 + 4))
+    assert triton_forward.chunking(68, 4, 3, 32, torch.float32, group=2) == (2, 68, 1)
+    check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True)
+    first = check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True, deterministic=True)
+    second = check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def test_selection_with_holes_and_no_blocks():

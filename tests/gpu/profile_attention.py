@@ -30,9 +30,10 @@ def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=tor
     route = lambda: triton_autograd.moba_select_varlen_triton(  # noqa: E731
         packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True)
     selected = route()
-    chunk_rows, num_chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
+    split = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
     index = lambda: build_block_index(  # noqa: E731
-        selected, cu, cu, block_size, num_block_slots(batch * seqlen, batch, block_size), num_chunks, chunk_rows)
+        selected, cu, cu, block_size, num_block_slots(batch * seqlen, batch, block_size), split.row_chunks,
+        split.rows_per_chunk)
     forward = lambda: triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, scale)  # noqa: E731
     leaves = [t.detach().clone().requires_grad_() for t in packed]
     grad_packed = grad_out.view(batch * seqlen, heads, head_dim)
@@ -51,7 +52,7 @@ def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=tor
             if backward:
                 out.backward(dense_grad)
 
-    row = dict(N=seqlen, B=block_size, k=topk, chunks=num_chunks,
+    row = dict(N=seqlen, B=block_size, k=topk, chunks=f"{split.heads_per_chunk}h/{split.row_chunks}r",
                route=median_ms(route), index=median_ms(index), attn_fwd=median_ms(forward),
                fwd_bwd=median_ms(forward_backward), fwd_bwd_det=median_ms(lambda: forward_backward(True), 3),
                peak=peak_gib(forward_backward))
@@ -62,7 +63,7 @@ def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=tor
           flush=True)
 
 
-def kernel_breakdown(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_dim=128):
+def kernel_breakdown(seqlen=65536, block_size=128, topk=8, deterministic=False, batch=2, heads=16, head_dim=128):
     """Per-kernel CUDA time of one routed forward + backward (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -73,9 +74,11 @@ def kernel_breakdown(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, he
     def step():
         selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
                                                              block_size, topk, True)
-        out, _ = triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)
+        out, _ = triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088,
+                                                         deterministic)
         out.backward(torch.ones_like(out))
 
+    print(f"kernel breakdown N={seqlen} B={block_size} k={topk} deterministic={deterministic}", flush=True)
     step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -84,8 +87,15 @@ def kernel_breakdown(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, he
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
+FORWARD_SWEEP = ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (64, 8, 3))
+BACKWARD_SWEEP = {  # (BLOCK_M, warps, stages) with BLOCK_N = min(block size, 128)
+    128: ((32, 8, 2), (32, 8, 3), (16, 8, 2), (32, 4, 2), (64, 8, 2), (64, 8, 3)),
+    32: ((64, 8, 3), (64, 4, 3), (128, 8, 3), (32, 4, 3), (64, 4, 2), (128, 4, 3)),
+}
+
+
 def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_dim=128):
-    """Forward and dK/dV tile configurations at one shape (ms, median)."""
+    """Forward and dK/dV tile configurations at one shape, and the dQ strategies (ms, median)."""
     from flashmoba.ops import backward as triton_backward
 
     packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -94,6 +104,8 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
                                                          block_size, topk, True)
     leaves = [t.clone().requires_grad_() for t in packed]
     grad_out = torch.randn_like(packed[0])
+    block_n = min(128, block_size)
+    tag = f"N={seqlen} B={block_size} k={topk}"
 
     def forward():
         return triton_autograd.sparse_attention_varlen(*leaves, selected, cu, cu, block_size, True, 0.088)
@@ -101,22 +113,30 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
     def forward_backward():
         forward()[0].backward(grad_out)
 
+    def tiles(block_m, warps, stages):
+        return lambda d, b: {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+    def attempt(label, fn, minus=0.0):
+        try:
+            print(f"{tag} {label}: {median_ms(fn, 3) - minus:.2f} ms", flush=True)
+        except Exception as error:  # noqa: BLE001  (out of shared memory, say)
+            print(f"{tag} {label}: {type(error).__name__}", flush=True)
+
     default_fwd, default_bwd = triton_forward.forward_tiles, triton_backward.backward_tiles
-    for block_m, warps, stages in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2), (128, 4, 2)):
-        triton_forward.forward_tiles = lambda d, b: dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=warps,  # noqa: E731
-                                                         num_stages=stages)
-        print(f"fwd M={block_m} warps={warps} stages={stages}: {median_ms(forward, 3):.2f} ms", flush=True)
+    print(f"{tag} default forward tiles {default_fwd(head_dim, block_size)}, "
+          f"backward {default_bwd(head_dim, block_size)}", flush=True)
+    for block_m, warps, stages in FORWARD_SWEEP:
+        triton_forward.forward_tiles = tiles(block_m, warps, stages)
+        attempt(f"fwd M={block_m} warps={warps} stages={stages}", forward)
     triton_forward.forward_tiles = default_fwd
     fwd_ms = median_ms(forward, 3)
-    for block_m, block_n, warps, stages in ((64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2),
-                                            (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3), (128, 128, 8, 2)):
-        triton_backward.backward_tiles = lambda d, b: dict(BLOCK_M=block_m, BLOCK_N=block_n,  # noqa: E731
-                                                           num_warps=warps, num_stages=stages)
-        try:
-            print(f"bwd M={block_m} N={block_n} warps={warps} stages={stages}: "
-                  f"{median_ms(forward_backward, 3) - fwd_ms:.2f} ms", flush=True)
-        except Exception as error:  # noqa: BLE001  (out of shared memory, say)
-            print(f"bwd M={block_m} N={block_n} warps={warps} stages={stages}: {type(error).__name__}", flush=True)
+    for stored in (True, False):
+        triton_backward.DQ_BY_STORED_PARTIALS = stored
+        attempt(f"bwd default tiles, dQ {'stored partials' if stored else 'atomics'}", forward_backward, fwd_ms)
+    triton_backward.DQ_BY_STORED_PARTIALS = True
+    for block_m, warps, stages in BACKWARD_SWEEP[block_n]:
+        triton_backward.backward_tiles = tiles(block_m, warps, stages)
+        attempt(f"bwd M={block_m} N={block_n} warps={warps} stages={stages}", forward_backward, fwd_ms)
     triton_backward.backward_tiles = default_bwd
 
 
@@ -144,12 +164,66 @@ def partial_dtypes(seqlen=65536, batch=2, heads=16, head_dim=128):
               f"(output magnitude mean {outputs[False].abs().mean():.2e})", flush=True)
 
 
+def memory_phases(seqlen=65536, batch=2, heads=16, head_dim=128):
+    """Peak memory above the inputs of routing, of the forward, and of the backward alone (GiB)."""
+    for block_size, topk in ((128, 8), (32, 32)):
+        _memory_phases_of(seqlen, block_size, topk, batch, heads, head_dim)
+
+
+def _memory_phases_of(seqlen, block_size, topk, batch, heads, head_dim):
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+    packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+              for _ in range(3)]
+    grad_out = torch.randn_like(packed[0])
+
+    def route():
+        return triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen, block_size,
+                                                         topk, True)
+
+    selected = route()
+    route_gib = peak_gib(route)
+    held = {}
+
+    def forward():
+        held["out"] = triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)[0]
+
+    forward_gib = peak_gib(forward)
+    backward_gib = peak_gib(lambda: held["out"].backward(grad_out))
+    print(f"memory N={seqlen} B={block_size} k={topk}: route {route_gib:.3f}, forward {forward_gib:.3f}, "
+          f"backward {backward_gib:.3f} GiB (output alone {grad_out.numel() * 2 / 2**30:.3f})", flush=True)
+
+
+def partial_budgets(seqlen=65536, batch=2, heads=16, head_dim=128):
+    """Forward time against the partial-output scratch budget (number of row chunks)."""
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+    output_bytes = batch * seqlen * heads * head_dim * 2
+    for block_size, topk in ((128, 8), (32, 32)):
+        packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(3)]
+        selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
+                                                             block_size, topk, True)
+        for factor in (1, 2, 4, 8, 64):
+            triton_forward.PARTIAL_BUFFER_BYTES = factor * output_bytes
+            chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
+            fwd = median_ms(lambda: triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size,
+                                                                          True, 0.088), 5)
+            print(f"budget N={seqlen} B={block_size} k={topk}: {factor}x output, chunks {chunks}: fwd {fwd:.2f} ms",
+                  flush=True)
+        triton_forward.PARTIAL_BUFFER_BYTES = None
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["partials"]:
     partial_dtypes()
 elif __name__ == "__main__" and sys.argv[1:2] == ["breakdown"]:
-    kernel_breakdown()
+    # breakdown [N B k [det]]
+    arguments = [int(x) for x in sys.argv[2:5]] or [65536, 128, 8]
+    kernel_breakdown(*arguments, deterministic=sys.argv[5:6] == ["det"])
+elif __name__ == "__main__" and sys.argv[1:2] == ["memory"]:
+    memory_phases()
+elif __name__ == "__main__" and sys.argv[1:2] == ["budgets"]:
+    partial_budgets()
 elif __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
-    sweep_tiles()
+    sweep_tiles(*[int(x) for x in sys.argv[2:5]])
 elif __name__ == "__main__":
     print(torch.cuda.get_device_name(), flush=True)
     seqlens = [int(x) for x in sys.argv[1:]] or [8192, 65536]

@@ -72,11 +72,11 @@ def _(q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax
     topk = selected.shape[-1]
     batch = cu_seqlens_q.shape[0] - 1
     block_slots = num_block_slots(k.shape[0], batch, block_size)
-    _, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype)
+    row_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype).row_chunks
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads_q, total_q), dtype=torch.float32)
     entries = q.new_empty((total_q * heads_q * topk,), dtype=torch.int32)
-    offsets = q.new_empty((heads_q * block_slots * num_chunks + 1,), dtype=torch.int32)
+    offsets = q.new_empty((heads_q * block_slots * row_chunks + 1,), dtype=torch.int32)
     return out, lse, entries, offsets
 
 

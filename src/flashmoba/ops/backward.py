@@ -5,10 +5,15 @@
 2. dK/dV, key-block-major: one program per (key tile of a block, kv head) walks, for every query head of
    its GQA group, the rows routed to the block (full gathered tiles, fixed order, no atomics), and
    recomputes ``P = exp2(S * scale * log2(e) - lse * log2(e))``. dK and dV of the kv head are summed over
-   its query heads inside the program (no expanded per-query-head buffers). By default the same program
-   adds ``dS K`` into a float32 dQ accumulator with atomics.
-3. ``deterministic=True``: no float atomics. dQ comes from a second key-block-major pass that writes one
-   partial per (row, slot) for a chunk of rows at a time (the forward's chunks), summed in slot order.
+   its query heads inside the program (no expanded per-query-head buffers).
+3. dQ, one of three ways:
+   - ``"store"`` (default where it applies: a block is one key tile and one kv head's pairs fit the
+     forward's scratch budget): the dK/dV program also computes each routed pair's whole ``dS K`` and
+     stores it as that (row, head, slot)'s partial, like the forward's partial outputs; a sum kernel then
+     adds the topk partials of each row in slot order. Launched per chunk of whole kv heads. Deterministic.
+   - ``"atomic"``: the dK/dV program adds ``dS K`` into a float32 dQ accumulator with atomics.
+   - ``"none"`` (``deterministic=True`` where "store" does not apply): a second key-block-major pass writes
+     one partial per (row, head, slot) for one chunk at a time, summed in slot order.
 """
 
 from __future__ import annotations
@@ -19,13 +24,19 @@ import triton.language as tl
 
 from flashmoba.ops.forward import (
     LOG2_E,
+    chunk_pair_index,
     chunking,
     dot_precision,
     forward_tiles,
     head_dim_tile,
     interpreting,
+    partial_dtype,
 )
 from flashmoba.ops.index import block_table, num_block_slots
+
+# dQ by stored per-pair partials and a sum ("store", see above) where it applies; False: float32 atomics
+# (or the second pass with deterministic=True). A switch for measurements.
+DQ_BY_STORED_PARTIALS = True
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -58,18 +69,24 @@ def _moba_bwd_preprocess_kernel(
 
 @triton.jit
 def _moba_bwd_dkdv_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAccum,
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQ,
     Entries, Offsets, BlockTable,
     stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
     stride_do_row, stride_do_head, stride_dk_row, stride_dk_head, stride_dv_row, stride_dv_head,
-    block_slots, tiles_per_block, num_chunks, heads_q, topk, group, total_q, softmax_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    block_slots, tiles_per_block, num_chunks, kv_head_first, kv_heads_here, heads_q, topk, group, total_q,
+    softmax_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of one key tile of one block for one kv head (and, with ATOMIC_DQ, dQ by atomics)."""
-    block = tl.program_id(0) // tiles_per_block
-    key_tile = tl.program_id(0) % tiles_per_block
-    kv_head = tl.program_id(1)
+    """dK, dV of one key tile of one block for one kv head, and dQ as DQ_MODE says ("store": each pair's
+    partial into GradQ laid out [query head in chunk, row, slot]; "atomic": added into GradQ [rows, Hq, D]
+    float32; "none")."""
+    # kv heads vary fastest, then the key tiles of a block: the early blocks, which collect the most routed
+    # rows under causal routing, start first instead of trailing at the end of the grid.
+    kv_head = kv_head_first + tl.program_id(0) % kv_heads_here
+    block_tile = tl.program_id(0) // kv_heads_here
+    block = block_tile // tiles_per_block
+    key_tile = block_tile % tiles_per_block
     key_first = tl.load(BlockTable + block)
     key_end = tl.load(BlockTable + block_slots + block)
     shift = tl.load(BlockTable + 2 * block_slots + block)
@@ -125,12 +142,16 @@ def _moba_bwd_dkdv_kernel(
             grad_scores_t = probabilities_t * (grad_probabilities_t - delta[None, :])
             grad_scores_t = grad_scores_t.to(query.dtype)
             grad_key += tl.dot(grad_scores_t, query, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ:
+            if DQ_MODE != "none":
                 grad_query = tl.dot(tl.trans(grad_scores_t), key_tile_values, input_precision=DOT_PRECISION)
-                tl.atomic_add(
-                    GradQAccum + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
-                    grad_query * softmax_scale, mask=row_mask, sem="relaxed",
-                )
+                grad_query *= softmax_scale
+            if DQ_MODE == "store":  # the block is one key tile: this is the pair's whole dQ
+                pair = chunk_pair_index(entry, rows, head - kv_head_first * group, 0, total_q, topk)
+                tl.store(GradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
+                         grad_query.to(GradQ.dtype.element_ty), mask=row_mask)
+            if DQ_MODE == "atomic":
+                tl.atomic_add(GradQ + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
+                              grad_query, mask=row_mask, sem="relaxed")
 
     tl.store(GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
              (grad_key * softmax_scale).to(GradK.dtype.element_ty), mask=kv_mask)
@@ -144,14 +165,15 @@ def _moba_bwd_dq_partial_kernel(
     Entries, Offsets, BlockTable,
     stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
     stride_do_row, stride_do_head,
-    block_slots, num_chunks, chunk, chunk_first_entry, heads_q, topk, group, total_q,
+    block_slots, num_chunks, chunk, head_first, heads_here, first_row, rows_here, heads_q, topk, group, total_q,
     softmax_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Deterministic dQ: the partial dQ of each (row, slot) routed to one (key block, query head)."""
-    block = tl.program_id(0)
-    head = tl.program_id(1)
+    block = tl.program_id(0) // heads_here  # heads fastest, as in the forward
+    head_in_chunk = tl.program_id(0) % heads_here
+    head = head_first + head_in_chunk
     kv_head = head // group
     segment = (head * block_slots + block) * num_chunks + chunk
     begin = tl.load(Offsets + segment)
@@ -200,9 +222,29 @@ def _moba_bwd_dq_partial_kernel(
             grad_scores = (probabilities * (grad_probabilities - delta[:, None])).to(query.dtype)
             grad_query += tl.dot(grad_scores, key_tile, input_precision=DOT_PRECISION)
 
-        pair = (entry - chunk_first_entry).to(tl.int64)
+        pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
         tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :], grad_query * softmax_scale,
                  mask=row_mask)
+
+
+@triton.jit
+def _moba_bwd_dq_sum_kernel(
+    PartialGradQ, GradQ, head_first, rows_here, chunk_pairs, topk, stride_dq_row, stride_dq_head,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of BLOCK_R (head, row) pairs of a chunk: the sum of their topk partials, in slot order."""
+    pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pair_mask = pairs < chunk_pairs
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = pair_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    partial_ptrs = PartialGradQ + pairs.to(tl.int64)[:, None] * topk * HEAD_DIM + offs_d[None, :]
+    accumulator = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for slot in range(topk):
+        accumulator += tl.load(partial_ptrs + slot * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    rows = (pairs % rows_here).to(tl.int64)
+    heads = head_first + pairs // rows_here
+    tl.store(GradQ + rows[:, None] * stride_dq_row + heads[:, None] * stride_dq_head + offs_d[None, :],
+             accumulator.to(GradQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,7 +295,7 @@ def sparse_attention_backward(
     topk = entries.numel() // max(1, total_q * heads_q)
     batch = cu_seqlens_q.numel() - 1
     block_slots = num_block_slots(total_k, batch, block_size)
-    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype)
+    split = chunking(total_q, heads_q, topk, head_dim, q.dtype)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if total_q == 0 or block_slots == 0:
@@ -275,43 +317,63 @@ def sparse_attention_backward(
     precision = dot_precision(q.dtype)
     tiles = backward_tiles(head_dim, block_size)
     tiles_per_block = triton.cdiv(block_size, tiles["BLOCK_N"])
-    # Atomics add straight into dq when it is float32; otherwise into a float32 accumulator.
-    grad_q_accum = None
+    group = heads_q // heads_kv
+    grad_q = torch.empty(total_q, heads_q, head_dim, dtype=q.dtype, device=q.device)
+
+    def launch_dkdv(grad_q_target, dq_mode, kv_head_first, kv_heads_here):
+        _moba_bwd_dkdv_kernel[(block_slots * tiles_per_block * kv_heads_here,)](
+            q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q_target, entries, offsets, table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), grad_k.stride(0), grad_k.stride(1),
+            grad_v.stride(0), grad_v.stride(1),
+            block_slots, tiles_per_block, split.row_chunks, kv_head_first, kv_heads_here, heads_q, topk, group,
+            total_q, softmax_scale, qk_scale,
+            HEAD_DIM=head_dim, CAUSAL=causal, DQ_MODE=dq_mode, DOT_PRECISION=precision,
+            BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
+            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        )
+
+    def sum_partials(partial, head_first, heads_here, first_row, rows_here):
+        chunk_pairs = heads_here * rows_here
+        _moba_bwd_dq_sum_kernel[(triton.cdiv(chunk_pairs, block_r),)](
+            partial, grad_q[first_row:], head_first, rows_here, chunk_pairs, topk,
+            grad_q.stride(0), grad_q.stride(1), HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+
+    # "store": chunks of whole kv heads (their query heads together) whose dQ partials fit the scratch.
+    store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=group)
+    if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
+        partial = torch.empty(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
+                              device=q.device)
+        for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
+            used = partial[: heads_here * total_q * topk]
+            used.zero_()  # slots that no program writes (unused, -1) add zero
+            launch_dkdv(used, "store", head_first // group, heads_here // group)
+            sum_partials(used, head_first, heads_here, 0, total_q)
+        return grad_q, grad_k, grad_v
+
     if not deterministic:
         grad_q_accum = torch.zeros(total_q, heads_q, head_dim, dtype=torch.float32, device=q.device)
-    _moba_bwd_dkdv_kernel[(block_slots * tiles_per_block, heads_kv)](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q_accum if grad_q_accum is not None else delta,
-        entries, offsets, table,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        grad_out.stride(0), grad_out.stride(1), grad_k.stride(0), grad_k.stride(1),
-        grad_v.stride(0), grad_v.stride(1),
-        block_slots, tiles_per_block, num_chunks, heads_q, topk, heads_q // heads_kv, total_q,
-        softmax_scale, qk_scale,
-        HEAD_DIM=head_dim, CAUSAL=causal, ATOMIC_DQ=not deterministic, DOT_PRECISION=precision,
-        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-    )
-    if not deterministic:
-        return grad_q_accum.to(q.dtype), grad_k, grad_v
+        launch_dkdv(grad_q_accum, "atomic", 0, heads_kv)
+        grad_q.copy_(grad_q_accum)
+        return grad_q, grad_k, grad_v
 
-    # Deterministic dQ: per-(row, slot) partials of one chunk of rows, summed in slot order.
+    # Deterministic dQ: per-(row, head, slot) partials of one chunk, summed in slot order.
+    launch_dkdv(delta, "none", 0, heads_kv)
     dq_tiles = forward_tiles(head_dim, block_size)
-    grad_q = torch.empty(total_q, heads_q, head_dim, dtype=q.dtype, device=q.device)
-    partial = torch.empty(chunk_rows * heads_q * topk, head_dim, dtype=torch.float32, device=q.device)
-    for chunk in range(num_chunks):
-        first_row = chunk * chunk_rows
-        rows_here = min(chunk_rows, total_q - first_row)
-        partial.zero_()  # slots that no program writes add zero
-        _moba_bwd_dq_partial_kernel[(block_slots, heads_q)](
-            q, k, v, grad_out, lse, delta, partial, entries, offsets, table,
+    partial = torch.empty(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
+    for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
+        used = partial[: heads_here * rows_here * topk]
+        used.zero_()  # slots that no program writes add zero
+        _moba_bwd_dq_partial_kernel[(block_slots * heads_here,)](
+            q, k, v, grad_out, lse, delta, used, entries, offsets, table,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad_out.stride(0), grad_out.stride(1),
-            block_slots, num_chunks, chunk, first_row * heads_q * topk, heads_q, topk,
-            heads_q // heads_kv, total_q, softmax_scale, qk_scale,
+            block_slots, split.row_chunks, row_chunk, head_first, heads_here, first_row, rows_here, heads_q,
+            topk, group, total_q, softmax_scale, qk_scale,
             HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=precision,
             BLOCK_M=dq_tiles["BLOCK_M"], BLOCK_N=dq_tiles["BLOCK_N"], BLOCK_D=block_d,
             num_warps=dq_tiles["num_warps"], num_stages=dq_tiles["num_stages"],
         )
-        used = partial[: rows_here * heads_q * topk].view(rows_here, heads_q, topk, head_dim)
-        grad_q[first_row : first_row + rows_here] = used.sum(dim=2).to(q.dtype)
+        sum_partials(used, head_first, heads_here, first_row, rows_here)
     return grad_q, grad_k, grad_v

@@ -7,14 +7,18 @@ log2(e) folded into the scale, the causal rule ``key <= row + shift`` applied in
 (row, slot) pair thus gets a partial output normalised by its own sum and a partial log2-sum-exp. A merge
 kernel then combines the ``topk`` partials of each row in slot order (deterministic, no atomics).
 
-The partials are kept for a chunk of query rows at a time (a static number of chunks from the shapes,
-no host synchronisation), so the scratch stays about twice the size of the output whatever topk is.
+The partials are kept for a chunk at a time (a static chunking from the shapes, no host synchronisation),
+so the scratch stays about twice the size of the output whatever topk is. A chunk is a group of whole
+query heads, so every program sees all the rows routed to its column and loads its K/V block once; only
+when one head's partials exceed the budget is a head split into row ranges (``Chunking``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,12 +44,17 @@ PARTIALS_IN_INPUT_DTYPE = True
 
 
 @triton.jit
-def _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry, row_max, row_sum, accumulator,
+def chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk):
+    """Position of routed pairs in the chunk's partial buffers, laid out [head in chunk, row, slot]."""
+    return ((head_in_chunk * rows_here + rows - first_row) * topk + entry % topk).to(tl.int64)
+
+
+@triton.jit
+def _store_partial(PartialOut, PartialLse, pair, entry_mask, row_max, row_sum, accumulator,
                    offs_d, d_mask, HEAD_DIM: tl.constexpr):
     """Write each pair's normalised partial output and its log2-sum-exp (-inf when it saw no key)."""
     partial_lse = row_max + tl.math.log2(row_sum)
     partial_out = accumulator / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-    pair = (entry - chunk_first_entry).to(tl.int64)
     tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
     tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :],
              partial_out.to(PartialOut.dtype.element_ty), mask=entry_mask[:, None] & d_mask[None, :])
@@ -56,13 +65,16 @@ def _moba_fwd_partial_kernel(
     Q, K, V, PartialOut, PartialLse,
     Entries, Offsets, BlockTable,
     stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
-    block_slots, num_chunks, chunk, chunk_first_entry, heads_q, topk, group, qk_scale,
+    block_slots, num_chunks, chunk, head_first, heads_here, first_row, rows_here, heads_q, topk, group, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE_KEY_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial attention of the rows routed to one (key block, query head) for one chunk of rows."""
-    block = tl.program_id(0)
-    head = tl.program_id(1)
+    """Partial attention of the rows routed to one (key block, query head) for one chunk."""
+    # Heads vary fastest: under causal routing the early key blocks collect the most rows, so their
+    # programs start first instead of trailing at the end of the grid.
+    block = tl.program_id(0) // heads_here
+    head_in_chunk = tl.program_id(0) % heads_here
+    head = head_first + head_in_chunk
     kv_head = head // group
     segment = (head * block_slots + block) * num_chunks + chunk
     begin = tl.load(Offsets + segment)
@@ -102,8 +114,9 @@ def _moba_fwd_partial_kernel(
             probabilities = tl.math.exp2(scores - safe_max[:, None])
             row_sum = tl.sum(probabilities, 1)
             accumulator = tl.dot(probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION)
-            _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry, safe_max, row_sum,
-                           accumulator, offs_d, d_mask, HEAD_DIM)
+            pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
+            _store_partial(PartialOut, PartialLse, pair, entry_mask, safe_max, row_sum, accumulator,
+                           offs_d, d_mask, HEAD_DIM)
     else:
         for tile_start in range(begin, end, BLOCK_M):
             entry_mask = tile_start + offs_m < end
@@ -139,18 +152,19 @@ def _moba_fwd_partial_kernel(
                 )
                 running_max = new_max
             safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
-            _store_partial(PartialOut, PartialLse, entry, entry_mask, chunk_first_entry, safe_max, running_sum,
-                           accumulator, offs_d, d_mask, HEAD_DIM)
+            pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
+            _store_partial(PartialOut, PartialLse, pair, entry_mask, safe_max, running_sum, accumulator,
+                           offs_d, d_mask, HEAD_DIM)
 
 
 @triton.jit
 def _moba_fwd_merge_kernel(
     PartialOut, PartialLse, Out, Lse,
-    first_row, chunk_pairs, heads_q, topk, total_q,
+    head_first, first_row, rows_here, chunk_pairs, topk, total_q,
     stride_o_row, stride_o_head,
     HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Combine the topk partials of BLOCK_R (row, head) pairs by their log-sum-exps, in slot order."""
+    """Combine the topk partials of BLOCK_R (head, row) pairs of a chunk by their log-sum-exps, in slot order."""
     pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pair_mask = pairs < chunk_pairs
     slots = tl.arange(0, TOPK_PAD)
@@ -178,8 +192,8 @@ def _moba_fwd_merge_kernel(
         ).to(tl.float32)
         accumulator += tl.where(used, weight, 0.0)[:, None] * part
 
-    rows = first_row + pairs // heads_q
-    heads = pairs % heads_q
+    rows = first_row + pairs % rows_here
+    heads = head_first + pairs // rows_here
     out_ptrs = Out + rows.to(tl.int64)[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :]
     tl.store(out_ptrs, accumulator.to(Out.dtype.element_ty), mask=pair_mask[:, None] & d_mask[None, :])
     lse = (safe_max + tl.math.log2(total)) * 0.6931471805599453  # natural log; -inf when nothing seen
@@ -221,14 +235,50 @@ def partial_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if PARTIALS_IN_INPUT_DTYPE and dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(rows per chunk, number of chunks): the forward keeps the partials of one chunk at a time."""
+class Chunking(NamedTuple):
+    """How the forward splits the partial outputs of all (row, head, slot) pairs to fit its scratch.
+
+    Whole heads go together while one head's partials fit (``row_chunks == 1``); otherwise each chunk is
+    one head and ``rows_per_chunk`` rows. The index keeps ``row_chunks`` segments per column.
+    """
+
+    heads_per_chunk: int
+    rows_per_chunk: int
+    row_chunks: int
+
+    def chunks(self, total_q: int, heads_q: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """(first head, heads, row chunk, first row, rows) of each chunk, in launch order."""
+        for head_first in range(0, heads_q, self.heads_per_chunk):
+            for row_chunk in range(self.row_chunks):
+                first_row = row_chunk * self.rows_per_chunk
+                yield (head_first, min(self.heads_per_chunk, heads_q - head_first), row_chunk, first_row,
+                       min(self.rows_per_chunk, total_q - first_row))
+
+    def scratch_pairs(self, topk: int) -> int:
+        return self.heads_per_chunk * self.rows_per_chunk * topk
+
+
+def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, dtype: torch.dtype, group: int = 1) -> Chunking:
+    """The static chunking of the forward's partials (and of the backward's dQ partials) for these shapes.
+
+    With ``group`` > 1, heads go in whole groups of ``group`` consecutive heads (the query heads of one kv
+    head, for the backward's dK/dV programs); a group that does not fit is split into row ranges instead.
+
+    Measured on H100 at 64K, B128/k8 (benchmarks/NOTES.md section 4): splitting rows costs each column a
+    K/V reload and shorter row loops per chunk (forward 11.2 ms in 5 row chunks against 9.2 ms in one).
+    """
     budget = PARTIAL_BUFFER_BYTES
-    if budget is None:
-        budget = max(64 << 20, 2 * total_q * heads_q * head_dim * dtype.itemsize)
-    bytes_per_row = heads_q * topk * (head_dim * partial_dtype(dtype).itemsize + 4)  # outputs + lse
-    chunk_rows = max(1, min(max(total_q, 1), budget // bytes_per_row))
-    return chunk_rows, max(1, -(-total_q // chunk_rows))
+    if budget is None:  # twice the output and its lse
+        budget = max(64 << 20, 2 * total_q * heads_q * (head_dim * dtype.itemsize + 4))
+    bytes_per_row = group * topk * (head_dim * partial_dtype(dtype).itemsize + 4)  # one group's outputs + lse
+    rows = max(total_q, 1)
+    groups = heads_q // group
+    groups_that_fit = min(groups, budget // (bytes_per_row * rows))
+    if groups_that_fit >= 1:
+        launches = -(-groups // groups_that_fit)
+        return Chunking(group * -(-groups // launches), rows, 1)  # even sizes: no short last launch
+    rows_per_chunk = max(1, budget // bytes_per_row)
+    return Chunking(group, rows_per_chunk, -(-rows // rows_per_chunk))
 
 
 def check_supported(q: torch.Tensor, k: torch.Tensor, topk: int) -> None:
@@ -282,9 +332,9 @@ def sparse_attention_forward(
     topk = selected.shape[-1]
     batch = cu_seqlens_q.numel() - 1
     block_slots = num_block_slots(total_k, batch, block_size)
-    chunk_rows, num_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype)
+    split = chunking(total_q, heads_q, topk, head_dim, q.dtype)
     entries, offsets = build_block_index(
-        selected, cu_seqlens_q, cu_seqlens_k, block_size, block_slots, num_chunks, chunk_rows
+        selected, cu_seqlens_q, cu_seqlens_k, block_size, block_slots, split.row_chunks, split.rows_per_chunk
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(heads_q, total_q, dtype=torch.float32, device=q.device)
@@ -294,30 +344,27 @@ def sparse_attention_forward(
 
     tiles = forward_tiles(head_dim, block_size)
     block_d = head_dim_tile(head_dim)
-    scratch_pairs = chunk_rows * heads_q * topk
-    partial_out = torch.empty(scratch_pairs, head_dim, dtype=partial_dtype(q.dtype), device=q.device)
-    partial_lse = torch.empty(scratch_pairs, dtype=torch.float32, device=q.device)
+    partial_out = torch.empty(split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device)
+    partial_lse = torch.empty(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * LOG2_E
     block_r = 16 if interpreting() else 32
-    for chunk in range(num_chunks):
-        first_row = chunk * chunk_rows
-        rows_here = min(chunk_rows, total_q - first_row)
-        partial_lse.fill_(-math.inf)  # slots no program writes stay -inf and are skipped by the merge
+    for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
+        chunk_pairs = heads_here * rows_here
+        partial_lse[: chunk_pairs * topk].fill_(-math.inf)  # slots no program writes stay -inf: the merge skips them
         if block_slots > 0:
-            _moba_fwd_partial_kernel[(block_slots, heads_q)](
+            _moba_fwd_partial_kernel[(block_slots * heads_here,)](
                 q, k, v, partial_out, partial_lse, entries, offsets, table,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                block_slots, num_chunks, chunk, first_row * heads_q * topk, heads_q, topk,
-                heads_q // heads_kv, qk_scale,
+                block_slots, split.row_chunks, row_chunk, head_first, heads_here, first_row, rows_here, heads_q,
+                topk, heads_q // heads_kv, qk_scale,
                 HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
                 SINGLE_KEY_TILE=block_size <= tiles["BLOCK_N"],
                 BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
             )
-        chunk_pairs = rows_here * heads_q
         _moba_fwd_merge_kernel[(triton.cdiv(chunk_pairs, block_r),)](
             partial_out, partial_lse, out, lse,
-            first_row, chunk_pairs, heads_q, topk, total_q,
+            head_first, first_row, rows_here, chunk_pairs, topk, total_q,
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, TOPK_PAD=triton.next_power_of_2(topk), BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=4,
