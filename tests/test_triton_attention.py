@@ -190,8 +190,13 @@ def test_dq_partials_in_kv_head_groups(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_selection_with_holes_and_no_blocks():
+@pytest.mark.parametrize("stored_partials", [True, False], ids=["dq_stored_partials", "dq_atomics"])
+def test_selection_with_holes_and_no_blocks(monkeypatch, stored_partials):
     """Rows with no selected block get o = 0, lse = -inf and zero gradients; -1 slots are skipped."""
+    # Scratch starts as NaN, so a partial that no kernel writes or clears would show in the results.
+    monkeypatch.setattr(triton_forward, "empty_scratch", lambda *shape, **kw: torch.full(shape, math.nan, **kw))
+    monkeypatch.setattr(triton_backward, "empty_scratch", lambda *shape, **kw: torch.full(shape, math.nan, **kw))
+    monkeypatch.setattr(triton_backward, "DQ_BY_STORED_PARTIALS", stored_partials)
     q, k, v, grad_out, grad_lse = _make([20], [20], 2, 1, 32)
     cu = _cu([20])
     selected = torch.full((20, 2, 3), -1, dtype=torch.int32, device=DEVICE)
@@ -202,9 +207,13 @@ def test_selection_with_holes_and_no_blocks():
     for row in (5, 12):
         for head in range(2):
             keys = torch.cat([torch.arange(b * B, min(20, (b + 1) * B)) for b in selected[row, head].tolist() if b >= 0])
-            logits = (q[row, head] @ k[keys, 0].T) * 0.2
-            torch.testing.assert_close(out[row, head], torch.softmax(logits, 0) @ v[keys, 0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(lse[head, row], torch.logsumexp(logits, 0), atol=1e-5, rtol=1e-5)
+            query = q[row, head].detach().clone().requires_grad_()
+            logits = (query @ k[keys, 0].T) * 0.2
+            expected_out, expected_lse = torch.softmax(logits, 0) @ v[keys, 0], torch.logsumexp(logits, 0)
+            torch.testing.assert_close(out[row, head], expected_out, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse[head, row], expected_lse, atol=1e-5, rtol=1e-5)
+            (expected_out @ grad_out[row, head] + expected_lse * grad_lse[head, row]).backward()
+            torch.testing.assert_close(grad_q[row, head], query.grad, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from flashmoba.ops.forward import (
     chunk_pair_index,
     chunking,
     dot_precision,
+    empty_scratch,
     forward_tiles,
     head_dim_tile,
     interpreting,
@@ -228,6 +229,26 @@ def _moba_bwd_dq_partial_kernel(
 
 
 @triton.jit
+def _moba_bwd_zero_unrouted_kernel(
+    PartialGradQ, Entries, Offsets, num_segments, total_pairs, head_first, heads_here, rows_here, heads_q, topk,
+    HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Zero the chunk's dQ partials of the pairs no dK/dV program writes: unused slots, sorted last."""
+    first_unrouted = tl.load(Offsets + num_segments)
+    positions = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    unrouted = (positions >= first_unrouted) & (positions < total_pairs)
+    entry = tl.load(Entries + positions, mask=unrouted, other=0)
+    rows = entry // (heads_q * topk)
+    heads = (entry // topk) % heads_q
+    unrouted &= (heads >= head_first) & (heads < head_first + heads_here)
+    pair = chunk_pair_index(entry, rows, heads - head_first, 0, rows_here, topk)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
+             tl.zeros([BLOCK_E, BLOCK_D], dtype=PartialGradQ.dtype.element_ty),
+             mask=unrouted[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def _moba_bwd_dq_sum_kernel(
     PartialGradQ, GradQ, head_first, rows_here, chunk_pairs, topk, stride_dq_row, stride_dq_head,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -260,11 +281,12 @@ def backward_tiles(head_dim: int, block_size: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=1)
     if head_dim > 128:
         return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=2)
-    # Measured on H200 at 64K, B=128, k=8, d=128 (backward ms): M32/N128 17.6, M64/N128 20.1, M64/N64 28.3
-    # (26.1 with 3 stages); at B=64 (N64) M64 beat M32.
-    if block_n >= 128:
-        return dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=3)
+    # Measured on H100 at 64K, d=128, dQ by stored partials (fwd+bwd minus fwd, ms; benchmarks/NOTES.md
+    # section 4): B=128: M64/8 warps/3 stages 17.3, M32/8/2 19.6, M64/8/2 19.0, M16/8/2 23.8; B=32/k=32:
+    # M32/4/3 34.6, M128/8/3 36.3, M64/8/3 39.9. B=64 is not re-measured: M64/8/3 (M64 beat M32 on H200, v1.0).
+    if block_n >= 64:
+        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=3)
 
 
 def _row_stride_ok(tensor: torch.Tensor) -> torch.Tensor:
@@ -343,11 +365,16 @@ def sparse_attention_backward(
     # "store": chunks of whole kv heads (their query heads together) whose dQ partials fit the scratch.
     store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=group)
     if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
-        partial = torch.empty(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
+        partial = empty_scratch(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
                               device=q.device)
+        block_e = 64 if interpreting() else 256
         for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
             used = partial[: heads_here * total_q * topk]
-            used.zero_()  # slots that no program writes (unused, -1) add zero
+            # Unused slots (-1) add zero: clear just their partials (the index lists them last).
+            _moba_bwd_zero_unrouted_kernel[(triton.cdiv(entries.numel(), block_e),)](
+                used, entries, offsets, offsets.numel() - 1, entries.numel(), head_first, heads_here, total_q,
+                heads_q, topk, HEAD_DIM=head_dim, BLOCK_E=block_e, BLOCK_D=block_d,
+            )
             launch_dkdv(used, "store", head_first // group, heads_here // group)
             sum_partials(used, head_first, heads_here, 0, total_q)
         return grad_q, grad_k, grad_v
@@ -361,7 +388,7 @@ def sparse_attention_backward(
     # Deterministic dQ: per-(row, head, slot) partials of one chunk, summed in slot order.
     launch_dkdv(delta, "none", 0, heads_kv)
     dq_tiles = forward_tiles(head_dim, block_size)
-    partial = torch.empty(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
+    partial = empty_scratch(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
         used = partial[: heads_here * rows_here * topk]
         used.zero_()  # slots that no program writes add zero

@@ -200,6 +200,11 @@ def _moba_fwd_merge_kernel(
     tl.store(Lse + heads.to(tl.int64) * total_q + rows, lse, mask=pair_mask)
 
 
+def empty_scratch(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised scratch (its own function so that tests can fill it with NaN)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
@@ -226,9 +231,13 @@ def forward_tiles(head_dim: int, block_size: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))), num_warps=4,
                     num_stages=1)
     block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
-    # Measured on H200 at 64K, B=128, k=8, d=128: stages=1 13.6 ms, stages=2 17.6, M=128 16.4 (programs hold
-    # few row tiles, so pipelining buys less than the occupancy its shared memory costs).
-    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4, num_stages=1)
+    # Measured on H100 at 64K, d=128, head-group chunks (ms): B=128/k=8: stages 3 9.15, 1 9.47, 2 9.66, M=128 with
+    # 8 warps 10.6; B=32/k=32: stages 3 24.1, 1 25.1 (benchmarks/NOTES.md section 4). Three stages pipeline the
+    # gathered query tiles past a block held in shared memory; where the keys loop instead (blocks wider than
+    # one tile, head_dim > 128) they would pipeline K/V tiles too, unmeasured and near the shared-memory limit.
+    single_key_tile = block_size <= block_n and head_dim <= 128
+    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4,
+                num_stages=3 if single_key_tile else 1)
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -344,8 +353,8 @@ def sparse_attention_forward(
 
     tiles = forward_tiles(head_dim, block_size)
     block_d = head_dim_tile(head_dim)
-    partial_out = torch.empty(split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device)
-    partial_lse = torch.empty(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
+    partial_out = empty_scratch(split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device)
+    partial_lse = empty_scratch(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * LOG2_E
     block_r = 16 if interpreting() else 32
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
