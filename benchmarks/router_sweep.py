@@ -461,6 +461,27 @@ def self_check(out: Path | None) -> int:
     return 0 if passed else 1
 
 
+def count_paths(cases: list[dict], device: str) -> list[dict]:
+    """The default configuration's tile update paths per case (router.count_topk_paths), printed as a table."""
+    from flashmoba.ops import router
+
+    rows = []
+    log(f"{'case':<22} {'tiles':>12} {'skipped':>8} {'inserted':>9} {'merged':>7} {'rounds/insert':>14}")
+    for case in cases:
+        generator = torch.Generator(device=device).manual_seed(0)
+        shape = (case["batch"], case["seqlen"], case["heads"], case["head_dim"])
+        q, k = (torch.randn(*shape, device=device, dtype=DTYPES[case["dtype"]], generator=generator)
+                for _ in range(2))
+        counts = router.count_topk_paths(q, k, case["block_size"], case["topk"], case["causal"])
+        counts.pop("selected")
+        rows.append(dict(case, **counts))
+        tiles = max(1, counts["tiles"])
+        log(f"{'N ' + str(case['seqlen']) + ' B' + str(case['block_size']) + '/k' + str(case['topk']):<22} "
+            f"{counts['tiles']:>12} {counts['skipped'] / tiles:>8.1%} {counts['inserted'] / tiles:>9.1%} "
+            f"{counts['merged'] / tiles:>7.1%} {counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlens", type=_parse_ints, default=[8192, 65536, 524288])
@@ -481,15 +502,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default benchmarks/results/router_sweep_<card>.json; "
                              "the CPU self-check writes only when given)")
+    parser.add_argument("--count-paths", action="store_true",
+                        help="only count the default configuration's tile update paths per case (no timing)")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
+        if args.count_paths:  # a small case through the interpreter
+            os.environ["TRITON_INTERPRET"] = "1"  # before flashmoba.ops imports triton's kernels
+            count_paths([dict(SELF_CHECK, dtype="bf16", causal=True)], "cpu")
         return self_check(args.out)
 
     grid = SMALL_GRID if args.grid == "small" else full_grid()
     cases = [dict(batch=args.batch, seqlen=seqlen, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                   block_size=block_size, topk=topk, causal=True)
              for seqlen in args.seqlens for block_size, topk in args.blocks]
+    if args.count_paths:
+        rows = count_paths(cases, "cuda")
+        if args.out:
+            args.out.write_text(json.dumps(dict(card=bench.card_name(), rows=rows), indent=1))
+        return 0
     out = args.out or Path("benchmarks/results") / f"router_sweep_{bench._file_stem(bench.card_name())}.json"
     record = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     log(f"router_sweep on {bench.card_name()}: {len(cases)} cases x (default + {len(grid)} configs), "

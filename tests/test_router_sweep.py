@@ -115,3 +115,10 @@ def test_deadline_inside_a_case_keeps_the_rows_measured(sweep):
     case = dict(sweep.SELF_CHECK, dtype="bf16", causal=True)
     rows = sweep.sweep_case(case, sweep.SELF_CHECK_GRID, 1, "cpu", AfterFirstConfig(None))
     assert [row["config_name"] for row in rows] == ["default"] and rows[0]["status"] == "ok"
+
+
+def test_count_paths_rows_add_up(sweep):
+    case = dict(sweep.SELF_CHECK, dtype="bf16", causal=True)
+    (row,) = sweep.count_paths([case], "cpu")
+    assert row["tiles"] == row["skipped"] + row["inserted"] + row["merged"] > 0
+    assert "selected" not in row and row["seqlen"] == case["seqlen"]

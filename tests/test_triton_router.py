@@ -360,3 +360,21 @@ def test_wide_query_tiles_of_long_sequences(monkeypatch):
     monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=128, BLOCK_N=32, num_warps=8))
     for causal in (True, False):
         _check_padded(1, 150, 160, 2, 1, 16, 4, 17, causal, integers=True, seed=21)
+
+
+def test_path_counts_add_up_and_follow_the_configuration(monkeypatch):
+    generator = torch.Generator().manual_seed(31)
+    q = _random(1, 96, 2, 16, generator=generator)
+    k = _random(1, 96, 2, 16, generator=generator)
+    block_size, topk = 4, 5  # 24 blocks in tiles of 16: most query tiles visit two centroid tiles
+    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16))
+    # Tiles visited: per (query tile, head), the centroid tiles below the own block of its last row.
+    last_rows = torch.arange(15, 96, 16)
+    expected_tiles = 2 * int(((last_rows // block_size + 15) // 16).sum())
+    counts = router.count_topk_paths(q, k, block_size, topk, causal=True)
+    assert counts["tiles"] == counts["skipped"] + counts["inserted"] + counts["merged"] == expected_tiles
+    assert counts["merged"] > 0 and counts["skipped"] + counts["inserted"] > 0
+    assert counts["inserted"] <= counts["insertion_rounds"] <= 4 * counts["inserted"]
+    assert torch.equal(counts["selected"], reference.moba_select_reference(q, k, block_size, topk, True))
+    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, FILTER=False))
+    assert router.count_topk_paths(q, k, block_size, topk, causal=True)["merged"] == expected_tiles

@@ -178,6 +178,7 @@ def _route_topk_kernel(
     q_ptr,
     centroids_ptr,
     selected_ptr,
+    path_counts_ptr,  # int32 [4] with COUNT_PATHS: tiles skipped, inserted, merged; insertion rounds
     cu_seqlens_q_ptr,
     cu_seqlens_k_ptr,
     seqlen_q,  # padded layout only (unused when IS_VARLEN)
@@ -209,6 +210,7 @@ def _route_topk_kernel(
     CENTROIDS_ARE_SUMS: tl.constexpr,
     FILTER: tl.constexpr,
     INSERT_ROUNDS: tl.constexpr,
+    COUNT_PATHS: tl.constexpr,
 ):
     """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
     tile = tl.program_id(0)
@@ -260,6 +262,9 @@ def _route_topk_kernel(
     threshold_column = RUNNING_TOPK - picks
     block_offsets = tl.arange(0, BLOCK_N)
     num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
+    tiles_inserted = 0  # path counters, kept only with COUNT_PATHS (a measurement aid)
+    tiles_merged = 0
+    insertion_rounds = 0
     for tile_index in range(0, num_tiles):
         # Latest tiles first: with attention's locality they raise the thresholds early.
         block_ids = (num_tiles - 1 - tile_index) * BLOCK_N + block_offsets
@@ -292,8 +297,18 @@ def _route_topk_kernel(
             keys = tl.where(may_enter, _score_keys(block_scores, block_ids), EMPTY_KEY)
             if rounds <= INSERT_ROUNDS:
                 running_topk = _insert_best(running_topk, keys, rounds, RUNNING_TOPK)
+                if COUNT_PATHS:
+                    tiles_inserted += 1
+                    insertion_rounds += rounds
             else:
                 running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
+                if COUNT_PATHS:
+                    tiles_merged += 1
+    if COUNT_PATHS:
+        tl.atomic_add(path_counts_ptr + 0, num_tiles - tiles_inserted - tiles_merged)
+        tl.atomic_add(path_counts_ptr + 1, tiles_inserted)
+        tl.atomic_add(path_counts_ptr + 2, tiles_merged)
+        tl.atomic_add(path_counts_ptr + 3, insertion_rounds)
 
     # Keep the best `picks` of each row, then list their block ids in ascending order.
     rank = RUNNING_TOPK - 1 - columns
@@ -433,8 +448,9 @@ def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size
 
 
 def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k,
-                  max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen):
-    """Fill selected [total_q, Hq, topk] (a view of [B, T, Hq, topk] for the padded layout)."""
+                  max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen, path_counts=None):
+    """Fill selected [total_q, Hq, topk] (a view of [B, T, Hq, topk] for the padded layout); with
+    path_counts (int32 [4], zeroed), also count the tile update paths (see count_topk_paths)."""
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = centroids.shape[1]
     max_blocks = triton.cdiv(max_seqlen_k, block_size)
@@ -453,7 +469,7 @@ def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seq
     # as bf16 x bf16 products fit float32). Compiled kernels keep bf16 tiles for the tensor cores.
     dot_in_float32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     _route_topk_kernel[grid](
-        q, centroids, selected,
+        q, centroids, selected, selected if path_counts is None else path_counts,
         cu_seqlens_q if is_varlen else selected, cu_seqlens_k if is_varlen else selected,
         seqlen_q, seqlen_k,
         stride_batch, stride_token, stride_head, stride_dim,
@@ -469,6 +485,7 @@ def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seq
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_float32 else "tf32",
         DOT_IN_FLOAT32=dot_in_float32,
         CENTROIDS_ARE_SUMS=_stores_sums(q.dtype),
+        COUNT_PATHS=path_counts is not None,
         **config,
     )
     return selected
@@ -577,3 +594,27 @@ def route(
         seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False,
     )
     return selected
+
+
+def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool = True) -> dict:
+    """How the top-k kernel updated its running lists on a padded batch (a measurement aid, not a fast path).
+
+    Returns the number of centroid tiles the programs visited and how each was handled: ``skipped`` (no row
+    could use it), ``inserted`` (at most ``INSERT_ROUNDS`` keys per row, ``insertion_rounds`` in all) or
+    ``merged`` (a full ``tl.topk``), plus ``selected``, the selection itself (unchanged by counting).
+    """
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[1]
+    _check_supported(q, k, batch, seqlen_k, block_size, topk, causal)
+    selected = _new_selection((batch, seqlen_q, heads_q, topk), q.device, None)
+    centroids = _launch_centroids(
+        k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False, store_sums=_stores_sums(k.dtype)
+    )
+    counts = torch.zeros(4, dtype=torch.int32, device=q.device)
+    _launch_route(
+        q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
+        seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False, path_counts=counts,
+    )
+    skipped, inserted, merged, rounds = counts.tolist()
+    return dict(tiles=skipped + inserted + merged, skipped=skipped, inserted=inserted, merged=merged,
+                insertion_rounds=rounds, selected=selected)
