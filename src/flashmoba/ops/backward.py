@@ -233,19 +233,26 @@ def _moba_bwd_zero_unrouted_kernel(
     PartialGradQ, Entries, Offsets, num_segments, total_pairs, head_first, heads_here, rows_here, heads_q, topk,
     HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Zero the chunk's dQ partials of the pairs no dK/dV program writes: unused slots, sorted last."""
+    """Zero the chunk's dQ partials of the pairs no dK/dV program writes: unused slots, sorted last.
+
+    A fixed grid strides over the index's tail from its first unrouted entry (read on the device), so
+    the work follows the number of unused slots, not of pairs.
+    """
     first_unrouted = tl.load(Offsets + num_segments)
-    positions = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    unrouted = (positions >= first_unrouted) & (positions < total_pairs)
-    entry = tl.load(Entries + positions, mask=unrouted, other=0)
-    rows = entry // (heads_q * topk)
-    heads = (entry // topk) % heads_q
-    unrouted &= (heads >= head_first) & (heads < head_first + heads_here)
-    pair = chunk_pair_index(entry, rows, heads - head_first, 0, rows_here, topk)
+    offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
-             tl.zeros([BLOCK_E, BLOCK_D], dtype=PartialGradQ.dtype.element_ty),
-             mask=unrouted[:, None] & (offs_d[None, :] < HEAD_DIM))
+    stride = tl.num_programs(0) * BLOCK_E
+    for start in range(first_unrouted + tl.program_id(0) * BLOCK_E, total_pairs, stride):
+        positions = start + offs_e
+        unrouted = positions < total_pairs
+        entry = tl.load(Entries + positions, mask=unrouted, other=0)
+        rows = entry // (heads_q * topk)
+        heads = (entry // topk) % heads_q
+        unrouted &= (heads >= head_first) & (heads < head_first + heads_here)
+        pair = chunk_pair_index(entry, rows, heads - head_first, 0, rows_here, topk)
+        tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
+                 tl.zeros([BLOCK_E, BLOCK_D], dtype=PartialGradQ.dtype.element_ty),
+                 mask=unrouted[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -367,11 +374,12 @@ def sparse_attention_backward(
     if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
         partial = empty_scratch(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
                               device=q.device)
-        block_e = 64 if interpreting() else 256
+        # Small in the interpreter, so that tests stride over the tail more than once.
+        block_e, zero_programs = (16, 2) if interpreting() else (256, 1024)
         for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
             used = partial[: heads_here * total_q * topk]
             # Unused slots (-1) add zero: clear just their partials (the index lists them last).
-            _moba_bwd_zero_unrouted_kernel[(triton.cdiv(entries.numel(), block_e),)](
+            _moba_bwd_zero_unrouted_kernel[(min(triton.cdiv(entries.numel(), block_e), zero_programs),)](
                 used, entries, offsets, offsets.numel() - 1, entries.numel(), head_first, heads_here, total_q,
                 heads_q, topk, HEAD_DIM=head_dim, BLOCK_E=block_e, BLOCK_D=block_d,
             )
