@@ -289,10 +289,12 @@ def backward_tiles(head_dim: int, block_size: int) -> dict:
     if head_dim > 128:
         return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=2)
     # Measured on H100 at 64K, d=128, dQ by stored partials (fwd+bwd minus fwd, ms; benchmarks/NOTES.md
-    # section 4): B=128: M64/8 warps/3 stages 17.3, M32/8/2 19.6, M64/8/2 19.0, M16/8/2 23.8; B=32/k=32:
-    # M32/4/3 34.6, M128/8/3 36.3, M64/8/3 39.9. B=64 is not re-measured: M64/8/3 (M64 beat M32 on H200, v1.0).
-    if block_n >= 64:
+    # section 4): B=128: M64/8 warps/3 stages 17.3, M32/8/2 19.6, M64/8/2 19.0, M16/8/2 23.8; B=64/k=16:
+    # M64/4/3 20.1, M32/4/3 20.9, M64/8/3 26.4; B=32/k=32: M32/4/3 34.6, M128/8/3 36.3, M64/8/3 39.9.
+    if block_n >= 128:
         return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=3)
+    if block_n == 64:
+        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=3)
     return dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=3)
 
 
