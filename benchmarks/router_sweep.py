@@ -64,6 +64,9 @@ SMALL_GRID = [
     dict(INSERT_ROUNDS=8),
 ]
 
+# How many single-key insertions a tile may take before a full merge is cheaper (default 4).
+INSERT_GRID = [dict(INSERT_ROUNDS=rounds) for rounds in (2, 8, 16, 32, 64)]
+
 # The CPU self-check: two configurations that differ from the default's (BLOCK_M 64, BLOCK_N 16 there)
 # and between them take the insert path (FILTER) and the full merge path (no FILTER).
 SELF_CHECK = dict(batch=1, heads=2, head_dim=16, seqlen=96, block_size=16, topk=3)
@@ -493,9 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement (default 20 up to 64K, 5 up to 128K, then 3)")
-    parser.add_argument("--grid", choices=("small", "full"), default="small",
+    parser.add_argument("--grid", choices=("small", "full", "insert"), default="small",
                         help=f"small: {len(SMALL_GRID)} configs; full: BLOCK_M x BLOCK_N in {{32,64,128}}, "
-                             "num_warps {4,8}, num_stages {2,3} (36)")
+                             "num_warps {4,8}, num_stages {2,3} (36); insert: INSERT_ROUNDS 2-64 "
+                             f"({len(INSERT_GRID)})")
     parser.add_argument("--max-seconds", type=float, default=540,
                         help="stop between configurations after this many seconds, still writing results "
                              "(default 540, for a 10-minute command; 0: no limit)")
@@ -512,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             count_paths([dict(SELF_CHECK, dtype="bf16", causal=True)], "cpu")
         return self_check(args.out)
 
-    grid = SMALL_GRID if args.grid == "small" else full_grid()
+    grid = {"small": SMALL_GRID, "insert": INSERT_GRID}.get(args.grid) or full_grid()
     cases = [dict(batch=args.batch, seqlen=seqlen, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                   block_size=block_size, topk=topk, causal=True)
              for seqlen in args.seqlens for block_size, topk in args.blocks]
