@@ -397,7 +397,9 @@ def sparse_attention_backward(
 
     # Deterministic dQ: per-(row, head, slot) partials of one chunk, summed in slot order.
     launch_dkdv(delta, "none", 0, heads_kv)
-    dq_tiles = forward_tiles(head_dim, block_size)
+    # One stage, as before v1.3: three were measured for the forward's query-tile loop only; here the
+    # inner loop walks K/V tiles, whose pipelining would need about three times their shared memory.
+    dq_tiles = dict(forward_tiles(head_dim, block_size), num_stages=1)
     partial = empty_scratch(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
         used = partial[: heads_here * rows_here * topk]
