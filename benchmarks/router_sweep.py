@@ -67,10 +67,6 @@ SMALL_GRID = [
 # How many single-key insertions a tile may take before a full merge is cheaper (default 4).
 INSERT_GRID = [dict(INSERT_ROUNDS=rounds) for rounds in (2, 8, 16, 32, 64)]
 
-# The int32 cut of merged tiles (TRUNCATED_MERGE, the default) against the int64 merge, and with 8 warps
-# (its registers: 255 with spills at 4 warps for B128/k8 on sm_90, 245 without at 8).
-TRUNCATED_GRID = [dict(TRUNCATED_MERGE=False), dict(num_warps=8), dict(TRUNCATED_MERGE=False, num_warps=8)]
-
 # The CPU self-check: two configurations that differ from the default's (BLOCK_M 64, BLOCK_N 16 there)
 # and between them take the insert path (FILTER) and the full merge path (no FILTER).
 SELF_CHECK = dict(batch=1, heads=2, head_dim=16, seqlen=96, block_size=16, topk=3)
@@ -95,7 +91,7 @@ def config_name(overrides: dict) -> str:
     if not overrides:
         return "default"
     short = dict(BLOCK_M="M", BLOCK_N="N", num_warps="w", num_stages="s", FILTER="filter",
-                 INSERT_ROUNDS="insert", TRUNCATED_MERGE="truncated")
+                 INSERT_ROUNDS="insert")
     return "_".join(f"{short.get(key, key)}{int(value) if isinstance(value, bool) else value}"
                     for key, value in overrides.items())
 
@@ -473,8 +469,7 @@ def count_paths(cases: list[dict], device: str) -> list[dict]:
     from flashmoba.ops import router
 
     rows = []
-    log(f"{'case':<22} {'tiles':>12} {'skipped':>8} {'inserted':>9} {'merged':>7} {'rounds/insert':>14} "
-        f"{'merges redone':>14}")
+    log(f"{'case':<22} {'tiles':>12} {'skipped':>8} {'inserted':>9} {'merged':>7} {'rounds/insert':>14}")
     for case in cases:
         generator = torch.Generator(device=device).manual_seed(0)
         shape = (case["batch"], case["seqlen"], case["heads"], case["head_dim"])
@@ -486,8 +481,7 @@ def count_paths(cases: list[dict], device: str) -> list[dict]:
         tiles = max(1, counts["tiles"])
         log(f"{'N ' + str(case['seqlen']) + ' B' + str(case['block_size']) + '/k' + str(case['topk']):<22} "
             f"{counts['tiles']:>12} {counts['skipped'] / tiles:>8.1%} {counts['inserted'] / tiles:>9.1%} "
-            f"{counts['merged'] / tiles:>7.1%} {counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f} "
-            f"{counts['merges_redone'] / max(1, counts['merged']):>14.1%}")
+            f"{counts['merged'] / tiles:>7.1%} {counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f}")
     return rows
 
 
@@ -502,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement (default 20 up to 64K, 5 up to 128K, then 3)")
-    parser.add_argument("--grid", choices=("small", "full", "insert", "truncated"), default="small",
+    parser.add_argument("--grid", choices=("small", "full", "insert"), default="small",
                         help=f"small: {len(SMALL_GRID)} configs; full: BLOCK_M x BLOCK_N in {{32,64,128}}, "
                              "num_warps {4,8}, num_stages {2,3} (36); insert: INSERT_ROUNDS 2-64 "
-                             f"({len(INSERT_GRID)}); truncated: the int32 cut of merged tiles off / 8 warps")
+                             f"({len(INSERT_GRID)})")
     parser.add_argument("--max-seconds", type=float, default=540,
                         help="stop between configurations after this many seconds, still writing results "
                              "(default 540, for a 10-minute command; 0: no limit)")
@@ -522,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             count_paths([dict(SELF_CHECK, dtype="bf16", causal=True)], "cpu")
         return self_check(args.out)
 
-    named_grids = {"small": SMALL_GRID, "insert": INSERT_GRID, "truncated": TRUNCATED_GRID}
-    grid = named_grids.get(args.grid) or full_grid()
+    grid = {"small": SMALL_GRID, "insert": INSERT_GRID}.get(args.grid) or full_grid()
     cases = [dict(batch=args.batch, seqlen=seqlen, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                   block_size=block_size, topk=topk, causal=True)
              for seqlen in args.seqlens for block_size, topk in args.blocks]

@@ -189,12 +189,11 @@ def test_many_centroid_tiles_and_large_topk():
     "overrides",
     [
         dict(FILTER=False),  # every tile merged by tl.topk
-        dict(FILTER=False, TRUNCATED_MERGE=False),  # ... on int64 keys only
         dict(INSERT_ROUNDS=0),  # tiles skipped by the threshold, the rest merged
         dict(INSERT_ROUNDS=1000),  # tiles skipped or inserted key by key
         dict(),
     ],
-    ids=["merge", "merge-int64", "filter-merge", "filter-insert", "default"],
+    ids=["merge", "filter-merge", "filter-insert", "default"],
 )
 def test_tile_update_paths(overrides, monkeypatch):
     # Small tiles so each row sees many centroid tiles: 60 blocks in tiles of 16; integer data ties often.
@@ -379,40 +378,3 @@ def test_path_counts_add_up_and_follow_the_configuration(monkeypatch):
     assert torch.equal(counts["selected"], reference.moba_select_reference(q, k, block_size, topk, True))
     monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, FILTER=False))
     assert router.count_topk_paths(q, k, block_size, topk, causal=True)["merged"] == expected_tiles
-
-
-def _near_tie_inputs(seqlen, block_size, generator):
-    """q one-hot on dim 0 and every key of block j equal to 1 + u_j ulps there: block scores 1 + u_j ulps
-    exactly (u_j < 64), so scores differ in their lowest bits only, where truncated keys hold columns."""
-    ulps = torch.randint(0, 64, (seqlen // block_size,), generator=generator).double()
-    values = (1.0 + ulps * 2.0**-23).repeat_interleave(block_size)
-    q = torch.zeros(1, seqlen, 1, 16, dtype=torch.float32)
-    q[..., 0] = 1.0
-    k = torch.zeros(1, seqlen, 1, 16, dtype=torch.float32)
-    k[0, :, 0, 0] = values.float()
-    return q.to(DEVICE), k.to(DEVICE)
-
-
-def test_truncated_merge_is_exact_and_redoes_only_ambiguous_tiles(monkeypatch):
-    """The int32 cut of a merged tile gives the int64 merge's selection bit for bit. Random scores rarely
-    share a truncated score at a row's cut; scores a few ulps apart do, and such tiles are merged again
-    on int64 keys (without that, the lower column would win among them, not the higher score)."""
-    block_size, topk = 4, 9  # 32 blocks in tiles of 16, every tile merged; 8 picks fill the 8 slots
-    for near_ties, seed in ((False, 41), (True, 42)):
-        generator = torch.Generator().manual_seed(seed)
-        if near_ties:
-            q, k = _near_tie_inputs(128, block_size, generator)
-        else:
-            q = _random(1, 128, 2, 16, generator=generator)
-            k = _random(1, 128, 2, 16, generator=generator)
-        counts = {}
-        for truncated in (True, False):
-            monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES",
-                                dict(BLOCK_M=16, BLOCK_N=16, FILTER=False, TRUNCATED_MERGE=truncated))
-            counts[truncated] = router.count_topk_paths(q, k, block_size, topk, causal=True)
-        assert torch.equal(counts[True]["selected"], counts[False]["selected"])
-        if near_ties:
-            assert torch.equal(counts[True]["selected"], reference.moba_select_reference(q, k, block_size, topk, True))
-        redone, merged = counts[True]["merges_redone"], counts[True]["merged"]
-        assert counts[False]["merges_redone"] == 0 and merged > 0
-        assert (redone > 0) if near_ties else (redone < merged / 4), (near_ties, redone, merged)

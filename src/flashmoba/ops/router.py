@@ -57,8 +57,6 @@ TOPK_CONFIG_OVERRIDES: dict = {}
 
 # An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
 EMPTY_KEY = tl.constexpr(-(2**63))
-# An int32 below every truncated key of a finite or infinite score (see _merge_tile_truncated).
-EMPTY_KEY32 = tl.constexpr(-(2**31))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,20 +132,14 @@ def _block_centroids_kernel(
 
 
 @triton.jit
-def _ordered_bits(block_scores):
-    """An int32 image of float32 scores with the same order (-0.0 and +0.0 made one value)."""
+def _score_keys(block_scores, block_ids):
+    """Pack float32 scores [M, N] and block ids [N] into int64 keys ordered by (score, block id)."""
     # torch.sort sees -0.0 == +0.0; make them one value so the tie rule decides between them.
     block_scores = tl.where(block_scores == 0.0, 0.0, block_scores)
     bits = block_scores.to(tl.int32, bitcast=True)
     # Negative floats order backwards as integers: flip their magnitude bits (the sign bit stays).
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _score_keys(block_scores, block_ids):
-    """Pack float32 scores and block ids (broadcast to the scores' shape) into int64 keys ordered by
-    (score, block id)."""
-    return (_ordered_bits(block_scores).to(tl.int64) << 32) | block_ids.to(tl.int64)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | block_ids.to(tl.int64)[None, :]
 
 
 @triton.jit
@@ -164,37 +156,6 @@ def _merge_tile(running_topk, keys, RUNNING_TOPK: tl.constexpr):
     tile_best = tl.topk(keys, RUNNING_TOPK, dim=1)  # descending
     # Bitonic split: max(ascending, descending) keeps the best K of both, as a bitonic row.
     return tl.bitonic_merge(tl.maximum(running_topk, tile_best), dim=1, descending=False)
-
-
-@triton.jit
-def _merge_tile_truncated(running_topk, block_scores, may_enter, first_block, RUNNING_TOPK: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """_merge_tile with the tile's cut made on int32 keys, half the width of the exact ones.
-
-    A truncated key is the score's ordered bits with the low log2(BLOCK_N) bits replaced by the column,
-    so it orders by score wherever two scores differ above those bits. The tile's best RUNNING_TOPK
-    truncated keys are then the exact best unless a row's last kept truncated score is shared by an
-    entry left out; only their exact int64 keys are built and sorted. Returns the merged list and
-    whether it is exact (for every row of the tile); when it is not, the caller merges the exact way.
-    """
-    columns = tl.arange(0, BLOCK_N)
-    truncated = tl.where(may_enter, (_ordered_bits(block_scores) & -BLOCK_N) | columns[None, :], EMPTY_KEY32)
-    kept = tl.topk(truncated, RUNNING_TOPK, dim=1)  # descending
-    last_kept = tl.min(kept, axis=1)
-    last_bits = (last_kept & -BLOCK_N)[:, None]
-    kept_at_last = tl.sum(((kept & -BLOCK_N) == last_bits).to(tl.int32), axis=1)
-    tile_at_last = tl.sum(((truncated & -BLOCK_N) == last_bits).to(tl.int32), axis=1)
-    # A row with fewer entries than slots kept them all (its last kept key is EMPTY_KEY32, and so are
-    # the entries that may not enter).
-    ambiguous = (tile_at_last > kept_at_last) & (last_kept != EMPTY_KEY32)
-    exact = tl.max(ambiguous.to(tl.int32), axis=0) == 0
-
-    kept_columns = kept & (BLOCK_N - 1)
-    kept_scores = tl.gather(block_scores, kept_columns, axis=1)
-    tile_best = tl.where(kept != EMPTY_KEY32, _score_keys(kept_scores, first_block + kept_columns), EMPTY_KEY)
-    tile_best = tl.sort(tile_best, dim=1, descending=True)
-    merged = tl.bitonic_merge(tl.maximum(running_topk, tile_best), dim=1, descending=False)
-    return merged, exact
 
 
 @triton.jit
@@ -217,8 +178,7 @@ def _route_topk_kernel(
     q_ptr,
     centroids_ptr,
     selected_ptr,
-    path_counts_ptr,  # int32 [5] with COUNT_PATHS: tiles skipped, inserted, merged; insertion rounds;
-    # merged tiles whose truncated merge was not exact and was redone
+    path_counts_ptr,  # int32 [4] with COUNT_PATHS: tiles skipped, inserted, merged; insertion rounds
     cu_seqlens_q_ptr,
     cu_seqlens_k_ptr,
     seqlen_q,  # padded layout only (unused when IS_VARLEN)
@@ -250,7 +210,6 @@ def _route_topk_kernel(
     CENTROIDS_ARE_SUMS: tl.constexpr,
     FILTER: tl.constexpr,
     INSERT_ROUNDS: tl.constexpr,
-    TRUNCATED_MERGE: tl.constexpr,
     COUNT_PATHS: tl.constexpr,
 ):
     """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
@@ -305,7 +264,6 @@ def _route_topk_kernel(
     num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
     tiles_inserted = 0  # path counters, kept only with COUNT_PATHS (a measurement aid)
     tiles_merged = 0
-    tiles_redone = 0
     insertion_rounds = 0
     for tile_index in range(0, num_tiles):
         # Latest tiles first: with attention's locality they raise the thresholds early.
@@ -336,26 +294,14 @@ def _route_topk_kernel(
         else:
             rounds = INSERT_ROUNDS + 1
         if rounds > 0:
+            keys = tl.where(may_enter, _score_keys(block_scores, block_ids), EMPTY_KEY)
             if rounds <= INSERT_ROUNDS:
-                keys = tl.where(may_enter, _score_keys(block_scores, block_ids[None, :]), EMPTY_KEY)
                 running_topk = _insert_best(running_topk, keys, rounds, RUNNING_TOPK)
                 if COUNT_PATHS:
                     tiles_inserted += 1
                     insertion_rounds += rounds
             else:
-                exact = False
-                if TRUNCATED_MERGE:
-                    merged, exact = _merge_tile_truncated(
-                        running_topk, block_scores, may_enter, (num_tiles - 1 - tile_index) * BLOCK_N,
-                        RUNNING_TOPK, BLOCK_N,
-                    )
-                    if exact:
-                        running_topk = merged
-                    elif COUNT_PATHS:
-                        tiles_redone += 1
-                if not exact:
-                    keys = tl.where(may_enter, _score_keys(block_scores, block_ids[None, :]), EMPTY_KEY)
-                    running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
+                running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
                 if COUNT_PATHS:
                     tiles_merged += 1
     if COUNT_PATHS:
@@ -363,7 +309,6 @@ def _route_topk_kernel(
         tl.atomic_add(path_counts_ptr + 1, tiles_inserted)
         tl.atomic_add(path_counts_ptr + 2, tiles_merged)
         tl.atomic_add(path_counts_ptr + 3, insertion_rounds)
-        tl.atomic_add(path_counts_ptr + 4, tiles_redone)
 
     # Keep the best `picks` of each row, then list their block ids in ascending order.
     rank = RUNNING_TOPK - 1 - columns
@@ -423,9 +368,8 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
         block_m = 128
     num_warps = 8 if running_topk * block_m >= 64 * 64 or block_m == 128 or head_dim_pad >= 256 else 4
     # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
-    # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge. TRUNCATED_MERGE cuts a merged
-    # tile on int32 keys first (_merge_tile_truncated).
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4, TRUNCATED_MERGE=True,
+    # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge.
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
                   num_warps=num_warps, num_stages=2)
     config.update(TOPK_CONFIG_OVERRIDES)
     return config
@@ -506,7 +450,7 @@ def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size
 def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k,
                   max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen, path_counts=None):
     """Fill selected [total_q, Hq, topk] (a view of [B, T, Hq, topk] for the padded layout); with
-    path_counts (int32 [5], zeroed), also count the tile update paths (see count_topk_paths)."""
+    path_counts (int32 [4], zeroed), also count the tile update paths (see count_topk_paths)."""
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = centroids.shape[1]
     max_blocks = triton.cdiv(max_seqlen_k, block_size)
@@ -657,8 +601,7 @@ def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: in
 
     Returns the number of centroid tiles the programs visited and how each was handled: ``skipped`` (no row
     could use it), ``inserted`` (at most ``INSERT_ROUNDS`` keys per row, ``insertion_rounds`` in all) or
-    ``merged`` (a full ``tl.topk``; ``merges_redone`` of them had a truncated merge that was not exact), plus
-    ``selected``, the selection itself (unchanged by counting).
+    ``merged`` (a full ``tl.topk``), plus ``selected``, the selection itself (unchanged by counting).
     """
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k = k.shape[1]
@@ -667,11 +610,11 @@ def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: in
     centroids = _launch_centroids(
         k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False, store_sums=_stores_sums(k.dtype)
     )
-    counts = torch.zeros(5, dtype=torch.int32, device=q.device)
+    counts = torch.zeros(4, dtype=torch.int32, device=q.device)
     _launch_route(
         q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
         seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False, path_counts=counts,
     )
-    skipped, inserted, merged, rounds, redone = counts.tolist()
+    skipped, inserted, merged, rounds = counts.tolist()
     return dict(tiles=skipped + inserted + merged, skipped=skipped, inserted=inserted, merged=merged,
-                insertion_rounds=rounds, merges_redone=redone, selected=selected)
+                insertion_rounds=rounds, selected=selected)
