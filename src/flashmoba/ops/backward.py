@@ -32,6 +32,7 @@ from flashmoba.ops.forward import (
     head_dim_tile,
     interpreting,
     partial_dtype,
+    program_column,
 )
 from flashmoba.ops.index import block_table, num_block_slots
 
@@ -66,6 +67,27 @@ def _moba_bwd_preprocess_kernel(
     if HAS_GRAD_LSE:
         delta -= tl.load(GradLse + lse_index, mask=pair_mask, other=0.0)
     tl.store(Delta + lse_index, delta, mask=pair_mask)
+
+
+@triton.jit
+def _load_row_tile(Q, GradOut, Lse, Delta, Entries, tile_start, end, head, heads_q, topk, total_q,
+                   stride_q_row, stride_q_head, stride_do_row, stride_do_head, offs_m, offs_d, d_mask):
+    """One gathered tile of the pairs routed to a column: their entries and rows, the rows' Q and dO of
+    ``head``, their lse in log2 units and delta."""
+    entry_mask = tile_start + offs_m < end
+    entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+    rows = entry // (heads_q * topk)
+    rows64 = rows.to(tl.int64)
+    row_mask = entry_mask[:, None] & d_mask[None, :]
+    query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+                    mask=row_mask, other=0.0)
+    grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+                       mask=row_mask, other=0.0)
+    lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+    # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+    return entry, entry_mask, rows, row_mask, query, grad_out, lse_log2, delta
 
 
 @triton.jit
@@ -117,19 +139,9 @@ def _moba_bwd_dkdv_kernel(
         end = tl.load(Offsets + column + num_chunks)
         end = tl.where(has_keys, end, begin)
         for tile_start in range(begin, end, BLOCK_M):
-            entry_mask = tile_start + offs_m < end
-            entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
-            rows = entry // (heads_q * topk)
-            rows64 = rows.to(tl.int64)
-            row_mask = entry_mask[:, None] & d_mask[None, :]
-            query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
-                            mask=row_mask, other=0.0)
-            grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
-                               mask=row_mask, other=0.0)
-            lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
-            # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
-            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+            entry, entry_mask, rows, row_mask, query, grad_out, lse_log2, delta = _load_row_tile(
+                Q, GradOut, Lse, Delta, Entries, tile_start, end, head, heads_q, topk, total_q,
+                stride_q_row, stride_q_head, stride_do_row, stride_do_head, offs_m, offs_d, d_mask)
 
             # Transposed scores [keys, rows]: dK and dV accumulate along the rows.
             scores_t = tl.dot(key_tile_values, tl.trans(query), input_precision=DOT_PRECISION) * qk_scale
@@ -151,7 +163,7 @@ def _moba_bwd_dkdv_kernel(
                 tl.store(GradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
                          grad_query.to(GradQ.dtype.element_ty), mask=row_mask)
             if DQ_MODE == "atomic":
-                tl.atomic_add(GradQ + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
+                tl.atomic_add(GradQ + (rows.to(tl.int64)[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
                               grad_query, mask=row_mask, sem="relaxed")
 
     tl.store(GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
@@ -172,16 +184,9 @@ def _moba_bwd_dq_partial_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Deterministic dQ: the partial dQ of each (row, slot) routed to one (key block, query head)."""
-    block = tl.program_id(0) // heads_here  # heads fastest, as in the forward
-    head_in_chunk = tl.program_id(0) % heads_here
-    head = head_first + head_in_chunk
+    head_in_chunk, head, begin, end, key_first, key_end, shift = program_column(
+        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here)
     kv_head = head // group
-    segment = (head * block_slots + block) * num_chunks + chunk
-    begin = tl.load(Offsets + segment)
-    end = tl.load(Offsets + segment + 1)
-    key_first = tl.load(BlockTable + block)
-    key_end = tl.load(BlockTable + block_slots + block)
-    shift = tl.load(BlockTable + 2 * block_slots + block)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -191,18 +196,9 @@ def _moba_bwd_dq_partial_kernel(
     v_base = V + kv_head.to(tl.int64) * stride_v_head
 
     for tile_start in range(begin, end, BLOCK_M):
-        entry_mask = tile_start + offs_m < end
-        entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
-        rows = entry // (heads_q * topk)
-        rows64 = rows.to(tl.int64)
-        row_mask = entry_mask[:, None] & d_mask[None, :]
-        query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
-                        mask=row_mask, other=0.0)
-        grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
-                           mask=row_mask, other=0.0)
-        lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
-        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+        entry, entry_mask, rows, row_mask, query, grad_out, lse_log2, delta = _load_row_tile(
+            Q, GradOut, Lse, Delta, Entries, tile_start, end, head, heads_q, topk, total_q,
+            stride_q_row, stride_q_head, stride_do_row, stride_do_head, offs_m, offs_d, d_mask)
 
         grad_query = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for key_start in range(key_first, key_end, BLOCK_N):
