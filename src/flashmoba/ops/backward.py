@@ -70,27 +70,6 @@ def _moba_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_tile(Q, GradOut, Lse, Delta, Entries, tile_start, end, head, heads_q, topk, total_q,
-                   stride_q_row, stride_q_head, stride_do_row, stride_do_head, offs_m, offs_d, d_mask):
-    """One gathered tile of the pairs routed to a column: their entries and rows, the rows' Q and dO of
-    ``head``, their lse in log2 units and delta."""
-    entry_mask = tile_start + offs_m < end
-    entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
-    rows = entry // (heads_q * topk)
-    rows64 = rows.to(tl.int64)
-    row_mask = entry_mask[:, None] & d_mask[None, :]
-    query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
-                    mask=row_mask, other=0.0)
-    grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
-                       mask=row_mask, other=0.0)
-    lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
-    # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
-    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
-    return entry, entry_mask, rows, row_mask, query, grad_out, lse_log2, delta
-
-
-@triton.jit
 def _moba_bwd_dkdv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQ,
     Entries, Offsets, BlockTable,
@@ -139,9 +118,19 @@ def _moba_bwd_dkdv_kernel(
         end = tl.load(Offsets + column + num_chunks)
         end = tl.where(has_keys, end, begin)
         for tile_start in range(begin, end, BLOCK_M):
-            entry, entry_mask, rows, row_mask, query, grad_out, lse_log2, delta = _load_row_tile(
-                Q, GradOut, Lse, Delta, Entries, tile_start, end, head, heads_q, topk, total_q,
-                stride_q_row, stride_q_head, stride_do_row, stride_do_head, offs_m, offs_d, d_mask)
+            entry_mask = tile_start + offs_m < end
+            entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+            rows = entry // (heads_q * topk)
+            rows64 = rows.to(tl.int64)
+            row_mask = entry_mask[:, None] & d_mask[None, :]
+            query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+                            mask=row_mask, other=0.0)
+            grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+                               mask=row_mask, other=0.0)
+            lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+            # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
+            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
 
             # Transposed scores [keys, rows]: dK and dV accumulate along the rows.
             scores_t = tl.dot(key_tile_values, tl.trans(query), input_precision=DOT_PRECISION) * qk_scale
@@ -163,7 +152,7 @@ def _moba_bwd_dkdv_kernel(
                 tl.store(GradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
                          grad_query.to(GradQ.dtype.element_ty), mask=row_mask)
             if DQ_MODE == "atomic":
-                tl.atomic_add(GradQ + (rows.to(tl.int64)[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
+                tl.atomic_add(GradQ + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
                               grad_query, mask=row_mask, sem="relaxed")
 
     tl.store(GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
@@ -196,9 +185,18 @@ def _moba_bwd_dq_partial_kernel(
     v_base = V + kv_head.to(tl.int64) * stride_v_head
 
     for tile_start in range(begin, end, BLOCK_M):
-        entry, entry_mask, rows, row_mask, query, grad_out, lse_log2, delta = _load_row_tile(
-            Q, GradOut, Lse, Delta, Entries, tile_start, end, head, heads_q, topk, total_q,
-            stride_q_row, stride_q_head, stride_do_row, stride_do_head, offs_m, offs_d, d_mask)
+        entry_mask = tile_start + offs_m < end
+        entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
+        rows = entry // (heads_q * topk)
+        rows64 = rows.to(tl.int64)
+        row_mask = entry_mask[:, None] & d_mask[None, :]
+        query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+                        mask=row_mask, other=0.0)
+        grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+                           mask=row_mask, other=0.0)
+        lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
 
         grad_query = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for key_start in range(key_first, key_end, BLOCK_N):
