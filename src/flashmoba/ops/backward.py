@@ -118,6 +118,8 @@ def _moba_bwd_dkdv_kernel(
         end = tl.load(Offsets + column + num_chunks)
         end = tl.where(has_keys, end, begin)
         for tile_start in range(begin, end, BLOCK_M):
+            # Inline on purpose: the same loads through a helper shared with the dQ pass compiled to other
+            # register allocation and ran 4% slower on H100 (benchmarks/NOTES.md section 4).
             entry_mask = tile_start + offs_m < end
             entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
             rows = entry // (heads_q * topk)
