@@ -371,7 +371,7 @@ def sparse_attention_backward(
     store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=group)
     if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
         partial = empty_scratch(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
-                              device=q.device)
+                                device=q.device)
         # Small in the interpreter, so that tests stride over the tail more than once.
         block_e, zero_programs = (16, 2) if interpreting() else (256, 1024)
         for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
