@@ -193,9 +193,7 @@ def test_dq_partials_in_kv_head_groups(monkeypatch):
 @pytest.mark.parametrize("stored_partials", [True, False], ids=["dq_stored_partials", "dq_atomics"])
 def test_selection_with_holes_and_no_blocks(monkeypatch, stored_partials):
     """Rows with no selected block get o = 0, lse = -inf and zero gradients; -1 slots are skipped."""
-    # Scratch starts as NaN, so a partial that no kernel writes or clears would show in the results.
-    monkeypatch.setattr(triton_forward, "empty_scratch", lambda *shape, **kw: torch.full(shape, math.nan, **kw))
-    monkeypatch.setattr(triton_backward, "empty_scratch", lambda *shape, **kw: torch.full(shape, math.nan, **kw))
+    # poison_empty makes the kernels' scratch NaN: a partial that no kernel writes or clears would show.
     monkeypatch.setattr(triton_backward, "DQ_BY_STORED_PARTIALS", stored_partials)
     q, k, v, grad_out, grad_lse = _make([20], [20], 2, 1, 32)
     cu = _cu([20])

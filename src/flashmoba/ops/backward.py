@@ -27,7 +27,6 @@ from flashmoba.ops.forward import (
     chunk_pair_index,
     chunking,
     dot_precision,
-    empty_scratch,
     forward_tiles,
     head_dim_tile,
     interpreting,
@@ -370,8 +369,8 @@ def sparse_attention_backward(
     # "store": chunks of whole kv heads (their query heads together) whose dQ partials fit the scratch.
     store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=group)
     if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
-        partial = empty_scratch(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
-                                device=q.device)
+        partial = torch.empty(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
+                              device=q.device)
         # Small in the interpreter, so that tests stride over the tail more than once.
         block_e, zero_programs = (16, 2) if interpreting() else (256, 1024)
         for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
@@ -396,7 +395,7 @@ def sparse_attention_backward(
     # One stage, as before v1.3: three were measured for the forward's query-tile loop only; here the
     # inner loop walks K/V tiles, whose pipelining would need about three times their shared memory.
     dq_tiles = dict(forward_tiles(head_dim, block_size), num_stages=1)
-    partial = empty_scratch(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
+    partial = torch.empty(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
         used = partial[: heads_here * rows_here * topk]
         used.zero_()  # slots that no program writes add zero

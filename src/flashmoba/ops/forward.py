@@ -209,11 +209,6 @@ def _moba_fwd_merge_kernel(
     tl.store(Lse + heads.to(tl.int64) * total_q + rows, lse, mask=pair_mask)
 
 
-def empty_scratch(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised scratch (its own function so that tests can fill it with NaN)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
@@ -362,8 +357,8 @@ def sparse_attention_forward(
 
     tiles = forward_tiles(head_dim, block_size)
     block_d = head_dim_tile(head_dim)
-    partial_out = empty_scratch(split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device)
-    partial_lse = empty_scratch(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
+    partial_out = torch.empty(split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device)
+    partial_lse = torch.empty(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * LOG2_E
     block_r = 16 if interpreting() else 32
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
