@@ -57,6 +57,9 @@ TOPK_CONFIG_OVERRIDES: dict = {}
 
 # An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
 EMPTY_KEY = tl.constexpr(-(2**63))
+# The smallest ordered score (that of the NaN with every bit set, which the kernel never selects): marks
+# scores that may not enter a list, and empty slots of the first pass's list.
+NOT_ENTERING = tl.constexpr(-(2**31))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,22 +135,22 @@ def _block_centroids_kernel(
 
 
 @triton.jit
-def _score_keys(block_scores, block_ids):
-    """Pack float32 scores [M, N] and block ids [N] into int64 keys ordered by (score, block id)."""
+def _ordered_scores(block_scores):
+    """An int32 image of float32 scores that orders as the packed keys do: by value, -0.0 equal to +0.0,
+    NaN by its bits (as the keys always ranked it)."""
     # torch.sort sees -0.0 == +0.0; make them one value so the tie rule decides between them.
     block_scores = tl.where(block_scores == 0.0, 0.0, block_scores)
     bits = block_scores.to(tl.int32, bitcast=True)
     # Negative floats order backwards as integers: flip their magnitude bits (the sign bit stays).
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | block_ids.to(tl.int64)[None, :]
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _key_score(keys):
-    """The float32 score of packed keys (NaN for EMPTY_KEY): _score_keys's transform is an involution."""
-    ordered = (keys >> 32).to(tl.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
+def _score_keys(ordered_scores, block_ids):
+    """Pack ordered scores and block ids (broadcastable, e.g. [M, N] and [1, N]) into int64 keys ordered by
+    (score, block id). A tile's keys that may not enter (NOT_ENTERING) become EMPTY_KEY."""
+    keys = (ordered_scores.to(tl.int64) << 32) | block_ids.to(tl.int64)
+    return tl.where(ordered_scores == NOT_ENTERING, EMPTY_KEY, keys)
 
 
 @triton.jit
@@ -159,18 +162,47 @@ def _merge_tile(running_topk, keys, RUNNING_TOPK: tl.constexpr):
 
 
 @triton.jit
-def _insert_best(running_topk, keys, rounds, RUNNING_TOPK: tl.constexpr):
-    """Move the best key of each row of a tile into its running list, `rounds` times (cheaper than a
-    merge when few keys of the tile can enter any list)."""
+def _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK: tl.constexpr):
+    """Move the best entering score of each row of a tile ([M, N] ordered scores, NOT_ENTERING elsewhere)
+    into its running list, `rounds` times: cheaper than a merge when few keys of the tile can enter any list.
+    Only each round's [M] winners are packed into int64 keys."""
     columns = tl.arange(0, RUNNING_TOPK)
+    smallest = columns[None, :] == 0
     for _ in range(rounds):
-        best = tl.max(keys, axis=1)
-        keys = tl.where(keys == best[:, None], EMPTY_KEY, keys)  # keys of a row are distinct
+        row_best = tl.max(entering, axis=1)
+        # Equal scores: the later block wins, as in the key order.
+        best_block = tl.max(tl.where(entering == row_best[:, None], block_ids[None, :], -1), axis=1)
+        entering = tl.where(block_ids[None, :] == best_block[:, None], NOT_ENTERING, entering)
+        best_key = _score_keys(row_best, best_block)  # EMPTY_KEY where nothing was left to enter
         # Overwrite the smallest entry if beaten: the row is then a rotated bitonic sequence.
-        smallest = columns[None, :] == 0
-        running_topk = tl.where(smallest, tl.maximum(running_topk, best[:, None]), running_topk)
+        running_topk = tl.where(smallest, tl.maximum(running_topk, best_key[:, None]), running_topk)
         running_topk = tl.bitonic_merge(running_topk, dim=1, descending=False)
     return running_topk
+
+
+@triton.jit
+def _tile_scores(queries, centroid_base, first_centroid_row, block_ids, dims, dim_ok, num_blocks, block_size,
+                 k_len, stride_centroid_row, stride_centroid_dim, DOT_PRECISION: tl.constexpr,
+                 DOT_IN_FLOAT32: tl.constexpr, CENTROIDS_ARE_SUMS: tl.constexpr):
+    """float32 scores [BLOCK_M, BLOCK_N] of the query tile against the centroids of block_ids.
+
+    Both passes of the top-k kernel score through this one function: the bound of the first pass is only
+    valid for the second if both compute bit-identical scores (same operands, same dot).
+    """
+    centroid_ptrs = (
+        centroid_base
+        + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
+        + dims[:, None] * stride_centroid_dim
+    )
+    centroid_mask = dim_ok[:, None] & (block_ids < num_blocks)[None, :]
+    centroids = tl.load(centroid_ptrs, mask=centroid_mask, other=0.0)
+    if DOT_IN_FLOAT32:
+        centroids = centroids.to(tl.float32)
+    block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)
+    if CENTROIDS_ARE_SUMS:
+        block_lengths = tl.maximum(tl.minimum(block_size, k_len - block_ids * block_size), 1)
+        block_scores = block_scores / block_lengths.to(tl.float32)[None, :]
+    return block_scores
 
 
 @triton.jit
@@ -210,6 +242,7 @@ def _route_topk_kernel(
     CENTROIDS_ARE_SUMS: tl.constexpr,
     FILTER: tl.constexpr,
     INSERT_ROUNDS: tl.constexpr,
+    BOUND_GROUP: tl.constexpr,
     COUNT_PATHS: tl.constexpr,
 ):
     """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
@@ -256,52 +289,69 @@ def _route_topk_kernel(
     if DOT_IN_FLOAT32:
         queries = queries.to(tl.float32)
 
-    # Ascending: the best key of a row sits in its last column, its picks-th best in threshold_column.
-    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
     columns = tl.arange(0, RUNNING_TOPK)
-    threshold_column = RUNNING_TOPK - picks
+    threshold_column = RUNNING_TOPK - picks  # a row's picks-th best, in an ascending list
     block_offsets = tl.arange(0, BLOCK_N)
     num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
+
+    # First pass (BOUND_GROUP > 0): a lower bound of each row's picks-th best score, the picks-th best of
+    # the maxima of disjoint groups of BOUND_GROUP blocks (at least picks blocks score that much). The
+    # second pass lets no score below it near a list, so most tiles take a few insertions, not a merge.
+    bound = tl.full([BLOCK_M], NOT_ENTERING, dtype=tl.int32)
+    if BOUND_GROUP > 0:
+        best_group_maxima = tl.full([BLOCK_M, RUNNING_TOPK], NOT_ENTERING, dtype=tl.int32)  # ascending
+        for tile_index in range(0, num_tiles):
+            block_ids = tile_index * BLOCK_N + block_offsets
+            block_scores = _tile_scores(
+                queries, centroid_base, first_centroid_row, block_ids, dims, dim_ok, num_blocks, block_size,
+                k_len, stride_centroid_row, stride_centroid_dim, DOT_PRECISION, DOT_IN_FLOAT32,
+                CENTROIDS_ARE_SUMS,
+            )
+            may_enter = block_ids[None, :] < candidate_limit[:, None]
+            ordered = tl.where(may_enter, _ordered_scores(block_scores), NOT_ENTERING)
+            groups = tl.reshape(ordered, [BLOCK_M, BLOCK_N // BOUND_GROUP, BOUND_GROUP])
+            tile_best = tl.topk(tl.max(groups, axis=2), RUNNING_TOPK, dim=1)  # descending
+            best_group_maxima = tl.bitonic_merge(
+                tl.maximum(best_group_maxima, tile_best), dim=1, descending=False
+            )
+        at_threshold = columns[None, :] == threshold_column
+        bound = tl.max(tl.where(at_threshold, best_group_maxima, NOT_ENTERING), axis=1)
+
+    # Second pass. Ascending: the best key of a row sits in its last column.
+    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
     tiles_inserted = 0  # path counters, kept only with COUNT_PATHS (a measurement aid)
     tiles_merged = 0
     insertion_rounds = 0
     for tile_index in range(0, num_tiles):
         # Latest tiles first: with attention's locality they raise the thresholds early.
         block_ids = (num_tiles - 1 - tile_index) * BLOCK_N + block_offsets
-        centroid_ptrs = (
-            centroid_base
-            + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
-            + dims[:, None] * stride_centroid_dim
+        block_scores = _tile_scores(
+            queries, centroid_base, first_centroid_row, block_ids, dims, dim_ok, num_blocks, block_size,
+            k_len, stride_centroid_row, stride_centroid_dim, DOT_PRECISION, DOT_IN_FLOAT32, CENTROIDS_ARE_SUMS,
         )
-        centroid_mask = dim_ok[:, None] & (block_ids < num_blocks)[None, :]
-        centroids = tl.load(centroid_ptrs, mask=centroid_mask, other=0.0)
-        if DOT_IN_FLOAT32:
-            centroids = centroids.to(tl.float32)
-        block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        if CENTROIDS_ARE_SUMS:
-            block_lengths = tl.maximum(tl.minimum(block_size, k_len - block_ids * block_size), 1)
-            block_scores = block_scores / block_lengths.to(tl.float32)[None, :]
+        ordered = _ordered_scores(block_scores)
         may_enter = block_ids[None, :] < candidate_limit[:, None]
         if FILTER:
             # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
             # first, so an equal score belongs to an earlier block and loses the tie. When no row of the
             # tile has such a score, the sort is skipped.
             at_threshold = columns[None, :] == threshold_column
-            threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
-            below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
-            may_enter &= ~below
+            threshold = (tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1) >> 32).to(tl.int32)
+            # NOT_ENTERING while a list has empty slots. Below the first pass's bound no score can reach
+            # the top picks either.
+            may_enter &= (ordered > threshold[:, None]) & (ordered >= bound[:, None])
             rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
         else:
             rounds = INSERT_ROUNDS + 1
         if rounds > 0:
-            keys = tl.where(may_enter, _score_keys(block_scores, block_ids), EMPTY_KEY)
+            entering = tl.where(may_enter, ordered, NOT_ENTERING)
             if rounds <= INSERT_ROUNDS:
-                running_topk = _insert_best(running_topk, keys, rounds, RUNNING_TOPK)
+                running_topk = _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK)
                 if COUNT_PATHS:
                     tiles_inserted += 1
                     insertion_rounds += rounds
             else:
-                running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
+                running_topk = _merge_tile(running_topk, _score_keys(entering, block_ids[None, :]), RUNNING_TOPK)
                 if COUNT_PATHS:
                     tiles_merged += 1
     if COUNT_PATHS:
@@ -372,6 +422,16 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
                   num_warps=num_warps, num_stages=2)
     config.update(TOPK_CONFIG_OVERRIDES)
+    # The first pass's groups: as wide as the list allows (the tile's group maxima fill one list). It
+    # pays where rows see many tiles; narrower groups tighten the bound but cost a longer sort.
+    widest_group = config["BLOCK_N"] // running_topk
+    if "BOUND_GROUP" not in config:
+        config["BOUND_GROUP"] = widest_group if widest_group >= 2 and max_blocks >= 4 * config["BLOCK_N"] else 0
+    group = config["BOUND_GROUP"]
+    if group and (group > widest_group or widest_group % group):
+        raise ValueError(
+            f"BOUND_GROUP must be 0 or a power of two <= BLOCK_N / RUNNING_TOPK = {widest_group}, got {group}"
+        )
     return config
 
 
