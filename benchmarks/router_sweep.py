@@ -67,12 +67,6 @@ SMALL_GRID = [
 # How many single-key insertions a tile may take before a full merge is cheaper (default 4).
 INSERT_GRID = [dict(INSERT_ROUNDS=rounds) for rounds in (2, 8, 16, 32, 64)]
 
-# The first pass's bound: off, and group widths (invalid where wider than BLOCK_N / running list), with
-# more insertion rounds before a merge.
-BOUND_GRID = [dict(BOUND_GROUP=0)] + [
-    dict(BOUND_GROUP=group, INSERT_ROUNDS=rounds) for group in (1, 2, 4, 8) for rounds in (4, 8)
-]
-
 # The CPU self-check: two configurations that differ from the default's (BLOCK_M 64, BLOCK_N 16 there)
 # and between them take the insert path (FILTER) and the full merge path (no FILTER).
 SELF_CHECK = dict(batch=1, heads=2, head_dim=16, seqlen=96, block_size=16, topk=3)
@@ -97,7 +91,7 @@ def config_name(overrides: dict) -> str:
     if not overrides:
         return "default"
     short = dict(BLOCK_M="M", BLOCK_N="N", num_warps="w", num_stages="s", FILTER="filter",
-                 INSERT_ROUNDS="insert", BOUND_GROUP="bound")
+                 INSERT_ROUNDS="insert")
     return "_".join(f"{short.get(key, key)}{int(value) if isinstance(value, bool) else value}"
                     for key, value in overrides.items())
 
@@ -139,17 +133,12 @@ def effective_config(head_dim: int, seqlen: int, block_size: int, topk: int, cau
     max_blocks = -(-seqlen // block_size)
     _, running_topk = router._running_topk(topk, max_blocks, causal)
     with topk_overrides(overrides):
-        try:
-            config = router._topk_config(router._head_dim_pad(head_dim), running_topk, max_blocks)
-        except ValueError as error:  # e.g. a BOUND_GROUP too wide for this running list
-            config = dict(overrides, invalid=str(error))
+        config = router._topk_config(router._head_dim_pad(head_dim), running_topk, max_blocks)
     return config, running_topk
 
 
 def invalid_reason(config: dict, running_topk: int) -> str | None:
     """Why the top-k kernel cannot run this configuration (checked before launching), or None."""
-    if "invalid" in config:
-        return config["invalid"]
     if config["BLOCK_N"] < running_topk:
         return f"BLOCK_N {config['BLOCK_N']} < running top-k list length {running_topk} (tl.topk)"
     if config["BLOCK_M"] < 16 or config["BLOCK_N"] < 16:
@@ -507,11 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per measurement (default 20 up to 64K, 5 up to 128K, then 3)")
-    parser.add_argument("--grid", choices=("small", "full", "insert", "bound"), default="small",
+    parser.add_argument("--grid", choices=("small", "full", "insert"), default="small",
                         help=f"small: {len(SMALL_GRID)} configs; full: BLOCK_M x BLOCK_N in {{32,64,128}}, "
                              "num_warps {4,8}, num_stages {2,3} (36); insert: INSERT_ROUNDS 2-64 "
-                             f"({len(INSERT_GRID)}); bound: BOUND_GROUP 0-8 x INSERT_ROUNDS 4, 8 "
-                             f"({len(BOUND_GRID)})")
+                             f"({len(INSERT_GRID)})")
     parser.add_argument("--max-seconds", type=float, default=540,
                         help="stop between configurations after this many seconds, still writing results "
                              "(default 540, for a 10-minute command; 0: no limit)")
@@ -528,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             count_paths([dict(SELF_CHECK, dtype="bf16", causal=True)], "cpu")
         return self_check(args.out)
 
-    grid = {"small": SMALL_GRID, "insert": INSERT_GRID, "bound": BOUND_GRID}.get(args.grid) or full_grid()
+    grid = {"small": SMALL_GRID, "insert": INSERT_GRID}.get(args.grid) or full_grid()
     cases = [dict(batch=args.batch, seqlen=seqlen, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                   block_size=block_size, topk=topk, causal=True)
              for seqlen in args.seqlens for block_size, topk in args.blocks]

@@ -191,11 +191,9 @@ def test_many_centroid_tiles_and_large_topk():
         dict(FILTER=False),  # every tile merged by tl.topk
         dict(INSERT_ROUNDS=0),  # tiles skipped by the threshold, the rest merged
         dict(INSERT_ROUNDS=1000),  # tiles skipped or inserted key by key
-        dict(BOUND_GROUP=2),  # a first pass bounds each row's picks-th score from maxima of block pairs
-        dict(BOUND_GROUP=1, INSERT_ROUNDS=0),  # the bound is exact: only the top picks reach a merge
         dict(),
     ],
-    ids=["merge", "filter-merge", "filter-insert", "bound-pairs", "bound-exact", "default"],
+    ids=["merge", "filter-merge", "filter-insert", "default"],
 )
 def test_tile_update_paths(overrides, monkeypatch):
     # Small tiles so each row sees many centroid tiles: 60 blocks in tiles of 16; integer data ties often.
@@ -382,32 +380,10 @@ def test_path_counts_add_up_and_follow_the_configuration(monkeypatch):
     assert router.count_topk_paths(q, k, block_size, topk, causal=True)["merged"] == expected_tiles
 
 
-def test_bound_pass_turns_merges_into_insertions(monkeypatch):
-    # 256 blocks of 4 in tiles of 16: late rows see 16 tiles, where the bound leaves ~picks keys per row.
-    generator = torch.Generator().manual_seed(41)
-    q = _random(1, 1024, 1, 16, generator=generator)
-    k = _random(1, 1024, 1, 16, generator=generator)
-    expected = reference.moba_select_reference(q, k, 4, 5, True)
-    counts = {}
-    for group in (0, 2):
-        monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, BOUND_GROUP=group))
-        counts[group] = router.count_topk_paths(q, k, 4, 5, causal=True)
-        _assert_sequence_selection(counts[group]["selected"][0], expected[0], q[0], k[0], 4)
-    assert torch.equal(counts[0]["selected"], counts[2]["selected"])
-    assert counts[0]["tiles"] == counts[2]["tiles"]
-    assert counts[2]["merged"] < counts[0]["merged"] / 2, (counts[0], counts[2])
-
-
-def test_bound_group_must_fit_the_list(monkeypatch):
-    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_N=16, BOUND_GROUP=4))
-    with pytest.raises(ValueError, match="BOUND_GROUP"):
-        router._topk_config(16, 8, 1000)  # 16 columns fill a list of 8 with groups of at most 2
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_nan_and_infinite_scores_take_every_path_alike(causal, monkeypatch):
     # NaN and +-inf scores (inf * 0 and overflow) must be ranked by their keys on every path: the insert
-    # path's float32 rounds send tiles with NaN to the merge, and -inf scores may still fill empty slots.
+    # path compares int32 images of the scores, the merge int64 keys; -inf scores may still fill empty slots.
     generator = torch.Generator().manual_seed(43)
     q = _random(1, 256, 2, 16, generator=generator)
     k = _random(1, 256, 1, 16, generator=generator)
@@ -417,7 +393,7 @@ def test_nan_and_infinite_scores_take_every_path_alike(causal, monkeypatch):
     q[0, 100:110, 0, 7] = 3e38  # overflow to +-inf in the dot
     k[0, 40:44, 0, 2] = float("inf")  # one block's centroid is infinite: inf or NaN scores for every query
     results = []
-    for overrides in (dict(FILTER=False), dict(INSERT_ROUNDS=1000, BOUND_GROUP=2), dict(BOUND_GROUP=1)):
+    for overrides in (dict(FILTER=False), dict(INSERT_ROUNDS=1000), dict()):
         monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, **overrides))
         results.append(router.route(q, k, 4, 5, causal))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

@@ -21,7 +21,9 @@ Two kernels, no host synchronisation between or inside them (CUDA-graph capturab
    best (an equal score belongs to an earlier block and loses the tie). Per tile, whichever is cheapest:
    - no row has such a score: nothing to do (the common case once the lists have filled);
    - at most ``INSERT_ROUNDS`` per row: insert the tile's best key of each row that many times (a
-     ``tl.max`` over the tile and a bitonic merge of the short list per round);
+     ``tl.max`` over the tile and a bitonic merge of the short list per round). The tile stays int32
+     here: an order-preserving integer image of each score (the keys' high half), and only each round's
+     winners are packed into int64 keys;
    - otherwise cut the tile to its best ``RUNNING_TOPK`` per row (``tl.topk``, a bitonic network,
      descending) and merge with the running list (kept ascending) by a bitonic split: the elementwise
      maximum of an ascending and a descending list holds the best of both and is bitonic, so one
@@ -58,7 +60,7 @@ TOPK_CONFIG_OVERRIDES: dict = {}
 # An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
 EMPTY_KEY = tl.constexpr(-(2**63))
 # The smallest ordered score (that of the NaN with every bit set, which the kernel never selects): marks
-# scores that may not enter a list, and empty slots of the first pass's list.
+# the scores of a tile that may not enter a list.
 NOT_ENTERING = tl.constexpr(-(2**31))
 
 
@@ -181,31 +183,6 @@ def _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK: tl.con
 
 
 @triton.jit
-def _tile_scores(queries, centroid_base, first_centroid_row, block_ids, dims, dim_ok, num_blocks, block_size,
-                 k_len, stride_centroid_row, stride_centroid_dim, DOT_PRECISION: tl.constexpr,
-                 DOT_IN_FLOAT32: tl.constexpr, CENTROIDS_ARE_SUMS: tl.constexpr):
-    """float32 scores [BLOCK_M, BLOCK_N] of the query tile against the centroids of block_ids.
-
-    Both passes of the top-k kernel score through this one function: the bound of the first pass is only
-    valid for the second if both compute bit-identical scores (same operands, same dot).
-    """
-    centroid_ptrs = (
-        centroid_base
-        + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
-        + dims[:, None] * stride_centroid_dim
-    )
-    centroid_mask = dim_ok[:, None] & (block_ids < num_blocks)[None, :]
-    centroids = tl.load(centroid_ptrs, mask=centroid_mask, other=0.0)
-    if DOT_IN_FLOAT32:
-        centroids = centroids.to(tl.float32)
-    block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)
-    if CENTROIDS_ARE_SUMS:
-        block_lengths = tl.maximum(tl.minimum(block_size, k_len - block_ids * block_size), 1)
-        block_scores = block_scores / block_lengths.to(tl.float32)[None, :]
-    return block_scores
-
-
-@triton.jit
 def _route_topk_kernel(
     q_ptr,
     centroids_ptr,
@@ -242,7 +219,6 @@ def _route_topk_kernel(
     CENTROIDS_ARE_SUMS: tl.constexpr,
     FILTER: tl.constexpr,
     INSERT_ROUNDS: tl.constexpr,
-    BOUND_GROUP: tl.constexpr,
     COUNT_PATHS: tl.constexpr,
 ):
     """Program (query tile, sequence b, query head h): selected blocks of BLOCK_M queries of head h."""
@@ -294,30 +270,7 @@ def _route_topk_kernel(
     block_offsets = tl.arange(0, BLOCK_N)
     num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
 
-    # First pass (BOUND_GROUP > 0): a lower bound of each row's picks-th best score, the picks-th best of
-    # the maxima of disjoint groups of BOUND_GROUP blocks (at least picks blocks score that much). The
-    # second pass lets no score below it near a list, so most tiles take a few insertions, not a merge.
-    bound = tl.full([BLOCK_M], NOT_ENTERING, dtype=tl.int32)
-    if BOUND_GROUP > 0:
-        best_group_maxima = tl.full([BLOCK_M, RUNNING_TOPK], NOT_ENTERING, dtype=tl.int32)  # ascending
-        for tile_index in range(0, num_tiles):
-            block_ids = tile_index * BLOCK_N + block_offsets
-            block_scores = _tile_scores(
-                queries, centroid_base, first_centroid_row, block_ids, dims, dim_ok, num_blocks, block_size,
-                k_len, stride_centroid_row, stride_centroid_dim, DOT_PRECISION, DOT_IN_FLOAT32,
-                CENTROIDS_ARE_SUMS,
-            )
-            may_enter = block_ids[None, :] < candidate_limit[:, None]
-            ordered = tl.where(may_enter, _ordered_scores(block_scores), NOT_ENTERING)
-            groups = tl.reshape(ordered, [BLOCK_M, BLOCK_N // BOUND_GROUP, BOUND_GROUP])
-            tile_best = tl.topk(tl.max(groups, axis=2), RUNNING_TOPK, dim=1)  # descending
-            best_group_maxima = tl.bitonic_merge(
-                tl.maximum(best_group_maxima, tile_best), dim=1, descending=False
-            )
-        at_threshold = columns[None, :] == threshold_column
-        bound = tl.max(tl.where(at_threshold, best_group_maxima, NOT_ENTERING), axis=1)
-
-    # Second pass. Ascending: the best key of a row sits in its last column.
+    # Ascending: the best key of a row sits in its last column.
     running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
     tiles_inserted = 0  # path counters, kept only with COUNT_PATHS (a measurement aid)
     tiles_merged = 0
@@ -325,10 +278,19 @@ def _route_topk_kernel(
     for tile_index in range(0, num_tiles):
         # Latest tiles first: with attention's locality they raise the thresholds early.
         block_ids = (num_tiles - 1 - tile_index) * BLOCK_N + block_offsets
-        block_scores = _tile_scores(
-            queries, centroid_base, first_centroid_row, block_ids, dims, dim_ok, num_blocks, block_size,
-            k_len, stride_centroid_row, stride_centroid_dim, DOT_PRECISION, DOT_IN_FLOAT32, CENTROIDS_ARE_SUMS,
+        centroid_ptrs = (
+            centroid_base
+            + (first_centroid_row + block_ids).to(tl.int64)[None, :] * stride_centroid_row
+            + dims[:, None] * stride_centroid_dim
         )
+        centroid_mask = dim_ok[:, None] & (block_ids < num_blocks)[None, :]
+        centroids = tl.load(centroid_ptrs, mask=centroid_mask, other=0.0)
+        if DOT_IN_FLOAT32:
+            centroids = centroids.to(tl.float32)
+        block_scores = tl.dot(queries, centroids, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if CENTROIDS_ARE_SUMS:
+            block_lengths = tl.maximum(tl.minimum(block_size, k_len - block_ids * block_size), 1)
+            block_scores = block_scores / block_lengths.to(tl.float32)[None, :]
         ordered = _ordered_scores(block_scores)
         may_enter = block_ids[None, :] < candidate_limit[:, None]
         if FILTER:
@@ -337,21 +299,20 @@ def _route_topk_kernel(
             # tile has such a score, the sort is skipped.
             at_threshold = columns[None, :] == threshold_column
             threshold = (tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1) >> 32).to(tl.int32)
-            # NOT_ENTERING while a list has empty slots. Below the first pass's bound no score can reach
-            # the top picks either.
-            may_enter &= (ordered > threshold[:, None]) & (ordered >= bound[:, None])
+            may_enter &= ordered > threshold[:, None]  # threshold: NOT_ENTERING while a list has empty slots
             rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
         else:
             rounds = INSERT_ROUNDS + 1
         if rounds > 0:
-            entering = tl.where(may_enter, ordered, NOT_ENTERING)
             if rounds <= INSERT_ROUNDS:
+                entering = tl.where(may_enter, ordered, NOT_ENTERING)
                 running_topk = _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK)
                 if COUNT_PATHS:
                     tiles_inserted += 1
                     insertion_rounds += rounds
             else:
-                running_topk = _merge_tile(running_topk, _score_keys(entering, block_ids[None, :]), RUNNING_TOPK)
+                keys = tl.where(may_enter, _score_keys(ordered, block_ids[None, :]), EMPTY_KEY)
+                running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
                 if COUNT_PATHS:
                     tiles_merged += 1
     if COUNT_PATHS:
@@ -422,16 +383,6 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
                   num_warps=num_warps, num_stages=2)
     config.update(TOPK_CONFIG_OVERRIDES)
-    # The first pass's groups: as wide as the list allows (the tile's group maxima fill one list). It
-    # pays where rows see many tiles; narrower groups tighten the bound but cost a longer sort.
-    widest_group = config["BLOCK_N"] // running_topk
-    if "BOUND_GROUP" not in config:
-        config["BOUND_GROUP"] = widest_group if widest_group >= 2 and max_blocks >= 4 * config["BLOCK_N"] else 0
-    group = config["BOUND_GROUP"]
-    if group and (group > widest_group or widest_group % group):
-        raise ValueError(
-            f"BOUND_GROUP must be 0 or a power of two <= BLOCK_N / RUNNING_TOPK = {widest_group}, got {group}"
-        )
     return config
 
 
