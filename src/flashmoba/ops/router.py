@@ -59,8 +59,8 @@ TOPK_CONFIG_OVERRIDES: dict = {}
 
 # An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
 EMPTY_KEY = tl.constexpr(-(2**63))
-# The smallest ordered score (that of the NaN with every bit set, which the kernel never selects): marks
-# the scores of a tile that may not enter a list.
+# The smallest ordered score, that of the NaN with every bit set: marks the scores of a tile that may not
+# enter a list on the insert path (which therefore never selects a block of that exact score).
 NOT_ENTERING = tl.constexpr(-(2**31))
 
 
@@ -150,9 +150,16 @@ def _ordered_scores(block_scores):
 @triton.jit
 def _score_keys(ordered_scores, block_ids):
     """Pack ordered scores and block ids (broadcastable, e.g. [M, N] and [1, N]) into int64 keys ordered by
-    (score, block id). A tile's keys that may not enter (NOT_ENTERING) become EMPTY_KEY."""
-    keys = (ordered_scores.to(tl.int64) << 32) | block_ids.to(tl.int64)
-    return tl.where(ordered_scores == NOT_ENTERING, EMPTY_KEY, keys)
+    (score, block id)."""
+    return (ordered_scores.to(tl.int64) << 32) | block_ids.to(tl.int64)
+
+
+@triton.jit
+def _key_score(keys):
+    """The float32 score of packed keys (NaN for EMPTY_KEY): _ordered_scores's transform is an involution."""
+    ordered = (keys >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -175,7 +182,7 @@ def _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK: tl.con
         # Equal scores: the later block wins, as in the key order.
         best_block = tl.max(tl.where(entering == row_best[:, None], block_ids[None, :], -1), axis=1)
         entering = tl.where(block_ids[None, :] == best_block[:, None], NOT_ENTERING, entering)
-        best_key = _score_keys(row_best, best_block)  # EMPTY_KEY where nothing was left to enter
+        best_key = tl.where(row_best == NOT_ENTERING, EMPTY_KEY, _score_keys(row_best, best_block))
         # Overwrite the smallest entry if beaten: the row is then a rotated bitonic sequence.
         running_topk = tl.where(smallest, tl.maximum(running_topk, best_key[:, None]), running_topk)
         running_topk = tl.bitonic_merge(running_topk, dim=1, descending=False)
@@ -291,19 +298,20 @@ def _route_topk_kernel(
         if CENTROIDS_ARE_SUMS:
             block_lengths = tl.maximum(tl.minimum(block_size, k_len - block_ids * block_size), 1)
             block_scores = block_scores / block_lengths.to(tl.float32)[None, :]
-        ordered = _ordered_scores(block_scores)
         may_enter = block_ids[None, :] < candidate_limit[:, None]
         if FILTER:
             # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
             # first, so an equal score belongs to an earlier block and loses the tie. When no row of the
             # tile has such a score, the sort is skipped.
             at_threshold = columns[None, :] == threshold_column
-            threshold = (tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1) >> 32).to(tl.int32)
-            may_enter &= ordered > threshold[:, None]  # threshold: NOT_ENTERING while a list has empty slots
+            threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
+            below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
+            may_enter &= ~below
             rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
         else:
             rounds = INSERT_ROUNDS + 1
         if rounds > 0:
+            ordered = _ordered_scores(block_scores)
             if rounds <= INSERT_ROUNDS:
                 entering = tl.where(may_enter, ordered, NOT_ENTERING)
                 running_topk = _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK)
