@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -26,3 +27,21 @@ def count_host_reads(monkeypatch):
         return reads
 
     return track
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty / empty_like / Tensor.new_empty give poisoned tensors during a test: NaN for floats, the
+    dtype's minimum for integers, so that scratch or output a kernel forgets to write shows in results."""
+    original_empty, original_empty_like, original_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(tensor):
+        if tensor.requires_grad or tensor.dtype == torch.bool:
+            return tensor
+        if tensor.is_floating_point():
+            return tensor.fill_(math.nan)
+        return tensor.fill_(torch.iinfo(tensor.dtype).min)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(original_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(original_empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(original_new_empty(self, *a, **kw)))

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from flashmoba.ops import index  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest.py: unwritten table or keys show
 
 # (query lengths, key lengths): empty sequences, partial last blocks, more keys than queries and fewer.
 LAYOUTS = [
