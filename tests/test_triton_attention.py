@@ -13,7 +13,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

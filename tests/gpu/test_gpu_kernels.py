@@ -10,7 +10,6 @@ checked with a tolerance for near-ties: outputs are compared only where the two 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
