@@ -381,14 +381,15 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     # No wider than the blocks a sequence can have; never narrower than the running list (tl.topk).
     block_n = max(16, min(block_n, _next_power_of_2(max_blocks)), running_topk)
     block_m = 64 if running_topk <= 32 else 32
-    if 16 <= running_topk <= 32 and max_blocks >= 1024:
-        # Measured on H100 (benchmarks/NOTES.md section 3): 128 query rows per program, 8 warps, route
-        # B64/k16 and B32/k32 1.08-1.29x faster at 64K and 512K; at 8K, fewer programs make it slower.
+    if 16 < running_topk <= 32 and max_blocks >= 1024:
+        # Measured on H100 (benchmarks/NOTES.md sections 3 and 5): 128 query rows per program, 8 warps,
+        # route B32/k32 faster at 64K and 512K; at 8K, fewer programs make it slower. Lists of 16 slots
+        # took this too until the insertions moved to int32 (v1.4): 64 rows, 4 warps are now 4-14% faster.
         block_m = 128
     num_warps = 8 if running_topk * block_m >= 64 * 64 or block_m == 128 or head_dim_pad >= 256 else 4
     # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
-    # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge.
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=4,
+    # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge (8: NOTES.md section 5).
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=8,
                   num_warps=num_warps, num_stages=2)
     config.update(TOPK_CONFIG_OVERRIDES)
     return config
