@@ -26,6 +26,8 @@ LAYOUTS = [
     ([64], [64]),
     ([7, 30, 1], [3, 30, 50]),
     ([0, 0, 9], [0, 4, 9]),
+    # 37 sequences: a binary search of six steps over cu_seqlens, with empty ones among them.
+    ([(7 * i) % 11 for i in range(37)], [(5 * i) % 13 for i in range(37)]),
 ]
 
 
