@@ -520,6 +520,25 @@ def _new_selection(shape, device, out):
     return out
 
 
+def _route_padded(q, k, block_size, topk, causal, out, path_counts=None):
+    """``route``'s work (and ``count_topk_paths``'s, with path_counts): checks, centroids, top-k."""
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[1]
+    _check_supported(q, k, batch, seqlen_k, block_size, topk, causal)
+    if k.shape[0] != batch:
+        raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
+    selected = _new_selection((batch, seqlen_q, heads_q, topk), q.device, out)
+    centroids = _launch_centroids(
+        k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False, store_sums=_stores_sums(k.dtype)
+    )
+    # The padded batch is read as packed sequences of equal length: sequence b starts at token b*T.
+    _launch_route(
+        q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
+        seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False, path_counts=path_counts,
+    )
+    return selected
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------
@@ -599,21 +618,7 @@ def route(
     Returns:
         int32 ``[B, T, Hq, topk]``: block ids, ascending, -1 in unused slots at the end.
     """
-    batch, seqlen_q, heads_q, _ = q.shape
-    seqlen_k = k.shape[1]
-    _check_supported(q, k, batch, seqlen_k, block_size, topk, causal)
-    if k.shape[0] != batch:
-        raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
-    selected = _new_selection((batch, seqlen_q, heads_q, topk), q.device, out)
-    centroids = _launch_centroids(
-        k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False, store_sums=_stores_sums(k.dtype)
-    )
-    # The padded batch is read as packed sequences of equal length: sequence b starts at token b*T.
-    _launch_route(
-        q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
-        seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False,
-    )
-    return selected
+    return _route_padded(q, k, block_size, topk, causal, out)
 
 
 def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool = True) -> dict:
@@ -623,18 +628,8 @@ def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: in
     could use it), ``inserted`` (at most ``INSERT_ROUNDS`` keys per row, ``insertion_rounds`` in all) or
     ``merged`` (a full ``tl.topk``), plus ``selected``, the selection itself (unchanged by counting).
     """
-    batch, seqlen_q, heads_q, _ = q.shape
-    seqlen_k = k.shape[1]
-    _check_supported(q, k, batch, seqlen_k, block_size, topk, causal)
-    selected = _new_selection((batch, seqlen_q, heads_q, topk), q.device, None)
-    centroids = _launch_centroids(
-        k, None, batch, seqlen_k, seqlen_k, block_size, is_varlen=False, store_sums=_stores_sums(k.dtype)
-    )
     counts = torch.zeros(4, dtype=torch.int32, device=q.device)
-    _launch_route(
-        q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
-        seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False, path_counts=counts,
-    )
+    selected = _route_padded(q, k, block_size, topk, causal, None, path_counts=counts)
     skipped, inserted, merged, rounds = counts.tolist()
     return dict(tiles=skipped + inserted + merged, skipped=skipped, inserted=inserted, merged=merged,
                 insertion_rounds=rounds, selected=selected)
