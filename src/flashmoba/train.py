@@ -569,8 +569,18 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's entry. A process of a torchrun job (WORLD_SIZE > 1) ends here once training is done."""
     config = parse_config(argv)
     train(config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Skip interpreter finalization. DTensor's caches keep the gloo process group alive past
+        # destroy_process_group, and one of its worker threads may still be releasing a finished
+        # collective that holds a Python tensor when the interpreter shuts down; taking the GIL then
+        # kills that thread and the process aborts (SIGABRT) after a successful run. Every file the
+        # run writes is closed by now; flush what is buffered.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
