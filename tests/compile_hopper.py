@@ -1,0 +1,156 @@
+"""Compile every Triton kernel launch of flashmoba's forward and backward for Hopper (sm_90), without a GPU.
+
+CI has no GPU. Triton's interpreter runs the kernels' arithmetic on CPU tensors, but it never runs the GPU
+compiler, and that compiler rejects some code the interpreter accepts: Triton 3.6's software pipeliner
+fails on a loop whose body takes a reduction's result out of an ``if`` (benchmarks/NOTES.md section 6).
+This script runs the library's launchers with each kernel replaced by a recorder. The recorder derives the
+launch's signature, constants and argument attributes the way Triton's own launcher does for an H100, and
+launches nothing. Then it compiles each distinct launch with ``triton.compile`` for sm_90, down to a cubin
+(the Triton wheel ships ptxas). Nothing is executed, so outputs hold garbage; the launchers read no device
+values on the host, so every launch still happens with the shapes of a real run.
+
+The cases cover each path the launchers choose by shape: the router's three list lengths (8, 16 and 32
+slots, the last with 128-row tiles from 1024 blocks on), GQA with atomics and the deterministic path,
+head dims 64 and 256, float16 and float32, and non-causal routing. The script fails if any kernel of
+``flashmoba.ops`` is never launched, so a new kernel cannot go unchecked.
+
+It must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones), and it
+uses two internals of Triton 3.6, the version pyproject.toml pins: ``create_function_from_signature``
+and ``JITFunction._pack_args``.
+
+    python tests/compile_hopper.py          # one JSON line per compiled launch; exit status 1 on failure
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_hopper.py: run it without TRITON_INTERPRET=1 (kernels must be JIT functions)")
+
+from flashmoba import ops
+from flashmoba.ops import backward, forward, index, router
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100 and H200
+BACKEND = CUDABackend(TARGET)
+KERNEL_MODULES = (router, index, forward, backward)
+
+# name -> keyword arguments of run_case (batch 1; the shapes only choose the launchers' paths)
+CASES = {
+    "B128/k8": dict(seqlen=4096, block_size=128, topk=8),
+    "B64/k16": dict(seqlen=4096, block_size=64, topk=16),
+    "B32/k32, 1250 blocks": dict(seqlen=40000, block_size=32, topk=32),
+    "GQA 8/2 k16": dict(seqlen=2048, block_size=64, topk=16, heads_q=8, heads_kv=2),
+    "GQA 8/2 k16 deterministic": dict(
+        seqlen=4096, block_size=64, topk=16, heads_q=8, heads_kv=2, deterministic=True
+    ),
+    "head_dim 64": dict(seqlen=2048, block_size=64, topk=8, head_dim=64),
+    "head_dim 256": dict(seqlen=2048, block_size=64, topk=8, head_dim=256),
+    "float16": dict(seqlen=2048, block_size=128, topk=8, dtype=torch.float16),
+    "float32": dict(seqlen=1024, block_size=64, topk=4, dtype=torch.float32),
+    "non-causal": dict(seqlen=2048, block_size=64, topk=8, causal=False),
+}
+
+
+class LaunchRecorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` records what Triton would compile."""
+
+    def __init__(self, kernel: JITFunction, launches: dict):
+        self.kernel = kernel
+        self.launches = launches
+        self.binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
+        self.case = ""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound_args, specialization, options = self.binder(*args, **kwargs)
+            options, signature, constexprs, attrs = self.kernel._pack_args(
+                BACKEND, kwargs, bound_args, specialization, options
+            )
+            key = (self.kernel.__name__, repr((signature, constexprs, attrs, options)))
+            self.launches.setdefault(key, (self.kernel, self.case, options, signature, constexprs, attrs))
+
+        return launch
+
+
+def install_recorders() -> dict[str, LaunchRecorder]:
+    launches: dict = {}
+    recorders = {}
+    for module in KERNEL_MODULES:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction) and name.endswith("_kernel"):
+                recorders[name] = LaunchRecorder(value, launches)
+                setattr(module, name, recorders[name])
+    return recorders
+
+
+def run_case(
+    seqlen,
+    block_size,
+    topk,
+    heads_q=4,
+    heads_kv=4,
+    head_dim=128,
+    dtype=torch.bfloat16,
+    causal=True,
+    deterministic=False,
+) -> None:
+    """One forward and backward through the library's Triton path on CPU tensors (nothing runs)."""
+    q = torch.zeros(1, seqlen, heads_q, head_dim, dtype=dtype, requires_grad=True)
+    k = torch.zeros(1, seqlen, heads_kv, head_dim, dtype=dtype, requires_grad=True)
+    v = torch.zeros(1, seqlen, heads_kv, head_dim, dtype=dtype, requires_grad=True)
+    out, lse = ops.moba_attn_triton(q, k, v, block_size, topk, causal, head_dim**-0.5, deterministic)
+    (out.float().sum() + lse.sum()).backward()
+
+
+def main() -> int:
+    recorders = install_recorders()
+    launches = recorders[next(iter(recorders))].launches
+    for case, arguments in CASES.items():
+        for recorder in recorders.values():
+            recorder.case = case
+        run_case(**arguments)
+    never_launched = sorted(
+        name
+        for name, recorder in recorders.items()
+        if not any(kernel is recorder.kernel for kernel, *_ in launches.values())
+    )
+    failures = 0
+    for (name, _), (kernel, case, options, signature, constexprs, attrs) in launches.items():
+        started = time.perf_counter()
+        row = dict(kernel=name, case=case, num_warps=options.num_warps, num_stages=options.num_stages)
+        try:
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(source, target=TARGET, options=options.__dict__)
+            row.update(
+                status="ok", cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared
+            )
+        except Exception as error:  # noqa: BLE001 (report every failing launch, not only the first)
+            failures += 1
+            row.update(
+                status="error",
+                error=f"{type(error).__name__}: {error}"[-2000:],
+                traceback=traceback.format_exc()[-3000:],
+            )
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        print(json.dumps(row), flush=True)
+    if never_launched:
+        print(
+            json.dumps(dict(status="error", error=f"kernels no case launched: {never_launched}")), flush=True
+        )
+    return 1 if failures or never_launched else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
