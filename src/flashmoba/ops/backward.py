@@ -385,9 +385,13 @@ def sparse_attention_backward(
         return grad_q, grad_k, grad_v
 
     if not deterministic:
-        grad_q_accum = torch.zeros(total_q, heads_q, head_dim, dtype=torch.float32, device=q.device)
-        launch_dkdv(grad_q_accum, "atomic", 0, heads_kv)
-        grad_q.copy_(grad_q_accum)
+        # float32 atomics: straight into dQ for float32 inputs; otherwise into a buffer copied once.
+        if q.dtype == torch.float32:
+            launch_dkdv(grad_q.zero_(), "atomic", 0, heads_kv)
+        else:
+            grad_q_accum = torch.zeros(total_q, heads_q, head_dim, dtype=torch.float32, device=q.device)
+            launch_dkdv(grad_q_accum, "atomic", 0, heads_kv)
+            grad_q.copy_(grad_q_accum)
         return grad_q, grad_k, grad_v
 
     # Deterministic dQ: per-(row, head, slot) partials of one chunk, summed in slot order.
