@@ -63,14 +63,21 @@ CASES = {
 }
 
 
+class Recording:
+    """The distinct launches seen so far, each with the case that first made it."""
+
+    def __init__(self):
+        self.launches: dict = {}  # (kernel name, specialisation) -> (kernel, case, options, signature, ...)
+        self.case = ""
+
+
 class LaunchRecorder:
     """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` records what Triton would compile."""
 
-    def __init__(self, kernel: JITFunction, launches: dict):
+    def __init__(self, kernel: JITFunction, recording: Recording):
         self.kernel = kernel
-        self.launches = launches
+        self.recording = recording
         self.binder = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
-        self.case = ""
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -79,18 +86,20 @@ class LaunchRecorder:
                 BACKEND, kwargs, bound_args, specialization, options
             )
             key = (self.kernel.__name__, repr((signature, constexprs, attrs, options)))
-            self.launches.setdefault(key, (self.kernel, self.case, options, signature, constexprs, attrs))
+            entry = (self.kernel, self.recording.case, options, signature, constexprs, attrs)
+            self.recording.launches.setdefault(key, entry)
 
         return launch
 
 
-def install_recorders() -> dict[str, LaunchRecorder]:
-    launches: dict = {}
+def install_recorders(recording: Recording) -> dict[str, LaunchRecorder]:
+    """Replace every kernel of KERNEL_MODULES (the JIT functions named ``*_kernel``; the others are device
+    helpers they call) by a recorder, in its module, where the launchers look it up."""
     recorders = {}
     for module in KERNEL_MODULES:
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction) and name.endswith("_kernel"):
-                recorders[name] = LaunchRecorder(value, launches)
+                recorders[name] = LaunchRecorder(value, recording)
                 setattr(module, name, recorders[name])
     return recorders
 
@@ -115,19 +124,15 @@ def run_case(
 
 
 def main() -> int:
-    recorders = install_recorders()
-    launches = recorders[next(iter(recorders))].launches
+    recording = Recording()
+    recorders = install_recorders(recording)
     for case, arguments in CASES.items():
-        for recorder in recorders.values():
-            recorder.case = case
+        recording.case = case
         run_case(**arguments)
-    never_launched = sorted(
-        name
-        for name, recorder in recorders.items()
-        if not any(kernel is recorder.kernel for kernel, *_ in launches.values())
-    )
+    launched = {kernel.__name__ for kernel, *_ in recording.launches.values()}
+    never_launched = sorted(set(recorders) - launched)
     failures = 0
-    for (name, _), (kernel, case, options, signature, constexprs, attrs) in launches.items():
+    for (name, _), (kernel, case, options, signature, constexprs, attrs) in recording.launches.items():
         started = time.perf_counter()
         row = dict(kernel=name, case=case, num_warps=options.num_warps, num_stages=options.num_stages)
         try:
