@@ -6,8 +6,9 @@ fails on a loop whose body takes a reduction's result out of an ``if`` (benchmar
 This script runs the library's launchers with each kernel replaced by a recorder. The recorder derives the
 launch's signature, constants and argument attributes the way Triton's own launcher does for an H100, and
 launches nothing. Then it compiles each distinct launch with ``triton.compile`` for sm_90, down to a cubin
-(the Triton wheel ships ptxas). Nothing is executed, so outputs hold garbage; the launchers read no device
-values on the host, so every launch still happens with the shapes of a real run.
+(the Triton wheel ships ptxas), and reports its registers and spill bytes from ptxas's log. Nothing is
+executed, so outputs hold garbage; the launchers read no device values on the host, so every launch still
+happens with the shapes of a real run.
 
 The cases cover each path the launchers choose by shape: the router's three list lengths (8, 16 and 32
 slots, the last with 128-row tiles from 1024 blocks on), GQA with atomics and the deterministic path,
@@ -23,14 +24,22 @@ and ``JITFunction._pack_args``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 import traceback
 
+# A fresh cache: every launch is compiled, so ptxas runs and its log gives registers and spills.
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_hopper_")
+
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
@@ -48,8 +57,9 @@ KERNEL_MODULES = (router, index, forward, backward)
 
 # name -> keyword arguments of run_case (batch 1; the shapes only choose the launchers' paths)
 CASES = {
-    "B128/k8": dict(seqlen=4096, block_size=128, topk=8),
-    "B64/k16": dict(seqlen=4096, block_size=64, topk=16),
+    # 128 and 256 blocks: the router's centroid tiles are as wide as at the benchmark's lengths.
+    "B128/k8": dict(seqlen=16384, block_size=128, topk=8),
+    "B64/k16": dict(seqlen=16384, block_size=64, topk=16),
     "B32/k32, 1250 blocks": dict(seqlen=40000, block_size=32, topk=32),
     "GQA 8/2 k16": dict(seqlen=2048, block_size=64, topk=16, heads_q=8, heads_kv=2),
     "GQA 8/2 k16 deterministic": dict(
@@ -61,6 +71,18 @@ CASES = {
     "float32": dict(seqlen=1024, block_size=64, topk=4, dtype=torch.float32),
     "non-causal": dict(seqlen=2048, block_size=64, topk=8, causal=False),
 }
+
+
+def ptxas_usage(log: str, kernel_name: str) -> dict:
+    """Registers and spill bytes of the entry function ``kernel_name`` from ptxas's verbose log."""
+    entry = log.split(f"Compiling entry function '{kernel_name}'", 1)[-1]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
+    registers = re.search(r"Used (\d+) registers", entry)
+    if spills is None or registers is None:
+        raise RuntimeError(f"no ptxas usage for {kernel_name} in its log: {log[-500:]!r}")
+    return dict(
+        registers=int(registers.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2))
+    )
 
 
 class Recording:
@@ -124,6 +146,7 @@ def run_case(
 
 
 def main() -> int:
+    knobs.nvidia.dump_ptxas_log = True
     recording = Recording()
     recorders = install_recorders(recording)
     for case, arguments in CASES.items():
@@ -137,10 +160,13 @@ def main() -> int:
         row = dict(kernel=name, case=case, num_warps=options.num_warps, num_stages=options.num_stages)
         try:
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(source, target=TARGET, options=options.__dict__)
+            ptxas_log = io.StringIO()  # Triton prints ptxas's log with dump_ptxas_log
+            with contextlib.redirect_stdout(ptxas_log):
+                compiled = triton.compile(source, target=TARGET, options=options.__dict__)
             row.update(
                 status="ok", cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared
             )
+            row.update(ptxas_usage(ptxas_log.getvalue(), name))
         except Exception as error:  # noqa: BLE001 (report every failing launch, not only the first)
             failures += 1
             row.update(

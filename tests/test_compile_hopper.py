@@ -19,9 +19,8 @@ pytest.importorskip(
 SCRIPT = Path(__file__).with_name("compile_hopper.py")
 
 
-def test_every_kernel_launch_compiles_for_sm90(tmp_path):
+def test_every_kernel_launch_compiles_for_sm90():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    environment["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile every launch afresh
     src = Path(__file__).resolve().parents[1] / "src"
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), environment.get("PYTHONPATH")]))
     result = subprocess.run(
@@ -40,3 +39,11 @@ def test_every_kernel_launch_compiles_for_sm90(tmp_path):
     compiled = {row["kernel"] for row in rows}
     assert "_route_topk_kernel" in compiled and "_moba_bwd_dkdv_kernel" in compiled
     assert all(row["cubin_bytes"] > 0 for row in rows)
+    # The router spills nothing with 16-bit inputs. Its speed hangs on registers: a version that spilled
+    # 428 bytes ran 3-4x slower on an H100 (benchmarks/NOTES.md section 3, TRUNCATED_MERGE).
+    router_spills = [
+        (row["case"], row["spill_stores"])
+        for row in rows
+        if row["kernel"] == "_route_topk_kernel" and row["case"] != "float32" and row["spill_stores"]
+    ]
+    assert not router_spills, router_spills
