@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -184,4 +185,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
+    sys.exit(status)
