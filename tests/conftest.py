@@ -10,6 +10,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def triton_runnable() -> bool:
+    """The Triton kernels can run here: on CUDA, or on CPU tensors in Triton's interpreter."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: runs the Triton kernels (needs CUDA or TRITON_INTERPRET=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if triton_runnable():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA or TRITON_INTERPRET=1")
+    for item in items:
+        if "triton" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def count_host_reads(monkeypatch):
     """``count_host_reads(tensor)`` -> a list that grows by one at each ``tensor.tolist()`` (the way the

@@ -26,6 +26,7 @@ import os
 import torch
 
 from flashmoba import reference
+from flashmoba._checks import check_cu_seqlens_tensor, check_cu_seqlens_values, check_positive_int
 
 BACKENDS = ("auto", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,13 +51,6 @@ def _check_tensor(name: str, tensor, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
@@ -86,36 +80,25 @@ def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
         raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
 
 
-def _check_options(block_size, topk, softmax_scale, backend) -> None:
-    _check_positive_int("block_size", block_size)
-    _check_positive_int("topk", topk)
+def _check_options(block_size, topk, softmax_scale, backend) -> tuple[int, int]:
+    """Check the scalar options; returns block_size and topk as Python ints (NumPy integers pass)."""
+    block_size = check_positive_int("block_size", block_size)
+    topk = check_positive_int("topk", topk)
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return block_size, topk
 
 
 def _check_cu_seqlens(
     name: str, cu_seqlens, total: int, device: torch.device, max_seqlen, max_name: str, read_values: bool = True
 ):
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"{name} must be on the tensors' device {device}, got {cu_seqlens.device}")
+    check_cu_seqlens_tensor(name, cu_seqlens, device)
     if not (read_values and _checks_enabled()):
         return
     values = cu_seqlens.tolist()  # one device-to-host copy: a synchronisation on CUDA
-    if values[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {values[0]}")
-    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
-    if any(length < 0 for length in lengths):
-        raise ValueError(f"{name} must be non-decreasing, got {values}")
-    if values[-1] != total:
-        raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
+    lengths = check_cu_seqlens_values(name, values, total)
     longest = max(lengths, default=0)
     if max_seqlen < longest:
         raise ValueError(f"{max_name} must be >= the longest sequence ({longest}), got {max_seqlen}")
@@ -198,7 +181,7 @@ def moba_attn(
     """
     if _checks_enabled():
         _check_qkv(q, k, v, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]")
-        _check_options(block_size, topk, softmax_scale, backend)
+        block_size, topk = _check_options(block_size, topk, softmax_scale, backend)
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -245,7 +228,7 @@ def moba_attn_varlen(
     """
     if _checks_enabled():
         _check_qkv(q, k, v, 3, "[total_q, heads_q, head_dim]", "[total_k, heads_kv, head_dim]")
-        _check_options(block_size, topk, softmax_scale, backend)
+        block_size, topk = _check_options(block_size, topk, softmax_scale, backend)
         if not isinstance(check_cu_seqlens, bool):
             raise TypeError(f"check_cu_seqlens must be a bool, got {type(check_cu_seqlens).__name__}")
         _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_cu_seqlens)
@@ -298,7 +281,7 @@ def moba_select(
             _check_qkv(q, k, None, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]")
             if k.shape[0] != q.shape[0]:
                 raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
-        _check_options(block_size, topk, None, backend)
+        block_size, topk = _check_options(block_size, topk, None, backend)
     if packed:
         if max_seqlen_q is None:
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
