@@ -90,10 +90,13 @@ def full_grid() -> list[dict]:
 def config_name(overrides: dict) -> str:
     if not overrides:
         return "default"
-    short = dict(BLOCK_M="M", BLOCK_N="N", num_warps="w", num_stages="s", FILTER="filter",
-                 INSERT_ROUNDS="insert")
-    return "_".join(f"{short.get(key, key)}{int(value) if isinstance(value, bool) else value}"
-                    for key, value in overrides.items())
+    short = dict(
+        BLOCK_M="M", BLOCK_N="N", num_warps="w", num_stages="s", FILTER="filter", INSERT_ROUNDS="insert"
+    )
+    return "_".join(
+        f"{short.get(key, key)}{int(value) if isinstance(value, bool) else value}"
+        for key, value in overrides.items()
+    )
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -125,8 +128,9 @@ def topk_overrides(overrides: dict):
         router.TOPK_CONFIG_OVERRIDES = previous
 
 
-def effective_config(head_dim: int, seqlen: int, block_size: int, topk: int, causal: bool,
-                     overrides: dict) -> tuple[dict, int]:
+def effective_config(
+    head_dim: int, seqlen: int, block_size: int, topk: int, causal: bool, overrides: dict
+) -> tuple[dict, int]:
     """(the top-k kernel's configuration under these overrides, the running top-k list length)."""
     from flashmoba.ops import router
 
@@ -146,26 +150,50 @@ def invalid_reason(config: dict, running_topk: int) -> str | None:
     return None
 
 
-def compare_selections(expected: torch.Tensor, got: torch.Tensor, sample: int = 0,
-                       q: torch.Tensor | None = None, k: torch.Tensor | None = None,
-                       block_size: int | None = None) -> dict:
+def compare_selections(
+    expected: torch.Tensor,
+    got: torch.Tensor,
+    sample: int = 0,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> dict:
     """Compare two selections [B, T, H, topk]: equal (torch.equal), and for a difference the number of
     (query, head) rows that differ, the first one, and (sample > 0 with q, k) the largest float32 score
     spread among the swapped blocks of up to `sample` differing rows, relative to the row's largest
     |score| (near-ties flipped by rounding give small spreads)."""
     if expected.shape != got.shape or expected.dtype != got.dtype:
-        return dict(equal=False, rows_differing=None, rows_total=None, first_difference=None,
-                    swapped_score_spread=None,
-                    detail=f"shape/dtype {tuple(got.shape)} {got.dtype} != {tuple(expected.shape)} {expected.dtype}")
+        return dict(
+            equal=False,
+            rows_differing=None,
+            rows_total=None,
+            first_difference=None,
+            swapped_score_spread=None,
+            detail=f"shape/dtype {tuple(got.shape)} {got.dtype} != {tuple(expected.shape)} {expected.dtype}",
+        )
     if torch.equal(expected, got):
-        return dict(equal=True, rows_differing=0, rows_total=expected[..., 0].numel(), first_difference=None,
-                    swapped_score_spread=None, detail=None)
+        return dict(
+            equal=True,
+            rows_differing=0,
+            rows_total=expected[..., 0].numel(),
+            first_difference=None,
+            swapped_score_spread=None,
+            detail=None,
+        )
     differing = (expected != got).any(dim=-1)
     where = differing.nonzero()
-    result = dict(equal=False, rows_differing=int(differing.sum()), rows_total=differing.numel(),
-                  first_difference=[int(x) for x in where[0]], swapped_score_spread=None, detail=None)
+    result = dict(
+        equal=False,
+        rows_differing=int(differing.sum()),
+        rows_total=differing.numel(),
+        first_difference=[int(x) for x in where[0]],
+        swapped_score_spread=None,
+        detail=None,
+    )
     if sample > 0 and q is not None and k is not None and block_size is not None:
-        result["swapped_score_spread"] = _swapped_score_spread(expected, got, where[:sample], q, k, block_size)
+        result["swapped_score_spread"] = _swapped_score_spread(
+            expected, got, where[:sample], q, k, block_size
+        )
     return result
 
 
@@ -185,7 +213,7 @@ def _swapped_score_spread(expected, got, rows, q, k, block_size) -> float | None
         blocks = sorted(x for x in chosen if x >= 0)
 
         def score(block):
-            keys = k[b, block * block_size:min((block + 1) * block_size, seqlen_k), h // heads_per_kv]
+            keys = k[b, block * block_size : min((block + 1) * block_size, seqlen_k), h // heads_per_kv]
             centroid = keys.float().mean(0).to(k.dtype).float()
             return float(q[b, t, h].float() @ centroid)
 
@@ -239,8 +267,16 @@ class Deadline:
         return self.stopped
 
 
-def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline: Deadline,
-               route_fn=None, timer=None, on_row=None) -> list[dict]:
+def sweep_case(
+    case: dict,
+    grid: list[dict],
+    repeats: int,
+    device: str,
+    deadline: Deadline,
+    route_fn=None,
+    timer=None,
+    on_row=None,
+) -> list[dict]:
     """Rows of one (seqlen, block_size, topk) case: the default configuration, then each of the grid.
 
     route_fn(q, k, block_size, topk, causal) -> selection (default flashmoba.ops.moba_select_triton);
@@ -269,8 +305,18 @@ def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline
         return router.block_centroids_varlen(k_packed, cu_seqlens, seqlen, block_size)
 
     rows: list[dict] = []
-    base = dict(card=bench.card_name(), batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, dtype=dtype,
-                block_size=block_size, topk=topk, causal=causal, repeats=repeats)
+    base = dict(
+        card=bench.card_name(),
+        batch=batch,
+        seqlen=seqlen,
+        heads=heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        block_size=block_size,
+        topk=topk,
+        causal=causal,
+        repeats=repeats,
+    )
     default_selection = None
     centroids = None
     centroid_ms = None
@@ -280,10 +326,23 @@ def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline
             log(f"[{deadline.elapsed():6.0f}s] {label}: --max-seconds reached, stopping before {name}")
             break
         config, running_topk = effective_config(head_dim, seqlen, block_size, topk, causal, overrides)
-        row = dict(base, config_name=name, overrides=overrides, config=config, running_topk=running_topk,
-                   is_default=not overrides, status=None, error=None, selection=None,
-                   route_ms=None, centroid_ms=None, topk_ms=None, topk_error=None,
-                   route_tflops=None, topk_tflops=None)
+        row = dict(
+            base,
+            config_name=name,
+            overrides=overrides,
+            config=config,
+            running_topk=running_topk,
+            is_default=not overrides,
+            status=None,
+            error=None,
+            selection=None,
+            route_ms=None,
+            centroid_ms=None,
+            topk_ms=None,
+            topk_error=None,
+            route_tflops=None,
+            topk_tflops=None,
+        )
         reason = invalid_reason(config, running_topk)
         if reason is not None:
             row.update(status="invalid", error=reason)
@@ -299,8 +358,9 @@ def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline
                         default_selection = selection
                         row["selection"] = compare_selections(default_selection, selection)
                     else:
-                        row["selection"] = compare_selections(default_selection, selection, sample=64, q=q, k=k,
-                                                              block_size=block_size)
+                        row["selection"] = compare_selections(
+                            default_selection, selection, sample=64, q=q, k=k, block_size=block_size
+                        )
                     del selection
                     if not row["selection"]["equal"]:
                         row["status"] = "mismatch"
@@ -312,10 +372,24 @@ def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline
                             centroids = centroids_alone()
                         row["centroid_ms"] = centroid_ms
                         try:
+
                             def topk_alone():
-                                router._launch_route(q_packed, centroids, topk_buffer, cu_seqlens, cu_seqlens,
-                                                     batch, 0, 0, seqlen, seqlen, block_size, topk, causal,
-                                                     is_varlen=True)
+                                router._launch_route(
+                                    q_packed,
+                                    centroids,
+                                    topk_buffer,
+                                    cu_seqlens,
+                                    cu_seqlens,
+                                    batch,
+                                    0,
+                                    0,
+                                    seqlen,
+                                    seqlen,
+                                    block_size,
+                                    topk,
+                                    causal,
+                                    is_varlen=True,
+                                )
 
                             topk_alone()
                             same = torch.equal(topk_buffer.view_as(default_selection), default_selection)
@@ -328,7 +402,9 @@ def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline
             except Exception as error:  # noqa: BLE001 - compile/launch failures are results
                 row.update(status="error", error=_error_text(error))
                 if default_selection is None:
-                    log(f"[{deadline.elapsed():6.0f}s] {label}: the default configuration failed: {row['error']}")
+                    log(
+                        f"[{deadline.elapsed():6.0f}s] {label}: the default configuration failed: {row['error']}"
+                    )
         for field, tflops_field in (("route_ms", "route_tflops"), ("topk_ms", "topk_tflops")):
             if row[field] is not None:
                 row[tflops_field] = bench.router_tflops(dict(row, route_ms=row[field]))
@@ -347,13 +423,18 @@ def sweep_case(case: dict, grid: list[dict], repeats: int, device: str, deadline
 def _row_summary(row: dict) -> str:
     if row["status"] == "ok":
         topk = "-" if row["topk_ms"] is None else f"{row['topk_ms']:.3f} ms ({row['topk_tflops']:.0f} TF/s)"
-        return (f"ok  route {row['route_ms']:.3f} ms ({row['route_tflops']:.0f} TF/s)  top-k {topk}  "
-                f"centroids {row['centroid_ms']:.3f} ms" + (f"  [{row['topk_error']}]" if row["topk_error"] else ""))
+        return (
+            f"ok  route {row['route_ms']:.3f} ms ({row['route_tflops']:.0f} TF/s)  top-k {topk}  "
+            f"centroids {row['centroid_ms']:.3f} ms"
+            + (f"  [{row['topk_error']}]" if row["topk_error"] else "")
+        )
     if row["status"] == "mismatch":
         sel = row["selection"]
         spread = sel.get("swapped_score_spread")
-        return (f"MISMATCH {sel['rows_differing']}/{sel['rows_total']} rows differ, first {sel['first_difference']}"
-                + ("" if spread is None else f", swapped-score spread {spread:.2e} of |score|"))
+        return (
+            f"MISMATCH {sel['rows_differing']}/{sel['rows_total']} rows differ, first {sel['first_difference']}"
+            + ("" if spread is None else f", swapped-score spread {spread:.2e} of |score|")
+        )
     return f"{row['status'].upper()}: {row['error']}"
 
 
@@ -362,9 +443,13 @@ def print_case_table(rows: list[dict]) -> None:
     if not rows:
         return
     first = rows[0]
-    print(f"\nN {first['seqlen']}, block {first['block_size']}, topk {first['topk']} ({first['card']}, "
-          f"B {first['batch']} H {first['heads']} d {first['head_dim']} {first['dtype']}, causal)")
-    header = f"{'':<8} {'config':<28} {'route ms':>9} {'TF/s':>6} {'top-k ms':>9} {'TF/s':>6} {'centr. ms':>9}"
+    print(
+        f"\nN {first['seqlen']}, block {first['block_size']}, topk {first['topk']} ({first['card']}, "
+        f"B {first['batch']} H {first['heads']} d {first['head_dim']} {first['dtype']}, causal)"
+    )
+    header = (
+        f"{'':<8} {'config':<28} {'route ms':>9} {'TF/s':>6} {'top-k ms':>9} {'TF/s':>6} {'centr. ms':>9}"
+    )
     print(header)
     print("-" * len(header))
     ok = [row for row in rows if row["status"] == "ok"]
@@ -379,14 +464,20 @@ def print_case_table(rows: list[dict]) -> None:
             print(f"{title:<8} (none)")
             continue
         config = row["config"]
-        text = (f"M{config['BLOCK_M']} N{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']} "
-                f"f{int(config['FILTER'])} i{config['INSERT_ROUNDS']}")
-        print(f"{title:<8} {text:<28} {number(row['route_ms'], '.3f'):>9} {number(row['route_tflops'], '.0f'):>6} "
-              f"{number(row['topk_ms'], '.3f'):>9} {number(row['topk_tflops'], '.0f'):>6} "
-              f"{number(row['centroid_ms'], '.3f'):>9}")
+        text = (
+            f"M{config['BLOCK_M']} N{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']} "
+            f"f{int(config['FILTER'])} i{config['INSERT_ROUNDS']}"
+        )
+        print(
+            f"{title:<8} {text:<28} {number(row['route_ms'], '.3f'):>9} {number(row['route_tflops'], '.0f'):>6} "
+            f"{number(row['topk_ms'], '.3f'):>9} {number(row['topk_tflops'], '.0f'):>6} "
+            f"{number(row['centroid_ms'], '.3f'):>9}"
+        )
     if default is not None and best is not None:
-        print(f"default route ms / best route ms = {default['route_ms'] / best['route_ms']:.2f} "
-              f"(best: {best['config_name']})")
+        print(
+            f"default route ms / best route ms = {default['route_ms'] / best['route_ms']:.2f} "
+            f"(best: {best['config_name']})"
+        )
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -407,12 +498,25 @@ def _versions() -> dict:
     return versions
 
 
-def run_sweep(cases: list[dict], grid: list[dict], repeats: int | None, device: str, out: Path | None,
-              max_seconds: float | None, args_record: dict, route_fn=None) -> dict:
+def run_sweep(
+    cases: list[dict],
+    grid: list[dict],
+    repeats: int | None,
+    device: str,
+    out: Path | None,
+    max_seconds: float | None,
+    args_record: dict,
+    route_fn=None,
+) -> dict:
     deadline = Deadline(max_seconds)
-    result = dict(card=bench.card_name(), **_versions(), args=args_record,
-                  tflops_formula="bench.router_tflops: 2*batch*heads*head_dim*seqlen*(seqlen/block_size)/2",
-                  complete=False, rows=[])
+    result = dict(
+        card=bench.card_name(),
+        **_versions(),
+        args=args_record,
+        tflops_formula="bench.router_tflops: 2*batch*heads*head_dim*seqlen*(seqlen/block_size)/2",
+        complete=False,
+        rows=[],
+    )
 
     def write():
         if out is not None:
@@ -421,11 +525,15 @@ def run_sweep(cases: list[dict], grid: list[dict], repeats: int | None, device: 
 
     for number, case in enumerate(cases, 1):
         if deadline.passed():
-            log(f"[{deadline.elapsed():6.0f}s] --max-seconds reached: {len(cases) - number + 1} case(s) not run")
+            log(
+                f"[{deadline.elapsed():6.0f}s] --max-seconds reached: {len(cases) - number + 1} case(s) not run"
+            )
             break
         case_repeats = repeats or _default_repeats(case["seqlen"])
-        log(f"[{deadline.elapsed():6.0f}s] case {number}/{len(cases)}: N {case['seqlen']} block {case['block_size']} "
-            f"topk {case['topk']}, {len(grid)} grid configs, {case_repeats} repeats")
+        log(
+            f"[{deadline.elapsed():6.0f}s] case {number}/{len(cases)}: N {case['seqlen']} block {case['block_size']} "
+            f"topk {case['topk']}, {len(grid)} grid configs, {case_repeats} repeats"
+        )
 
         def on_row(row):
             result["rows"].append(row)
@@ -450,8 +558,10 @@ def run_sweep(cases: list[dict], grid: list[dict], repeats: int | None, device: 
 
 def self_check(out: Path | None) -> int:
     """No CUDA: the sweep on a tiny case in Triton's interpreter; every configuration must match."""
-    log("router_sweep: no CUDA device here; the sweep needs one. Running a tiny self-check on CPU in Triton's "
-        f"interpreter instead ({SELF_CHECK}, {len(SELF_CHECK_GRID)} configurations).")
+    log(
+        "router_sweep: no CUDA device here; the sweep needs one. Running a tiny self-check on CPU in Triton's "
+        f"interpreter instead ({SELF_CHECK}, {len(SELF_CHECK_GRID)} configurations)."
+    )
     os.environ["TRITON_INTERPRET"] = "1"  # before flashmoba.ops imports triton's kernels
     case = dict(SELF_CHECK, dtype="bf16", causal=True)
     result = run_sweep([case], SELF_CHECK_GRID, 1, "cpu", out, None, dict(self_check=True))
@@ -459,8 +569,10 @@ def self_check(out: Path | None) -> int:
     ok = [row for row in rows if row["status"] == "ok"]
     distinct = {json.dumps(row["config"], sort_keys=True) for row in ok}
     passed = len(ok) == 1 + len(SELF_CHECK_GRID) and len(distinct) == len(ok)
-    log(f"self-check {'passed' if passed else 'FAILED'}: {len(ok)}/{len(rows)} configurations ran and matched the "
-        f"default's selection ({len(distinct)} distinct configurations)")
+    log(
+        f"self-check {'passed' if passed else 'FAILED'}: {len(ok)}/{len(rows)} configurations ran and matched the "
+        f"default's selection ({len(distinct)} distinct configurations)"
+    )
     return 0 if passed else 1
 
 
@@ -473,41 +585,68 @@ def count_paths(cases: list[dict], device: str) -> list[dict]:
     for case in cases:
         generator = torch.Generator(device=device).manual_seed(0)
         shape = (case["batch"], case["seqlen"], case["heads"], case["head_dim"])
-        q, k = (torch.randn(*shape, device=device, dtype=DTYPES[case["dtype"]], generator=generator)
-                for _ in range(2))
+        q, k = (
+            torch.randn(*shape, device=device, dtype=DTYPES[case["dtype"]], generator=generator)
+            for _ in range(2)
+        )
         counts = router.count_topk_paths(q, k, case["block_size"], case["topk"], case["causal"])
         counts.pop("selected")
         rows.append(dict(case, **counts))
         tiles = max(1, counts["tiles"])
-        log(f"{'N ' + str(case['seqlen']) + ' B' + str(case['block_size']) + '/k' + str(case['topk']):<22} "
+        log(
+            f"{'N ' + str(case['seqlen']) + ' B' + str(case['block_size']) + '/k' + str(case['topk']):<22} "
             f"{counts['tiles']:>12} {counts['skipped'] / tiles:>8.1%} {counts['inserted'] / tiles:>9.1%} "
-            f"{counts['merged'] / tiles:>7.1%} {counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f}")
+            f"{counts['merged'] / tiles:>7.1%} {counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f}"
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlens", type=_parse_ints, default=[8192, 65536, 524288])
-    parser.add_argument("--blocks", type=_parse_blocks, default=_parse_blocks("128:8,64:16,32:32"),
-                        help="block_size:topk pairs, comma separated (default 128:8,64:16,32:32)")
+    parser.add_argument(
+        "--blocks",
+        type=_parse_blocks,
+        default=_parse_blocks("128:8,64:16,32:32"),
+        help="block_size:topk pairs, comma separated (default 128:8,64:16,32:32)",
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per measurement (default 20 up to 64K, 5 up to 128K, then 3)")
-    parser.add_argument("--grid", choices=("small", "full", "insert"), default="small",
-                        help=f"small: {len(SMALL_GRID)} configs; full: BLOCK_M x BLOCK_N in {{32,64,128}}, "
-                             "num_warps {4,8}, num_stages {2,3} (36); insert: INSERT_ROUNDS 2-64 "
-                             f"({len(INSERT_GRID)})")
-    parser.add_argument("--max-seconds", type=float, default=540,
-                        help="stop between configurations after this many seconds, still writing results "
-                             "(default 540, for a 10-minute command; 0: no limit)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default benchmarks/results/router_sweep_<card>.json; "
-                             "the CPU self-check writes only when given)")
-    parser.add_argument("--count-paths", action="store_true",
-                        help="only count the default configuration's tile update paths per case (no timing)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per measurement (default 20 up to 64K, 5 up to 128K, then 3)",
+    )
+    parser.add_argument(
+        "--grid",
+        choices=("small", "full", "insert"),
+        default="small",
+        help=f"small: {len(SMALL_GRID)} configs; full: BLOCK_M x BLOCK_N in {{32,64,128}}, "
+        "num_warps {4,8}, num_stages {2,3} (36); insert: INSERT_ROUNDS 2-64 "
+        f"({len(INSERT_GRID)})",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=540,
+        help="stop between configurations after this many seconds, still writing results "
+        "(default 540, for a 10-minute command; 0: no limit)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON (default benchmarks/results/router_sweep_<card>.json; "
+        "the CPU self-check writes only when given)",
+    )
+    parser.add_argument(
+        "--count-paths",
+        action="store_true",
+        help="only count the default configuration's tile update paths per case (no timing)",
+    )
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -517,9 +656,20 @@ def main(argv: list[str] | None = None) -> int:
         return self_check(args.out)
 
     grid = {"small": SMALL_GRID, "insert": INSERT_GRID}.get(args.grid) or full_grid()
-    cases = [dict(batch=args.batch, seqlen=seqlen, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-                  block_size=block_size, topk=topk, causal=True)
-             for seqlen in args.seqlens for block_size, topk in args.blocks]
+    cases = [
+        dict(
+            batch=args.batch,
+            seqlen=seqlen,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            dtype=args.dtype,
+            block_size=block_size,
+            topk=topk,
+            causal=True,
+        )
+        for seqlen in args.seqlens
+        for block_size, topk in args.blocks
+    ]
     if args.count_paths:
         rows = count_paths(cases, "cuda")
         if args.out:
@@ -527,11 +677,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or Path("benchmarks/results") / f"router_sweep_{bench._file_stem(bench.card_name())}.json"
     record = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    log(f"router_sweep on {bench.card_name()}: {len(cases)} cases x (default + {len(grid)} configs), "
-        f"results in {out}")
+    log(
+        f"router_sweep on {bench.card_name()}: {len(cases)} cases x (default + {len(grid)} configs), "
+        f"results in {out}"
+    )
     result = run_sweep(cases, grid, args.repeats, "cuda", out, args.max_seconds, record)
-    log(f"\n{'complete' if result['complete'] else 'INCOMPLETE (--max-seconds)'}: {len(result['rows'])} rows in "
-        f"{result['elapsed_s']:.0f} s -> {out}")
+    log(
+        f"\n{'complete' if result['complete'] else 'INCOMPLETE (--max-seconds)'}: {len(result['rows'])} rows in "
+        f"{result['elapsed_s']:.0f} s -> {out}"
+    )
     return 0
 
 

@@ -222,7 +222,10 @@ PROTOCOL = Protocol(
     },
 )
 
-PREREGISTERED_SEEDS = (0, 1)  # the seeds of the protocol as fixed before any run; the report also judges on these
+PREREGISTERED_SEEDS = (
+    0,
+    1,
+)  # the seeds of the protocol as fixed before any run; the report also judges on these
 
 CLAIMS = (
     Claim(

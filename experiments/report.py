@@ -665,7 +665,7 @@ def commands_section(protocol: Protocol) -> list[str]:
         ),
         "",
         "```bash",
-        "names() { python3 experiments/run.py --list | awk -v s=\"$1\" '$1 ~ (\"-seed[\" s \"]$\") {print $1}'; }",
+        'names() { python3 experiments/run.py --list | awk -v s="$1" \'$1 ~ ("-seed[" s "]$") {print $1}\'; }',
         "bash experiments/gpu_runs.sh $(names 01)     # outputs without checkpoints in $OUT/runs.tar.gz",
         "bash experiments/gpu_runs.sh $(names 23)     # (next call)",
         "```",
@@ -755,20 +755,29 @@ def reruns_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_di
     ]
     for directory in directories:
         cost = read_json(directory / "cost.json")
-        rerun = RunOutputs(protocol.run(cost["run"]), read_jsonl(directory / "metrics.jsonl"),
-                           read_json(directory / "eval" / "results.json"), cost, protocol.training.max_steps)
+        rerun = RunOutputs(
+            protocol.run(cost["run"]),
+            read_jsonl(directory / "metrics.jsonl"),
+            read_json(directory / "eval" / "results.json"),
+            cost,
+            protocol.training.max_steps,
+        )
         if not rerun.complete:
             lines.append(f"| {directory.name} | {cost['run']} | | {rerun.status} | | | | | |")
             continue
         name = rerun.run.configuration.name
         cells = []
-        for measure, digits in ((lambda o: retrieval_average(o.results, tasks, lengths), 1),
-                                (lambda o: heldout_loss(o.results), 4)):
+        for measure, digits in (
+            (lambda o: retrieval_average(o.results, tasks, lengths), 1),
+            (lambda o: heldout_loss(o.results), 4),
+        ):
             value, spread = measure(rerun), seeds.of(name, measure)
             within = "yes" if spread and min(spread) <= value <= max(spread) else "no"
             low_high = f"{min(spread):.{digits}f}-{max(spread):.{digits}f}" if spread else "-"
             cells += [f"{value:.{digits}f}", low_high, within]
-        lines.append(f"| {directory.name} | {cost['run']} | {', '.join(cost['cards'])} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {directory.name} | {cost['run']} | {', '.join(cost['cards'])} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
@@ -948,16 +957,20 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
 
     reruns = reruns_section(protocol, outputs, report_path.parent / "reruns")
     if reruns:
-        lines += [
-            "## Reruns",
-            "",
-            (
-                "A run made again later, possibly on another card, against the seed ranges of its configuration "
-                "(all seeds). The same seed gives the same initialisation and batches; what differs is the "
-                "arithmetic: the card's kernels and the order of floating-point atomics in the backward."
-            ),
-            "",
-        ] + reruns + [""]
+        lines += (
+            [
+                "## Reruns",
+                "",
+                (
+                    "A run made again later, possibly on another card, against the seed ranges of its configuration "
+                    "(all seeds). The same seed gives the same initialisation and batches; what differs is the "
+                    "arithmetic: the card's kernels and the order of floating-point atomics in the backward."
+                ),
+                "",
+            ]
+            + reruns
+            + [""]
+        )
 
     lines += [
         "## Differences from the paper" + (" (of the GPU protocol)" if protocol.pilot else ""),

@@ -40,7 +40,9 @@ sys.path.insert(0, str(EXPERIMENTS_DIR))
 
 from protocol import Protocol, Run, protocol_for
 
-EVAL_RESERVE_MINUTES = 1.0  # default of --eval-reserve: evaluation starts only with this much of --max-minutes left
+EVAL_RESERVE_MINUTES = (
+    1.0  # default of --eval-reserve: evaluation starts only with this much of --max-minutes left
+)
 
 
 def run_directory(protocol: Protocol, run: Run) -> Path:

@@ -51,7 +51,11 @@ def count_host_reads(monkeypatch):
 def poison_empty(monkeypatch):
     """torch.empty / empty_like / Tensor.new_empty give poisoned tensors during a test: NaN for floats, the
     dtype's minimum for integers, so that scratch or output a kernel forgets to write shows in results."""
-    original_empty, original_empty_like, original_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    original_empty, original_empty_like, original_new_empty = (
+        torch.empty,
+        torch.empty_like,
+        torch.Tensor.new_empty,
+    )
 
     def poison(tensor):
         if tensor.requires_grad or tensor.dtype == torch.bool:
@@ -62,4 +66,6 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(original_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(original_empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(original_new_empty(self, *a, **kw)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **kw: poison(original_new_empty(self, *a, **kw))
+    )

@@ -21,7 +21,9 @@ def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int32, device=device)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str = "kernel_float32", name: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, kind: str = "kernel_float32", name: str = ""
+) -> None:
     """``torch.testing.assert_close`` in float64 with the tolerance of ``kind`` (see TOLERANCES)."""
     if kind not in TOLERANCES:
         raise ValueError(f"kind must be one of {sorted(TOLERANCES)}, got {kind!r}")

@@ -29,7 +29,12 @@ BAD_PADDED = [
     ("q", lambda q, k, v: dict(q=q[0]), ValueError, "4 dimensions"),
     ("k", lambda q, k, v: dict(k=k[..., None]), ValueError, "4 dimensions"),
     ("q", lambda q, k, v: dict(q=q.numpy()), TypeError, "torch.Tensor"),
-    ("heads_q", lambda q, k, v: dict(k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16)), ValueError, "multiple"),
+    (
+        "heads_q",
+        lambda q, k, v: dict(k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16)),
+        ValueError,
+        "multiple",
+    ),
     ("head_dim", lambda q, k, v: dict(k=k[..., :8], v=v[..., :8]), ValueError, "head_dim"),
     ("dtype", lambda q, k, v: dict(v=v.double()), TypeError, "dtype"),
     ("int dtype", lambda q, k, v: dict(q=q.long(), k=k.long(), v=v.long()), TypeError, "float16"),
@@ -63,15 +68,40 @@ def test_device_mismatch_is_reported():
 BAD_VARLEN = [
     ("not int32", lambda cu: dict(cu_seqlens_q=cu.long()), TypeError, "cu_seqlens_q must be int32"),
     ("not a tensor", lambda cu: dict(cu_seqlens_k=[0, 3, 8]), TypeError, "cu_seqlens_k"),
-    ("decreasing", lambda cu: dict(cu_seqlens_q=torch.tensor([0, 6, 5, 8], dtype=torch.int32),
-                                   cu_seqlens_k=torch.tensor([0, 3, 5, 8], dtype=torch.int32)),
-     ValueError, "non-decreasing"),
-    ("wrong end", lambda cu: dict(cu_seqlens_k=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError, "end at"),
-    ("wrong start", lambda cu: dict(cu_seqlens_q=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, "start at 0"),
-    ("wrong length", lambda cu: dict(cu_seqlens_q=torch.tensor([0, 1, 3, 8], dtype=torch.int32)),
-     ValueError, "same length"),
+    (
+        "decreasing",
+        lambda cu: dict(
+            cu_seqlens_q=torch.tensor([0, 6, 5, 8], dtype=torch.int32),
+            cu_seqlens_k=torch.tensor([0, 3, 5, 8], dtype=torch.int32),
+        ),
+        ValueError,
+        "non-decreasing",
+    ),
+    (
+        "wrong end",
+        lambda cu: dict(cu_seqlens_k=torch.tensor([0, 3, 7], dtype=torch.int32)),
+        ValueError,
+        "end at",
+    ),
+    (
+        "wrong start",
+        lambda cu: dict(cu_seqlens_q=torch.tensor([1, 3, 8], dtype=torch.int32)),
+        ValueError,
+        "start at 0",
+    ),
+    (
+        "wrong length",
+        lambda cu: dict(cu_seqlens_q=torch.tensor([0, 1, 3, 8], dtype=torch.int32)),
+        ValueError,
+        "same length",
+    ),
     ("2-D", lambda cu: dict(cu_seqlens_q=cu[None]), ValueError, "1-D"),
-    ("max_seqlen_q too small", lambda cu: dict(max_seqlen_q=4), ValueError, "max_seqlen_q must be >= the longest"),
+    (
+        "max_seqlen_q too small",
+        lambda cu: dict(max_seqlen_q=4),
+        ValueError,
+        "max_seqlen_q must be >= the longest",
+    ),
     ("max_seqlen_k too small", lambda cu: dict(max_seqlen_k=2), ValueError, "max_seqlen_k"),
     ("max_seqlen type", lambda cu: dict(max_seqlen_k=5.0), TypeError, "max_seqlen_k"),
 ]
@@ -80,8 +110,9 @@ BAD_VARLEN = [
 @pytest.mark.parametrize("name,change,error,message", BAD_VARLEN, ids=[b[0] for b in BAD_VARLEN])
 def test_bad_varlen_inputs(name, change, error, message):
     q, k, v, cu = _packed()
-    arguments = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5,
-                     block_size=4, topk=2)
+    arguments = dict(
+        q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5, block_size=4, topk=2
+    )
     arguments.update(change(cu))
     with pytest.raises(error, match=message):
         flashmoba.moba_attn_varlen(**arguments)

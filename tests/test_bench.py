@@ -43,12 +43,37 @@ def test_flex_block_mask_is_exactly_moba(causal):
 def test_table_and_plot(tmp_path, capsys):
     common = dict(card="test card", seqlen=8192, batch=2, heads=16, head_dim=128, causal=True)
     rows = [
-        dict(common, impl="sdpa_flash", block_size=None, topk=None, route_ms=None, fwd_ms=8.0, fwd_bwd_ms=30.0,
-             peak_mem_gib=0.2),
-        dict(common, impl="flashmoba", block_size=128, topk=8, route_ms=0.5, fwd_ms=2.0, fwd_bwd_ms=6.0,
-             peak_mem_gib=0.21),
-        dict(common, impl="flex", block_size=128, topk=8, route_ms=None, fwd_ms=None, fwd_bwd_ms=None,
-             peak_mem_gib=None, error="OutOfMemoryError: test"),
+        dict(
+            common,
+            impl="sdpa_flash",
+            block_size=None,
+            topk=None,
+            route_ms=None,
+            fwd_ms=8.0,
+            fwd_bwd_ms=30.0,
+            peak_mem_gib=0.2,
+        ),
+        dict(
+            common,
+            impl="flashmoba",
+            block_size=128,
+            topk=8,
+            route_ms=0.5,
+            fwd_ms=2.0,
+            fwd_bwd_ms=6.0,
+            peak_mem_gib=0.21,
+        ),
+        dict(
+            common,
+            impl="flex",
+            block_size=128,
+            topk=8,
+            route_ms=None,
+            fwd_ms=None,
+            fwd_bwd_ms=None,
+            peak_mem_gib=None,
+            error="OutOfMemoryError: test",
+        ),
     ]
     bench.print_table(rows)
     output = capsys.readouterr().out
@@ -68,8 +93,23 @@ def test_without_cuda_runs_a_cpu_comparison(capsys):
 
 
 def test_replot_reads_a_results_file(tmp_path, capsys):
-    rows = [dict(card="c", impl="sdpa_flash", seqlen=8192, batch=2, heads=16, head_dim=128, block_size=None,
-                 topk=None, causal=True, route_ms=None, fwd_ms=3.0, fwd_bwd_ms=9.0, peak_mem_gib=0.1)]
+    rows = [
+        dict(
+            card="c",
+            impl="sdpa_flash",
+            seqlen=8192,
+            batch=2,
+            heads=16,
+            head_dim=128,
+            block_size=None,
+            topk=None,
+            causal=True,
+            route_ms=None,
+            fwd_ms=3.0,
+            fwd_bwd_ms=9.0,
+            peak_mem_gib=0.1,
+        )
+    ]
     path = tmp_path / "c.json"
     path.write_text(__import__("json").dumps(rows))
     assert bench.main(["--replot", str(path)]) == 0

@@ -229,7 +229,8 @@ def test_missing_deciding_runs_make_claims_inconclusive_or_not_run(tmp_path):
     partial.mkdir()
     write_metrics(partial, 300, 1.0)
     assert (
-        report.load_runs(TWO_SEEDS, runs_dir)["dense-seed0"].status == f"training stopped at step 300 of {PROTOCOL.training.max_steps}"
+        report.load_runs(TWO_SEEDS, runs_dir)["dense-seed0"].status
+        == f"training stopped at step 300 of {PROTOCOL.training.max_steps}"
     )
 
     empty = tmp_path / "empty"
@@ -251,7 +252,9 @@ def test_added_seeds_are_judged_beside_the_preregistered_ones(tmp_path):
     assert f"| claim | verdict, all seeds | verdict, pre-registered seeds ({preregistered_seeds}) |" in text
     claim_1 = next(line for line in text.splitlines() if line.startswith("| 1. "))
     assert f"| **{report.INCONCLUSIVE}** | {report.REPRODUCED} |" in claim_1
-    claim_2 = next(line for line in text.splitlines() if line.startswith("| 2. "))  # its range now overlaps too
+    claim_2 = next(
+        line for line in text.splitlines() if line.startswith("| 2. ")
+    )  # its range now overlaps too
     assert f"| **{report.INCONCLUSIVE}** | {report.NOT_REPRODUCED} |" in claim_2
     claim_4 = next(line for line in text.splitlines() if line.startswith("| 4. "))  # still > 1% above dense
     assert f"| **{report.NOT_REPRODUCED}** | {report.NOT_REPRODUCED} |" in claim_4
@@ -336,12 +339,21 @@ def test_reruns_are_checked_against_the_seed_ranges(tmp_path):
         directory = tmp_path / "reruns" / f"moba-32-seed0-{name}"
         directory.mkdir(parents=True)
         write_metrics(directory, PROTOCOL.training.max_steps, loss)
-        write_results(directory, configuration, loss,
-                      lambda task, length, w=within, b=beyond: w if length <= TRAIN_LENGTH else b, recall=0.5)
+        write_results(
+            directory,
+            configuration,
+            loss,
+            lambda task, length, w=within, b=beyond: w if length <= TRAIN_LENGTH else b,
+            recall=0.5,
+        )
         write_cost(directory, minutes=2.0)
         cost = json.loads((directory / "cost.json").read_text())
         (directory / "cost.json").write_text(json.dumps(dict(cost, run="moba-32-seed0")))
     text = report.build_report(TWO_SEEDS, tmp_path / "runs", tmp_path / "REPORT.md", tmp_path / "figures")
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.split("## Reruns")[1].splitlines() if "seed0-" in line}
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in text.split("## Reruns")[1].splitlines()
+        if "seed0-" in line
+    }
     assert rows["moba-32-seed0-inside"].endswith("| yes | 1.0230 | 1.0200-1.0260 | yes |")
     assert rows["moba-32-seed0-outside"].endswith("| no | 1.0300 | 1.0200-1.0260 | no |")

@@ -41,7 +41,11 @@ def _expected_slots(lengths_k, block_size):
     for sequence, length in enumerate(lengths_k):
         for block in range(-(-length // block_size)):
             first = start + block * block_size
-            slots[start // block_size + sequence + block] = (sequence, first, min(first + block_size, start + length))
+            slots[start // block_size + sequence + block] = (
+                sequence,
+                first,
+                min(first + block_size, start + length),
+            )
         start += length
     return slots
 
@@ -80,7 +84,10 @@ def test_block_index(lengths_q, lengths_k, num_chunks):
     )
     entries, offsets = entries.cpu(), offsets.cpu()
 
-    slot_of = {(sequence, first): slot for slot, (sequence, first, _) in _expected_slots(lengths_k, block_size).items()}
+    slot_of = {
+        (sequence, first): slot
+        for slot, (sequence, first, _) in _expected_slots(lengths_k, block_size).items()
+    }
     segments = [[] for _ in range(heads * block_slots * num_chunks)]
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
     for row in range(total_q):

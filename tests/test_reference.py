@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import brute_force_sequence, selection_tensor
 
 import flashmoba
 from flashmoba import reference
-from oracle import brute_force_sequence, selection_tensor
 
 
 def _random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype=torch.float64, seed=0):
@@ -23,7 +23,15 @@ def _random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype=to
 
 def _assert_matches_oracle(q, k, v, block_size, topk, causal, softmax_scale=None):
     out, lse = flashmoba.moba_attn(
-        q, k, v, block_size, topk, causal=causal, softmax_scale=softmax_scale, backend="reference", return_lse=True
+        q,
+        k,
+        v,
+        block_size,
+        topk,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        backend="reference",
+        return_lse=True,
     )
     selected = flashmoba.moba_select(q, k, block_size, topk, causal=causal, backend="reference")
     for b in range(q.shape[0]):
@@ -136,7 +144,9 @@ def test_topk_one_is_block_diagonal_causal_attention():
 def test_gqa_equals_repeated_kv():
     q, k, v = _random_qkv(2, 40, 40, 8, 2, 16, seed=9)
     out = flashmoba.moba_attn(q, k, v, 6, 3, backend="reference")
-    repeated = flashmoba.moba_attn(q, k.repeat_interleave(4, 2), v.repeat_interleave(4, 2), 6, 3, backend="reference")
+    repeated = flashmoba.moba_attn(
+        q, k.repeat_interleave(4, 2), v.repeat_interleave(4, 2), 6, 3, backend="reference"
+    )
     torch.testing.assert_close(out, repeated, rtol=0, atol=1e-12)
 
 

@@ -453,8 +453,23 @@ def test_measure_on_a_training_checkpoint(tmp_path, capsys):
     from flashmoba.cli import main as cli_main
 
     run = tmp_path / "run"
-    assert cli_main(["train", "--preset", "tiny", "--max-steps", "1", "--device", "cpu", "--out", str(run),
-                     "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--max-steps",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli_main(["snr", "measure", "--checkpoint", str(run), "--length", "512", "--samples", "2"]) == 0
     output = capsys.readouterr().out

@@ -59,7 +59,9 @@ def _loss(out, lse, grad_out, grad_lse):
     return (out * grad_out).sum() + (lse.masked_fill(torch.isinf(lse), 0) * grad_lse).sum()
 
 
-def _triton_run(q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic=False):
+def _triton_run(
+    q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic=False
+):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse = triton_autograd.sparse_attention_varlen(
         *leaves, selected, cu_q, cu_k, block_size, causal, scale, deterministic
@@ -69,16 +71,25 @@ def _triton_run(q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, c
 
 
 def check_against_reference(
-    lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal,
-    deterministic=False, layout="contiguous", seed=0,
+    lengths_q,
+    lengths_k,
+    heads_q,
+    heads_kv,
+    head_dim,
+    block_size,
+    topk,
+    causal,
+    deterministic=False,
+    layout="contiguous",
+    seed=0,
 ):
     q, k, v, grad_out, grad_lse = _make(lengths_q, lengths_k, heads_q, heads_kv, head_dim, seed, layout)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
     scale = head_dim**-0.5
-    selected = reference.moba_select_reference(
-        q.double(), k.double(), block_size, topk, causal, cu_q, cu_k
+    selected = reference.moba_select_reference(q.double(), k.double(), block_size, topk, causal, cu_q, cu_k)
+    got = _triton_run(
+        q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic
     )
-    got = _triton_run(q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic)
 
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out, lse = reference.moba_attn_varlen_reference(*leaves, cu_q, cu_k, block_size, topk, causal, scale)
@@ -88,7 +99,9 @@ def check_against_reference(
     for name, actual, wanted in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
         assert actual.shape == wanted.shape, name
         assert not torch.isnan(actual).any(), f"{name} has NaN (an element was not written)"
-        torch.testing.assert_close(actual.double(), wanted.detach(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), wanted.detach(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}"
+        )
     return got
 
 
@@ -121,7 +134,8 @@ CASES = [
 
 @pytest.mark.parametrize(
     "lengths_q,lengths_k,heads_q,heads_kv,head_dim,block_size,topk,causal",
-    [case[1:] for case in CASES], ids=[case[0] for case in CASES],
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
 )
 def test_matches_reference(lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal):
     check_against_reference(lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal)
@@ -186,11 +200,15 @@ def test_selection_with_holes_and_no_blocks(monkeypatch, stored_partials):
     selected = torch.full((20, 2, 3), -1, dtype=torch.int32, device=DEVICE)
     selected[5:, :, 0] = 0
     selected[10:, 0, 1] = 1  # non-causal: all keys of the chosen blocks are visible
-    out, lse, grad_q, grad_k, grad_v = _triton_run(q, k, v, grad_out, grad_lse, selected, cu, cu, B, False, 0.2)
+    out, lse, grad_q, grad_k, grad_v = _triton_run(
+        q, k, v, grad_out, grad_lse, selected, cu, cu, B, False, 0.2
+    )
     assert torch.all(out[:5] == 0) and torch.all(torch.isneginf(lse[:, :5])) and torch.all(grad_q[:5] == 0)
     for row in (5, 12):
         for head in range(2):
-            keys = torch.cat([torch.arange(b * B, min(20, (b + 1) * B)) for b in selected[row, head].tolist() if b >= 0])
+            keys = torch.cat(
+                [torch.arange(b * B, min(20, (b + 1) * B)) for b in selected[row, head].tolist() if b >= 0]
+            )
             query = q[row, head].detach().clone().requires_grad_()
             logits = (query @ k[keys, 0].T) * 0.2
             expected_out, expected_lse = torch.softmax(logits, 0) @ v[keys, 0], torch.logsumexp(logits, 0)
@@ -210,10 +228,14 @@ def test_unsupported_inputs_raise_before_launch():
     cu = _cu([8])
     selected = reference.moba_select_reference(q, k, B, 2, True, cu, cu)
     with pytest.raises(ValueError, match="float64"):
-        triton_autograd.sparse_attention_varlen(q.double(), k.double(), v.double(), selected, cu, cu, B, True, 0.1)
+        triton_autograd.sparse_attention_varlen(
+            q.double(), k.double(), v.double(), selected, cu, cu, B, True, 0.1
+        )
     wide = torch.randn(8, 2, 288, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim up to 256"):
-        triton_autograd.sparse_attention_varlen(wide, wide[:, :1], wide[:, :1], selected, cu, cu, B, True, 0.1)
+        triton_autograd.sparse_attention_varlen(
+            wide, wide[:, :1], wide[:, :1], selected, cu, cu, B, True, 0.1
+        )
 
 
 def test_opcheck_attention_ops():
@@ -225,10 +247,28 @@ def test_opcheck_attention_ops():
         torch.ops.flashmoba.sparse_attn_fwd.default, (q, k, v, selected, cu, cu, B, True, 0.17, False)
     )
     with torch.no_grad():
-        out, lse, entries, offsets = torch.ops.flashmoba.sparse_attn_fwd(q, k, v, selected, cu, cu, B, True, 0.17, True)
+        out, lse, entries, offsets = torch.ops.flashmoba.sparse_attn_fwd(
+            q, k, v, selected, cu, cu, B, True, 0.17, True
+        )
     torch.library.opcheck(
         torch.ops.flashmoba.sparse_attn_bwd.default,
-        (grad_out, None, q.detach(), k.detach(), v.detach(), out, lse, entries, offsets, cu, cu, B, True, 0.17, True),
+        (
+            grad_out,
+            None,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out,
+            lse,
+            entries,
+            offsets,
+            cu,
+            cu,
+            B,
+            True,
+            0.17,
+            True,
+        ),
     )
 
 
@@ -266,7 +306,9 @@ def test_public_padded_api(causal):
     expected_selected = flashmoba.moba_select(q, k, B, 2, causal=causal, backend="reference")
     assert torch.equal(selected, expected_selected)  # these seeds have no near-tie
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = flashmoba.moba_attn(*ref_leaves, B, 2, causal=causal, backend="reference", return_lse=True)
+    ref_out, ref_lse = flashmoba.moba_attn(
+        *ref_leaves, B, 2, causal=causal, backend="reference", return_lse=True
+    )
     torch.testing.assert_close(out.double(), ref_out, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=3e-5, rtol=1e-4)
     grad_out = torch.randn(q.shape, generator=generator).to(DEVICE)
@@ -282,9 +324,13 @@ def test_public_varlen_api():
     cu = _cu(lengths)
     out = flashmoba.moba_attn_varlen(q, k, v, cu, cu, 20, 20, B, 2, backend="triton")
     selected = flashmoba.moba_select(q, k, B, 2, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
-    expected_selected = flashmoba.moba_select(q, k, B, 2, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="reference")
+    expected_selected = flashmoba.moba_select(
+        q, k, B, 2, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="reference"
+    )
     assert torch.equal(selected, expected_selected)  # these seeds have no near-tie
-    expected = flashmoba.moba_attn_varlen(q.double(), k.double(), v.double(), cu, cu, 20, 20, B, 2, backend="reference")
+    expected = flashmoba.moba_attn_varlen(
+        q.double(), k.double(), v.double(), cu, cu, 20, 20, B, 2, backend="reference"
+    )
     torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-4)
 
 
@@ -320,6 +366,8 @@ def test_float16_forward_and_its_partials(monkeypatch):
         monkeypatch.setattr(triton_forward, "PARTIALS_IN_INPUT_DTYPE", partials_in_input_dtype)
         got = flashmoba.moba_attn(q, k, v, B, 4, causal=True, backend="triton")
         assert got.dtype == torch.float16
-        relative_error[partials_in_input_dtype] = ((got.double() - expected).abs().mean() / own_rounding).item()
+        relative_error[partials_in_input_dtype] = (
+            (got.double() - expected).abs().mean() / own_rounding
+        ).item()
     assert relative_error[False] <= 1.5, relative_error
     assert relative_error[False] < relative_error[True] <= 2.2, relative_error

@@ -63,7 +63,7 @@ def _assert_sequence_selection(got, expected, q, k, block_size, tolerance=1e-5):
     for token, head in mismatched.nonzero().tolist():
         row, want = got[token, head].cpu(), expected[token, head].cpu()
         chosen = row[row >= 0]
-        assert (chosen.diff() > 0).all() and (row[len(chosen):] == -1).all(), f"malformed row {row.tolist()}"
+        assert (chosen.diff() > 0).all() and (row[len(chosen) :] == -1).all(), f"malformed row {row.tolist()}"
         message = f"({token}, {head}): got {row.tolist()}, want {want.tolist()}"
         assert len(chosen) == (want >= 0).sum(), message
         scores = centroids[:, head // group] @ q[token, head].cpu().double()
@@ -76,8 +76,20 @@ def _assert_sequence_selection(got, expected, q, k, block_size, tolerance=1e-5):
         )
 
 
-def _check_padded(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, block_size, topk, causal,
-                  dtype=torch.float32, integers=False, seed=0):
+def _check_padded(
+    batch,
+    seqlen_q,
+    seqlen_k,
+    heads_q,
+    heads_kv,
+    head_dim,
+    block_size,
+    topk,
+    causal,
+    dtype=torch.float32,
+    integers=False,
+    seed=0,
+):
     generator = torch.Generator().manual_seed(seed)
     q = _random(batch, seqlen_q, heads_q, head_dim, dtype=dtype, integers=integers, generator=generator)
     k = _random(batch, seqlen_k, heads_kv, head_dim, dtype=dtype, integers=integers, generator=generator)
@@ -90,14 +102,33 @@ def _check_padded(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, block_
     return got
 
 
-def _check_varlen(lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal,
-                  dtype=torch.float32, integers=False, seed=0):
+def _check_varlen(
+    lengths_q,
+    lengths_k,
+    heads_q,
+    heads_kv,
+    head_dim,
+    block_size,
+    topk,
+    causal,
+    dtype=torch.float32,
+    integers=False,
+    seed=0,
+):
     generator = torch.Generator().manual_seed(seed)
     q = _random(sum(lengths_q), heads_q, head_dim, dtype=dtype, integers=integers, generator=generator)
     k = _random(sum(lengths_k), heads_kv, head_dim, dtype=dtype, integers=integers, generator=generator)
     cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
     got = router.route_varlen(
-        q, k, cu_q, cu_k, max(lengths_q), max(lengths_k), block_size, topk, causal,
+        q,
+        k,
+        cu_q,
+        cu_k,
+        max(lengths_q),
+        max(lengths_k),
+        block_size,
+        topk,
+        causal,
         out=_poisoned((q.shape[0], heads_q, topk)),
     )
     expected = reference.moba_select_reference(q, k, block_size, topk, causal, cu_q, cu_k)

@@ -84,7 +84,9 @@ def _check_options(block_size, topk, softmax_scale, backend) -> tuple[int, int]:
     """Check the scalar options; returns block_size and topk as Python ints (NumPy integers pass)."""
     block_size = check_positive_int("block_size", block_size)
     topk = check_positive_int("topk", topk)
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+    if softmax_scale is not None and (
+        isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+    ):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -92,7 +94,13 @@ def _check_options(block_size, topk, softmax_scale, backend) -> tuple[int, int]:
 
 
 def _check_cu_seqlens(
-    name: str, cu_seqlens, total: int, device: torch.device, max_seqlen, max_name: str, read_values: bool = True
+    name: str,
+    cu_seqlens,
+    total: int,
+    device: torch.device,
+    max_seqlen,
+    max_name: str,
+    read_values: bool = True,
 ):
     check_cu_seqlens_tensor(name, cu_seqlens, device)
     if not (read_values and _checks_enabled()):
@@ -104,14 +112,20 @@ def _check_cu_seqlens(
         raise ValueError(f"{max_name} must be >= the longest sequence ({longest}), got {max_seqlen}")
 
 
-def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values: bool = True) -> None:
+def _check_varlen(
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values: bool = True
+) -> None:
     for max_name, max_value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(max_value, bool) or not isinstance(max_value, int):
             raise TypeError(f"{max_name} must be an int, got {type(max_value).__name__}")
         if max_value < 0:
             raise ValueError(f"{max_name} must be >= 0, got {max_value}")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q", read_values)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k", read_values)
+    _check_cu_seqlens(
+        "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q", read_values
+    )
+    _check_cu_seqlens(
+        "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k", read_values
+    )
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
@@ -180,7 +194,9 @@ def moba_attn(
         o ``[B, T, Hq, D]`` in q's dtype, and lse ``[B, Hq, T]`` if ``return_lse``.
     """
     if _checks_enabled():
-        _check_qkv(q, k, v, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]")
+        _check_qkv(
+            q, k, v, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]"
+        )
         block_size, topk = _check_options(block_size, topk, softmax_scale, backend)
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
@@ -235,8 +251,18 @@ def moba_attn_varlen(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if _resolve_backend(backend, q) == "triton":
         out, lse = _triton_ops().moba_attn_varlen_triton(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            block_size, topk, causal, scale, deterministic,
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            block_size,
+            topk,
+            causal,
+            scale,
+            deterministic,
         )
     else:
         out, lse = reference.moba_attn_varlen_reference(
@@ -278,15 +304,21 @@ def moba_select(
                 raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together for packed sequences")
             _check_qkv(q, k, None, 3, "[total_q, heads_q, head_dim]", "[total_k, heads_kv, head_dim]")
         else:
-            _check_qkv(q, k, None, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]")
+            _check_qkv(
+                q, k, None, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]"
+            )
             if k.shape[0] != q.shape[0]:
                 raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
         block_size, topk = _check_options(block_size, topk, None, backend)
     if packed:
         if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+            max_seqlen_q = (
+                int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+            )
         if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+            max_seqlen_k = (
+                int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+            )
         if _checks_enabled():
             _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if _resolve_backend(backend, q) == "triton":

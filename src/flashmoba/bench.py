@@ -81,12 +81,17 @@ def peak_memory_gib(fn) -> float:
 def _sdpa(backend_name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[
+        backend_name
+    ]
 
     def attention(q, k, v):
         with sdpa_kernel([backend]):
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                is_causal=True,
                 enable_gqa=q.shape[2] != k.shape[2],
             )
         return out.transpose(1, 2)
@@ -107,7 +112,9 @@ def flex_moba_block_mask(selected: torch.Tensor, block_size: int, seqlen: int, c
     num_tiles = math.ceil(seqlen / query_tile)
     num_blocks = math.ceil(seqlen / block_size)
     per_query = selected.permute(0, 2, 1, 3).contiguous()  # [B, H, T, topk]
-    padded = torch.full((batch, heads, num_tiles * query_tile, topk), -1, dtype=torch.int32, device=selected.device)
+    padded = torch.full(
+        (batch, heads, num_tiles * query_tile, topk), -1, dtype=torch.int32, device=selected.device
+    )
     padded[:, :, :seqlen] = per_query
     tiles = padded.view(batch, heads, num_tiles, query_tile * topk).long()
     used = torch.zeros(batch, heads, num_tiles, num_blocks + 1, dtype=torch.bool, device=selected.device)
@@ -127,7 +134,11 @@ def flex_moba_block_mask(selected: torch.Tensor, block_size: int, seqlen: int, c
         return keep
 
     return BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=(query_tile, block_size), mask_mod=mask_mod, seq_lengths=(seqlen, seqlen)
+        kv_num_blocks,
+        kv_indices,
+        BLOCK_SIZE=(query_tile, block_size),
+        mask_mod=mask_mod,
+        seq_lengths=(seqlen, seqlen),
     )
 
 
@@ -145,7 +156,10 @@ def _flex(block_size: int, topk: int, causal: bool):
             masks.clear()
             masks[key] = flex_moba_block_mask(selected, block_size, q.shape[1], causal)
         out = compiled(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=masks[key],
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            block_mask=masks[key],
             enable_gqa=q.shape[2] != k.shape[2],
         )
         return out.transpose(1, 2)
@@ -167,17 +181,30 @@ def measure(impl: str, config: dict, repeats: int) -> dict:
     k = randn(batch, seqlen, heads, head_dim).requires_grad_()
     v = randn(batch, seqlen, heads, head_dim).requires_grad_()
     grad_out = randn(batch, seqlen, heads, head_dim)
-    row = dict(card=card_name(), impl=impl, seqlen=seqlen, batch=batch, heads=heads, head_dim=head_dim,
-               block_size=block_size if impl in ("flashmoba", "flex") else None,
-               topk=topk if impl in ("flashmoba", "flex") else None, causal=causal,
-               route_ms=None, fwd_ms=None, fwd_bwd_ms=None, peak_mem_gib=None)
+    row = dict(
+        card=card_name(),
+        impl=impl,
+        seqlen=seqlen,
+        batch=batch,
+        heads=heads,
+        head_dim=head_dim,
+        block_size=block_size if impl in ("flashmoba", "flex") else None,
+        topk=topk if impl in ("flashmoba", "flex") else None,
+        causal=causal,
+        route_ms=None,
+        fwd_ms=None,
+        fwd_bwd_ms=None,
+        peak_mem_gib=None,
+    )
     if impl == "flashmoba":
+
         def attention(q_, k_, v_):
             return flashmoba.moba_attn(q_, k_, v_, block_size, topk, causal=causal, backend="triton")
 
         with torch.no_grad():
             row["route_ms"] = time_cuda_ms(
-                lambda: flashmoba.moba_select(q, k, block_size, topk, causal=causal, backend="triton"), repeats
+                lambda: flashmoba.moba_select(q, k, block_size, topk, causal=causal, backend="triton"),
+                repeats,
             )
     elif impl == "flex":
         attention = _flex(block_size, topk, causal)
@@ -207,9 +234,13 @@ def router_tflops(row: dict) -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    dense = {(r["seqlen"], r["head_dim"], r["batch"], r["heads"]): r for r in rows if r["impl"] == "sdpa_flash"}
-    header = f"{'impl':<10} {'N':>7} {'B':>4} {'k':>3} {'route ms':>9} {'fwd ms':>9} {'fwd+bwd':>9} " \
-             f"{'fwd x':>7} {'f+b x':>7} {'GiB':>6} {'route TF/s':>10}"
+    dense = {
+        (r["seqlen"], r["head_dim"], r["batch"], r["heads"]): r for r in rows if r["impl"] == "sdpa_flash"
+    }
+    header = (
+        f"{'impl':<10} {'N':>7} {'B':>4} {'k':>3} {'route ms':>9} {'fwd ms':>9} {'fwd+bwd':>9} "
+        f"{'fwd x':>7} {'f+b x':>7} {'GiB':>6} {'route TF/s':>10}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -226,10 +257,12 @@ def print_table(rows: list[dict]) -> None:
         def number(value, fmt=".2f"):
             return "-" if value is None else format(value, fmt)
 
-        print(f"{row['impl']:<10} {row['seqlen']:>7} {number(row['block_size'], 'd'):>4} {number(row['topk'], 'd'):>3} "
-              f"{number(row['route_ms']):>9} {number(row['fwd_ms']):>9} {number(row['fwd_bwd_ms']):>9} "
-              f"{ratio('fwd_ms'):>7} {ratio('fwd_bwd_ms'):>7} {number(row['peak_mem_gib']):>6} "
-              f"{number(router_tflops(row), '.0f'):>10}")
+        print(
+            f"{row['impl']:<10} {row['seqlen']:>7} {number(row['block_size'], 'd'):>4} {number(row['topk'], 'd'):>3} "
+            f"{number(row['route_ms']):>9} {number(row['fwd_ms']):>9} {number(row['fwd_bwd_ms']):>9} "
+            f"{ratio('fwd_ms'):>7} {ratio('fwd_bwd_ms'):>7} {number(row['peak_mem_gib']):>6} "
+            f"{number(router_tflops(row), '.0f'):>10}"
+        )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -244,7 +277,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for row in rows:
         if row.get("error"):
             continue
-        label = row["impl"] if row["block_size"] is None else f"{row['impl']} B={row['block_size']} k={row['topk']}"
+        label = (
+            row["impl"]
+            if row["block_size"] is None
+            else f"{row['impl']} B={row['block_size']} k={row['topk']}"
+        )
         series.setdefault(f"{label} d={row['head_dim']}", []).append(row)
     for label, points in series.items():
         points.sort(key=lambda r: r["seqlen"])
@@ -266,8 +303,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def cpu_comparison() -> int:
     """No CUDA: compare the reference with the Triton kernels in Triton's interpreter on a small case."""
-    print("flashmoba bench: no CUDA device here; the GPU benchmark needs one. Running a small CPU comparison "
-          "instead: the PyTorch reference against the Triton kernels in Triton's interpreter.")
+    print(
+        "flashmoba bench: no CUDA device here; the GPU benchmark needs one. Running a small CPU comparison "
+        "instead: the PyTorch reference against the Triton kernels in Triton's interpreter."
+    )
     os.environ["TRITON_INTERPRET"] = "1"
     generator = torch.Generator().manual_seed(0)
     batch, seqlen, heads, head_dim, block_size, topk = 1, 256, 2, 32, 32, 3
@@ -280,8 +319,10 @@ def cpu_comparison() -> int:
         except NotImplementedError as error:
             print(f"  {backend}: not available ({error})")
             continue
-        print(f"  {backend:<9} forward {1e3 * (time.perf_counter() - start):8.1f} ms  "
-              f"(B={batch} N={seqlen} H={heads} d={head_dim} block {block_size} topk {topk}, float32)")
+        print(
+            f"  {backend:<9} forward {1e3 * (time.perf_counter() - start):8.1f} ms  "
+            f"(B={batch} N={seqlen} H={heads} d={head_dim} block {block_size} topk {topk}, float32)"
+        )
     if len(results) == 2:
         error = (results["triton"] - results["reference"]).abs().max().item()
         print(f"  max |triton - reference| = {error:.2e}")
@@ -296,21 +337,36 @@ def _parse_ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashmoba bench", description=__doc__.splitlines()[0])
     parser.add_argument("--seqlens", type=_parse_ints, default=list(DEFAULT_SEQLENS))
-    parser.add_argument("--block-sizes", type=_parse_ints, default=[128],
-                        help="comma list; paired with --topks position by position")
+    parser.add_argument(
+        "--block-sizes",
+        type=_parse_ints,
+        default=[128],
+        help="comma list; paired with --topks position by position",
+    )
     parser.add_argument("--topks", type=_parse_ints, default=[8])
     parser.add_argument("--head-dims", type=_parse_ints, default=[128])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--non-causal", action="store_true", help="benchmark non-causal MoBA (dense stays causal)")
+    parser.add_argument(
+        "--non-causal", action="store_true", help="benchmark non-causal MoBA (dense stays causal)"
+    )
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
-    parser.add_argument("--dense-max-seqlen", type=int, default=1 << 20, help="skip dense baselines above this N")
+    parser.add_argument(
+        "--dense-max-seqlen", type=int, default=1 << 20, help="skip dense baselines above this N"
+    )
     parser.add_argument("--flex-max-seqlen", type=int, default=65536, help="skip FlexAttention above this N")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<card>.json")
-    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                        help="only redraw the plot and table of an existing results file")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only redraw the plot and table of an existing results file",
+    )
     args = parser.parse_args(argv)
 
     if args.replot is not None:
@@ -333,8 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for seqlen in args.seqlens:
         for head_dim in args.head_dims:
-            base = dict(batch=args.batch, seqlen=seqlen, heads=args.heads, head_dim=head_dim,
-                        causal=not args.non_causal, dtype=args.dtype)
+            base = dict(
+                batch=args.batch,
+                seqlen=seqlen,
+                heads=args.heads,
+                head_dim=head_dim,
+                causal=not args.non_causal,
+                dtype=args.dtype,
+            )
             for impl in impls:
                 if impl in ("sdpa_flash", "sdpa_cudnn"):
                     if seqlen <= args.dense_max_seqlen:
@@ -350,10 +412,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = measure(impl, config, _repeats(config["seqlen"], args.repeats))
         except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as error:
-            row = dict(card=card_name(), impl=impl, causal=config["causal"],
-                       **{key: config[key] for key in ("seqlen", "batch", "heads", "head_dim", "block_size", "topk")},
-                       route_ms=None, fwd_ms=None, fwd_bwd_ms=None, peak_mem_gib=None,
-                       error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            row = dict(
+                card=card_name(),
+                impl=impl,
+                causal=config["causal"],
+                **{
+                    key: config[key] for key in ("seqlen", "batch", "heads", "head_dim", "block_size", "topk")
+                },
+                route_ms=None,
+                fwd_ms=None,
+                fwd_bwd_ms=None,
+                peak_mem_gib=None,
+                error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            )
         rows.append(row)
         torch.cuda.empty_cache()
         out.write_text(json.dumps(rows, indent=1))  # keep partial results if a later run dies
@@ -361,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, out.with_suffix(".png"))
     except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
         print(f"no plot ({error}); run 'flashmoba bench --replot {out}' where matplotlib is installed")
-    print(f"\n{card_name()}, {args.dtype}, batch {args.batch}, {args.heads} heads; speedups against sdpa_flash "
-          f"in this run; results in {out}")
+    print(
+        f"\n{card_name()}, {args.dtype}, batch {args.batch}, {args.heads} heads; speedups against sdpa_flash "
+        f"in this run; results in {out}"
+    )
     print_table(rows)
     return 0

@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     v = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     num_blocks = math.ceil(args.seqlen / args.block_size)
     tolerance = 2e-2 if dtype != torch.float32 else 1e-5
-    print(f"flashmoba demo: q/k/v {list(shape)} {str(dtype).removeprefix('torch.')} on {device}, "
-          f"block_size {args.block_size} ({num_blocks} blocks), backend {args.backend}")
+    print(
+        f"flashmoba demo: q/k/v {list(shape)} {str(dtype).removeprefix('torch.')} on {device}, "
+        f"block_size {args.block_size} ({num_blocks} blocks), backend {args.backend}"
+    )
 
     def moba(topk):
         return flashmoba.moba_attn(q, k, v, args.block_size, topk, backend=args.backend)
@@ -92,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     fraction = visible.sum().item() / (causal_keys * args.heads)
     error = _relative_error(sparse, dense)
-    print(f"\nMoBA topk={args.topk}: each query attends to {fraction:.1%} of the keys dense causal attention "
-          f"reads; relative difference to dense attention {error:.3f} (clustered keys); {elapsed * 1e3:.0f} ms")
+    print(
+        f"\nMoBA topk={args.topk}: each query attends to {fraction:.1%} of the keys dense causal attention "
+        f"reads; relative difference to dense attention {error:.3f} (clustered keys); {elapsed * 1e3:.0f} ms"
+    )
     print("\nchecks (relative error):")
     for name, value, ok in checks:
         print(f"  {'ok  ' if ok else 'FAIL'} {name}: {value:.2e}")

@@ -155,7 +155,9 @@ def _attend_chunk(
     probs = torch.exp(logits - row_max)
     row_sum = probs.sum(dim=-1, keepdim=True)
     out = torch.matmul(probs.view(heads_kv, group * chunk, -1), v.to(compute).permute(1, 0, 2))
-    out = out.view(heads_kv, group, chunk, head_dim) / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    out = out.view(heads_kv, group, chunk, head_dim) / torch.where(
+        row_sum > 0, row_sum, torch.ones_like(row_sum)
+    )
     lse = (row_max + torch.log(row_sum)).view(heads_q, chunk)
     return out.reshape(heads_q, chunk, head_dim).permute(1, 0, 2), lse
 
@@ -291,7 +293,9 @@ def moba_attn_reference(
         softmax_scale = q.shape[-1] ** -0.5
     outs, lses = [], []
     for batch in range(q.shape[0]):
-        out, lse = moba_sequence_reference(q[batch], k[batch], v[batch], block_size, topk, causal, softmax_scale)
+        out, lse = moba_sequence_reference(
+            q[batch], k[batch], v[batch], block_size, topk, causal, softmax_scale
+        )
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
@@ -308,9 +312,13 @@ def moba_select_reference(
 ) -> torch.Tensor:
     """Router alone. Batched: q [B, T, Hq, D] -> int32 [B, T, Hq, topk]; packed: [total_q, Hq, topk]."""
     if cu_seqlens_q is None:
-        return torch.stack(
-            [select_sequence_reference(q[b], k[b], block_size, topk, causal) for b in range(q.shape[0])]
-        ) if q.shape[0] else torch.empty(0, q.shape[1], q.shape[2], topk, dtype=torch.int32, device=q.device)
+        return (
+            torch.stack(
+                [select_sequence_reference(q[b], k[b], block_size, topk, causal) for b in range(q.shape[0])]
+            )
+            if q.shape[0]
+            else torch.empty(0, q.shape[1], q.shape[2], topk, dtype=torch.int32, device=q.device)
+        )
     bounds_q, bounds_k = _sequence_bounds(cu_seqlens_q), _sequence_bounds(cu_seqlens_k)
     parts = [
         select_sequence_reference(

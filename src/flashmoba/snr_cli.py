@@ -120,7 +120,9 @@ def _measure_parser() -> argparse.ArgumentParser:
         "S-NIAH samples and measure there (needle: the value's tokens; query: the token before the answer)",
     )
     parser.add_argument("--task", default="niah1", help="--checkpoint: the retrieval task of the samples")
-    parser.add_argument("--length", type=int, help="--checkpoint: sample length (default: the training length)")
+    parser.add_argument(
+        "--length", type=int, help="--checkpoint: sample length (default: the training length)"
+    )
     parser.add_argument("--samples", type=int, default=8, help="--checkpoint: samples (needle depths)")
     parser.add_argument("--device", default="cpu", help="--checkpoint: device to run the model on")
     parser.add_argument(
@@ -643,8 +645,14 @@ def _layers_from_checkpoint(args) -> dict:
     )
     block_size, topk = lm.config.moba_block_size, lm.config.moba_topk
     return {
-        name: {"q": q.float().cpu(), "k": k.float().cpu(), "needle_positions": needles, "query_positions": queries,
-               "block_size": block_size, "topk": topk}
+        name: {
+            "q": q.float().cpu(),
+            "k": k.float().cpu(),
+            "needle_positions": needles,
+            "query_positions": queries,
+            "block_size": block_size,
+            "topk": topk,
+        }
         for name, (q, k) in captured.items()
     }
 

@@ -23,24 +23,36 @@ def median_ms(fn, repeats=5):
 
 
 def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=torch.bfloat16):
-    q, k, v, grad_out = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype) for _ in range(4))
+    q, k, v, grad_out = (
+        torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype) for _ in range(4)
+    )
     packed = [t.view(batch * seqlen, heads, head_dim) for t in (q, k, v)]
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
     scale = head_dim**-0.5
     route = lambda: triton_autograd.moba_select_varlen_triton(  # noqa: E731
-        packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True)
+        packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+    )
     selected = route()
     split = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
     index = lambda: build_block_index(  # noqa: E731
-        selected, cu, cu, block_size, num_block_slots(batch * seqlen, batch, block_size), split.row_chunks,
-        split.rows_per_chunk)
-    forward = lambda: triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, scale)  # noqa: E731
+        selected,
+        cu,
+        cu,
+        block_size,
+        num_block_slots(batch * seqlen, batch, block_size),
+        split.row_chunks,
+        split.rows_per_chunk,
+    )
+    forward = lambda: triton_autograd.sparse_attention_varlen(
+        *packed, selected, cu, cu, block_size, True, scale
+    )  # noqa: E731
     leaves = [t.detach().clone().requires_grad_() for t in packed]
     grad_packed = grad_out.view(batch * seqlen, heads, head_dim)
 
     def forward_backward(deterministic=False):
-        out, _ = triton_autograd.sparse_attention_varlen(*leaves, route(), cu, cu, block_size, True, scale,
-                                                         deterministic)
+        out, _ = triton_autograd.sparse_attention_varlen(
+            *leaves, route(), cu, cu, block_size, True, scale, deterministic
+        )
         out.backward(grad_packed)
 
     dense = [t.transpose(1, 2).detach().clone().requires_grad_() for t in (q, k, v)]
@@ -52,30 +64,53 @@ def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=tor
             if backward:
                 out.backward(dense_grad)
 
-    row = dict(N=seqlen, B=block_size, k=topk, chunks=f"{split.heads_per_chunk}h/{split.row_chunks}r",
-               route=median_ms(route), index=median_ms(index), attn_fwd=median_ms(forward),
-               fwd_bwd=median_ms(forward_backward), fwd_bwd_det=median_ms(lambda: forward_backward(True), 3),
-               peak=peak_gib(forward_backward))
+    row = dict(
+        N=seqlen,
+        B=block_size,
+        k=topk,
+        chunks=f"{split.heads_per_chunk}h/{split.row_chunks}r",
+        route=median_ms(route),
+        index=median_ms(index),
+        attn_fwd=median_ms(forward),
+        fwd_bwd=median_ms(forward_backward),
+        fwd_bwd_det=median_ms(lambda: forward_backward(True), 3),
+        peak=peak_gib(forward_backward),
+    )
     if seqlen <= 65536:
-        row.update(sdpa_fwd=median_ms(lambda: sdpa(False), 3), sdpa_fwd_bwd=median_ms(lambda: sdpa(True), 3),
-                   sdpa_peak=peak_gib(lambda: sdpa(True)))
-    print("  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()),
-          flush=True)
+        row.update(
+            sdpa_fwd=median_ms(lambda: sdpa(False), 3),
+            sdpa_fwd_bwd=median_ms(lambda: sdpa(True), 3),
+            sdpa_peak=peak_gib(lambda: sdpa(True)),
+        )
+    print(
+        "  ".join(
+            f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in row.items()
+        ),
+        flush=True,
+    )
 
 
-def kernel_breakdown(seqlen=65536, block_size=128, topk=8, deterministic=False, batch=2, heads=16, head_dim=128):
+def kernel_breakdown(
+    seqlen=65536, block_size=128, topk=8, deterministic=False, batch=2, heads=16, head_dim=128
+):
     """Per-kernel CUDA time of one routed forward + backward (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
-              for _ in range(3)]
+    packed = [
+        torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    ]
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
 
     def step():
-        selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
-                                                             block_size, topk, True)
-        out, _ = triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088,
-                                                         deterministic)
+        selected = triton_autograd.moba_select_varlen_triton(
+            packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+        )
+        out, _ = triton_autograd.sparse_attention_varlen(
+            *packed, selected, cu, cu, block_size, True, 0.088, deterministic
+        )
         out.backward(torch.ones_like(out))
 
     print(f"kernel breakdown N={seqlen} B={block_size} k={topk} deterministic={deterministic}", flush=True)
@@ -84,7 +119,10 @@ def kernel_breakdown(seqlen=65536, block_size=128, topk=8, deterministic=False, 
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60),
+        flush=True,
+    )
 
 
 FORWARD_SWEEP = ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (64, 8, 3))
@@ -99,10 +137,13 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
     """Forward and dK/dV tile configurations at one shape, and the dQ strategies (ms, median)."""
     from flashmoba.ops import backward as triton_backward
 
-    packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    packed = [
+        torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+    ]
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
-    selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
-                                                         block_size, topk, True)
+    selected = triton_autograd.moba_select_varlen_triton(
+        packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+    )
     leaves = [t.clone().requires_grad_() for t in packed]
     grad_out = torch.randn_like(packed[0])
     block_n = min(128, block_size)
@@ -124,8 +165,11 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
             print(f"{tag} {label}: {type(error).__name__}", flush=True)
 
     default_fwd, default_bwd = triton_forward.forward_tiles, triton_backward.backward_tiles
-    print(f"{tag} default forward tiles {default_fwd(head_dim, block_size)}, "
-          f"backward {default_bwd(head_dim, block_size)}", flush=True)
+    print(
+        f"{tag} default forward tiles {default_fwd(head_dim, block_size)}, "
+        f"backward {default_bwd(head_dim, block_size)}",
+        flush=True,
+    )
     for block_m, warps, stages in FORWARD_SWEEP:
         triton_forward.forward_tiles = tiles(block_m, warps, stages)
         attempt(f"fwd M={block_m} warps={warps} stages={stages}", forward)
@@ -133,7 +177,9 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
     fwd_ms = median_ms(forward, 3)
     for stored in (True, False):
         triton_backward.DQ_BY_STORED_PARTIALS = stored
-        attempt(f"bwd default tiles, dQ {'stored partials' if stored else 'atomics'}", forward_backward, fwd_ms)
+        attempt(
+            f"bwd default tiles, dQ {'stored partials' if stored else 'atomics'}", forward_backward, fwd_ms
+        )
     triton_backward.DQ_BY_STORED_PARTIALS = True
     for block_m, warps, stages in BACKWARD_SWEEP[block_n]:
         triton_backward.backward_tiles = tiles(block_m, warps, stages)
@@ -144,11 +190,14 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
 def partial_dtypes(seqlen=65536, batch=2, heads=16, head_dim=128):
     """Forward time with float32 partials against bf16 partials, and how far the outputs move."""
     for block_size, topk in ((128, 8), (32, 32)):
-        packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-                  for _ in range(3)]
+        packed = [
+            torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3)
+        ]
         cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
-        selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
-                                                             block_size, topk, True)
+        selected = triton_autograd.moba_select_varlen_triton(
+            packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+        )
 
         def forward():
             return triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)
@@ -157,12 +206,18 @@ def partial_dtypes(seqlen=65536, batch=2, heads=16, head_dim=128):
         for in_input_dtype in (False, True):
             triton_forward.PARTIALS_IN_INPUT_DTYPE = in_input_dtype
             outputs[in_input_dtype] = forward()[0].float()
-            print(f"N={seqlen} B={block_size} k={topk} bf16 partials={in_input_dtype}: fwd "
-                  f"{median_ms(forward, 5):.2f} ms", flush=True)
+            print(
+                f"N={seqlen} B={block_size} k={topk} bf16 partials={in_input_dtype}: fwd "
+                f"{median_ms(forward, 5):.2f} ms",
+                flush=True,
+            )
         triton_forward.PARTIALS_IN_INPUT_DTYPE = False
         difference = (outputs[True] - outputs[False]).abs()
-        print(f"  output change from bf16 partials: max {difference.max():.2e}, mean {difference.mean():.2e} "
-              f"(output magnitude mean {outputs[False].abs().mean():.2e})", flush=True)
+        print(
+            f"  output change from bf16 partials: max {difference.max():.2e}, mean {difference.mean():.2e} "
+            f"(output magnitude mean {outputs[False].abs().mean():.2e})",
+            flush=True,
+        )
 
 
 def memory_phases(seqlen=65536, batch=2, heads=16, head_dim=128):
@@ -173,25 +228,33 @@ def memory_phases(seqlen=65536, batch=2, heads=16, head_dim=128):
 
 def _memory_phases_of(seqlen, block_size, topk, batch, heads, head_dim):
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
-    packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
-              for _ in range(3)]
+    packed = [
+        torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    ]
     grad_out = torch.randn_like(packed[0])
 
     def route():
-        return triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen, block_size,
-                                                         topk, True)
+        return triton_autograd.moba_select_varlen_triton(
+            packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+        )
 
     selected = route()
     route_gib = peak_gib(route)
     held = {}
 
     def forward():
-        held["out"] = triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)[0]
+        held["out"] = triton_autograd.sparse_attention_varlen(
+            *packed, selected, cu, cu, block_size, True, 0.088
+        )[0]
 
     forward_gib = peak_gib(forward)
     backward_gib = peak_gib(lambda: held["out"].backward(grad_out))
-    print(f"memory N={seqlen} B={block_size} k={topk}: route {route_gib:.3f}, forward {forward_gib:.3f}, "
-          f"backward {backward_gib:.3f} GiB (output alone {grad_out.numel() * 2 / 2**30:.3f})", flush=True)
+    print(
+        f"memory N={seqlen} B={block_size} k={topk}: route {route_gib:.3f}, forward {forward_gib:.3f}, "
+        f"backward {backward_gib:.3f} GiB (output alone {grad_out.numel() * 2 / 2**30:.3f})",
+        flush=True,
+    )
 
 
 def partial_budgets(seqlen=65536, batch=2, heads=16, head_dim=128):
@@ -199,17 +262,26 @@ def partial_budgets(seqlen=65536, batch=2, heads=16, head_dim=128):
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
     output_bytes = batch * seqlen * heads * head_dim * 2
     for block_size, topk in ((128, 8), (32, 32)):
-        packed = [torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-                  for _ in range(3)]
-        selected = triton_autograd.moba_select_varlen_triton(packed[0], packed[1], cu, cu, seqlen, seqlen,
-                                                             block_size, topk, True)
+        packed = [
+            torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3)
+        ]
+        selected = triton_autograd.moba_select_varlen_triton(
+            packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+        )
         for factor in (1, 2, 4, 8, 64):
             triton_forward.PARTIAL_BUFFER_BYTES = factor * output_bytes
             chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
-            fwd = median_ms(lambda: triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size,
-                                                                          True, 0.088), 5)
-            print(f"budget N={seqlen} B={block_size} k={topk}: {factor}x output, chunks {chunks}: fwd {fwd:.2f} ms",
-                  flush=True)
+            fwd = median_ms(
+                lambda: triton_autograd.sparse_attention_varlen(
+                    *packed, selected, cu, cu, block_size, True, 0.088
+                ),
+                5,
+            )
+            print(
+                f"budget N={seqlen} B={block_size} k={topk}: {factor}x output, chunks {chunks}: fwd {fwd:.2f} ms",
+                flush=True,
+            )
         triton_forward.PARTIAL_BUFFER_BYTES = None
 
 

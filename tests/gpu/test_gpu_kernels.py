@@ -37,7 +37,11 @@ def _inputs(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype, seed=0):
         return torch.randn(*shape, generator=generator, device=DEVICE, dtype=torch.float32).to(dtype)
 
     total_q, total_k = sum(lengths_q), sum(lengths_k)
-    q, k, v = randn(total_q, heads_q, head_dim), randn(total_k, heads_kv, head_dim), randn(total_k, heads_kv, head_dim)
+    q, k, v = (
+        randn(total_q, heads_q, head_dim),
+        randn(total_k, heads_kv, head_dim),
+        randn(total_k, heads_kv, head_dim),
+    )
     return q, k, v, randn(total_q, heads_q, head_dim)
 
 
@@ -49,8 +53,11 @@ def attention_with_selection(q, k, v, selected, cu_q, cu_k, block_size, causal, 
     outs, lses = [], []
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     for seq in range(len(bounds_q) - 1):
-        q_seq, k_seq, v_seq = (q[bounds_q[seq] : bounds_q[seq + 1]], k[bounds_k[seq] : bounds_k[seq + 1]],
-                               v[bounds_k[seq] : bounds_k[seq + 1]])
+        q_seq, k_seq, v_seq = (
+            q[bounds_q[seq] : bounds_q[seq + 1]],
+            k[bounds_k[seq] : bounds_k[seq + 1]],
+            v[bounds_k[seq] : bounds_k[seq + 1]],
+        )
         seqlen_q, seqlen_k = q_seq.shape[0], k_seq.shape[0]
         num_blocks = -(-seqlen_k // block_size)
         key_pos = torch.arange(seqlen_k, device=DEVICE)
@@ -63,8 +70,9 @@ def attention_with_selection(q, k, v, selected, cu_q, cu_k, block_size, causal, 
             if causal:
                 query_pos = torch.arange(start, stop, device=DEVICE) + seqlen_k - seqlen_q
                 visible &= (key_pos[None, :] <= query_pos[:, None])[:, None, :]
-            out, lse = checkpoint(reference._attend_chunk, q_seq[start:stop], k_seq, v_seq, visible, scale,
-                                  use_reentrant=False)
+            out, lse = checkpoint(
+                reference._attend_chunk, q_seq[start:stop], k_seq, v_seq, visible, scale, use_reentrant=False
+            )
             outs.append(out)
             lses.append(lse)
     return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1).float()
@@ -77,26 +85,42 @@ def _assert_within_budget(name, kernel, low_precision, exact):
     reference_error = (low_precision.double() - exact).abs()[finite]
     floor = 1e-6 * exact[finite].abs().max().item() + 1e-7
     assert kernel_error.max() <= MAX_FACTOR * reference_error.max() + floor, (
-        f"{name}: max error {kernel_error.max():.3e} vs low-precision reference {reference_error.max():.3e}")
+        f"{name}: max error {kernel_error.max():.3e} vs low-precision reference {reference_error.max():.3e}"
+    )
     assert kernel_error.mean() <= MEAN_FACTOR * reference_error.mean() + floor, (
-        f"{name}: mean error {kernel_error.mean():.3e} vs low-precision reference {reference_error.mean():.3e}")
+        f"{name}: mean error {kernel_error.mean():.3e} vs low-precision reference {reference_error.mean():.3e}"
+    )
 
 
 CASES = [
     # id, dtype, lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal
     ("bf16_16k_gqa4_d128_b128_k8", torch.bfloat16, [16384], [16384], 8, 2, 128, 128, 8, True),
-    ("fp16_32k_varlen_mqa_d64_b64_k16", torch.float16, [1, 100, 5000, 11000, 16667], [1, 100, 5000, 11000, 16667],
-     4, 1, 64, 64, 16, True),
+    (
+        "fp16_32k_varlen_mqa_d64_b64_k16",
+        torch.float16,
+        [1, 100, 5000, 11000, 16667],
+        [1, 100, 5000, 11000, 16667],
+        4,
+        1,
+        64,
+        64,
+        16,
+        True,
+    ),
     ("bf16_8k_noncausal_d256_b32_k16", torch.bfloat16, [8192], [6000], 2, 2, 256, 32, 16, False),
     ("bf16_prefill_d96_b16_k32", torch.bfloat16, [2000, 3000], [8000, 3500], 8, 1, 96, 16, 32, True),
     ("fp16_8k_d32_b512_k4", torch.float16, [8192], [8192], 4, 2, 32, 512, 4, True),
 ]
 
 
-@pytest.mark.parametrize("dtype,lengths_q,lengths_k,heads_q,heads_kv,head_dim,block_size,topk,causal",
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_attention_within_error_budget(dtype, lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk,
-                                       causal):
+@pytest.mark.parametrize(
+    "dtype,lengths_q,lengths_k,heads_q,heads_kv,head_dim,block_size,topk,causal",
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_attention_within_error_budget(
+    dtype, lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal
+):
     q, k, v, grad_out = _inputs(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
     scale = head_dim**-0.5
@@ -123,7 +147,9 @@ def test_deterministic_gradients_are_bitwise_reproducible():
 
     def run(deterministic):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out, lse = triton_autograd.sparse_attention_varlen(*leaves, selected, cu, cu, 64, True, 0.1, deterministic)
+        out, lse = triton_autograd.sparse_attention_varlen(
+            *leaves, selected, cu, cu, 64, True, 0.1, deterministic
+        )
         out.backward(grad_out)
         return [out, lse] + [leaf.grad for leaf in leaves]
 
@@ -147,7 +173,9 @@ def test_router_and_attention_end_to_end_with_near_ties():
     expected_selected = reference.moba_select_reference(q, k, 64, 8, True, cu, cu)
     agree = (torch.sort(selected, -1).values == torch.sort(expected_selected, -1).values).all(-1)
     assert agree.float().mean() > 0.99, f"selections agree on only {agree.float().mean():.4f} of rows"
-    exact, _ = attention_with_selection(q.double(), k.double(), v.double(), selected, cu, cu, 64, True, 128**-0.5)
+    exact, _ = attention_with_selection(
+        q.double(), k.double(), v.double(), selected, cu, cu, 64, True, 128**-0.5
+    )
     low, _ = attention_with_selection(q, k, v, selected, cu, cu, 64, True, 128**-0.5)
     _assert_within_budget("out", out[agree], low[agree], exact[agree])
 

@@ -63,7 +63,9 @@ def sparse_attn_fwd(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward; the forward is deterministic always.
-    return sparse_attention_forward(q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale)
+    return sparse_attention_forward(
+        q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale
+    )
 
 
 @sparse_attn_fwd.register_fake
@@ -99,14 +101,42 @@ def sparse_attn_bwd(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return sparse_attention_backward(
-        grad_out, grad_lse, q, k, v, out, lse, entries, offsets, cu_seqlens_q, cu_seqlens_k,
-        block_size, causal, softmax_scale, deterministic,
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        entries,
+        offsets,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        block_size,
+        causal,
+        softmax_scale,
+        deterministic,
     )
 
 
 @sparse_attn_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, entries, offsets, cu_seqlens_q, cu_seqlens_k,
-      block_size, causal, softmax_scale, deterministic):
+def _(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    entries,
+    offsets,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    block_size,
+    causal,
+    softmax_scale,
+    deterministic,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -114,7 +144,12 @@ def _setup_context(ctx, inputs, output):
     q, k, v, _selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic = inputs
     out, lse, entries, offsets = output
     ctx.save_for_backward(q, k, v, out, lse, entries, offsets, cu_seqlens_q, cu_seqlens_k)
-    ctx.block_size, ctx.causal, ctx.softmax_scale, ctx.deterministic = block_size, causal, softmax_scale, deterministic
+    ctx.block_size, ctx.causal, ctx.softmax_scale, ctx.deterministic = (
+        block_size,
+        causal,
+        softmax_scale,
+        deterministic,
+    )
     ctx.mark_non_differentiable(entries, offsets)
 
 
@@ -123,8 +158,21 @@ def _backward(ctx, grad_out, grad_lse, _grad_entries, _grad_offsets):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_q, grad_k, grad_v = sparse_attn_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, entries, offsets, cu_seqlens_q, cu_seqlens_k,
-        ctx.block_size, ctx.causal, ctx.softmax_scale, ctx.deterministic,
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        entries,
+        offsets,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        ctx.block_size,
+        ctx.causal,
+        ctx.softmax_scale,
+        ctx.deterministic,
     )
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
@@ -164,10 +212,20 @@ def sparse_attention_varlen(
     return out, lse
 
 
-def moba_select_varlen_triton(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal):
+def moba_select_varlen_triton(
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+):
     """Selected blocks of packed q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]`` -> int32 ``[total_q, Hq, topk]``."""
     return select_varlen(
-        q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+        q.detach(),
+        k.detach(),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        block_size,
+        topk,
+        causal,
     )
 
 
@@ -176,15 +234,31 @@ def moba_select_triton(q, k, block_size, topk, causal):
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k = k.shape[1]
     selected = moba_select_varlen_triton(
-        q.reshape(batch * seqlen_q, heads_q, head_dim), k.reshape(batch * seqlen_k, k.shape[2], head_dim),
-        _padded_cu_seqlens(batch, seqlen_q, q.device), _padded_cu_seqlens(batch, seqlen_k, q.device),
-        seqlen_q, seqlen_k, block_size, topk, causal,
+        q.reshape(batch * seqlen_q, heads_q, head_dim),
+        k.reshape(batch * seqlen_k, k.shape[2], head_dim),
+        _padded_cu_seqlens(batch, seqlen_q, q.device),
+        _padded_cu_seqlens(batch, seqlen_k, q.device),
+        seqlen_q,
+        seqlen_k,
+        block_size,
+        topk,
+        causal,
     )
     return selected.view(batch, seqlen_q, heads_q, topk)
 
 
 def moba_attn_varlen_triton(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal, softmax_scale,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    block_size,
+    topk,
+    causal,
+    softmax_scale,
     deterministic=False,
 ):
     """MoBA on packed sequences: q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``.
@@ -214,8 +288,15 @@ def moba_attn_triton(q, k, v, block_size, topk, causal, softmax_scale, determini
         q.reshape(batch * seqlen_q, heads_q, head_dim),
         k.reshape(batch * seqlen_k, heads_kv, head_dim),
         v.reshape(batch * seqlen_k, heads_kv, head_dim),
-        _padded_cu_seqlens(batch, seqlen_q, q.device), _padded_cu_seqlens(batch, seqlen_k, q.device),
-        seqlen_q, seqlen_k, block_size, topk, causal, softmax_scale, deterministic,
+        _padded_cu_seqlens(batch, seqlen_q, q.device),
+        _padded_cu_seqlens(batch, seqlen_k, q.device),
+        seqlen_q,
+        seqlen_k,
+        block_size,
+        topk,
+        causal,
+        softmax_scale,
+        deterministic,
     )
     out = out.view(batch, seqlen_q, heads_q, head_dim)
     lse = lse.view(heads_q, batch, seqlen_q).transpose(0, 1)

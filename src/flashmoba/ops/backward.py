@@ -46,9 +46,20 @@ DQ_BY_STORED_PARTIALS = True
 
 @triton.jit
 def _moba_bwd_preprocess_kernel(
-    Out, GradOut, GradLse, Delta,
-    total_q, heads_q, stride_o_row, stride_o_head, stride_do_row, stride_do_head,
-    HAS_GRAD_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out,
+    GradOut,
+    GradLse,
+    Delta,
+    total_q,
+    heads_q,
+    stride_o_row,
+    stride_o_head,
+    stride_do_row,
+    stride_do_head,
+    HAS_GRAD_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta[h, r] = sum_d dO[r, h, d] * O[r, h, d] (minus dlse[h, r]) in float32."""
     pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -57,10 +68,16 @@ def _moba_bwd_preprocess_kernel(
     heads = pairs % heads_q
     offs_d = tl.arange(0, BLOCK_D)
     mask = pair_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    out = tl.load(Out + rows[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :],
-                  mask=mask, other=0.0).to(tl.float32)
-    grad_out = tl.load(GradOut + rows[:, None] * stride_do_row + heads[:, None] * stride_do_head + offs_d[None, :],
-                       mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(
+        Out + rows[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    grad_out = tl.load(
+        GradOut + rows[:, None] * stride_do_row + heads[:, None] * stride_do_head + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     delta = tl.sum(out * grad_out, 1)
     lse_index = heads.to(tl.int64) * total_q + rows
     if HAS_GRAD_LSE:
@@ -70,14 +87,48 @@ def _moba_bwd_preprocess_kernel(
 
 @triton.jit
 def _moba_bwd_dkdv_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQ,
-    Entries, Offsets, BlockTable,
-    stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
-    stride_do_row, stride_do_head, stride_dk_row, stride_dk_head, stride_dv_row, stride_dv_head,
-    block_slots, tiles_per_block, num_chunks, kv_head_first, kv_heads_here, heads_q, topk, group, total_q,
-    softmax_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    GradOut,
+    Lse,
+    Delta,
+    GradK,
+    GradV,
+    GradQ,
+    Entries,
+    Offsets,
+    BlockTable,
+    stride_q_row,
+    stride_q_head,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
+    stride_do_row,
+    stride_do_head,
+    stride_dk_row,
+    stride_dk_head,
+    stride_dv_row,
+    stride_dv_head,
+    block_slots,
+    tiles_per_block,
+    num_chunks,
+    kv_head_first,
+    kv_heads_here,
+    heads_q,
+    topk,
+    group,
+    total_q,
+    softmax_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DQ_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key tile of one block for one kv head, and dQ as DQ_MODE says ("store": each pair's
     partial into GradQ laid out [query head in chunk, row, slot]; "atomic": added into GradQ [rows, Hq, D]
@@ -100,10 +151,14 @@ def _moba_bwd_dkdv_kernel(
     kv_mask = key_mask[:, None] & d_mask[None, :]
     keys64 = keys.to(tl.int64)
     key_tile_values = tl.load(
-        K + keys64[:, None] * stride_k_row + kv_head * stride_k_head + offs_d[None, :], mask=kv_mask, other=0.0
+        K + keys64[:, None] * stride_k_row + kv_head * stride_k_head + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
     )
     value_tile = tl.load(
-        V + keys64[:, None] * stride_v_row + kv_head * stride_v_head + offs_d[None, :], mask=kv_mask, other=0.0
+        V + keys64[:, None] * stride_v_row + kv_head * stride_v_head + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
     )
     grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_value = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -124,10 +179,16 @@ def _moba_bwd_dkdv_kernel(
             rows = entry // (heads_q * topk)
             rows64 = rows.to(tl.int64)
             row_mask = entry_mask[:, None] & d_mask[None, :]
-            query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
-                            mask=row_mask, other=0.0)
-            grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
-                               mask=row_mask, other=0.0)
+            query = tl.load(
+                Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+                mask=row_mask,
+                other=0.0,
+            )
+            grad_out = tl.load(
+                GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+                mask=row_mask,
+                other=0.0,
+            )
             lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
             # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
             lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -150,32 +211,75 @@ def _moba_bwd_dkdv_kernel(
                 grad_query *= softmax_scale
             if DQ_MODE == "store":  # the block is one key tile: this is the pair's whole dQ
                 pair = chunk_pair_index(entry, rows, head - kv_head_first * group, 0, total_q, topk)
-                tl.store(GradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
-                         grad_query.to(GradQ.dtype.element_ty), mask=row_mask)
+                tl.store(
+                    GradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
+                    grad_query.to(GradQ.dtype.element_ty),
+                    mask=row_mask,
+                )
             if DQ_MODE == "atomic":
-                tl.atomic_add(GradQ + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
-                              grad_query, mask=row_mask, sem="relaxed")
+                tl.atomic_add(
+                    GradQ + (rows64[:, None] * heads_q + head) * HEAD_DIM + offs_d[None, :],
+                    grad_query,
+                    mask=row_mask,
+                    sem="relaxed",
+                )
 
-    tl.store(GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
-             (grad_key * softmax_scale).to(GradK.dtype.element_ty), mask=kv_mask)
-    tl.store(GradV + keys64[:, None] * stride_dv_row + kv_head * stride_dv_head + offs_d[None, :],
-             grad_value.to(GradV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
+        (grad_key * softmax_scale).to(GradK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        GradV + keys64[:, None] * stride_dv_row + kv_head * stride_dv_head + offs_d[None, :],
+        grad_value.to(GradV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
 def _moba_bwd_dq_partial_kernel(
-    Q, K, V, GradOut, Lse, Delta, PartialGradQ,
-    Entries, Offsets, BlockTable,
-    stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
-    stride_do_row, stride_do_head,
-    block_slots, num_chunks, chunk, head_first, heads_here, first_row, rows_here, heads_q, topk, group, total_q,
-    softmax_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    GradOut,
+    Lse,
+    Delta,
+    PartialGradQ,
+    Entries,
+    Offsets,
+    BlockTable,
+    stride_q_row,
+    stride_q_head,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
+    stride_do_row,
+    stride_do_head,
+    block_slots,
+    num_chunks,
+    chunk,
+    head_first,
+    heads_here,
+    first_row,
+    rows_here,
+    heads_q,
+    topk,
+    group,
+    total_q,
+    softmax_scale,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Deterministic dQ: the partial dQ of each (row, slot) routed to one (key block, query head)."""
     head_in_chunk, head, begin, end, key_first, key_end, shift = program_column(
-        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here)
+        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here
+    )
     kv_head = head // group
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -191,10 +295,16 @@ def _moba_bwd_dq_partial_kernel(
         rows = entry // (heads_q * topk)
         rows64 = rows.to(tl.int64)
         row_mask = entry_mask[:, None] & d_mask[None, :]
-        query = tl.load(Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
-                        mask=row_mask, other=0.0)
-        grad_out = tl.load(GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
-                           mask=row_mask, other=0.0)
+        query = tl.load(
+            Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
+            mask=row_mask,
+            other=0.0,
+        )
+        grad_out = tl.load(
+            GradOut + rows64[:, None] * stride_do_row + head * stride_do_head + offs_d[None, :],
+            mask=row_mask,
+            other=0.0,
+        )
         lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
         lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
@@ -204,10 +314,12 @@ def _moba_bwd_dq_partial_kernel(
             keys = key_start + offs_n
             key_mask = keys < key_end
             kv_mask = key_mask[:, None] & d_mask[None, :]
-            key_tile = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
-                               mask=kv_mask, other=0.0)
-            value_tile = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
-                                 mask=kv_mask, other=0.0)
+            key_tile = tl.load(
+                k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            value_tile = tl.load(
+                v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0
+            )
             scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
             probabilities = tl.math.exp2(scores - lse_log2[:, None])
             visible = key_mask[None, :] & entry_mask[:, None]
@@ -219,14 +331,28 @@ def _moba_bwd_dq_partial_kernel(
             grad_query += tl.dot(grad_scores, key_tile, input_precision=DOT_PRECISION)
 
         pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
-        tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :], grad_query * softmax_scale,
-                 mask=row_mask)
+        tl.store(
+            PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
+            grad_query * softmax_scale,
+            mask=row_mask,
+        )
 
 
 @triton.jit
 def _moba_bwd_zero_unrouted_kernel(
-    PartialGradQ, Entries, Offsets, num_segments, total_pairs, head_first, heads_here, rows_here, heads_q, topk,
-    HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartialGradQ,
+    Entries,
+    Offsets,
+    num_segments,
+    total_pairs,
+    head_first,
+    heads_here,
+    rows_here,
+    heads_q,
+    topk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Zero the chunk's dQ partials of the pairs no dK/dV program writes: unused slots, sorted last.
 
@@ -245,15 +371,26 @@ def _moba_bwd_zero_unrouted_kernel(
         heads = (entry // topk) % heads_q
         unrouted &= (heads >= head_first) & (heads < head_first + heads_here)
         pair = chunk_pair_index(entry, rows, heads - head_first, 0, rows_here, topk)
-        tl.store(PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
-                 tl.zeros([BLOCK_E, BLOCK_D], dtype=PartialGradQ.dtype.element_ty),
-                 mask=unrouted[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(
+            PartialGradQ + pair[:, None] * HEAD_DIM + offs_d[None, :],
+            tl.zeros([BLOCK_E, BLOCK_D], dtype=PartialGradQ.dtype.element_ty),
+            mask=unrouted[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
 
 
 @triton.jit
 def _moba_bwd_dq_sum_kernel(
-    PartialGradQ, GradQ, head_first, rows_here, chunk_pairs, topk, stride_dq_row, stride_dq_head,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartialGradQ,
+    GradQ,
+    head_first,
+    rows_here,
+    chunk_pairs,
+    topk,
+    stride_dq_row,
+    stride_dq_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dQ of BLOCK_R (head, row) pairs of a chunk: the sum of their topk partials, in slot order."""
     pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -266,8 +403,11 @@ def _moba_bwd_dq_sum_kernel(
         accumulator += tl.load(partial_ptrs + slot * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
     rows = (pairs % rows_here).to(tl.int64)
     heads = head_first + pairs // rows_here
-    tl.store(GradQ + rows[:, None] * stride_dq_row + heads[:, None] * stride_dq_head + offs_d[None, :],
-             accumulator.to(GradQ.dtype.element_ty), mask=mask)
+    tl.store(
+        GradQ + rows[:, None] * stride_dq_row + heads[:, None] * stride_dq_head + offs_d[None, :],
+        accumulator.to(GradQ.dtype.element_ty),
+        mask=mask,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,9 +473,20 @@ def sparse_attention_backward(
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
     _moba_bwd_preprocess_kernel[(triton.cdiv(total_q * heads_q, block_r),)](
-        out, grad_out, grad_lse if grad_lse is not None else delta, delta,
-        total_q, heads_q, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        HAS_GRAD_LSE=grad_lse is not None, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
+        out,
+        grad_out,
+        grad_lse if grad_lse is not None else delta,
+        delta,
+        total_q,
+        heads_q,
+        out.stride(0),
+        out.stride(1),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        HAS_GRAD_LSE=grad_lse is not None,
+        HEAD_DIM=head_dim,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
 
     table = block_table(cu_seqlens_q, cu_seqlens_k, block_size, block_slots)
@@ -348,37 +499,93 @@ def sparse_attention_backward(
 
     def launch_dkdv(grad_q_target, dq_mode, kv_head_first, kv_heads_here):
         _moba_bwd_dkdv_kernel[(block_slots * tiles_per_block * kv_heads_here,)](
-            q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q_target, entries, offsets, table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), grad_k.stride(0), grad_k.stride(1),
-            grad_v.stride(0), grad_v.stride(1),
-            block_slots, tiles_per_block, split.row_chunks, kv_head_first, kv_heads_here, heads_q, topk, group,
-            total_q, softmax_scale, qk_scale,
-            HEAD_DIM=head_dim, CAUSAL=causal, DQ_MODE=dq_mode, DOT_PRECISION=precision,
-            BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
-            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            grad_k,
+            grad_v,
+            grad_q_target,
+            entries,
+            offsets,
+            table,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            grad_out.stride(0),
+            grad_out.stride(1),
+            grad_k.stride(0),
+            grad_k.stride(1),
+            grad_v.stride(0),
+            grad_v.stride(1),
+            block_slots,
+            tiles_per_block,
+            split.row_chunks,
+            kv_head_first,
+            kv_heads_here,
+            heads_q,
+            topk,
+            group,
+            total_q,
+            softmax_scale,
+            qk_scale,
+            HEAD_DIM=head_dim,
+            CAUSAL=causal,
+            DQ_MODE=dq_mode,
+            DOT_PRECISION=precision,
+            BLOCK_M=tiles["BLOCK_M"],
+            BLOCK_N=tiles["BLOCK_N"],
+            BLOCK_D=block_d,
+            num_warps=tiles["num_warps"],
+            num_stages=tiles["num_stages"],
         )
 
     def sum_partials(partial, head_first, heads_here, first_row, rows_here):
         chunk_pairs = heads_here * rows_here
         _moba_bwd_dq_sum_kernel[(triton.cdiv(chunk_pairs, block_r),)](
-            partial, grad_q[first_row:], head_first, rows_here, chunk_pairs, topk,
-            grad_q.stride(0), grad_q.stride(1), HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d,
+            partial,
+            grad_q[first_row:],
+            head_first,
+            rows_here,
+            chunk_pairs,
+            topk,
+            grad_q.stride(0),
+            grad_q.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
         )
 
     # "store": chunks of whole kv heads (their query heads together) whose dQ partials fit the scratch.
     store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=group)
     if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
-        partial = torch.empty(store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype),
-                              device=q.device)
+        partial = torch.empty(
+            store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device
+        )
         # Small in the interpreter, so that tests stride over the tail more than once.
         block_e, zero_programs = (16, 2) if interpreting() else (256, 1024)
         for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
             used = partial[: heads_here * total_q * topk]
             # Unused slots (-1) add zero: clear just their partials (the index lists them last).
             _moba_bwd_zero_unrouted_kernel[(min(triton.cdiv(entries.numel(), block_e), zero_programs),)](
-                used, entries, offsets, offsets.numel() - 1, entries.numel(), head_first, heads_here, total_q,
-                heads_q, topk, HEAD_DIM=head_dim, BLOCK_E=block_e, BLOCK_D=block_d,
+                used,
+                entries,
+                offsets,
+                offsets.numel() - 1,
+                entries.numel(),
+                head_first,
+                heads_here,
+                total_q,
+                heads_q,
+                topk,
+                HEAD_DIM=head_dim,
+                BLOCK_E=block_e,
+                BLOCK_D=block_d,
             )
             launch_dkdv(used, "store", head_first // group, heads_here // group)
             sum_partials(used, head_first, heads_here, 0, total_q)
@@ -404,14 +611,45 @@ def sparse_attention_backward(
         used = partial[: heads_here * rows_here * topk]
         used.zero_()  # slots that no program writes add zero
         _moba_bwd_dq_partial_kernel[(block_slots * heads_here,)](
-            q, k, v, grad_out, lse, delta, used, entries, offsets, table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1),
-            block_slots, split.row_chunks, row_chunk, head_first, heads_here, first_row, rows_here, heads_q,
-            topk, group, total_q, softmax_scale, qk_scale,
-            HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=precision,
-            BLOCK_M=dq_tiles["BLOCK_M"], BLOCK_N=dq_tiles["BLOCK_N"], BLOCK_D=block_d,
-            num_warps=dq_tiles["num_warps"], num_stages=dq_tiles["num_stages"],
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            used,
+            entries,
+            offsets,
+            table,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            grad_out.stride(0),
+            grad_out.stride(1),
+            block_slots,
+            split.row_chunks,
+            row_chunk,
+            head_first,
+            heads_here,
+            first_row,
+            rows_here,
+            heads_q,
+            topk,
+            group,
+            total_q,
+            softmax_scale,
+            qk_scale,
+            HEAD_DIM=head_dim,
+            CAUSAL=causal,
+            DOT_PRECISION=precision,
+            BLOCK_M=dq_tiles["BLOCK_M"],
+            BLOCK_N=dq_tiles["BLOCK_N"],
+            BLOCK_D=block_d,
+            num_warps=dq_tiles["num_warps"],
+            num_stages=dq_tiles["num_stages"],
         )
         sum_partials(used, head_first, heads_here, first_row, rows_here)
     return grad_q, grad_k, grad_v

@@ -68,28 +68,68 @@ def program_column(Offsets, BlockTable, block_slots, num_chunks, chunk, head_fir
 
 
 @triton.jit
-def _store_partial(PartialOut, PartialLse, pair, entry_mask, row_max, row_sum, accumulator,
-                   offs_d, d_mask, HEAD_DIM: tl.constexpr):
+def _store_partial(
+    PartialOut,
+    PartialLse,
+    pair,
+    entry_mask,
+    row_max,
+    row_sum,
+    accumulator,
+    offs_d,
+    d_mask,
+    HEAD_DIM: tl.constexpr,
+):
     """Write each pair's normalised partial output and its log2-sum-exp (-inf when it saw no key)."""
     partial_lse = row_max + tl.math.log2(row_sum)
     partial_out = accumulator / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
-    tl.store(PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :],
-             partial_out.to(PartialOut.dtype.element_ty), mask=entry_mask[:, None] & d_mask[None, :])
+    tl.store(
+        PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :],
+        partial_out.to(PartialOut.dtype.element_ty),
+        mask=entry_mask[:, None] & d_mask[None, :],
+    )
 
 
 @triton.jit
 def _moba_fwd_partial_kernel(
-    Q, K, V, PartialOut, PartialLse,
-    Entries, Offsets, BlockTable,
-    stride_q_row, stride_q_head, stride_k_row, stride_k_head, stride_v_row, stride_v_head,
-    block_slots, num_chunks, chunk, head_first, heads_here, first_row, rows_here, heads_q, topk, group, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE_KEY_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    PartialOut,
+    PartialLse,
+    Entries,
+    Offsets,
+    BlockTable,
+    stride_q_row,
+    stride_q_head,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
+    block_slots,
+    num_chunks,
+    chunk,
+    head_first,
+    heads_here,
+    first_row,
+    rows_here,
+    heads_q,
+    topk,
+    group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SINGLE_KEY_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Partial attention of the rows routed to one (key block, query head) for one chunk."""
     head_in_chunk, head, begin, end, key_first, key_end, shift = program_column(
-        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here)
+        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here
+    )
     kv_head = head // group
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -105,8 +145,12 @@ def _moba_fwd_partial_kernel(
         keys = key_first + offs_n
         key_mask = keys < key_end
         kv_mask = key_mask[:, None] & d_mask[None, :]
-        key_tile = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :], mask=kv_mask, other=0.0)
-        value_tile = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0)
+        key_tile = tl.load(
+            k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :], mask=kv_mask, other=0.0
+        )
+        value_tile = tl.load(
+            v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0
+        )
         for tile_start in range(begin, end, BLOCK_M):
             entry_mask = tile_start + offs_m < end
             entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
@@ -122,10 +166,22 @@ def _moba_fwd_partial_kernel(
             safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             probabilities = tl.math.exp2(scores - safe_max[:, None])
             row_sum = tl.sum(probabilities, 1)
-            accumulator = tl.dot(probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION)
+            accumulator = tl.dot(
+                probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
+            )
             pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
-            _store_partial(PartialOut, PartialLse, pair, entry_mask, safe_max, row_sum, accumulator,
-                           offs_d, d_mask, HEAD_DIM)
+            _store_partial(
+                PartialOut,
+                PartialLse,
+                pair,
+                entry_mask,
+                safe_max,
+                row_sum,
+                accumulator,
+                offs_d,
+                d_mask,
+                HEAD_DIM,
+            )
     else:
         for tile_start in range(begin, end, BLOCK_M):
             entry_mask = tile_start + offs_m < end
@@ -141,8 +197,11 @@ def _moba_fwd_partial_kernel(
                 keys = key_start + offs_n
                 key_mask = keys < key_end
                 kv_mask = key_mask[:, None] & d_mask[None, :]
-                key_tile = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
-                                   mask=kv_mask, other=0.0)
+                key_tile = tl.load(
+                    k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
                 scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
                 visible = key_mask[None, :]
                 if CAUSAL:
@@ -154,24 +213,49 @@ def _moba_fwd_partial_kernel(
                 probabilities = tl.math.exp2(scores - safe_max[:, None])
                 correction = tl.math.exp2(running_max - safe_max)
                 running_sum = running_sum * correction + tl.sum(probabilities, 1)
-                value_tile = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
-                                     mask=kv_mask, other=0.0)
+                value_tile = tl.load(
+                    v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
                 accumulator = accumulator * correction[:, None] + tl.dot(
                     probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
                 )
                 running_max = new_max
             safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
             pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
-            _store_partial(PartialOut, PartialLse, pair, entry_mask, safe_max, running_sum, accumulator,
-                           offs_d, d_mask, HEAD_DIM)
+            _store_partial(
+                PartialOut,
+                PartialLse,
+                pair,
+                entry_mask,
+                safe_max,
+                running_sum,
+                accumulator,
+                offs_d,
+                d_mask,
+                HEAD_DIM,
+            )
 
 
 @triton.jit
 def _moba_fwd_merge_kernel(
-    PartialOut, PartialLse, Out, Lse,
-    head_first, first_row, rows_here, chunk_pairs, topk, total_q,
-    stride_o_row, stride_o_head,
-    HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartialOut,
+    PartialLse,
+    Out,
+    Lse,
+    head_first,
+    first_row,
+    rows_here,
+    chunk_pairs,
+    topk,
+    total_q,
+    stride_o_row,
+    stride_o_head,
+    HEAD_DIM: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Combine the topk partials of BLOCK_R (head, row) pairs of a chunk by their log-sum-exps, in slot order."""
     pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -183,7 +267,8 @@ def _moba_fwd_merge_kernel(
 
     partial_lse = tl.load(
         PartialLse + pair_first[:, None] + slots[None, :],
-        mask=pair_mask[:, None] & (slots[None, :] < topk), other=float("-inf"),
+        mask=pair_mask[:, None] & (slots[None, :] < topk),
+        other=float("-inf"),
     )
     row_max = tl.max(partial_lse, 1)
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
@@ -197,13 +282,16 @@ def _moba_fwd_merge_kernel(
         weight = tl.math.exp2(slot_lse - safe_max) * inverse_total
         part = tl.load(
             PartialOut + (pair_first + slot)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=used[:, None] & d_mask[None, :], other=0.0,
+            mask=used[:, None] & d_mask[None, :],
+            other=0.0,
         ).to(tl.float32)
         accumulator += tl.where(used, weight, 0.0)[:, None] * part
 
     rows = first_row + pairs % rows_here
     heads = head_first + pairs // rows_here
-    out_ptrs = Out + rows.to(tl.int64)[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :]
+    out_ptrs = (
+        Out + rows.to(tl.int64)[:, None] * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :]
+    )
     tl.store(out_ptrs, accumulator.to(Out.dtype.element_ty), mask=pair_mask[:, None] & d_mask[None, :])
     lse = (safe_max + tl.math.log2(total)) * 0.6931471805599453  # natural log; -inf when nothing seen
     tl.store(Lse + heads.to(tl.int64) * total_q + rows, lse, mask=pair_mask)
@@ -232,16 +320,24 @@ def head_dim_tile(head_dim: int) -> int:
 def forward_tiles(head_dim: int, block_size: int) -> dict:
     """Gathered query rows x keys per tile, and warps (sm_90 defaults; small tiles in the interpreter)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))), num_warps=4,
-                    num_stages=1)
+        return dict(
+            BLOCK_M=16,
+            BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))),
+            num_warps=4,
+            num_stages=1,
+        )
     block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
     # Measured on H100 at 64K, d=128, head-group chunks (ms): B=128/k=8: stages 3 9.15, 1 9.47, 2 9.66, M=128 with
     # 8 warps 10.6; B=32/k=32: stages 3 24.1, 1 25.1 (benchmarks/NOTES.md section 4). Three stages pipeline the
     # gathered query tiles past a block held in shared memory; where the keys loop instead (blocks wider than
     # one tile, head_dim > 128) they would pipeline K/V tiles too, unmeasured and near the shared-memory limit.
     single_key_tile = block_size <= block_n and head_dim <= 128
-    return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8 if head_dim > 128 else 4,
-                num_stages=3 if single_key_tile else 1)
+    return dict(
+        BLOCK_M=64,
+        BLOCK_N=block_n,
+        num_warps=8 if head_dim > 128 else 4,
+        num_stages=3 if single_key_tile else 1,
+    )
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -264,14 +360,21 @@ class Chunking(NamedTuple):
         for head_first in range(0, heads_q, self.heads_per_chunk):
             for row_chunk in range(self.row_chunks):
                 first_row = row_chunk * self.rows_per_chunk
-                yield (head_first, min(self.heads_per_chunk, heads_q - head_first), row_chunk, first_row,
-                       min(self.rows_per_chunk, total_q - first_row))
+                yield (
+                    head_first,
+                    min(self.heads_per_chunk, heads_q - head_first),
+                    row_chunk,
+                    first_row,
+                    min(self.rows_per_chunk, total_q - first_row),
+                )
 
     def scratch_pairs(self, topk: int) -> int:
         return self.heads_per_chunk * self.rows_per_chunk * topk
 
 
-def chunking(total_q: int, heads_q: int, topk: int, head_dim: int, dtype: torch.dtype, group: int = 1) -> Chunking:
+def chunking(
+    total_q: int, heads_q: int, topk: int, head_dim: int, dtype: torch.dtype, group: int = 1
+) -> Chunking:
     """The static chunking of the forward's partials (and of the backward's dQ partials) for these shapes.
 
     With ``group`` > 1, heads go in whole groups of ``group`` consecutive heads (the query heads of one kv
@@ -357,29 +460,71 @@ def sparse_attention_forward(
 
     tiles = forward_tiles(head_dim, block_size)
     block_d = head_dim_tile(head_dim)
-    partial_out = torch.empty(split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device)
+    partial_out = torch.empty(
+        split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device
+    )
     partial_lse = torch.empty(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * LOG2_E
     block_r = 16 if interpreting() else 32
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
         chunk_pairs = heads_here * rows_here
-        partial_lse[: chunk_pairs * topk].fill_(-math.inf)  # slots no program writes stay -inf: the merge skips them
+        partial_lse[: chunk_pairs * topk].fill_(
+            -math.inf
+        )  # slots no program writes stay -inf: the merge skips them
         if block_slots > 0:
             _moba_fwd_partial_kernel[(block_slots * heads_here,)](
-                q, k, v, partial_out, partial_lse, entries, offsets, table,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                block_slots, split.row_chunks, row_chunk, head_first, heads_here, first_row, rows_here, heads_q,
-                topk, heads_q // heads_kv, qk_scale,
-                HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+                q,
+                k,
+                v,
+                partial_out,
+                partial_lse,
+                entries,
+                offsets,
+                table,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                v.stride(0),
+                v.stride(1),
+                block_slots,
+                split.row_chunks,
+                row_chunk,
+                head_first,
+                heads_here,
+                first_row,
+                rows_here,
+                heads_q,
+                topk,
+                heads_q // heads_kv,
+                qk_scale,
+                HEAD_DIM=head_dim,
+                CAUSAL=causal,
+                DOT_PRECISION=dot_precision(q.dtype),
                 SINGLE_KEY_TILE=block_size <= tiles["BLOCK_N"],
-                BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d,
-                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                BLOCK_M=tiles["BLOCK_M"],
+                BLOCK_N=tiles["BLOCK_N"],
+                BLOCK_D=block_d,
+                num_warps=tiles["num_warps"],
+                num_stages=tiles["num_stages"],
             )
         _moba_fwd_merge_kernel[(triton.cdiv(chunk_pairs, block_r),)](
-            partial_out, partial_lse, out, lse,
-            head_first, first_row, rows_here, chunk_pairs, topk, total_q,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, TOPK_PAD=triton.next_power_of_2(topk), BLOCK_R=block_r, BLOCK_D=block_d,
+            partial_out,
+            partial_lse,
+            out,
+            lse,
+            head_first,
+            first_row,
+            rows_here,
+            chunk_pairs,
+            topk,
+            total_q,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            TOPK_PAD=triton.next_power_of_2(topk),
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
             num_warps=4,
         )
     return out, lse, entries, offsets

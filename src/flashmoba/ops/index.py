@@ -54,7 +54,13 @@ def _sequence_of(cu_seqlens_ptr, batch, search_steps, positions, divisor, per_se
 
 @triton.jit
 def _block_table_kernel(
-    table_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, search_steps, block_size, block_slots,
+    table_ptr,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    batch,
+    search_steps,
+    block_size,
+    block_slots,
     TILE: tl.constexpr,
 ):
     """Program: TILE block slots -> table rows (first key, end key, causal shift) of each."""
@@ -74,8 +80,21 @@ def _block_table_kernel(
 
 @triton.jit
 def _sort_keys_kernel(
-    keys_ptr, selected_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, search_steps, num_entries, heads_q,
-    topk, block_size, block_slots, num_chunks, chunk_rows, num_segments, TILE: tl.constexpr,
+    keys_ptr,
+    selected_ptr,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    batch,
+    search_steps,
+    num_entries,
+    heads_q,
+    topk,
+    block_size,
+    block_slots,
+    num_chunks,
+    chunk_rows,
+    num_segments,
+    TILE: tl.constexpr,
 ):
     """Program: TILE entries of ``selected`` (flat) -> their (head, global block, chunk) sort keys; unused
     slots and blocks past the sequence's end get the largest key, num_segments, so they sort last."""
@@ -90,7 +109,9 @@ def _sort_keys_kernel(
     valid = (block >= 0) & (block < num_blocks)
     slot = key_start // block_size + sequence + block
     key = (head * block_slots + slot) * num_chunks + row // chunk_rows
-    tl.store(keys_ptr + entries, tl.where(valid, key, num_segments).to(keys_ptr.dtype.element_ty), mask=in_range)
+    tl.store(
+        keys_ptr + entries, tl.where(valid, key, num_segments).to(keys_ptr.dtype.element_ty), mask=in_range
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +142,14 @@ def block_table(
     if block_slots == 0 or batch < 1:
         return table.zero_()
     _block_table_kernel[(triton.cdiv(block_slots, TILE),)](
-        table, cu_seqlens_q, cu_seqlens_k, batch, _search_steps(batch), block_size, block_slots, TILE=TILE,
+        table,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        batch,
+        _search_steps(batch),
+        block_size,
+        block_slots,
+        TILE=TILE,
     )
     return table
 
@@ -149,8 +177,21 @@ def build_block_index(
     keys = torch.empty(selected.numel(), dtype=key_dtype, device=selected.device)
     if keys.numel() > 0 and batch >= 1:
         _sort_keys_kernel[(triton.cdiv(keys.numel(), TILE),)](
-            keys, selected.contiguous(), cu_seqlens_q, cu_seqlens_k, batch, _search_steps(batch), keys.numel(),
-            heads_q, topk, block_size, block_slots, num_chunks, chunk_rows, num_segments, TILE=TILE,
+            keys,
+            selected.contiguous(),
+            cu_seqlens_q,
+            cu_seqlens_k,
+            batch,
+            _search_steps(batch),
+            keys.numel(),
+            heads_q,
+            topk,
+            block_size,
+            block_slots,
+            num_chunks,
+            chunk_rows,
+            num_segments,
+            TILE=TILE,
         )
     sorted_keys, order = torch.sort(keys, stable=True)
     entries = order.to(torch.int32)

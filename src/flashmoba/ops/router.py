@@ -389,14 +389,16 @@ def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
     num_warps = 8 if running_topk * block_m >= 64 * 64 or block_m == 128 or head_dim_pad >= 256 else 4
     # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
     # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge (8: NOTES.md section 5).
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=8,
-                  num_warps=num_warps, num_stages=2)
+    config = dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=8, num_warps=num_warps, num_stages=2
+    )
     config.update(TOPK_CONFIG_OVERRIDES)
     return config
 
 
-def _check_supported(q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k: int, block_size: int,
-                     topk: int, causal: bool) -> None:
+def _check_supported(
+    q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k: int, block_size: int, topk: int, causal: bool
+) -> None:
     """Raise ValueError naming the limit for anything the Triton router does not run."""
     for name, value in (("block_size", block_size), ("topk", topk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -437,7 +439,9 @@ def _stores_sums(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size, is_varlen, store_sums=False):
+def _launch_centroids(
+    k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size, is_varlen, store_sums=False
+):
     """k [total_k, Hkv, D] (varlen) or [B, S, Hkv, D] -> centroids [total // block_size + batch, Hkv, D]
     (block sums instead of means with store_sums)."""
     heads_kv, head_dim = k.shape[-2], k.shape[-1]
@@ -453,9 +457,18 @@ def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size
         stride_batch, stride_token, stride_head, stride_dim = k.stride()
     head_dim_pad = _next_power_of_2(head_dim)
     _block_centroids_kernel[(max_blocks, batch, heads_kv)](
-        k, centroids, cu_seqlens_k if is_varlen else k,
-        seqlen_k, stride_batch, stride_token, stride_head, stride_dim,
-        centroids.stride(0), centroids.stride(1), head_dim, block_size,
+        k,
+        centroids,
+        cu_seqlens_k if is_varlen else k,
+        seqlen_k,
+        stride_batch,
+        stride_token,
+        stride_head,
+        stride_dim,
+        centroids.stride(0),
+        centroids.stride(1),
+        head_dim,
+        block_size,
         IS_VARLEN=is_varlen,
         # At most 4096 elements of k per tile: whole small blocks, no register spills at head_dim 256.
         TOKEN_TILE=max(2, min(_next_power_of_2(block_size), 4096 // head_dim_pad, 64)),
@@ -467,8 +480,23 @@ def _launch_centroids(k, cu_seqlens_k, batch, seqlen_k, max_seqlen_k, block_size
     return centroids
 
 
-def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k,
-                  max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen, path_counts=None):
+def _launch_route(
+    q,
+    centroids,
+    selected,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    batch,
+    seqlen_q,
+    seqlen_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    block_size,
+    topk,
+    causal,
+    is_varlen,
+    path_counts=None,
+):
     """Fill selected [total_q, Hq, topk] (a view of [B, T, Hq, topk] for the padded layout); with
     path_counts (int32 [4], zeroed), also count the tile update paths (see count_topk_paths)."""
     heads_q, head_dim = q.shape[-2], q.shape[-1]
@@ -489,13 +517,28 @@ def _launch_route(q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, seq
     # as bf16 x bf16 products fit float32). Compiled kernels keep bf16 tiles for the tensor cores.
     dot_in_float32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     _route_topk_kernel[grid](
-        q, centroids, selected, selected if path_counts is None else path_counts,
-        cu_seqlens_q if is_varlen else selected, cu_seqlens_k if is_varlen else selected,
-        seqlen_q, seqlen_k,
-        stride_batch, stride_token, stride_head, stride_dim,
-        centroids.stride(0), centroids.stride(1), centroids.stride(2),
-        selected.stride(0), selected.stride(1),
-        head_dim, block_size, heads_q // heads_kv, topk, picks,
+        q,
+        centroids,
+        selected,
+        selected if path_counts is None else path_counts,
+        cu_seqlens_q if is_varlen else selected,
+        cu_seqlens_k if is_varlen else selected,
+        seqlen_q,
+        seqlen_k,
+        stride_batch,
+        stride_token,
+        stride_head,
+        stride_dim,
+        centroids.stride(0),
+        centroids.stride(1),
+        centroids.stride(2),
+        selected.stride(0),
+        selected.stride(1),
+        head_dim,
+        block_size,
+        heads_q // heads_kv,
+        topk,
+        picks,
         IS_VARLEN=is_varlen,
         CAUSAL=causal,
         RUNNING_TOPK=running_topk,
@@ -533,8 +576,21 @@ def _route_padded(q, k, block_size, topk, causal, out, path_counts=None):
     )
     # The padded batch is read as packed sequences of equal length: sequence b starts at token b*T.
     _launch_route(
-        q, centroids, selected.view(batch * seqlen_q, heads_q, topk), None, None, batch, seqlen_q, seqlen_k,
-        seqlen_q, seqlen_k, block_size, topk, causal, is_varlen=False, path_counts=path_counts,
+        q,
+        centroids,
+        selected.view(batch * seqlen_q, heads_q, topk),
+        None,
+        None,
+        batch,
+        seqlen_q,
+        seqlen_k,
+        seqlen_q,
+        seqlen_k,
+        block_size,
+        topk,
+        causal,
+        is_varlen=False,
+        path_counts=path_counts,
     )
     return selected
 
@@ -596,8 +652,20 @@ def route_varlen(
         k, cu_seqlens_k, batch, 0, max_seqlen_k, block_size, is_varlen=True, store_sums=_stores_sums(k.dtype)
     )
     return _launch_route(
-        q, centroids, selected, cu_seqlens_q, cu_seqlens_k, batch, 0, 0,
-        max_seqlen_q, max_seqlen_k, block_size, topk, causal, is_varlen=True,
+        q,
+        centroids,
+        selected,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        batch,
+        0,
+        0,
+        max_seqlen_q,
+        max_seqlen_k,
+        block_size,
+        topk,
+        causal,
+        is_varlen=True,
     )
 
 
@@ -621,7 +689,9 @@ def route(
     return _route_padded(q, k, block_size, topk, causal, out)
 
 
-def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool = True) -> dict:
+def count_topk_paths(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool = True
+) -> dict:
     """How the top-k kernel updated its running lists on a padded batch (a measurement aid, not a fast path).
 
     Returns the number of centroid tiles the programs visited and how each was handled: ``skipped`` (no row
@@ -631,5 +701,11 @@ def count_topk_paths(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: in
     counts = torch.zeros(4, dtype=torch.int32, device=q.device)
     selected = _route_padded(q, k, block_size, topk, causal, None, path_counts=counts)
     skipped, inserted, merged, rounds = counts.tolist()
-    return dict(tiles=skipped + inserted + merged, skipped=skipped, inserted=inserted, merged=merged,
-                insertion_rounds=rounds, selected=selected)
+    return dict(
+        tiles=skipped + inserted + merged,
+        skipped=skipped,
+        inserted=inserted,
+        merged=merged,
+        insertion_rounds=rounds,
+        selected=selected,
+    )
