@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import brute_force_sequence, selection_tensor
+from tests.oracle import brute_force_sequence, selection_tensor
 
 import flashmoba
 from flashmoba import reference
