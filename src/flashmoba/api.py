@@ -14,9 +14,9 @@ The contract (every backend computes exactly this; ``flashmoba.reference`` is it
 - Ties go to the later block. Attention is the softmax of ``q . k * softmax_scale`` over the visible keys
   of the selected blocks, times v. No gradient flows through the selection.
 
-Backends: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, reference otherwise and for float64). An explicit backend never
-falls back silently.
+Backends: ``"reference"`` (PyTorch, any device), ``"triton"`` (fused kernels; CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, reference otherwise and for float64).
+An explicit backend never falls back silently.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ import os
 import torch
 
 from flashmoba import reference
-from flashmoba._checks import check_cu_seqlens_tensor, check_cu_seqlens_values, check_positive_int
+from flashmoba._checks import (
+    check_bool,
+    check_cu_seqlens_tensor,
+    check_cu_seqlens_values,
+    check_positive_int,
+    check_real,
+)
 
 BACKENDS = ("auto", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -66,12 +72,18 @@ def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
             raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
         if tensor.shape[-1] != q.shape[-1]:
             raise ValueError(
-                f"{name} must have q's head_dim {q.shape[-1]} (last dimension), got shape {tuple(tensor.shape)}"
+                f"{name} must have q's head_dim {q.shape[-1]} (last dimension), "
+                f"got shape {tuple(tensor.shape)}"
             )
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    if heads_kv < 1 or heads_q % heads_kv != 0:
+    if heads_q < 1 or heads_kv < 1:
+        raise ValueError(
+            "q and k must have at least one head (dimension -2), "
+            f"got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if heads_q % heads_kv != 0:
         raise ValueError(
             f"heads_q must be a multiple of heads_kv: q has {heads_q} heads, k has {heads_kv} "
             f"(shapes {tuple(q.shape)} and {tuple(k.shape)})"
@@ -80,17 +92,37 @@ def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
         raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
 
 
-def _check_options(block_size, topk, softmax_scale, backend) -> tuple[int, int]:
-    """Check the scalar options; returns block_size and topk as Python ints (NumPy integers pass)."""
+def _check_options(block_size, topk, softmax_scale, backend, **flags) -> tuple[int, int]:
+    """Check the scalar options and the bool ``flags`` (by name); returns block_size and topk as Python
+    ints (NumPy integers pass)."""
     block_size = check_positive_int("block_size", block_size)
     topk = check_positive_int("topk", topk)
-    if softmax_scale is not None and (
-        isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-    ):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if softmax_scale is not None:
+        check_real("softmax_scale", softmax_scale)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, value in flags.items():
+        check_bool(name, value)
     return block_size, topk
+
+
+def _check_select_width(q: torch.Tensor, topk: int) -> None:
+    """moba_select returns topk slots per query head (the contract's width, -1 where unused); refuse a
+    topk whose result could not be indexed, instead of failing inside the allocator."""
+    slots = q.shape[:-1].numel() * topk
+    if slots >= 2**31:
+        raise ValueError(
+            f"topk={topk} gives moba_select a result of {slots} slots ({tuple(q.shape[:-1])} x topk), "
+            "more than 2**31 - 1; pass a topk no larger than the number of key blocks"
+        )
+
+
+def _within_sequence(block_size: int, topk: int, longest_k: int) -> tuple[int, int]:
+    """block_size and topk no larger than their meaning needs: a block beyond the longest sequence is one
+    block per sequence, a topk beyond its blocks is every block (dense attention). The same function, with
+    nothing sized by a huge block_size or topk."""
+    block_size = min(block_size, max(1, longest_k))
+    return block_size, min(topk, max(1, -(-longest_k // block_size)))
 
 
 def _check_cu_seqlens(
@@ -145,9 +177,15 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
         return "triton" if device.type == "cuda" and q.dtype != torch.float64 else "reference"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+            f"got device {device}"
         )
     return backend
+
+
+def _shapes_only(q: torch.Tensor, lse_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the right shapes and dtypes for meta tensors, which carry no values to compute with."""
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _triton_ops():
@@ -197,11 +235,27 @@ def moba_attn(
         _check_qkv(
             q, k, v, 4, "[batch, seqlen_q, heads_q, head_dim]", "[batch, seqlen_k, heads_kv, head_dim]"
         )
-        block_size, topk = _check_options(block_size, topk, softmax_scale, backend)
+        block_size, topk = _check_options(
+            block_size,
+            topk,
+            softmax_scale,
+            backend,
+            causal=causal,
+            return_lse=return_lse,
+            deterministic=deterministic,
+        )
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
+    block_size, topk = _within_sequence(block_size, topk, k.shape[1])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if _resolve_backend(backend, q) == "triton":
+    backend = _resolve_backend(backend, q)
+    batch, seqlen_q, heads_q, _ = q.shape
+    lse_shape = (batch, heads_q, seqlen_q)
+    if q.is_meta:
+        out, lse = _shapes_only(q, lse_shape)
+    elif q.numel() == 0 or k.numel() == 0:  # every query sees nothing: output 0, lse -inf
+        out, lse = reference.sees_nothing(q, k, v, q.shape, lse_shape, torch.float32)
+    elif backend == "triton":
         out, lse = _triton_ops().moba_attn_triton(q, k, v, block_size, topk, causal, scale, deterministic)
     else:
         out, lse = reference.moba_attn_reference(q, k, v, block_size, topk, causal, scale)
@@ -244,18 +298,33 @@ def moba_attn_varlen(
     """
     if _checks_enabled():
         _check_qkv(q, k, v, 3, "[total_q, heads_q, head_dim]", "[total_k, heads_kv, head_dim]")
-        block_size, topk = _check_options(block_size, topk, softmax_scale, backend)
-        if not isinstance(check_cu_seqlens, bool):
-            raise TypeError(f"check_cu_seqlens must be a bool, got {type(check_cu_seqlens).__name__}")
-        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_cu_seqlens)
+        block_size, topk = _check_options(
+            block_size,
+            topk,
+            softmax_scale,
+            backend,
+            causal=causal,
+            return_lse=return_lse,
+            deterministic=deterministic,
+            check_cu_seqlens=check_cu_seqlens,
+        )
+        read_values = check_cu_seqlens and not q.is_meta  # a meta tensor has no values to read
+        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values)
+    block_size, topk = _within_sequence(block_size, topk, k.shape[0])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if _resolve_backend(backend, q) == "triton":
+    backend = _resolve_backend(backend, q)
+    total_q, heads_q, _ = q.shape
+    if q.is_meta:
+        out, lse = _shapes_only(q, (heads_q, total_q))
+    elif q.numel() == 0 or k.numel() == 0:  # every query sees nothing: output 0, lse -inf
+        out, lse = reference.sees_nothing(q, k, v, q.shape, (heads_q, total_q), torch.float32)
+    elif backend == "triton":
         out, lse = _triton_ops().moba_attn_varlen_triton(
             q,
             k,
             v,
-            cu_seqlens_q,
-            cu_seqlens_k,
+            cu_seqlens_q.contiguous(),  # the kernels index offsets by position, not by stride
+            cu_seqlens_k.contiguous(),
             max_seqlen_q,
             max_seqlen_k,
             block_size,
@@ -309,7 +378,12 @@ def moba_select(
             )
             if k.shape[0] != q.shape[0]:
                 raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
-        block_size, topk = _check_options(block_size, topk, None, backend)
+        block_size, topk = _check_options(block_size, topk, None, backend, causal=causal)
+        _check_select_width(q, topk)
+    block_size = _within_sequence(block_size, topk, k.shape[0] if packed else k.shape[1])[0]
+    backend = _resolve_backend(backend, q)
+    if q.is_meta:  # shapes only: a meta tensor has no values to route with
+        return q.new_empty((*q.shape[:-1], topk), dtype=torch.int32)
     if packed:
         if max_seqlen_q is None:
             max_seqlen_q = (
@@ -321,11 +395,19 @@ def moba_select(
             )
         if _checks_enabled():
             _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if _resolve_backend(backend, q) == "triton":
+    if backend == "triton":
         ops = _triton_ops()
         if packed:
             return ops.moba_select_varlen_triton(
-                q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+                q,
+                k,
+                cu_seqlens_q.contiguous(),  # the kernels index offsets by position, not by stride
+                cu_seqlens_k.contiguous(),
+                max_seqlen_q,
+                max_seqlen_k,
+                block_size,
+                topk,
+                causal,
             )
         return ops.moba_select_triton(q, k, block_size, topk, causal)
     with torch.no_grad():

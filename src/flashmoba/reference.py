@@ -162,6 +162,20 @@ def _attend_chunk(
     return out.reshape(heads_q, chunk, head_dim).permute(1, 0, 2), lse
 
 
+def sees_nothing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape, lse_shape, lse_dtype):
+    """Output 0 and lse -inf for queries that see no key, kept in the autograd graph of q, k and v (a sum
+    over none of their elements is exactly 0, also where they hold NaN), so that their gradients come
+    back as zeros of their own shapes rather than None."""
+    anchor = sum(tensor.reshape(-1)[:0].sum() for tensor in (q, k, v))
+    out = q.new_zeros(shape) + anchor.to(q.dtype)
+    lse = torch.full(lse_shape, -math.inf, dtype=lse_dtype, device=q.device) + anchor.to(lse_dtype)
+    return out, lse
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunk_size(heads_q: int, seqlen_k: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, heads_q * seqlen_k))
 
@@ -175,14 +189,17 @@ def moba_sequence_reference(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoBA for one sequence. q [T, Hq, D], k/v [S, Hkv, D] -> o [T, Hq, D] (q's dtype), lse [Hq, T] float32."""
+    """MoBA for one sequence: q [T, Hq, D], k/v [S, Hkv, D] -> o [T, Hq, D] (q's dtype), lse [Hq, T]
+    (float32; float64 for float64 inputs)."""
     seqlen_q, heads_q, head_dim = q.shape
     seqlen_k = k.shape[0]
     compute = _compute_dtype(q.dtype)
-    lse_dtype = torch.float64 if compute == torch.float64 else torch.float32
-    if seqlen_q == 0 or seqlen_k == 0:
-        out = q.new_zeros(seqlen_q, heads_q, head_dim)
-        return out, torch.full((heads_q, seqlen_q), -math.inf, dtype=lse_dtype, device=q.device)
+    lse_dtype = _lse_dtype(q.dtype)
+    if seqlen_q == 0 or seqlen_k == 0 or heads_q == 0:
+        return sees_nothing(q, k, v, q.shape, (heads_q, seqlen_q), lse_dtype)
+    # A block or topk beyond the sequence means one block, or every block: nothing sized by them.
+    block_size = min(block_size, seqlen_k)
+    topk = min(topk, -(-seqlen_k // block_size))
     with torch.no_grad():
         routing_keys = _routing_keys(k.detach(), block_size)
     use_checkpoint = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -228,8 +245,9 @@ def select_sequence_reference(
     seqlen_q, heads_q, _ = q.shape
     seqlen_k = k.shape[0]
     result = torch.full((seqlen_q, heads_q, topk), -1, dtype=torch.int32, device=q.device)
-    if seqlen_q == 0 or seqlen_k == 0:
+    if seqlen_q == 0 or seqlen_k == 0 or heads_q == 0:
         return result
+    block_size = min(block_size, seqlen_k)  # one block per sequence, without a tensor sized by it
     routing_keys = _routing_keys(k, block_size)
     num_blocks = routing_keys[0].shape[0]
     step = _chunk_size(heads_q, num_blocks * q.shape[-1])
@@ -274,8 +292,7 @@ def moba_attn_varlen_reference(
         outs.append(out)
         lses.append(lse)
     if not outs:
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return q.new_zeros(q.shape), torch.empty(q.shape[1], 0, dtype=lse_dtype, device=q.device)
+        return sees_nothing(q, k, v, q.shape, (q.shape[1], q.shape[0]), _lse_dtype(q.dtype))
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
 
 
@@ -298,6 +315,8 @@ def moba_attn_reference(
         )
         outs.append(out)
         lses.append(lse)
+    if not outs:
+        return sees_nothing(q, k, v, q.shape, (0, q.shape[2], q.shape[1]), _lse_dtype(q.dtype))
     return torch.stack(outs), torch.stack(lses)
 
 
