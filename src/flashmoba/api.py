@@ -30,6 +30,7 @@ from flashmoba._checks import (
     check_bool,
     check_cu_seqlens_tensor,
     check_cu_seqlens_values,
+    check_int,
     check_positive_int,
     check_real,
 )
@@ -146,12 +147,10 @@ def _check_cu_seqlens(
 
 def _check_varlen(
     q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values: bool = True
-) -> None:
-    for max_name, max_value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(max_value, bool) or not isinstance(max_value, int):
-            raise TypeError(f"{max_name} must be an int, got {type(max_value).__name__}")
-        if max_value < 0:
-            raise ValueError(f"{max_name} must be >= 0, got {max_value}")
+) -> tuple[int, int]:
+    """Check the packing; returns max_seqlen_q and max_seqlen_k as Python ints (NumPy integers pass)."""
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, minimum=0)
     _check_cu_seqlens(
         "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q", read_values
     )
@@ -163,6 +162,7 @@ def _check_varlen(
             f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
         )
+    return max_seqlen_q, max_seqlen_k
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,7 +309,9 @@ def moba_attn_varlen(
             check_cu_seqlens=check_cu_seqlens,
         )
         read_values = check_cu_seqlens and not q.is_meta  # a meta tensor has no values to read
-        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values)
+        max_seqlen_q, max_seqlen_k = _check_varlen(
+            q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values
+        )
     block_size, topk = _within_sequence(block_size, topk, k.shape[0])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     backend = _resolve_backend(backend, q)
@@ -394,7 +396,9 @@ def moba_select(
                 int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
             )
         if _checks_enabled():
-            _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+            max_seqlen_q, max_seqlen_k = _check_varlen(
+                q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+            )
     if backend == "triton":
         ops = _triton_ops()
         if packed:
