@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs of the protocol on one GPU machine, in one command: one queue per card, runs one after the other.
-#   bash experiments/gpu_runs.sh [RUN ...]   # default: every run of `run.py --list` (more than one call
-#                                            # holds: name the runs, see experiments/REPORT.md, Commands)
+#   bash experiments/gpu_runs.sh [RUN ...]   # default: every run of `python -m experiments.run --list`
+#                                            # (more than one call holds: name the runs, see
+#                                            # experiments/REPORT.md, Commands)
 # DEADLINE_MINUTES (default 9.2): every run stops by then (training at its last checkpoint, evaluation only
 # with --eval-reserve minutes left), so that the outputs are packed before a 10-minute command ends. Outputs
 # without checkpoints go to $OUT/runs.tar.gz (unpack: tar -xzf runs.tar.gz); the script's own output, a
@@ -24,7 +25,7 @@ fi
 if [ $# -gt 0 ]; then
   runs=("$@")
 else
-  mapfile -t runs < <(python3 experiments/run.py --list "${protocol_flags[@]}" | tail -n +2 | awk '{print $1}')
+  mapfile -t runs < <(python3 -m experiments.run --list "${protocol_flags[@]}" | tail -n +2 | awk '{print $1}')
 fi
 gpus=$(nvidia-smi -L | wc -l)
 [ "$gpus" -ge 1 ] || { echo "no GPU found" >&2; exit 1; }
@@ -48,7 +49,7 @@ for ((gpu = 0; gpu < gpus; gpu++)); do
       echo "[gpu $gpu] $name: start with $left min left"
       # The hard stop (timeout) only acts if a run overruns its own --max-minutes (e.g. a slow evaluation).
       CUDA_VISIBLE_DEVICES=$gpu timeout "$(python3 -c "print(int(float('$left') * 60))")" \
-        python3 experiments/run.py "$name" "${protocol_flags[@]}" --device "$device" --max-minutes "$left" --eval-reserve 0.75 \
+        python3 -m experiments.run "$name" "${protocol_flags[@]}" --device "$device" --max-minutes "$left" --eval-reserve 0.75 \
         > "$OUT/$name.out" 2>&1
       echo "[gpu $gpu] $name: exit $?, $(tail -n 1 "$OUT/$name.out")"
     done

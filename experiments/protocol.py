@@ -1,8 +1,8 @@
 """The scaled-down protocol of issue 6, as data: model, training, evaluation, configurations, seeds, claims.
 
-Everything a run needs is derived from here: ``run.py`` turns a ``Run`` into a ``flashmoba train --config``
-file and ``flashmoba eval`` arguments, and ``report.py`` reads the claims and the verdict thresholds. The
-reasons for each choice are in ``JUSTIFICATION`` and are printed in the report.
+Everything a run needs is derived from here: ``experiments.run`` turns a ``Run`` into a ``flashmoba train
+--config`` file and ``flashmoba eval`` arguments, and ``experiments.report`` reads the claims and the verdict
+thresholds. The reasons for each choice are in ``JUSTIFICATION`` and are printed in the report.
 
 The protocol is fixed before any run is made: no setting here is to be changed after seeing test results.
 ``PILOT_PROTOCOL`` is the same protocol shrunk until it runs on a CPU in about a minute per run; it only
@@ -79,7 +79,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Claim:
-    """A claim of the paper and the configurations whose runs decide it (the rule is in report.py)."""
+    """A claim of the paper and the configurations whose runs decide it (its rule is in
+    ``experiments.report``)."""
 
     number: int
     statement: str
@@ -125,7 +126,8 @@ class Protocol:
         raise KeyError(f"no configuration named {name!r}")
 
     def train_config(self, run: Run) -> dict:
-        """The JSON object given to ``flashmoba train --config`` (output directory and device come as flags)."""
+        """The JSON object given to ``flashmoba train --config`` (the output directory and the device come
+        as flags)."""
         settings = self.training
         return {
             "preset": settings.preset,
@@ -222,10 +224,8 @@ PROTOCOL = Protocol(
     },
 )
 
-PREREGISTERED_SEEDS = (
-    0,
-    1,
-)  # the seeds of the protocol as fixed before any run; the report also judges on these
+# The seeds of the protocol as fixed before any run; the report also judges on these.
+PREREGISTERED_SEEDS = (0, 1)
 
 CLAIMS = (
     Claim(
@@ -263,13 +263,11 @@ CLAIMS = (
     ),
 )
 
-# Verdict thresholds, fixed before any run (see report.py for the rules that use them).
-BEYOND_LENGTH_FACTOR = (
-    4  # claim 3 looks at S-NIAH-1 at lengths >= 4x the training length (the paper's 32K, 64K)
-)
-RETENTION_FRACTION = (
-    0.5  # "keeps retrieving": >= half its accuracy at the training length; "collapses": < half
-)
+# Verdict thresholds, fixed before any run (experiments.report has the rules that use them).
+# Claim 3 looks at S-NIAH-1 at lengths >= 4x the training length (the paper's 32K, 64K).
+BEYOND_LENGTH_FACTOR = 4
+# "Keeps retrieving": >= half its accuracy at the training length; "collapses": < half.
+RETENTION_FRACTION = 0.5
 LEARNED_ACCURACY = 50.0  # retention is judged only where S-NIAH-1 at the training length reaches this (%)
 LM_CLOSENESS = 0.01  # claim 4: MoBA's held-out loss at most 1% above dense's (relative, nats per token)
 
@@ -277,22 +275,23 @@ JUSTIFICATION = (
     (
         "Model: 8 layers, hidden 256, 4 heads of head_dim 64, SwiGLU 704, window 256; 6.56M parameters",
         (
-            "The paper's hybrid layout (sliding-window + RoPE layers alternating with NoPE global layers) and its "
-            "head_dim 64, which the SNR model depends on (SNR ~ sqrt(d / 2B)); 4 global layers and 4 heads give 16 "
-            "routers per token for the recall measurement. Sized so that the 12 pre-registered runs, evaluation included, fit one "
-            "10-minute command on a machine of 4 H100s (3 runs per card, one after the other): the session's GPU "
-            "budget is 30 device-minutes. A first draft (21.4M parameters, 4K tokens, 98M tokens per run) needed "
-            "an estimated 50-100 H100-minutes and was replaced before any run was made."
+            "The paper's hybrid layout (sliding-window + RoPE layers alternating with NoPE global layers) "
+            "and its head_dim 64, which the SNR model depends on (SNR ~ sqrt(d / 2B)); 4 global layers and 4 "
+            "heads give 16 routers per token for the recall measurement. Sized so that the 12 pre-registered "
+            "runs, evaluation included, fit one 10-minute command on a machine of 4 H100s (3 runs per card, "
+            "one after the other): the session's GPU budget is 30 device-minutes. A first draft (21.4M "
+            "parameters, 4K tokens, 98M tokens per run) needed an estimated 50-100 H100-minutes and was "
+            "replaced before any run was made."
         ),
     ),
     (
         "Training length 2048, B = 128 / 64 / 32 with k = 2 / 4 / 8",
         (
-            "k x B = 256 = 1/8 of 2048: the paper's 7/8 sparsity, with n = 16 / 32 / 64 blocks and k = 2 / 4 / 8, "
-            "exactly the paper's router geometry at 8K (its B = 512 / 256 / 128). The block sizes are a quarter of "
-            "the paper's, which raises every configuration's SNR by 2x relative to the paper and keeps the ratio "
-            "between neighbouring configurations at sqrt(2). The current block counts toward k, as in the "
-            "official code."
+            "k x B = 256 = 1/8 of 2048: the paper's 7/8 sparsity, with n = 16 / 32 / 64 blocks and k = 2 / 4 "
+            "/ 8, exactly the paper's router geometry at 8K (its B = 512 / 256 / 128). The block sizes are a "
+            "quarter of the paper's, which raises every configuration's SNR by 2x relative to the paper and "
+            "keeps the ratio between neighbouring configurations at sqrt(2). The current block counts toward "
+            "k, as in the official code."
         ),
     ),
     (
@@ -305,64 +304,69 @@ JUSTIFICATION = (
             "steps, cosine to 10%"
         ),
         (
-            "The same budget and batches for every configuration (batches are a pure function of seed and step). "
-            "The paper's optimiser (AdamW 0.9/0.95, wd 0.1, clip 1.0, bf16); its peak LR 6e-4 is for 340M-1B "
-            "models, and a 6.6M model takes a larger one (1e-3, set once, not tuned). About 10 tokens per "
-            "parameter: under-trained in absolute terms, but the claims are comparisons at equal budget."
+            "The same budget and batches for every configuration (batches are a pure function of seed and "
+            "step). The paper's optimiser (AdamW 0.9/0.95, wd 0.1, clip 1.0, bf16); its peak LR 6e-4 is for "
+            "340M-1B models, and a 6.6M model takes a larger one (1e-3, set once, not tuned). About 10 "
+            "tokens per parameter: under-trained in absolute terms, but the claims are comparisons at equal "
+            "budget."
         ),
     ),
     (
         (
-            "Data: the offline `python` corpus (Python's standard library sources and English help topics, byte "
-            "tokenizer); half the rows are retrieval samples (niah1/2/3 and passkey at the training length) whose "
-            "answer tokens weigh 32x in the loss"
+            "Data: the offline `python` corpus (Python's standard library sources and English help topics, "
+            "byte tokenizer); half the rows are retrieval samples (niah1/2/3 and passkey at the training "
+            "length) whose answer tokens weigh 32x in the loss"
         ),
         (
-            "The GPU machine has no network, so FineWeb-Edu is out of reach; this corpus ships with Python. A "
-            "small byte-level model does not learn retrieval zero-shot from 65M tokens of text, so the task format "
-            "is trained at the training length (random keys, values and depths) and tested on held-out samples at "
-            "half to 8x that length: the paper's models were never trained on the task. This tests whether the "
-            "router learns to find the needle block and whether that extrapolates, not zero-shot emergence. "
-            "Earlier smoke runs (docs/model.md: 800 steps of 16 x 4096, 30-50% retrieval rows, plain loss) did "
-            "not retrieve at all: a sample's answer is about 15 of its 2048 targets, so its signal drowns in the "
-            "haystack's. The 32x weight makes the answers about 10% of the objective; it is the same for every "
-            "configuration and was fixed before any run. Held-out perplexity is measured on text only. Note: the "
-            "corpus is whatever Python's standard library the machine runs (Python 3.12 on the GPU image); "
-            "cost.json records the version."
+            "The GPU machine has no network, so FineWeb-Edu is out of reach; this corpus ships with Python. "
+            "A small byte-level model does not learn retrieval zero-shot from 65M tokens of text, so the "
+            "task format is trained at the training length (random keys, values and depths) and tested on "
+            "held-out samples at half to 8x that length: the paper's models were never trained on the task. "
+            "This tests whether the router learns to find the needle block and whether that extrapolates, "
+            "not zero-shot emergence. Earlier smoke runs (docs/model.md: 800 steps of 16 x 4096, 30-50% "
+            "retrieval rows, plain loss) did not retrieve at all: a sample's answer is about 15 of its 2048 "
+            "targets, so its signal drowns in the haystack's. The 32x weight makes the answers about 10% of "
+            "the objective; it is the same for every configuration and was fixed before any run. Held-out "
+            "perplexity is measured on text only. Note: the corpus is whatever Python's standard library the "
+            "machine runs (Python 3.12 on the GPU image); cost.json records the version."
         ),
     ),
     (
         (
-            "Evaluation: S-NIAH-1/2/3 at 1K, 2K, 4K, 8K, 16K (half to 8x the training length, as the paper's 4K-64K "
-            "for 8K), 100 samples per cell at evenly spaced depths; held-out perplexity over 16 batches of the "
-            "training shape; router recall of the needle block per MoBA layer"
+            "Evaluation: S-NIAH-1/2/3 at 1K, 2K, 4K, 8K, 16K (half to 8x the training length, as the paper's "
+            "4K-64K for 8K), 100 samples per cell at evenly spaced depths; held-out perplexity over 16 "
+            "batches of the training shape; router recall of the needle block per MoBA layer"
         ),
         (
-            "100 samples give a binomial standard error of at most 5 points per cell and about 1.3 points on the "
-            "15-cell average (the paper uses 1000). k stays at its trained value at every length, so sparsity grows "
-            "beyond the training length as it does in the paper (k/n = 1/64 at 8x for every configuration)."
+            "100 samples give a binomial standard error of at most 5 points per cell and about 1.3 points on "
+            "the 15-cell average (the paper uses 1000). k stays at its trained value at every length, so "
+            "sparsity grows beyond the training length as it does in the paper (k/n = 1/64 at 8x for every "
+            "configuration)."
         ),
     ),
     (
         "Seeds: 4 per configuration (24 runs); verdicts need non-overlapping seed ranges",
         (
-            "Fixed before any run: 2 seeds per configuration (issue 6 asks for at least 2 for claims 1 and 2; dense "
-            "and kconv3 got 2 as well so that claims 3 and 4 have a spread too). Seeds change the initialisation "
-            "and every batch. The 2-seed results showed seed spreads wider than most effects (S-NIAH average "
-            "26 vs 62 for MoBA-32), so seeds 2 and 3 were added for every configuration, with nothing else "
-            "changed. Under the range rule an added seed can only widen a range, so it can turn a verdict "
-            "inconclusive but never make one reproduced that was not; the report shows the verdicts on the "
-            "pre-registered seeds 0-1 beside those on all seeds."
+            "Fixed before any run: 2 seeds per configuration (issue 6 asks for at least 2 for claims 1 and "
+            "2; dense and kconv3 got 2 as well so that claims 3 and 4 have a spread too). Seeds change the "
+            "initialisation and every batch. The 2-seed results showed seed spreads wider than most effects "
+            "(S-NIAH average 26 vs 62 for MoBA-32), so seeds 2 and 3 were added for every configuration, "
+            "with nothing else changed. Under the range rule an added seed can only widen a range, so it can "
+            "turn a verdict inconclusive but never make one reproduced that was not; the report shows the "
+            "verdicts on the pre-registered seeds 0-1 beside those on all seeds."
         ),
     ),
     (
-        "Cost: each run is one `run.py` call; estimated 1.5-2 H100 minutes of training plus about 0.5 of evaluation",
+        (
+            "Cost: each run is one `run.py` call; estimated 1.5-2 H100 minutes of training plus about 0.5 of "
+            "evaluation"
+        ),
         (
             "Estimate, not a measurement: the `small` preset trained at about 0.93M tokens/s on one H200 "
-            "(docs/model.md); 65.5M tokens at 0.6-0.9M tokens/s on an H100. `experiments/gpu_runs.sh` runs the 12 "
-            "runs on the machine's GPUs, one queue per card, each run under `--max-minutes`, and packs the "
-            "outputs. Checkpoints cannot leave the device machine (16 MiB per returned file), so a run must finish "
-            "within one device session. cost.json records what each run really took."
+            "(docs/model.md); 65.5M tokens at 0.6-0.9M tokens/s on an H100. `experiments/gpu_runs.sh` runs "
+            "the 12 runs on the machine's GPUs, one queue per card, each run under `--max-minutes`, and "
+            "packs the outputs. Checkpoints cannot leave the device machine (16 MiB per returned file), so a "
+            "run must finish within one device session. cost.json records what each run really took."
         ),
     ),
 )

@@ -1,12 +1,13 @@
 """Build ``experiments/REPORT.md`` (and its figures) from the runs' outputs.
 
-    python experiments/report.py            # the protocol's runs -> experiments/REPORT.md
-    python experiments/report.py --pilot    # the CPU pipeline check -> experiments/pilot/REPORT.md
+    python -m experiments.report            # the protocol's runs -> experiments/REPORT.md
+    python -m experiments.report --pilot    # the CPU pipeline check -> experiments/pilot/REPORT.md
 
-It reads, for every run of ``protocol.py``, what ``flashmoba train`` and ``flashmoba eval`` wrote
-(``metrics.jsonl``; ``eval/results.json``) and what ``run.py`` wrote (``cost.json``). A run counts once
-its training reached the last step and ``eval/results.json`` exists; anything less shows as missing or
-incomplete. Numbers come only from those files: nothing is filled in.
+Run from the repository root; ``python experiments/report.py`` does the same. It reads, for every run of
+``experiments.protocol``, what ``flashmoba train`` and ``flashmoba eval`` wrote (``metrics.jsonl``;
+``eval/results.json``) and what ``experiments.run`` wrote (``cost.json``). A run counts once its training
+reached the last step and ``eval/results.json`` exists; anything less shows as missing or incomplete.
+Numbers come only from those files: nothing is filled in.
 
 Verdict rule, per claim (fixed before any run):
 
@@ -23,23 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = EXPERIMENTS_DIR.parent
-sys.path.insert(0, str(EXPERIMENTS_DIR))
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
-import protocol as protocol_module
-from protocol import CLAIMS, JUSTIFICATION, Claim, Protocol, Run, protocol_for
+if __name__ == "__main__" and not __package__:
+    # Started as a file (``python experiments/report.py``, the command REPORT.md names): the imports below
+    # need the ``experiments`` package, which ``python -m`` finds from the repository root.
+    if Path.cwd().resolve() != REPO_ROOT:
+        sys.exit(f"run this from the repository root ({REPO_ROOT}): python -m experiments.report")
+    os.execv(sys.executable, [sys.executable, "-m", "experiments.report", *sys.argv[1:]])
+
+from experiments import protocol as protocol_module  # noqa: E402
+from experiments.protocol import CLAIMS, JUSTIFICATION, Claim, Protocol, Run, protocol_for  # noqa: E402
 
 TASK_TITLES = {"niah1": "S-NIAH-1", "niah2": "S-NIAH-2", "niah3": "S-NIAH-3", "passkey": "passkey"}
 TASK_SHORT = {"niah1": "N1", "niah2": "N2", "niah3": "N3", "passkey": "PK"}
 
 HOLDS, REVERSED, UNRESOLVED = "holds", "reversed", "unresolved"
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN = "reproduced", "not reproduced", "inconclusive", "not run"
-
 
 # ----------------------------------------------------------------------------------------------------
 # Reading the runs
@@ -111,13 +117,15 @@ def accuracy(results: dict, task: str, length: int) -> float | None:
 
 
 def retrieval_average(results: dict, tasks, lengths) -> float | None:
-    """Mean of the task x length accuracy cells, as the paper's "Avg." of Table 3 (None if a cell is missing)."""
+    """Mean of the task x length accuracy cells, as the paper's "Avg." of Table 3 (None if a cell is
+    missing)."""
     cells = [accuracy(results, task, length) for task in tasks for length in lengths]
     return None if any(cell is None for cell in cells) else sum(cells) / len(cells)
 
 
 def router_recall(results: dict, length: int, layer: str | None = None) -> float | None:
-    """Router recall of the needle block in %, at ``length``: mean over tasks and MoBA layers (or one layer)."""
+    """Router recall of the needle block in %, at ``length``: mean over tasks and MoBA layers (or over one
+    layer)."""
     values = [
         value
         for cell in results["retrieval"]
@@ -248,130 +256,180 @@ class SeedValues:
         return [v for v in values if v is not None]
 
 
-def evaluate_claim(claim: Claim, protocol: Protocol, outputs: dict[str, RunOutputs]) -> Verdict:
-    seeds = SeedValues(protocol, outputs)
-    deciding_runs = [o for o in outputs.values() if o.run.configuration.name in claim.deciding]
-    missing_runs = [o.run.name for o in deciding_runs if not o.complete]
-    any_present = any(o.complete for o in deciding_runs)
-    tasks, lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
-    train_length = protocol.training.seq_len
-    beyond_lengths = [n for n in lengths if n >= protocol_module.BEYOND_LENGTH_FACTOR * train_length]
+SAME_SIDE = "every seed of the first beyond every seed of the second (non-overlapping seed ranges)"
 
-    def title(name: str) -> str:
-        return protocol.configuration(name).title
 
-    def average(o: RunOutputs):
-        return retrieval_average(o.results, tasks, lengths)
+class ClaimEvidence:
+    """What the rule of one claim reads (the measures of a run, their values per seed) and what it
+    produces (its checks, and notes that inform without deciding)."""
 
-    def loss(o: RunOutputs):
+    def __init__(self, protocol: Protocol, outputs: dict[str, RunOutputs]):
+        self.protocol = protocol
+        self.seeds = SeedValues(protocol, outputs)
+        self.tasks, self.lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
+        self.train_length = protocol.training.seq_len
+        self.beyond_lengths = [
+            n for n in self.lengths if n >= protocol_module.BEYOND_LENGTH_FACTOR * self.train_length
+        ]
+        self.checks: list[Check] = []
+        self.notes: list[str] = []
+
+    def title(self, name: str) -> str:
+        return self.protocol.configuration(name).title
+
+    # The measures of one run (None where it lacks them)
+
+    def average(self, o: RunOutputs):
+        return retrieval_average(o.results, self.tasks, self.lengths)
+
+    def loss(self, o: RunOutputs):
         return heldout_loss(o.results)
 
-    def niah1_at_training_length(o: RunOutputs):
-        return accuracy(o.results, "niah1", train_length)
+    def niah1_at_training_length(self, o: RunOutputs):
+        return accuracy(o.results, "niah1", self.train_length)
 
-    def niah1_beyond(o: RunOutputs):
-        cells = [accuracy(o.results, "niah1", n) for n in beyond_lengths]
+    def niah1_beyond(self, o: RunOutputs):
+        cells = [accuracy(o.results, "niah1", n) for n in self.beyond_lengths]
         return None if not cells or any(c is None for c in cells) else sum(cells) / len(cells)
 
-    checks: list[Check] = []
-    notes: list[str] = []
-    same_side = "every seed of the first beyond every seed of the second (non-overlapping seed ranges)"
-
     def add_comparison(
-        description: str, better: str, worse: str, measure, higher_is_better: bool, digits: int
-    ):
-        better_values, worse_values = seeds.of(better, measure), seeds.of(worse, measure)
+        self, description: str, better: str, worse: str, measure, higher_is_better: bool, digits: int
+    ) -> None:
+        """A check that every seed of ``better`` beats every seed of ``worse`` on ``measure`` (none
+        while either configuration lacks complete runs)."""
+        better_values, worse_values = self.seeds.of(better, measure), self.seeds.of(worse, measure)
         if not better_values or not worse_values:
             return
-        checks.append(
+        self.checks.append(
             Check(
                 description,
                 compare_seeds(better_values, worse_values, higher_is_better),
-                f"{title(better)}: {format_seeds(better_values, digits)}; "
-                f"{title(worse)}: {format_seeds(worse_values, digits)}",
+                f"{self.title(better)}: {format_seeds(better_values, digits)}; "
+                f"{self.title(worse)}: {format_seeds(worse_values, digits)}",
             )
         )
 
-    def add_note(name: str, label: str, measure, digits: int):
-        values = seeds.of(name, measure)
-        notes.append(f"{title(name)} {label}: {format_seeds(values, digits)}")
+    def add_note(self, name: str, label: str, measure, digits: int) -> None:
+        values = self.seeds.of(name, measure)
+        self.notes.append(f"{self.title(name)} {label}: {format_seeds(values, digits)}")
 
-    if claim.number == 1:
-        small, large = claim.deciding[1], claim.deciding[0]
-        rule = (
-            f"(a) S-NIAH average over the {len(tasks) * len(lengths)} cells: {title(small)} above "
-            f"{title(large)}; (b) held-out loss: {title(small)} below {title(large)}; both with {same_side}."
-        )
-        add_comparison("(a) S-NIAH average: smaller block higher", small, large, average, True, 1)
-        add_comparison(
-            "(b) held-out loss (nats per token): smaller block lower", small, large, loss, False, 4
-        )
-        for name in claim.informative:
-            add_note(name, "S-NIAH average", average, 1)
-            add_note(name, "held-out loss", loss, 4)
-    elif claim.number == 2:
-        plain, with_conv = claim.deciding
-        rule = f"S-NIAH average over all cells: {title(with_conv)} above {title(plain)}, with {same_side}."
-        add_comparison("S-NIAH average: with the key convolution higher", with_conv, plain, average, True, 1)
-        for name in claim.informative:
-            add_note(name, "S-NIAH average", average, 1)
-    elif claim.number == 3:
-        dense, moba = claim.deciding
-        beyond_text = "/".join(str(n) for n in beyond_lengths)
-        fraction = protocol_module.RETENTION_FRACTION
-        rule = (
-            f"S-NIAH-1 at {beyond_text} tokens (>= {protocol_module.BEYOND_LENGTH_FACTOR}x the training "
-            f"length {train_length}), mean over those lengths: (a) {title(moba)} above {title(dense)} with "
-            f"{same_side}; (b) dense collapses: every dense seed beyond the length is below {fraction:g} x "
-            f"the lowest dense seed at the training length; (c) MoBA keeps retrieving: every MoBA seed "
-            f"beyond the length is at least {fraction:g} x the highest MoBA seed at the training length. "
-            f"(b) and (c) are unresolved if a seed is below {protocol_module.LEARNED_ACCURACY:g}% at the "
-            f"training length (the task was never learned)."
-        )
-        add_comparison(
-            f"(a) S-NIAH-1 at {beyond_text}: MoBA higher than dense", moba, dense, niah1_beyond, True, 1
-        )
-        for letter, name, expect_retained in (("b", dense, False), ("c", moba, True)):
-            at_length, beyond = seeds.of(name, niah1_at_training_length), seeds.of(name, niah1_beyond)
-            if at_length and beyond:
-                verb = "keeps retrieving" if expect_retained else "collapses"
-                checks.append(
-                    Check(
-                        f"({letter}) {title(name)} {verb} beyond the training length",
-                        compare_retention(at_length, beyond, expect_retained),
-                        f"S-NIAH-1 at {train_length}: {format_seeds(at_length)}; "
-                        f"at {beyond_text}: {format_seeds(beyond)}",
-                    )
-                )
-        for name in claim.informative:
-            add_note(name, f"S-NIAH-1 at {beyond_text}", niah1_beyond, 1)
-    elif claim.number == 4:
-        dense, moba = claim.deciding
-        tolerance = protocol_module.LM_CLOSENESS
-        rule = (
-            f"held-out loss (nats per token) of {title(moba)} at most {100 * tolerance:g}% above dense's for "
-            f"every pair of seeds (holds); more than {100 * tolerance:g}% above for every pair: reversed. "
-            f"The threshold sits between the paper's MoBA-128 (0.2% above dense in log-perplexity) and "
-            f"MoBA-512 (2.1% above)."
-        )
-        moba_losses, dense_losses = seeds.of(moba, loss), seeds.of(dense, loss)
-        if moba_losses and dense_losses:
-            worst = max(moba_losses) / min(dense_losses) - 1
-            best = min(moba_losses) / max(dense_losses) - 1
-            checks.append(
+
+def block_size_rule(claim: Claim, evidence: ClaimEvidence) -> str:
+    """Claim 1: smaller blocks retrieve better and reach a lower loss."""
+    small, large = claim.deciding[1], claim.deciding[0]
+    title, tasks, lengths = evidence.title, evidence.tasks, evidence.lengths
+    evidence.add_comparison(
+        "(a) S-NIAH average: smaller block higher", small, large, evidence.average, True, 1
+    )
+    evidence.add_comparison(
+        "(b) held-out loss (nats per token): smaller block lower", small, large, evidence.loss, False, 4
+    )
+    for name in claim.informative:
+        evidence.add_note(name, "S-NIAH average", evidence.average, 1)
+        evidence.add_note(name, "held-out loss", evidence.loss, 4)
+    return (
+        f"(a) S-NIAH average over the {len(tasks) * len(lengths)} cells: {title(small)} above "
+        f"{title(large)}; (b) held-out loss: {title(small)} below {title(large)}; both with {SAME_SIDE}."
+    )
+
+
+def key_convolution_rule(claim: Claim, evidence: ClaimEvidence) -> str:
+    """Claim 2: the key convolution retrieves better."""
+    plain, with_conv = claim.deciding
+    title = evidence.title
+    evidence.add_comparison(
+        "S-NIAH average: with the key convolution higher", with_conv, plain, evidence.average, True, 1
+    )
+    for name in claim.informative:
+        evidence.add_note(name, "S-NIAH average", evidence.average, 1)
+    return f"S-NIAH average over all cells: {title(with_conv)} above {title(plain)}, with {SAME_SIDE}."
+
+
+def length_extrapolation_rule(claim: Claim, evidence: ClaimEvidence) -> str:
+    """Claim 3: beyond the training length MoBA keeps retrieving and dense collapses."""
+    dense, moba = claim.deciding
+    title, train_length = evidence.title, evidence.train_length
+    beyond_text = "/".join(str(n) for n in evidence.beyond_lengths)
+    fraction = protocol_module.RETENTION_FRACTION
+    evidence.add_comparison(
+        f"(a) S-NIAH-1 at {beyond_text}: MoBA higher than dense", moba, dense, evidence.niah1_beyond, True, 1
+    )
+    for letter, name, expect_retained in (("b", dense, False), ("c", moba, True)):
+        at_length = evidence.seeds.of(name, evidence.niah1_at_training_length)
+        beyond = evidence.seeds.of(name, evidence.niah1_beyond)
+        if at_length and beyond:
+            verb = "keeps retrieving" if expect_retained else "collapses"
+            evidence.checks.append(
                 Check(
-                    f"held-out loss of {title(moba)} within {100 * tolerance:g}% of dense",
-                    compare_closeness(moba_losses, dense_losses, tolerance),
-                    f"{title(moba)}: {format_seeds(moba_losses, 4)}; {title(dense)}: "
-                    f"{format_seeds(dense_losses, 4)}; relative difference {100 * best:+.2f}% to "
-                    f"{100 * worst:+.2f}%",
+                    f"({letter}) {title(name)} {verb} beyond the training length",
+                    compare_retention(at_length, beyond, expect_retained),
+                    f"S-NIAH-1 at {train_length}: {format_seeds(at_length)}; "
+                    f"at {beyond_text}: {format_seeds(beyond)}",
                 )
             )
-        for name in claim.informative:
-            add_note(name, "held-out loss", loss, 4)
-    else:
+    for name in claim.informative:
+        evidence.add_note(name, f"S-NIAH-1 at {beyond_text}", evidence.niah1_beyond, 1)
+    return (
+        f"S-NIAH-1 at {beyond_text} tokens (>= {protocol_module.BEYOND_LENGTH_FACTOR}x the training "
+        f"length {train_length}), mean over those lengths: (a) {title(moba)} above {title(dense)} with "
+        f"{SAME_SIDE}; (b) dense collapses: every dense seed beyond the length is below {fraction:g} x "
+        f"the lowest dense seed at the training length; (c) MoBA keeps retrieving: every MoBA seed "
+        f"beyond the length is at least {fraction:g} x the highest MoBA seed at the training length. "
+        f"(b) and (c) are unresolved if a seed is below {protocol_module.LEARNED_ACCURACY:g}% at the "
+        f"training length (the task was never learned)."
+    )
+
+
+def language_modelling_rule(claim: Claim, evidence: ClaimEvidence) -> str:
+    """Claim 4: MoBA's held-out loss is close to dense's."""
+    dense, moba = claim.deciding
+    title = evidence.title
+    tolerance = protocol_module.LM_CLOSENESS
+    moba_losses, dense_losses = (
+        evidence.seeds.of(moba, evidence.loss),
+        evidence.seeds.of(dense, evidence.loss),
+    )
+    if moba_losses and dense_losses:
+        worst = max(moba_losses) / min(dense_losses) - 1
+        best = min(moba_losses) / max(dense_losses) - 1
+        evidence.checks.append(
+            Check(
+                f"held-out loss of {title(moba)} within {100 * tolerance:g}% of dense",
+                compare_closeness(moba_losses, dense_losses, tolerance),
+                f"{title(moba)}: {format_seeds(moba_losses, 4)}; {title(dense)}: "
+                f"{format_seeds(dense_losses, 4)}; relative difference {100 * best:+.2f}% to "
+                f"{100 * worst:+.2f}%",
+            )
+        )
+    for name in claim.informative:
+        evidence.add_note(name, "held-out loss", evidence.loss, 4)
+    return (
+        f"held-out loss (nats per token) of {title(moba)} at most {100 * tolerance:g}% above dense's for "
+        f"every pair of seeds (holds); more than {100 * tolerance:g}% above for every pair: reversed. "
+        f"The threshold sits between the paper's MoBA-128 (0.2% above dense in log-perplexity) and "
+        f"MoBA-512 (2.1% above)."
+    )
+
+
+# Claim number -> its rule: adds the claim's checks and notes to the evidence, returns the rule's text.
+CLAIM_RULES = {
+    1: block_size_rule,
+    2: key_convolution_rule,
+    3: length_extrapolation_rule,
+    4: language_modelling_rule,
+}
+
+
+def evaluate_claim(claim: Claim, protocol: Protocol, outputs: dict[str, RunOutputs]) -> Verdict:
+    deciding_runs = [o for o in outputs.values() if o.run.configuration.name in claim.deciding]
+    missing_runs = [o.run.name for o in deciding_runs if not o.complete]
+    any_present = any(o.complete for o in deciding_runs)
+    if claim.number not in CLAIM_RULES:
         raise ValueError(f"no rule for claim {claim.number}")
-    return Verdict(claim, combine(checks, missing_runs, any_present), checks, missing_runs, notes, rule)
+    evidence = ClaimEvidence(protocol, outputs)
+    rule = CLAIM_RULES[claim.number](claim, evidence)
+    verdict = combine(evidence.checks, missing_runs, any_present)
+    return Verdict(claim, verdict, evidence.checks, missing_runs, evidence.notes, rule)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,6 +592,138 @@ def cost_table(outputs: dict[str, RunOutputs]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class FigureData:
+    """What the figures plot: the configurations with complete runs, their values per seed."""
+
+    protocol: Protocol
+    seeds: SeedValues
+    configurations: list  # of the protocol's, those with at least one complete run
+    complete: list[RunOutputs]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.protocol.evaluation.tasks
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return self.protocol.evaluation.lengths
+
+
+def error_bars(values_per_point: list[list[float]]):
+    """Seed means, and the distances from each mean down to its seeds' minimum and up to their maximum."""
+    means = [mean(v) if v else math.nan for v in values_per_point]
+    below = [m - min(v) if v else 0 for m, v in zip(means, values_per_point)]
+    above = [max(v) - m if v else 0 for m, v in zip(means, values_per_point)]
+    return means, [below, above]
+
+
+def label_by_length(axis, data: FigureData, ylabel: str, title: str) -> None:
+    """A percentage against context length (log axis), the training length dotted."""
+    lengths = data.lengths
+    axis.axvline(data.protocol.training.seq_len, color="grey", linestyle=":", linewidth=1)
+    axis.set(xscale="log", xlabel="context length (tokens)", ylabel=ylabel, ylim=(-3, 103), title=title)
+    axis.set_xticks(lengths, [short_length(n) for n in lengths])
+    axis.minorticks_off()
+
+
+def niah_by_length_figure(plt, data: FigureData):
+    """S-NIAH accuracy by length, one panel per task (Table 3 as a plot)."""
+    tasks, lengths = data.tasks, data.lengths
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for configuration in data.configurations:
+            per_length = [
+                data.seeds.of(configuration.name, lambda o, n=n, t=task: accuracy(o.results, t, n))
+                for n in lengths
+            ]
+            means, bars = error_bars(per_length)
+            axis.errorbar(lengths, means, yerr=bars, marker="o", capsize=3, label=configuration.title)
+        label_by_length(axis, data, "accuracy (%)", TASK_TITLES[task])
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle("S-NIAH accuracy by length (seed mean, bars: seed range; dotted: training length)")
+    return figure
+
+
+def block_size_figure(plt, data: FigureData):
+    """Block size against held-out perplexity and S-NIAH average (the paper's Figure 2); None without
+    a complete MoBA run without key convolution."""
+    block_configurations = [c for c in data.configurations if c.attention == "moba" and not c.kconv]
+    if not block_configurations:
+        return None
+    tasks, lengths = data.tasks, data.lengths
+    figure, left = plt.subplots(figsize=(6, 4))
+    right = left.twinx()
+    blocks = [c.block_size for c in block_configurations]
+    perplexities = [
+        data.seeds.of(c.name, lambda o: heldout_perplexity(o.results)) for c in block_configurations
+    ]
+    averages = [
+        data.seeds.of(c.name, lambda o: retrieval_average(o.results, tasks, lengths))
+        for c in block_configurations
+    ]
+    means, bars = error_bars(perplexities)
+    left.errorbar(blocks, means, yerr=bars, marker="o", color="tab:blue", capsize=3)
+    left.set(xscale="log", xlabel="block size B (k x B fixed)", ylabel="held-out perplexity per token")
+    left.yaxis.label.set_color("tab:blue")
+    means, bars = error_bars(averages)
+    right.errorbar(blocks, means, yerr=bars, marker="s", color="tab:red", capsize=3)
+    right.set_ylabel("S-NIAH average (%)", color="tab:red")
+    left.set_xticks(blocks, [str(b) for b in blocks])
+    left.minorticks_off()
+    left.invert_xaxis()
+    figure.suptitle("Block size at equal sparsity (seed mean and range)")
+    return figure
+
+
+def router_recall_figure(plt, data: FigureData):
+    """Router recall of the needle block by length; None without a complete MoBA run."""
+    moba_configurations = [c for c in data.configurations if c.attention == "moba"]
+    if not moba_configurations:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for configuration in moba_configurations:
+        per_length = [
+            data.seeds.of(configuration.name, lambda o, n=n: router_recall(o.results, n))
+            for n in data.lengths
+        ]
+        means, bars = error_bars(per_length)
+        axis.errorbar(data.lengths, means, yerr=bars, marker="o", capsize=3, label=configuration.title)
+    label_by_length(
+        axis, data, "recall (%)", "Router recall of the needle block (mean over layers, heads, tasks)"
+    )
+    axis.legend(fontsize="small")
+    return figure
+
+
+def training_loss_figure(plt, data: FigureData):
+    """The training loss of every complete run against trained tokens, a colour per configuration."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    colours = {c.name: f"C{i}" for i, c in enumerate(data.protocol.configurations)}
+    for output in data.complete:
+        rows = output.metrics
+        axis.plot(
+            [r["tokens"] for r in rows],
+            [r["loss"] for r in rows],
+            color=colours[output.run.configuration.name],
+            alpha=0.6,
+            linewidth=1,
+            label=output.run.name,
+        )
+    axis.set(xlabel="trained tokens", ylabel="training loss (nats per token)", title="Training loss")
+    axis.legend(fontsize="x-small", ncol=2)
+    return figure
+
+
+# The figures in the order of the report: file name (without .png), drawing function.
+FIGURES = (
+    ("niah_by_length", niah_by_length_figure),
+    ("block_size", block_size_figure),
+    ("router_recall", router_recall_figure),
+    ("training_loss", training_loss_figure),
+)
+
+
 def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir: Path) -> list[Path]:
     """The plots of the complete runs; none when there is no complete run."""
     complete = [o for o in outputs.values() if o.complete]
@@ -546,100 +736,17 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
 
     figures_dir.mkdir(parents=True, exist_ok=True)
     seeds = SeedValues(protocol, outputs)
-    tasks, lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
     configurations = [c for c in protocol.configurations if seeds.complete_runs(c.name)]
+    data = FigureData(protocol, seeds, configurations, complete)
     paths = []
-
-    def error_bars(values_per_point: list[list[float]]):
-        means = [mean(v) if v else math.nan for v in values_per_point]
-        below = [m - min(v) if v else 0 for m, v in zip(means, values_per_point)]
-        above = [max(v) - m if v else 0 for m, v in zip(means, values_per_point)]
-        return means, [below, above]
-
-    def by_length(axis, ylabel: str, title: str) -> None:
-        """A percentage against context length (log axis), the training length dotted."""
-        axis.axvline(protocol.training.seq_len, color="grey", linestyle=":", linewidth=1)
-        axis.set(xscale="log", xlabel="context length (tokens)", ylabel=ylabel, ylim=(-3, 103), title=title)
-        axis.set_xticks(lengths, [short_length(n) for n in lengths])
-        axis.minorticks_off()
-
-    def save(figure, name: str) -> None:
+    for name, draw in FIGURES:
+        figure = draw(plt, data)
+        if figure is None:
+            continue
         figure.tight_layout()
         paths.append(figures_dir / f"{name}.png")
         figure.savefig(paths[-1], dpi=110)
         plt.close(figure)
-
-    # S-NIAH accuracy by length, one panel per task (Table 3 as a plot)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        for configuration in configurations:
-            per_length = [
-                seeds.of(configuration.name, lambda o, n=n, t=task: accuracy(o.results, t, n))
-                for n in lengths
-            ]
-            means, bars = error_bars(per_length)
-            axis.errorbar(lengths, means, yerr=bars, marker="o", capsize=3, label=configuration.title)
-        by_length(axis, "accuracy (%)", TASK_TITLES[task])
-    axes[0][0].legend(fontsize="small")
-    figure.suptitle("S-NIAH accuracy by length (seed mean, bars: seed range; dotted: training length)")
-    save(figure, "niah_by_length")
-
-    # Block size against held-out perplexity and S-NIAH average (the paper's Figure 2)
-    block_configurations = [c for c in configurations if c.attention == "moba" and not c.kconv]
-    if block_configurations:
-        figure, left = plt.subplots(figsize=(6, 4))
-        right = left.twinx()
-        blocks = [c.block_size for c in block_configurations]
-        perplexities = [
-            seeds.of(c.name, lambda o: heldout_perplexity(o.results)) for c in block_configurations
-        ]
-        averages = [
-            seeds.of(c.name, lambda o: retrieval_average(o.results, tasks, lengths))
-            for c in block_configurations
-        ]
-        means, bars = error_bars(perplexities)
-        left.errorbar(blocks, means, yerr=bars, marker="o", color="tab:blue", capsize=3)
-        left.set(xscale="log", xlabel="block size B (k x B fixed)", ylabel="held-out perplexity per token")
-        left.yaxis.label.set_color("tab:blue")
-        means, bars = error_bars(averages)
-        right.errorbar(blocks, means, yerr=bars, marker="s", color="tab:red", capsize=3)
-        right.set_ylabel("S-NIAH average (%)", color="tab:red")
-        left.set_xticks(blocks, [str(b) for b in blocks])
-        left.minorticks_off()
-        left.invert_xaxis()
-        figure.suptitle("Block size at equal sparsity (seed mean and range)")
-        save(figure, "block_size")
-
-    # Router recall of the needle block by length
-    moba_configurations = [c for c in configurations if c.attention == "moba"]
-    if moba_configurations:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for configuration in moba_configurations:
-            per_length = [
-                seeds.of(configuration.name, lambda o, n=n: router_recall(o.results, n)) for n in lengths
-            ]
-            means, bars = error_bars(per_length)
-            axis.errorbar(lengths, means, yerr=bars, marker="o", capsize=3, label=configuration.title)
-        by_length(axis, "recall (%)", "Router recall of the needle block (mean over layers, heads, tasks)")
-        axis.legend(fontsize="small")
-        save(figure, "router_recall")
-
-    # Training curves
-    figure, axis = plt.subplots(figsize=(7, 4))
-    colours = {c.name: f"C{i}" for i, c in enumerate(protocol.configurations)}
-    for output in complete:
-        rows = output.metrics
-        axis.plot(
-            [r["tokens"] for r in rows],
-            [r["loss"] for r in rows],
-            color=colours[output.run.configuration.name],
-            alpha=0.6,
-            linewidth=1,
-            label=output.run.name,
-        )
-    axis.set(xlabel="trained tokens", ylabel="training loss (nats per token)", title="Training loss")
-    axis.legend(fontsize="x-small", ncol=2)
-    save(figure, "training_loss")
     return paths
 
 
@@ -649,12 +756,14 @@ def make_figures(protocol: Protocol, outputs: dict[str, RunOutputs], figures_dir
 
 
 def commands_section(protocol: Protocol) -> list[str]:
+    """The commands that make the runs and this report (in the file form, which starts the module)."""
     first = protocol.runs[0].name
     if protocol.pilot:
         return [
             "```bash",
             "python experiments/run.py --list --pilot",
-            "python experiments/run.py dense-seed0 --device cpu --pilot      # about a minute per run on a CPU",
+            "python experiments/run.py dense-seed0 --device cpu --pilot      "
+            "# about a minute per run on a CPU",
             "python experiments/report.py --pilot                            # this file",
             "```",
         ]
@@ -665,15 +774,16 @@ def commands_section(protocol: Protocol) -> list[str]:
         ),
         "",
         "```bash",
-        'names() { python3 experiments/run.py --list | awk -v s="$1" \'$1 ~ ("-seed[" s "]$") {print $1}\'; }',
+        'names() { python3 experiments/run.py --list | awk -v s="$1" '
+        '\'$1 ~ ("-seed[" s "]$") {print $1}\'; }',
         "bash experiments/gpu_runs.sh $(names 01)     # outputs without checkpoints in $OUT/runs.tar.gz",
         "bash experiments/gpu_runs.sh $(names 23)     # (next call)",
         "```",
         "",
         (
-            f"Or make one run by itself: `python3 experiments/run.py {first} --device cuda --max-minutes 9`. A "
-            "run stopped by its deadline resumes from its last checkpoint when the same command is repeated on "
-            "the same (warm) machine. Then, here:"
+            f"Or make one run by itself: `python3 experiments/run.py {first} --device cuda --max-minutes 9`. "
+            "A run stopped by its deadline resumes from its last checkpoint when the same command is "
+            "repeated on the same (warm) machine. Then, here:"
         ),
         "",
         "```bash",
@@ -682,29 +792,38 @@ def commands_section(protocol: Protocol) -> list[str]:
         "```",
         "",
         (
-            f"Plan: {len(protocol.runs)} runs, estimated 2-2.5 H100 minutes each (training plus evaluation; see the "
-            "cost estimate above), three per card in one 10-minute command on 4 cards. The cost table below "
-            "has what each run took; the protocol does not change after any evaluation has been seen."
+            f"Plan: {len(protocol.runs)} runs, estimated 2-2.5 H100 minutes each (training plus evaluation; "
+            "see the cost estimate above), three per card in one 10-minute command on 4 cards. The cost "
+            "table below has what each run took; the protocol does not change after any evaluation has been "
+            "seen."
         ),
     ]
 
 
-def protocol_section(protocol: Protocol) -> list[str]:
+def settings_table(protocol: Protocol) -> list[str]:
+    """What every run shares: model, data, budget, schedule, evaluation."""
     settings, evaluation = protocol.training, protocol.evaluation
-    lines = [
+    shape = json.dumps(settings.model_shape) if settings.model_shape else "its own shape"
+    return [
         "| setting | value |",
         "|---|---|",
-        f"| model | preset `{settings.preset}` with {json.dumps(settings.model_shape) if settings.model_shape else 'its own shape'} |",
+        f"| model | preset `{settings.preset}` with {shape} |",
         f"| training length | {settings.seq_len} tokens (byte tokenizer) |",
-        f"| batch | {settings.batch_size} rows x {settings.seq_len} = {settings.tokens_per_step:,} tokens per step |",
-        f"| steps / token budget | {settings.max_steps} / {settings.token_budget:,} tokens, the same for every run |",
         (
-            f"| optimiser | AdamW (0.9, 0.95), wd 0.1, clip 1.0, peak LR {settings.lr:g}, {settings.warmup_steps} "
-            f"warmup steps, cosine to 10% |"
+            f"| batch | {settings.batch_size} rows x {settings.seq_len} = "
+            f"{settings.tokens_per_step:,} tokens per step |"
         ),
         (
-            f"| data | corpus `{settings.corpus}`, {100 * settings.task_fraction:g}% of rows retrieval samples "
-            f"(niah1/2/3, passkey) |"
+            f"| steps / token budget | {settings.max_steps} / {settings.token_budget:,} tokens, the same for "
+            "every run |"
+        ),
+        (
+            f"| optimiser | AdamW (0.9, 0.95), wd 0.1, clip 1.0, peak LR {settings.lr:g}, "
+            f"{settings.warmup_steps} warmup steps, cosine to 10% |"
+        ),
+        (
+            f"| data | corpus `{settings.corpus}`, {100 * settings.task_fraction:g}% of rows retrieval "
+            "samples (niah1/2/3, passkey) |"
         ),
         f"| checkpoints / validation | every {settings.save_every} / {settings.eval_every} steps |",
         (
@@ -712,7 +831,13 @@ def protocol_section(protocol: Protocol) -> list[str]:
             f"{', '.join(str(n) for n in evaluation.lengths)} tokens, {evaluation.samples} samples per cell; "
             f"held-out perplexity over {evaluation.ppl_batches} batch(es) |"
         ),
-        "",
+    ]
+
+
+def configurations_table(protocol: Protocol) -> list[str]:
+    """Per configuration: its attention, block size, top-k, sparsity, key convolution and seeds."""
+    settings = protocol.training
+    lines = [
         "| configuration | global layers | B | k | sparsity at the training length | key conv | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -730,15 +855,23 @@ def protocol_section(protocol: Protocol) -> list[str]:
                 f"| {configuration.title} | dense (NoPE) | - | - | 0 | {configuration.kconv or '-'} | "
                 f"{', '.join(map(str, seeds))} |"
             )
-    lines += [
-        "",
+    return lines
+
+
+def protocol_section(protocol: Protocol) -> list[str]:
+    """The settings, the configurations, and the reasons for the choices (``JUSTIFICATION``)."""
+    why = (
         "Why these choices (of the H100 protocol; the pilot only shrinks it):"
         if protocol.pilot
-        else "Why these choices:",
-        "",
-    ]
-    lines += [f"- **{choice}.** {reason}" for choice, reason in JUSTIFICATION]
-    return lines
+        else "Why these choices:"
+    )
+    return (
+        settings_table(protocol)
+        + [""]
+        + configurations_table(protocol)
+        + ["", why, ""]
+        + [f"- **{choice}.** {reason}" for choice, reason in JUSTIFICATION]
+    )
 
 
 def reruns_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_dir: Path) -> list[str]:
@@ -750,7 +883,8 @@ def reruns_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_di
     tasks, lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
     seeds = SeedValues(protocol, outputs)
     lines = [
-        "| rerun | of run | card | S-NIAH average | seed range | within | held-out loss | seed range | within |",
+        "| rerun | of run | card | S-NIAH average | seed range | within | held-out loss | seed range "
+        "| within |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for directory in directories:
@@ -785,7 +919,7 @@ def scale_difference(protocol: Protocol) -> str:
     """The scale line of "Differences from the paper", from the protocol's own numbers."""
     import torch
 
-    from flashmoba.model import HybridLM, model_config_from_preset
+    from flashmoba.models import HybridLM, model_config_from_preset
 
     settings = protocol.training
     config = model_config_from_preset(settings.preset, **settings.model_shape)
@@ -793,24 +927,21 @@ def scale_difference(protocol: Protocol) -> str:
         parameters = sum(p.numel() for p in HybridLM(config).parameters())
     paper_length = 8192
     return (
-        f"- Scale: {parameters / 1e6:.2f}M parameters and {settings.token_budget / 1e6:.1f}M byte tokens per run "
-        "against 340M/1B parameters and 100B Llama-2 tokens; "
-        f"{config.num_layers} layers instead of 24; training length {settings.seq_len} instead of {paper_length}, "
-        f"blocks {paper_length // settings.seq_len}x smaller at the same block count."
+        f"- Scale: {parameters / 1e6:.2f}M parameters and {settings.token_budget / 1e6:.1f}M byte tokens "
+        "per run against 340M/1B parameters and 100B Llama-2 tokens; "
+        f"{config.num_layers} layers instead of 24; training length {settings.seq_len} instead of "
+        f"{paper_length}, blocks {paper_length // settings.seq_len}x smaller at the same block count."
     )
 
 
-def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_dir: Path) -> str:
-    outputs = load_runs(protocol, runs_dir)
-    verdicts = [evaluate_claim(claim, protocol, outputs) for claim in CLAIMS]
-    preregistered = {
-        name: o for name, o in outputs.items() if o.run.seed in protocol_module.PREREGISTERED_SEEDS
-    }
-    added_seeds = len(preregistered) < len(outputs)
-    preregistered_verdicts = [evaluate_claim(claim, protocol, preregistered) for claim in CLAIMS]
-    figures = make_figures(protocol, outputs, figures_dir)
-    complete = [o for o in outputs.values() if o.complete]
+def titled(heading: str, body: list[str], intro: str | None = None) -> list[str]:
+    """A ``##`` section: the heading, an optional paragraph, then ``body``, each followed by a blank line."""
+    return [f"## {heading}", ""] + ([intro, ""] if intro is not None else []) + body + [""]
 
+
+def opening_lines(protocol: Protocol, outputs: dict[str, RunOutputs]) -> list[str]:
+    """The title, what the report is made from, and the warnings of a pilot or of a protocol not yet run."""
+    complete = [o for o in outputs.values() if o.complete]
     lines = [f"# {protocol.title}", ""]
     if protocol.pilot:
         lines += [
@@ -818,8 +949,8 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
                 "**This is a CPU check of the pipeline, with no evidential value.** The protocol is shrunk "
                 f"(preset `{protocol.training.preset}`, {protocol.training.max_steps} steps, training length "
                 f"{protocol.training.seq_len}, block sizes divided by {protocol_module.PILOT_SCALE}, "
-                f"{protocol.evaluation.samples} samples per cell) so that train, evaluate, cost and report run "
-                "end to end in about a minute per run. Its numbers say nothing about the paper's claims."
+                f"{protocol.evaluation.samples} samples per cell) so that train, evaluate, cost and report "
+                "run end to end in about a minute per run. Its numbers say nothing about the paper's claims."
             ),
             "",
         ]
@@ -839,157 +970,186 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
             ),
             "",
         ]
+    return lines
 
+
+def verdicts_section(
+    protocol: Protocol, outputs: dict[str, RunOutputs], verdicts: list[Verdict]
+) -> list[str]:
+    """One row per claim; with seeds added after the pre-registered ones, the verdict on those beside."""
+    preregistered = {
+        name: o for name, o in outputs.items() if o.run.seed in protocol_module.PREREGISTERED_SEEDS
+    }
+    added_seeds = len(preregistered) < len(outputs)
+    preregistered_verdicts = [evaluate_claim(claim, protocol, preregistered) for claim in CLAIMS]
     preregistered_text = ", ".join(map(str, protocol_module.PREREGISTERED_SEEDS))
     if added_seeds:
-        lines += [
-            "## Verdicts",
-            "",
+        table = [
             f"| claim | verdict, all seeds | verdict, pre-registered seeds ({preregistered_text}) | "
             "deciding runs complete |",
             "|---|---|---|---|",
         ]
     else:
-        lines += ["## Verdicts", "", "| claim | verdict | deciding runs complete |", "|---|---|---|"]
+        table = ["| claim | verdict | deciding runs complete |", "|---|---|---|"]
     for verdict, early in zip(verdicts, preregistered_verdicts):
         deciding = [o for o in outputs.values() if o.run.configuration.name in verdict.claim.deciding]
-        lines.append(
+        table.append(
             f"| {verdict.claim.number}. {verdict.claim.statement} | **{verdict.verdict}** | "
             + (f"{early.verdict} | " if added_seeds else "")
             + f"{sum(o.complete for o in deciding)} of {len(deciding)} |"
         )
-    lines += [
-        "",
-        (
-            "Rule: a check **holds** when the seed ranges of the two configurations do not overlap in the "
-            "claimed direction, is **reversed** when they do not overlap the other way, and is unresolved when "
-            "they overlap. A claim is *reproduced* when all its checks hold, *not reproduced* when one is "
-            "reversed, *inconclusive* otherwise or when a deciding run is missing, and *not run* when none of "
-            "its deciding runs is complete. The thresholds were fixed in `experiments/protocol.py` before any "
-            "run."
-            + (
-                f" Seeds {preregistered_text} were fixed before any run; the others were added after their "
-                "results (see Protocol), and the details below use all seeds."
-                if added_seeds
-                else ""
-            )
-        ),
-        "",
-    ]
-    discussion_path = report_path.parent / "DISCUSSION.md"
-    if discussion_path.exists():
-        lines += ["## Discussion (written after the runs)", "", discussion_path.read_text().strip(), ""]
-
-    lines += ["## Protocol", ""] + protocol_section(protocol) + [""]
-    lines += ["## Commands", ""] + commands_section(protocol) + [""]
-
-    lines += [
-        "## Language modelling (the shape of Table 1)",
-        "",
-        (
-            "Held-out text: the validation split of the corpus, at the training length. The paper's "
-            "commonsense tasks are left out (a byte-level model of this size scores at chance on them). "
-            "Cells: seed mean (min-max, seeds)."
-        ),
-        "",
-    ]
-    lines += language_modelling_table(protocol, outputs) + [""]
-    lines += [
-        "## Retrieval (the shape of Table 3)",
-        "",
-        (
-            f"S-NIAH accuracy (%) by task (N1, N2, N3 = S-NIAH-1/2/3) and context length, trained at "
-            f"{protocol.training.seq_len}; Avg is the mean of the {len(protocol.evaluation.tasks) * len(protocol.evaluation.lengths)} "
-            "cells, with its seed range. Cells are seed means."
-        ),
-        "",
-    ]
-    lines += retrieval_table_by_configuration(protocol, outputs) + ["", "Per run:", ""]
-    lines += retrieval_table_by_run(protocol, outputs) + [""]
-    lines += [
-        "## Router recall of the needle block",
-        "",
-        (
-            "Share (%) of (sample, query head) pairs whose selected blocks for the last prompt token include a "
-            "block holding the needle's value; mean over MoBA layers, heads and tasks, then over seeds."
-        ),
-        "",
-    ]
-    lines += router_recall_table(protocol, outputs) + [""]
-
-    lines += ["## Figures", ""]
-    if figures:
-        lines += [f"![{path.stem}]({path.relative_to(report_path.parent).as_posix()})" for path in figures]
-    else:
-        lines.append("None: no run is complete.")
-    lines.append("")
-
-    lines += ["## Claims in detail", ""]
-    for verdict in verdicts:
-        claim = verdict.claim
-        lines += [
-            f"### Claim {claim.number}: {verdict.verdict}",
-            "",
-            claim.statement,
-            "",
-            f"- Paper: {claim.paper_evidence}",
-            f"- Deciding configurations: {', '.join(protocol.configuration(n).title for n in claim.deciding)}.",
-            f"- Rule: {verdict.rule}",
-        ]
-        for check in verdict.checks:
-            lines.append(f"- Check {check.description}: **{check.outcome}**. {check.numbers}")
-        if verdict.missing_runs:
-            lines.append(f"- Missing runs: {', '.join(verdict.missing_runs)}.")
-        for note in verdict.notes:
-            lines.append(f"- Not used by the verdict: {note}.")
-        lines.append("")
-
-    lines += [
-        "## Cost of every run",
-        "",
-        (
-            "Wall-clock minutes of `flashmoba train` and `flashmoba eval` as measured by `run.py` (cost.json), "
-            "the card they ran on, and the tokens trained."
-        ),
-        "",
-    ]
-    lines += cost_table(outputs) + [""]
-
-    reruns = reruns_section(protocol, outputs, report_path.parent / "reruns")
-    if reruns:
-        lines += (
-            [
-                "## Reruns",
-                "",
-                (
-                    "A run made again later, possibly on another card, against the seed ranges of its configuration "
-                    "(all seeds). The same seed gives the same initialisation and batches; what differs is the "
-                    "arithmetic: the card's kernels and the order of floating-point atomics in the backward."
-                ),
-                "",
-            ]
-            + reruns
-            + [""]
+    rule = (
+        "Rule: a check **holds** when the seed ranges of the two configurations do not overlap in the "
+        "claimed direction, is **reversed** when they do not overlap the other way, and is unresolved when "
+        "they overlap. A claim is *reproduced* when all its checks hold, *not reproduced* when one is "
+        "reversed, *inconclusive* otherwise or when a deciding run is missing, and *not run* when none of "
+        "its deciding runs is complete. The thresholds were fixed in `experiments/protocol.py` before any "
+        "run."
+        + (
+            f" Seeds {preregistered_text} were fixed before any run; the others were added after their "
+            "results (see Protocol), and the details below use all seeds."
+            if added_seeds
+            else ""
         )
+    )
+    return titled("Verdicts", table + ["", rule])
 
-    lines += [
-        "## Differences from the paper" + (" (of the GPU protocol)" if protocol.pilot else ""),
+
+def discussion_section(discussion_path: Path) -> list[str]:
+    """``DISCUSSION.md`` beside the report, written by hand after the runs; nothing without it."""
+    if not discussion_path.exists():
+        return []
+    return titled("Discussion (written after the runs)", [discussion_path.read_text().strip()])
+
+
+def results_sections(protocol: Protocol, outputs: dict[str, RunOutputs]) -> list[str]:
+    """The language-modelling, retrieval and router-recall tables."""
+    tasks, lengths = protocol.evaluation.tasks, protocol.evaluation.lengths
+    language_modelling = titled(
+        "Language modelling (the shape of Table 1)",
+        language_modelling_table(protocol, outputs),
+        "Held-out text: the validation split of the corpus, at the training length. The paper's "
+        "commonsense tasks are left out (a byte-level model of this size scores at chance on them). "
+        "Cells: seed mean (min-max, seeds).",
+    )
+    retrieval = titled(
+        "Retrieval (the shape of Table 3)",
+        retrieval_table_by_configuration(protocol, outputs)
+        + ["", "Per run:", ""]
+        + retrieval_table_by_run(protocol, outputs),
+        f"S-NIAH accuracy (%) by task (N1, N2, N3 = S-NIAH-1/2/3) and context length, trained at "
+        f"{protocol.training.seq_len}; Avg is the mean of the {len(tasks) * len(lengths)} "
+        "cells, with its seed range. Cells are seed means.",
+    )
+    recall = titled(
+        "Router recall of the needle block",
+        router_recall_table(protocol, outputs),
+        "Share (%) of (sample, query head) pairs whose selected blocks for the last prompt token include a "
+        "block holding the needle's value; mean over MoBA layers, heads and tasks, then over seeds.",
+    )
+    return language_modelling + retrieval + recall
+
+
+def figures_section(figures: list[Path], report_dir: Path) -> list[str]:
+    links = [f"![{path.stem}]({path.relative_to(report_dir).as_posix()})" for path in figures]
+    return titled("Figures", links or ["None: no run is complete."])
+
+
+def claim_details(protocol: Protocol, verdict: Verdict) -> list[str]:
+    """A claim's statement, evidence, rule, checks with their numbers, missing runs and notes."""
+    claim = verdict.claim
+    lines = [
+        f"### Claim {claim.number}: {verdict.verdict}",
         "",
-        scale_difference(protocol_module.PROTOCOL),
-        (
-            "- Data: Python's own sources and help text instead of FineWeb-Edu (no network on the GPU machine); "
-            "the retrieval task format is part of the training mixture (answers weighted "
-            f"{protocol_module.PROTOCOL.training.answer_loss_weight:g}x in the loss), while the paper tests zero-shot."
-        ),
-        (
-            "- Evaluation: S-NIAH at half to 8x the training length, 100 samples per cell (paper: 1000); no "
-            "commonsense tasks, no LongBench; held-out perplexity of the corpus instead of WikiText."
-        ),
-        "- Router recall is measured here; the paper does not report it.",
+        claim.statement,
         "",
+        f"- Paper: {claim.paper_evidence}",
+        f"- Deciding configurations: {', '.join(protocol.configuration(n).title for n in claim.deciding)}.",
+        f"- Rule: {verdict.rule}",
     ]
+    lines += [
+        f"- Check {check.description}: **{check.outcome}**. {check.numbers}" for check in verdict.checks
+    ]
+    if verdict.missing_runs:
+        lines.append(f"- Missing runs: {', '.join(verdict.missing_runs)}.")
+    lines += [f"- Not used by the verdict: {note}." for note in verdict.notes]
+    return lines
+
+
+def claims_section(protocol: Protocol, verdicts: list[Verdict]) -> list[str]:
+    body = []
+    for index, verdict in enumerate(verdicts):
+        body += ([""] if index else []) + claim_details(protocol, verdict)
+    return titled("Claims in detail", body)
+
+
+def cost_section(outputs: dict[str, RunOutputs]) -> list[str]:
+    return titled(
+        "Cost of every run",
+        cost_table(outputs),
+        "Wall-clock minutes of `flashmoba train` and `flashmoba eval` as measured by `run.py` (cost.json), "
+        "the card they ran on, and the tokens trained.",
+    )
+
+
+def reruns_report_section(protocol: Protocol, outputs: dict[str, RunOutputs], reruns_dir: Path) -> list[str]:
+    """The reruns table under its heading; nothing without reruns."""
+    reruns = reruns_section(protocol, outputs, reruns_dir)
+    if not reruns:
+        return []
+    return titled(
+        "Reruns",
+        reruns,
+        "A run made again later, possibly on another card, against the seed ranges of its configuration "
+        "(all seeds). The same seed gives the same initialisation and batches; what differs is the "
+        "arithmetic: the card's kernels and the order of floating-point atomics in the backward.",
+    )
+
+
+def differences_section(protocol: Protocol) -> list[str]:
+    """How the GPU protocol differs from the paper (the pilot's report shows the GPU protocol's too)."""
+    gpu_protocol = protocol_module.PROTOCOL
+    return titled(
+        "Differences from the paper" + (" (of the GPU protocol)" if protocol.pilot else ""),
+        [
+            scale_difference(gpu_protocol),
+            (
+                "- Data: Python's own sources and help text instead of FineWeb-Edu (no network on the GPU "
+                "machine); the retrieval task format is part of the training mixture (answers weighted "
+                f"{gpu_protocol.training.answer_loss_weight:g}x in the loss), while the paper tests "
+                "zero-shot."
+            ),
+            (
+                "- Evaluation: S-NIAH at half to 8x the training length, 100 samples per cell (paper: 1000); "
+                "no commonsense tasks, no LongBench; held-out perplexity of the corpus instead of WikiText."
+            ),
+            "- Router recall is measured here; the paper does not report it.",
+        ],
+    )
+
+
+def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_dir: Path) -> str:
+    """Write the report of ``protocol``'s runs under ``runs_dir`` to ``report_path`` (figures into
+    ``figures_dir``); returns its text."""
+    outputs = load_runs(protocol, runs_dir)
+    verdicts = [evaluate_claim(claim, protocol, outputs) for claim in CLAIMS]
+    figures = make_figures(protocol, outputs, figures_dir)
+    report_dir = report_path.parent
+    lines = (
+        opening_lines(protocol, outputs)
+        + verdicts_section(protocol, outputs, verdicts)
+        + discussion_section(report_dir / "DISCUSSION.md")
+        + titled("Protocol", protocol_section(protocol))
+        + titled("Commands", commands_section(protocol))
+        + results_sections(protocol, outputs)
+        + figures_section(figures, report_dir)
+        + claims_section(protocol, verdicts)
+        + cost_section(outputs)
+        + reruns_report_section(protocol, outputs, report_dir / "reruns")
+        + differences_section(protocol)
+    )
     text = "\n".join(lines)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text)
     return text
 

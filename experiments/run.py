@@ -1,16 +1,17 @@
 """One command per run of the protocol: train, then evaluate, then record the cost.
 
-    python experiments/run.py --list                       # the runs, in the order to make them
-    python experiments/run.py moba-64-seed0 --device cuda --max-minutes 9 --export $OUT
-    python experiments/run.py dense-seed0 --device cpu --pilot   # the CPU pipeline check
+    python -m experiments.run --list                       # the runs, in the order to make them
+    python -m experiments.run moba-64-seed0 --device cuda --max-minutes 9 --export $OUT
+    python -m experiments.run dense-seed0 --device cpu --pilot   # the CPU pipeline check
 
-A run writes under ``experiments/runs/NAME/`` (``experiments/pilot/runs/NAME/`` with ``--pilot``):
+Run from the repository root; ``python experiments/run.py`` does the same. A run writes under
+``experiments/runs/NAME/`` (``experiments/pilot/runs/NAME/`` with ``--pilot``):
 
-- ``train_config.json``: the ``flashmoba train --config`` file made from ``protocol.py``;
+- ``train_config.json``: the ``flashmoba train --config`` file made from ``experiments.protocol``;
 - what ``flashmoba train`` writes: ``config.json``, ``metrics.jsonl``, ``checkpoints/`` (not committed);
 - what ``flashmoba eval`` writes: ``eval/results.json``, ``eval/niah.md``, ``eval/niah.png``;
 - ``train.log``, ``eval.log``: the two commands' output;
-- ``cost.json``: one entry per call of this script (card, minutes of training and evaluation, steps),
+- ``cost.json``: one entry per call of this command (card, minutes of training and evaluation, steps),
   and the totals (minutes, trained tokens).
 
 Calling it again resumes: training continues from the latest checkpoint (``--resume auto``) and is
@@ -34,15 +35,19 @@ import tarfile
 import time
 from pathlib import Path
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = EXPERIMENTS_DIR.parent
-sys.path.insert(0, str(EXPERIMENTS_DIR))
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
-from protocol import Protocol, Run, protocol_for
+if __name__ == "__main__" and not __package__:
+    # Started as a file (``python experiments/run.py``, the command REPORT.md names): the import below
+    # needs the ``experiments`` package, which ``python -m`` finds from the repository root.
+    if Path.cwd().resolve() != REPO_ROOT:
+        sys.exit(f"run this from the repository root ({REPO_ROOT}): python -m experiments.run")
+    os.execv(sys.executable, [sys.executable, "-m", "experiments.run", *sys.argv[1:]])
 
-EVAL_RESERVE_MINUTES = (
-    1.0  # default of --eval-reserve: evaluation starts only with this much of --max-minutes left
-)
+from experiments.protocol import Protocol, Run, protocol_for  # noqa: E402
+
+# The default of --eval-reserve: evaluation starts only with this much of --max-minutes left.
+EVAL_RESERVE_MINUTES = 1.0
 
 
 def run_directory(protocol: Protocol, run: Run) -> Path:
@@ -54,21 +59,24 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / "checkpoints" / f"step_{step:07d}.pt"
 
 
-def last_logged_step(directory: Path) -> int:
-    """The step of the last row of ``metrics.jsonl`` (0 when there is none)."""
+def last_metrics_row(directory: Path) -> dict | None:
+    """The last row of the run's ``metrics.jsonl`` (None when there is none)."""
     metrics_path = directory / "metrics.jsonl"
     if not metrics_path.exists():
-        return 0
+        return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return int(rows[-1]["step"]) if rows else 0
+    return rows[-1] if rows else None
+
+
+def last_logged_step(directory: Path) -> int:
+    """The step of the last row of ``metrics.jsonl`` (0 when there is none)."""
+    row = last_metrics_row(directory)
+    return int(row["step"]) if row else 0
 
 
 def trained_tokens(directory: Path) -> int:
-    metrics_path = directory / "metrics.jsonl"
-    if not metrics_path.exists():
-        return 0
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return int(rows[-1]["tokens"]) if rows else 0
+    row = last_metrics_row(directory)
+    return int(row["tokens"]) if row else 0
 
 
 def evaluation_is_done(directory: Path, final_checkpoint: Path) -> bool:
@@ -144,6 +152,85 @@ def export_outputs(directory: Path, export_dir: Path) -> Path:
     return archive
 
 
+def minutes_left(started: float, max_minutes: float | None) -> float | None:
+    """What is left of ``max_minutes`` since ``started`` (a ``time.perf_counter()``); None without a limit."""
+    return None if max_minutes is None else max_minutes - (time.perf_counter() - started) / 60
+
+
+def train_command(config_path: Path, directory: Path, device: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flashmoba",
+        "train",
+        "--config",
+        str(config_path),
+        "--out",
+        str(directory),
+        "--resume",
+        "auto",
+        "--device",
+        device,
+        "--no-progress",
+    ]
+
+
+def eval_command(
+    protocol: Protocol, run: Run, final_checkpoint: Path, directory: Path, device: str
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flashmoba",
+        "eval",
+        "--checkpoint",
+        str(final_checkpoint),
+        "--device",
+        device,
+        "--out",
+        str(directory / "eval"),
+        "--no-progress",
+    ] + protocol.eval_arguments(run)
+
+
+def train_step(
+    config_path: Path, directory: Path, device: str, final_checkpoint: Path, left: float | None
+) -> tuple[str, float]:
+    """Train (resuming from the latest checkpoint) within ``left`` minutes: (what happened, minutes)."""
+    if final_checkpoint.exists():
+        return "skipped (already trained)", 0.0
+    start = time.perf_counter()
+    training = run_logged(
+        train_command(config_path, directory, device),
+        directory / "train.log",
+        None if left is None else max(0.0, left) * 60,
+    )
+    return training, round((time.perf_counter() - start) / 60, 3)
+
+
+def evaluate_step(
+    protocol: Protocol,
+    run: Run,
+    directory: Path,
+    device: str,
+    final_checkpoint: Path,
+    left: float | None,
+    eval_reserve_minutes: float,
+) -> tuple[str, float]:
+    """Evaluate the final checkpoint unless that is done, training is not, or fewer than
+    ``eval_reserve_minutes`` of ``left`` remain: (what happened, minutes)."""
+    if not final_checkpoint.exists():
+        return "skipped (training not finished)", 0.0
+    if evaluation_is_done(directory, final_checkpoint):
+        return "skipped (already evaluated)", 0.0
+    if left is not None and left < eval_reserve_minutes:
+        return f"skipped (only {left:.1f} of --max-minutes left)", 0.0
+    start = time.perf_counter()
+    command = eval_command(protocol, run, final_checkpoint, directory, device)
+    evaluation = run_logged(command, directory / "eval.log", None)
+    return evaluation, round((time.perf_counter() - start) / 60, 3)
+
+
 def make_run(
     protocol: Protocol,
     run: Run,
@@ -166,58 +253,18 @@ def make_run(
         "eval_minutes": 0.0,
         "steps_before": last_logged_step(directory),
     }
-
-    def minutes_left() -> float | None:
-        return None if max_minutes is None else max_minutes - (time.perf_counter() - started) / 60
-
-    training = "skipped (already trained)"
-    if not final_checkpoint.exists():
-        train_command = [
-            sys.executable,
-            "-m",
-            "flashmoba",
-            "train",
-            "--config",
-            str(config_path),
-            "--out",
-            str(directory),
-            "--resume",
-            "auto",
-            "--device",
-            device,
-            "--no-progress",
-        ]
-        left = minutes_left()
-        train_start = time.perf_counter()
-        training = run_logged(
-            train_command, directory / "train.log", None if left is None else max(0.0, left) * 60
-        )
-        entry["train_minutes"] = round((time.perf_counter() - train_start) / 60, 3)
-
-    evaluation = "skipped (training not finished)"
-    if final_checkpoint.exists():
-        left = minutes_left()
-        if evaluation_is_done(directory, final_checkpoint):
-            evaluation = "skipped (already evaluated)"
-        elif left is not None and left < eval_reserve_minutes:
-            evaluation = f"skipped (only {left:.1f} of --max-minutes left)"
-        else:
-            eval_command = [
-                sys.executable,
-                "-m",
-                "flashmoba",
-                "eval",
-                "--checkpoint",
-                str(final_checkpoint),
-                "--device",
-                device,
-                "--out",
-                str(directory / "eval"),
-                "--no-progress",
-            ]
-            eval_start = time.perf_counter()
-            evaluation = run_logged(eval_command + protocol.eval_arguments(run), directory / "eval.log", None)
-            entry["eval_minutes"] = round((time.perf_counter() - eval_start) / 60, 3)
+    training, entry["train_minutes"] = train_step(
+        config_path, directory, device, final_checkpoint, minutes_left(started, max_minutes)
+    )
+    evaluation, entry["eval_minutes"] = evaluate_step(
+        protocol,
+        run,
+        directory,
+        device,
+        final_checkpoint,
+        minutes_left(started, max_minutes),
+        eval_reserve_minutes,
+    )
 
     import torch
 
@@ -242,7 +289,7 @@ def make_run(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Protocol: experiments/protocol.py. Report: experiments/report.py.",
+        epilog="Protocol: experiments/protocol.py. Report: python -m experiments.report.",
     )
     parser.add_argument("name", nargs="?", help="the run to make (see --list)")
     parser.add_argument("--list", action="store_true", help="list the runs in the order to make them")
@@ -267,23 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_run_list(protocol: Protocol) -> None:
+    """The budget, then one line per run in the order to make them: name, attention, directory."""
+    settings = protocol.training
+    print(
+        f"{protocol.title}: {len(protocol.runs)} runs, each {settings.max_steps} steps x "
+        f"{settings.tokens_per_step:,} tokens = {settings.token_budget:,} tokens"
+    )
+    for run in protocol.runs:
+        configuration = run.configuration
+        shape = (
+            f"B={configuration.block_size} k={configuration.topk}"
+            if configuration.attention == "moba"
+            else "dense"
+        ) + (f" kconv{configuration.kconv}" if configuration.kconv else "")
+        print(f"{run.name:<22} {shape:<22} -> {protocol.runs_dir}/{run.name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     protocol = protocol_for(args.pilot)
     if args.list:
-        settings = protocol.training
-        print(
-            f"{protocol.title}: {len(protocol.runs)} runs, each {settings.max_steps} steps x "
-            f"{settings.tokens_per_step:,} tokens = {settings.token_budget:,} tokens"
-        )
-        for run in protocol.runs:
-            configuration = run.configuration
-            shape = (
-                f"B={configuration.block_size} k={configuration.topk}"
-                if configuration.attention == "moba"
-                else "dense"
-            ) + (f" kconv{configuration.kconv}" if configuration.kconv else "")
-            print(f"{run.name:<22} {shape:<22} -> {protocol.runs_dir}/{run.name}")
+        print_run_list(protocol)
         return 0
     if not args.name:
         build_parser().error("give a run name or --list")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoba._checks import check_real
 from flashmoba.data.tokenizer import ByteTokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -164,11 +165,9 @@ def _tokenize_documents(documents, tokenizer: ByteTokenizer, val_fraction: float
         cut = int(len(everything) * (1 - val_fraction))
         train_parts = [everything[:cut]]
         val_parts = [np.array([tokenizer.bos_id], dtype=np.uint16), everything[cut:]]
-    join = lambda parts: np.concatenate(parts).astype(np.uint16)
-    bos = tokenizer.bos_id
-    return TokenCorpus([join(train_parts)], bos, f"{name}/train"), TokenCorpus(
-        [join(val_parts)], bos, f"{name}/val"
-    )
+    train = TokenCorpus([np.concatenate(train_parts).astype(np.uint16)], tokenizer.bos_id, f"{name}/train")
+    val = TokenCorpus([np.concatenate(val_parts).astype(np.uint16)], tokenizer.bos_id, f"{name}/val")
+    return train, val
 
 
 def _load_token_shards(paths: list[Path], bos_id: int, val_fraction: float, name: str):
@@ -187,6 +186,31 @@ def _load_token_shards(paths: list[Path], bos_id: int, val_fraction: float, name
     return TokenCorpus(train, bos_id, f"{name}/train"), TokenCorpus(val, bos_id, f"{name}/val")
 
 
+def _corpus_files(spec: str) -> list[Path]:
+    """The files a path spec names: a directory's corpus files, a glob's matches, or the one file."""
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES)
+    if any(ch in spec for ch in "*?["):
+        return sorted(Path(p) for p in glob.glob(os.path.expanduser(spec)))
+    if path.exists():
+        return [path]
+    raise ValueError(
+        f"corpus {spec!r} is neither 'python', 'hf:NAME', nor an existing file, directory or glob"
+    )
+
+
+def _text_files_documents(text_paths: list[Path], max_bytes: int) -> Iterator[tuple[str, str]]:
+    """The documents of the text files in order, until their text reaches ``max_bytes``."""
+    seen = 0
+    for text_path in text_paths:
+        for document in _text_file_documents(text_path):
+            yield document
+            seen += len(document[1])
+            if seen >= max_bytes:
+                return
+
+
 def load_corpus(
     spec: str = "python",
     *,
@@ -197,6 +221,7 @@ def load_corpus(
     """(train, validation) corpora for ``spec`` (see the module docstring for the accepted forms)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"corpus spec must be a non-empty str, got {spec!r}")
+    val_fraction = check_real("val_fraction", val_fraction)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     tokenizer = ByteTokenizer()
@@ -206,17 +231,7 @@ def load_corpus(
     if spec.startswith("hf:"):
         return _tokenize_documents(_hf_documents(spec, max_bytes), tokenizer, val_fraction, spec)
 
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES)
-    elif any(ch in spec for ch in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec)))
-    elif path.exists():
-        paths = [path]
-    else:
-        raise ValueError(
-            f"corpus {spec!r} is neither 'python', 'hf:NAME', nor an existing file, directory or glob"
-        )
+    paths = _corpus_files(spec)
     token_paths = [p for p in paths if p.suffix in TOKEN_SUFFIXES]
     text_paths = [p for p in paths if p.suffix in TEXT_SUFFIXES]
     if token_paths and text_paths:
@@ -227,14 +242,4 @@ def load_corpus(
         )
     if not text_paths:
         raise ValueError(f"corpus {spec!r} has no {TEXT_SUFFIXES + TOKEN_SUFFIXES} files")
-
-    def documents():
-        seen = 0
-        for text_path in text_paths:
-            for document in _text_file_documents(text_path):
-                yield document
-                seen += len(document[1])
-                if seen >= max_bytes:
-                    return
-
-    return _tokenize_documents(documents(), tokenizer, val_fraction, spec)
+    return _tokenize_documents(_text_files_documents(text_paths, max_bytes), tokenizer, val_fraction, spec)

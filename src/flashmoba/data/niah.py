@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flashmoba._checks import check_choice, check_int, check_real
 from flashmoba.data.tokenizer import ByteTokenizer
 
 TASKS = ("niah1", "niah2", "niah3", "passkey")
@@ -104,6 +105,106 @@ def _random_value(task: str, rng: np.random.Generator) -> str:
     return str(rng.integers(10 ** (digits - 1), 10**digits))
 
 
+@dataclass(frozen=True)
+class _Template:
+    """The texts of one task. ``{kind}`` names what is hidden; ``{key}`` and ``{value}`` are the needle's."""
+
+    kind: str
+    intro: str
+    needle: tuple[str, str, str]  # the text before the value, the value, the text after it
+    question: str
+    answer_prefix: str
+
+
+@dataclass(frozen=True)
+class _Needle:
+    tokens: np.ndarray  # int64: the whole needle sentence and the space after it
+    value_offset: int  # where the value starts inside ``tokens``
+    value_length: int
+
+
+def _encode(tokenizer: ByteTokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def _template(task: str) -> _Template:
+    if task == "passkey":
+        return _Template("", PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX)
+    kind = "uuids" if task == "niah3" else "numbers"
+    return _Template(kind, NIAH_INTRO, NIAH_NEEDLE, NIAH_QUESTION, NIAH_ANSWER_PREFIX)
+
+
+def _haystack_sentences(task: str) -> tuple[str, ...]:
+    return _noise_sentences() if task in ("niah1", "passkey") else _natural_sentences()
+
+
+def _draw_keys_and_values(task: str, count: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """``count`` distinct keys, the query's first, then one value per key."""
+    keys = [_random_key(rng)]
+    while len(keys) < count:
+        candidate = _random_key(rng)
+        if candidate not in keys:
+            keys.append(candidate)
+    return keys, [_random_value(task, rng) for _ in keys]
+
+
+def _encode_needle(template: _Template, key: str, value: str, tokenizer: ByteTokenizer) -> _Needle:
+    before, _, after = (part.format(kind=template.kind, key=key, value=value) for part in template.needle)
+    before_tokens, value_tokens = _encode(tokenizer, before), _encode(tokenizer, value)
+    tokens = np.concatenate([before_tokens, value_tokens, _encode(tokenizer, after + " ")])
+    return _Needle(tokens, len(before_tokens), len(value_tokens))
+
+
+def _haystack(
+    sentences: tuple[str, ...], budget: int, rng: np.random.Generator, tokenizer: ByteTokenizer
+) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive sentences from a random first one, cut to exactly ``budget`` tokens, and the offsets
+    where a needle may go: the start and the end of every whole sentence."""
+    pieces, boundaries, filled = [], [0], 0
+    index = int(rng.integers(len(sentences)))
+    while filled < budget:
+        sentence = _encode(tokenizer, sentences[index % len(sentences)] + " ")
+        pieces.append(sentence[: budget - filled])
+        filled += len(pieces[-1])
+        if len(sentence) == len(pieces[-1]):  # needles go only after whole sentences
+            boundaries.append(filled)
+        index += 1
+    haystack = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return haystack, np.asarray(boundaries)
+
+
+def _needle_offsets(
+    boundaries: np.ndarray, budget: int, depth: float, distractors: int, rng: np.random.Generator
+) -> list[int]:
+    """The haystack offset of each needle: the query needle at the boundary nearest ``depth``, each
+    distractor at another boundary drawn without repetition (at the query's once none is left)."""
+    query_slot = int(np.argmin(np.abs(boundaries - depth * budget)))
+    slots = [query_slot]
+    others = [i for i in range(len(boundaries)) if i != query_slot]
+    for _ in range(distractors):
+        slots.append(others.pop(int(rng.integers(len(others)))) if others else query_slot)
+    return [int(boundaries[slot]) for slot in slots]
+
+
+def _insert_needles(
+    head: np.ndarray, haystack: np.ndarray, needles: list[_Needle], offsets: list[int]
+) -> tuple[list[np.ndarray], list[tuple[tuple[int, int], tuple[int, int]]]]:
+    """``head`` then the haystack with ``needles[n]`` inserted at ``offsets[n]`` (needles at the same
+    offset in index order), as parts to concatenate; and per needle its (sentence, value) token spans."""
+    parts, spans, cursor, position = [head], {}, 0, len(head)
+    for n in sorted(range(len(needles)), key=lambda n: (offsets[n], n)):
+        at, needle = offsets[n], needles[n]
+        parts.append(haystack[cursor:at])
+        position += at - cursor
+        cursor = at
+        parts.append(needle.tokens)
+        value_start = position + needle.value_offset
+        spans[n] = (position, position + len(needle.tokens)), (value_start, value_start + needle.value_length)
+        position += len(needle.tokens)
+    parts.append(haystack[cursor:])
+    return parts, [spans[n] for n in range(len(needles))]
+
+
 def make_sample(
     task: str,
     length: int,
@@ -115,105 +216,42 @@ def make_sample(
 ) -> RetrievalSample:
     """A retrieval sample of exactly ``length`` tokens (answer included) for ``task`` in ``TASKS``.
 
-    ``depth`` in [0, 1] places the needle in the haystack (random if None); ``rng`` draws everything else.
+    ``depth`` in [0, 1] places the needle in the haystack (random if None); ``rng`` draws everything else,
+    in this order: the keys, the values, the haystack's first sentence, the depth, the distractors' places.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if isinstance(length, bool) or not isinstance(length, int):
-        raise TypeError(f"length must be an int, got {type(length).__name__}")
-    if depth is not None and not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    if distractors < 0:
-        raise ValueError(f"distractors must be >= 0, got {distractors}")
+    check_choice("task", task, TASKS)
+    length = check_int("length", length)
+    if depth is not None:
+        depth = check_real("depth", depth, minimum=0.0, maximum=1.0)
+    distractors = check_int("distractors", distractors, minimum=0)
     tokenizer = tokenizer or ByteTokenizer()
-    encode = lambda text: np.asarray(tokenizer.encode(text), dtype=np.int64)  # noqa: E731
+    template = _template(task)
+    sentences = _haystack_sentences(task)
 
-    if task == "passkey":
-        kind, intro, needle_parts, question, answer_prefix = (
-            "",
-            PASSKEY_INTRO,
-            PASSKEY_NEEDLE,
-            PASSKEY_QUESTION,
-            PASSKEY_ANSWER_PREFIX,
-        )
-    else:
-        kind = "uuids" if task == "niah3" else "numbers"
-        intro, needle_parts, question, answer_prefix = (
-            NIAH_INTRO,
-            NIAH_NEEDLE,
-            NIAH_QUESTION,
-            NIAH_ANSWER_PREFIX,
-        )
-    sentences = _noise_sentences() if task in ("niah1", "passkey") else _natural_sentences()
-
-    # The query needle, then distractors with distinct keys.
-    keys = [_random_key(rng)]
-    while len(keys) < 1 + distractors:
-        candidate = _random_key(rng)
-        if candidate not in keys:
-            keys.append(candidate)
-    values = [_random_value(task, rng) for _ in keys]
-    needles = []  # (tokens, value offset, value length)
-    for key, value in zip(keys, values):
-        before, after = (
-            part.format(kind=kind, key=key, value=value) for part in (needle_parts[0], needle_parts[2])
-        )
-        value_tokens = encode(value)
-        tokens = np.concatenate([encode(before), value_tokens, encode(after + " ")])
-        needles.append((tokens, len(encode(before)), len(value_tokens)))
-
-    head = np.concatenate([[tokenizer.bos_id], encode(intro.format(kind=kind))]).astype(np.int64)
+    keys, values = _draw_keys_and_values(task, 1 + distractors, rng)
+    needles = [_encode_needle(template, key, value, tokenizer) for key, value in zip(keys, values)]
+    head = np.concatenate(
+        [[tokenizer.bos_id], _encode(tokenizer, template.intro.format(kind=template.kind))]
+    ).astype(np.int64)
     tail = np.concatenate(
         [
-            encode(question.format(kind=kind, key=keys[0])),
-            encode(answer_prefix.format(kind=kind, key=keys[0])),
+            _encode(tokenizer, template.question.format(kind=template.kind, key=keys[0])),
+            _encode(tokenizer, template.answer_prefix.format(kind=template.kind, key=keys[0])),
         ]
     )
-    scored = encode(" " + values[0])
-    answer = np.concatenate([scored, encode(".")])
-    budget = length - len(head) - len(tail) - len(answer) - sum(len(n[0]) for n in needles)
+    scored = _encode(tokenizer, " " + values[0])
+    answer = np.concatenate([scored, _encode(tokenizer, ".")])
+    budget = length - len(head) - len(tail) - len(answer) - sum(len(needle.tokens) for needle in needles)
     if budget < 0:
         raise ValueError(
             f"length {length} is too short for task {task!r}: it needs at least {length - budget} tokens"
         )
 
-    # Haystack: consecutive sentences from a random starting sentence, cut to exactly `budget` tokens.
-    pieces, boundaries, filled = [], [0], 0
-    index = int(rng.integers(len(sentences)))
-    while filled < budget:
-        sentence = encode(sentences[index % len(sentences)] + " ")
-        pieces.append(sentence[: budget - filled])
-        filled += len(pieces[-1])
-        if len(sentence) == len(pieces[-1]):  # needles go only after whole sentences
-            boundaries.append(filled)
-        index += 1
-    haystack = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-    # Needles go at sentence boundaries: the query needle nearest `depth`, distractors at other ones.
-    depth = float(rng.uniform()) if depth is None else float(depth)
-    boundaries = np.asarray(boundaries)
-    query_slot = int(np.argmin(np.abs(boundaries - depth * budget)))
-    slots = [query_slot]
-    others = [i for i in range(len(boundaries)) if i != query_slot]
-    for _ in range(distractors):
-        slots.append(others.pop(int(rng.integers(len(others)))) if others else query_slot)
-    order = sorted(range(len(needles)), key=lambda n: (boundaries[slots[n]], n))
-
-    parts, spans, cursor, position = [head], {}, 0, len(head)
-    for n in order:
-        at = int(boundaries[slots[n]])
-        parts.append(haystack[cursor:at])
-        position += at - cursor
-        cursor = at
-        tokens, value_offset, value_length = needles[n]
-        parts.append(tokens)
-        spans[n] = (
-            (position, position + len(tokens)),
-            (position + value_offset, position + value_offset + value_length),
-        )
-        position += len(tokens)
-    parts += [haystack[cursor:], tail, answer]
-    all_tokens = np.concatenate(parts).astype(np.int64)
+    haystack, boundaries = _haystack(sentences, budget, rng, tokenizer)
+    depth = float(rng.uniform()) if depth is None else depth
+    offsets = _needle_offsets(boundaries, budget, depth, distractors, rng)
+    parts, spans = _insert_needles(head, haystack, needles, offsets)
+    all_tokens = np.concatenate(parts + [tail, answer]).astype(np.int64)
     prompt_length = length - len(answer)
     assert len(all_tokens) == length
     return RetrievalSample(
@@ -226,5 +264,5 @@ def make_sample(
         value_span=spans[0][1],
         key=keys[0],
         depth=depth,
-        distractor_spans=[spans[n][0] for n in range(1, len(needles))],
+        distractor_spans=[needle_span for needle_span, _ in spans[1:]],
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flashmoba._checks import check_real
 from flashmoba.data.corpus import TokenCorpus
 from flashmoba.data.niah import TASKS, make_sample
 
@@ -72,7 +73,8 @@ def pack_rows(rows: np.ndarray, bos_id: int) -> PackedBatch:
 
 
 def sample_windows(corpus: TokenCorpus, batch_size: int, length: int, rng: np.random.Generator) -> np.ndarray:
-    """``[batch_size, length]`` int64 windows at uniformly random offsets of the corpus (shards weighted by size)."""
+    """``[batch_size, length]`` int64 windows at uniformly random offsets of the corpus (shards weighted by
+    size)."""
     usable = np.array([max(0, len(shard) - length + 1) for shard in corpus.shards], dtype=np.float64)
     if usable.sum() == 0:
         raise ValueError(f"corpus {corpus.name!r} has no shard of at least {length} tokens")
@@ -104,10 +106,8 @@ def sample_batch(
     With ``answer_loss_weight != 1`` the batch carries ``loss_weights``: that weight on the targets of
     retrieval answers (the tokens that can only be predicted by finding the needle), 1 elsewhere.
     """
-    if not 0.0 <= task_fraction <= 1.0:
-        raise ValueError(f"task_fraction must be in [0, 1], got {task_fraction}")
-    if not answer_loss_weight > 0:
-        raise ValueError(f"answer_loss_weight must be > 0, got {answer_loss_weight}")
+    task_fraction = check_real("task_fraction", task_fraction, minimum=0.0, maximum=1.0)
+    answer_loss_weight = check_real("answer_loss_weight", answer_loss_weight, exclusive_minimum=0)
     rows = sample_windows(corpus, batch_size, seq_len + 1, rng)
     weights = np.ones((batch_size, seq_len), dtype=np.float32) if answer_loss_weight != 1.0 else None
     if task_fraction > 0:

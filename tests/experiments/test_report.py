@@ -1,21 +1,15 @@
-"""experiments/: the report builder on synthetic run outputs (the formats of flashmoba train / eval and of
-run.py), its verdict rules, one real tiny run through run.py, and ``run.py --list``."""
+"""experiments/report.py: its verdict rules, and the report built from synthetic run outputs (in the formats
+of flashmoba train / eval and of experiments.run), reruns included."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-import protocol as protocol_module
-import report
-import run as run_module
-from protocol import PILOT_PROTOCOL, PROTOCOL, EvaluationSettings
+from experiments import protocol as protocol_module
+from experiments import report
+from experiments.protocol import PROTOCOL
 
 TRAIN_LENGTH = PROTOCOL.training.seq_len
 
@@ -258,77 +252,6 @@ def test_added_seeds_are_judged_beside_the_preregistered_ones(tmp_path):
     assert f"| **{report.INCONCLUSIVE}** | {report.NOT_REPRODUCED} |" in claim_2
     claim_4 = next(line for line in text.splitlines() if line.startswith("| 4. "))  # still > 1% above dense
     assert f"| **{report.NOT_REPRODUCED}** | {report.NOT_REPRODUCED} |" in claim_4
-
-
-# ----------------------------------------------------------------------------------------------------
-# run.py
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_run_list_names_every_run():
-    listing = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "run.py"), "--list"], capture_output=True, text=True, check=True
-    ).stdout
-    for run in PROTOCOL.runs:
-        assert f"\n{run.name} " in listing
-    assert f"{len(PROTOCOL.runs)} runs" in listing and f"{PROTOCOL.training.max_steps} steps" in listing
-    first = [line.split()[0] for line in listing.splitlines()[1:]]
-    assert first[:6] == [
-        f"{c.name}-seed0" for c in (PROTOCOL.configuration(n) for n in PROTOCOL.seeds_by_configuration)
-    ]
-
-
-def test_train_configs_share_budget_and_data_and_keep_sparsity():
-    configs = [PROTOCOL.train_config(run) for run in PROTOCOL.runs]
-    shared = {
-        json.dumps({k: v for k, v in c.items() if k not in ("model", "seed")}, sort_keys=True)
-        for c in configs
-    }
-    assert len(shared) == 1  # same budget, schedule and data mixture everywhere
-    for config in configs:
-        model = config["model"]
-        if model["global_attention"] == "moba":
-            assert model["moba_block_size"] * model["moba_topk"] == TRAIN_LENGTH // 8  # 7/8 sparsity
-        assert model["head_dim"] == 64
-
-
-def test_stopped_training_is_reported_and_export_leaves_out_checkpoints(tmp_path):
-    log = tmp_path / "sleep.log"
-    assert run_module.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 0.5) == "stopped"
-    directory = tmp_path / "some-run"
-    (directory / "checkpoints").mkdir(parents=True)
-    (directory / "checkpoints" / "step_0000001.pt").write_bytes(b"x")
-    (directory / "metrics.jsonl").write_text("{}\n")
-    import tarfile
-
-    with tarfile.open(run_module.export_outputs(directory, tmp_path / "out")) as archive:
-        assert archive.getnames() == ["some-run", "some-run/metrics.jsonl"]
-
-
-def test_a_tiny_real_run_goes_through_train_eval_and_report(tmp_path):
-    """run.py with flashmoba train and eval for real (2 steps, one length): the report reads their files."""
-    tiny = replace(
-        PILOT_PROTOCOL,
-        training=replace(PILOT_PROTOCOL.training, max_steps=2, batch_size=1, eval_every=2, save_every=2),
-        evaluation=EvaluationSettings(lengths=(512,), tasks=("niah1",), samples=1, ppl_batches=1),
-        seeds_by_configuration={"moba-32": (0,)},
-        runs_dir=str(tmp_path / "runs"),
-    )
-    run = tiny.run("moba-32-seed0")
-    cost = run_module.make_run(tiny, run, "cpu", max_minutes=None)
-    assert cost["trained_steps"] == 2 and cost["trained_tokens"] == 2 * 512 and len(cost["calls"]) == 1
-    again = run_module.make_run(tiny, run, "cpu", max_minutes=None)  # resumes: nothing left to do
-    assert again["calls"][-1]["training"].startswith("skipped") and again["calls"][-1][
-        "evaluation"
-    ].startswith("skipped")
-
-    outputs = report.load_runs(tiny, tmp_path / "runs")
-    assert outputs["moba-32-seed0"].complete
-    results = outputs["moba-32-seed0"].results
-    assert report.heldout_loss(results) > 0 and report.accuracy(results, "niah1", 512) in (0.0, 100.0)
-    assert report.router_recall(results, 512) is not None
-    text = report.build_report(tiny, tmp_path / "runs", tmp_path / "REPORT.md", tmp_path / "figures")
-    assert "1 of 1 runs complete" in text and "CPU pipeline check" in text
 
 
 def test_reruns_are_checked_against_the_seed_ranges(tmp_path):
