@@ -1,3 +1,5 @@
+"""``python -m flashmoba <command>``: the ``flashmoba`` command (``flashmoba.cli``)."""
+
 import sys
 
 from flashmoba.cli import main

@@ -1,12 +1,13 @@
-"""Model-side building blocks: the key convolution and an attention layer with MoBA, dense or sliding window."""
+"""Model-side building blocks: the key convolution, attention functions without parameters, and an
+attention layer with MoBA, dense or sliding-window attention.
 
-from flashmoba.nn.attention import (
-    MoBAAttention,
-    PackedSequences,
-    dense_causal_attention,
-    rotary_embedding,
-    sliding_window_attention,
-)
+- ``flashmoba.nn.functional``: rotary embedding; dense, flash-varlen and sliding-window attention;
+- ``flashmoba.nn.attention``: ``PackedSequences`` and the ``MoBAAttention`` layer;
+- ``flashmoba.nn.keyconv``: ``KeyConv``.
+"""
+
+from flashmoba.nn.attention import MoBAAttention, PackedSequences
+from flashmoba.nn.functional import dense_causal_attention, rotary_embedding, sliding_window_attention
 from flashmoba.nn.keyconv import KeyConv, causal_depthwise_conv, positions_in_sequence
 
 __all__ = [

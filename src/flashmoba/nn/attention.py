@@ -9,175 +9,49 @@ convolution and optional rotary position embeddings, and calls one of three atte
 
 Inputs are either padded ``[batch, seqlen, hidden]`` (one sequence per row) or packed
 ``[total, hidden]`` with ``cu_seqlens`` (int32 ``[num_sequences + 1]``): then no attention, key
-convolution or rotary position crosses a sequence boundary.
+convolution or rotary position crosses a sequence boundary. The dense and sliding-window functions
+themselves are ``flashmoba.nn.functional``.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from flashmoba._checks import check_choice, check_cu_seqlens_values, check_int, check_positive_int
 from flashmoba.api import moba_attn, moba_attn_varlen, moba_select
+from flashmoba.nn.functional import _flash_varlen_function as _flash_varlen_function
+from flashmoba.nn.functional import (
+    dense_causal_attention,
+    flash_varlen_attention,
+    flash_varlen_supported,
+    rotary_embedding,
+    sliding_window_attention,
+)
 from flashmoba.nn.keyconv import KeyConv, positions_in_sequence
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "USE_FLASH_VARLEN",
+    "MoBAAttention",
+    "PackedSequences",
+    # functional names under their old path (they live in flashmoba.nn.functional)
+    "dense_causal_attention",
+    "flash_varlen_attention",
+    "flash_varlen_supported",
+    "rotary_embedding",
+    "sliding_window_attention",
+]
 
 ATTENTION_KINDS = ("moba", "dense", "sliding")
 
-
-# ----------------------------------------------------------------------------------------------------
-# Rotary position embedding (rotate-half layout of GPT-NeoX / Llama)
-# ----------------------------------------------------------------------------------------------------
-
-
-def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate ``x [..., T, H, D]`` by the angles of ``positions [..., T]`` (D even); float32 math."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., T, D/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(-2)  # [..., T, 1, D]
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(-2)
-    x_float = x.float()
-    first, second = x_float.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x_float * cos + rotated * sin).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Dense and sliding-window attention on top of SDPA
-# ----------------------------------------------------------------------------------------------------
-
-
-def _repeat_kv(x: torch.Tensor, groups: int, head_dim_axis: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=head_dim_axis)
-
-
-def dense_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sequence_bounds: list[int] | None = None
-) -> torch.Tensor:
-    """Causal softmax attention. q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``; or packed q ``[total, Hq, D]``
-    with ``sequence_bounds`` (the values of cu_seqlens as a Python list): one SDPA call per sequence."""
-    groups = q.shape[-2] // k.shape[-2]
-    if sequence_bounds is None:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            _repeat_kv(k, groups, 2).transpose(1, 2),
-            _repeat_kv(v, groups, 2).transpose(1, 2),
-            is_causal=True,
-            scale=scale,
-        )
-        return out.transpose(1, 2)
-    outputs = []
-    for start, end in zip(sequence_bounds[:-1], sequence_bounds[1:]):
-        if end > start:
-            outputs.append(
-                dense_causal_attention(q[None, start:end], k[None, start:end], v[None, start:end], scale)[0]
-            )
-    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
-
-
-# On CUDA, packed dense and sliding-window attention can use PyTorch's own flash varlen kernel when this
-# PyTorch has it (torch.nn.attention.varlen): one call for the whole packed batch instead of one SDPA call
-# per sequence (dense) or chunked SDPA with a mask (sliding). Checked against the SDPA path (outputs and
-# gradients, dense and sliding) by tests/gpu/test_model_gpu.py on an H100 with PyTorch 2.11 (RESULTS.md).
+# The layer's switch for PyTorch's flash varlen kernel on packed CUDA batches (when
+# flash_varlen_supported): False sends packed dense and sliding-window attention through SDPA instead.
 USE_FLASH_VARLEN = True
 
 
-@functools.lru_cache(maxsize=1)
-def _flash_varlen_function():
-    """(varlen_attn, names of its keyword arguments), or None when this PyTorch has no varlen attention."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
-
-
-def flash_varlen_supported(q: torch.Tensor, window_size: int | None = None) -> bool:
-    found = _flash_varlen_function()
-    if not (USE_FLASH_VARLEN and found and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    return window_size is None or "window_size" in found[1]
-
-
-def flash_varlen_attention(q, k, v, packed: PackedSequences, scale: float, window_size: int | None = None):
-    """Causal (optionally sliding-window) attention of packed ``[total, H, D]`` tensors in one flash call."""
-    varlen_attn, parameters = _flash_varlen_function()
-    groups = q.shape[-2] // k.shape[-2]
-    k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)
-    if "window_size" in parameters:  # (left, right): a query sees window_size - 1 earlier keys and itself
-        options = {"window_size": (-1 if window_size is None else window_size - 1, 0)}
-    else:
-        options = {"is_causal": True}
-    return varlen_attn(
-        q,
-        k,
-        v,
-        packed.cu_seqlens,
-        packed.cu_seqlens,
-        packed.max_seqlen,
-        packed.max_seqlen,
-        scale=scale,
-        **options,
-    )
-
-
-def sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window_size: int,
-    scale: float,
-    sequence_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Query i sees keys j with ``i - window_size < j <= i`` (and of its own sequence).
-
-    q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]``; ``sequence_ids [B, T]`` marks packed sequences (pass a
-    packed batch as B = 1). Cost O(T * window): queries are cut into chunks of ``window_size``, each
-    chunk attends to itself and the previous chunk through SDPA with a small boolean mask.
-    """
-    batch, seqlen, heads_q, head_dim = q.shape
-    groups = heads_q // k.shape[2]
-    chunk = window_size
-    num_chunks = -(-seqlen // chunk)
-    pad = num_chunks * chunk - seqlen
-    if sequence_ids is None:
-        sequence_ids = torch.zeros(batch, seqlen, dtype=torch.int64, device=q.device)
-    # Padding tokens get sequence id -1, so real queries never see them.
-    sequence_ids = F.pad(sequence_ids.to(torch.int64), (0, pad), value=-1).view(batch, num_chunks, chunk)
-    q, k, v = (
-        F.pad(t, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk, t.shape[2], head_dim) for t in (q, k, v)
-    )
-
-    def with_previous_chunk(t: torch.Tensor, fill) -> torch.Tensor:
-        previous = torch.cat([torch.full_like(t[:, :1], fill), t[:, :-1]], dim=1)
-        return torch.cat([previous, t], dim=2)  # [batch, num_chunks, 2 * chunk, ...]
-
-    keys, values = with_previous_chunk(k, 0.0), with_previous_chunk(v, 0.0)
-    key_sequence_ids = with_previous_chunk(sequence_ids, -1)
-    # Query at offset i of a chunk and key at offset j of [previous chunk, chunk] are i + chunk - j apart.
-    distance = (
-        torch.arange(chunk, device=q.device)[:, None] + chunk - torch.arange(2 * chunk, device=q.device)
-    )
-    in_window = (distance >= 0) & (distance < window_size)
-    mask = in_window & (
-        sequence_ids.unsqueeze(-1) == key_sequence_ids.unsqueeze(-2)
-    )  # [batch, chunks, C, 2C]
-
-    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [batch, chunks, L, H, D] -> [batch * chunks, H, L, D]
-        return t.reshape(batch * num_chunks, t.shape[2], t.shape[3], head_dim).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(
-        heads_first(q),
-        heads_first(_repeat_kv(keys, groups, 3)),
-        heads_first(_repeat_kv(values, groups, 3)),
-        attn_mask=mask.reshape(batch * num_chunks, 1, chunk, 2 * chunk),
-        scale=scale,
-    )
-    out = out.transpose(1, 2).reshape(batch, num_chunks * chunk, heads_q, head_dim)
-    return out[:, :seqlen]
+def _use_flash_varlen(q: torch.Tensor, window_size: int | None = None) -> bool:
+    return USE_FLASH_VARLEN and flash_varlen_supported(q, window_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,9 +71,8 @@ class PackedSequences:
             raise ValueError("cu_seqlens must be a 1-D tensor [num_sequences + 1] with at least 2 entries")
         self.cu_seqlens = cu_seqlens.to(torch.int32)
         self.bounds = [int(b) for b in cu_seqlens.tolist()]
-        lengths = [end - start for start, end in zip(self.bounds[:-1], self.bounds[1:])]
-        if self.bounds[0] != 0 or min(lengths) < 0:
-            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {self.bounds}")
+        # Any integer dtype is taken (and stored as int32); the packed length is the last offset.
+        lengths = check_cu_seqlens_values("cu_seqlens", self.bounds, self.bounds[-1])
         longest = max(lengths)
         self.max_seqlen = longest if max_seqlen is None else int(max_seqlen)
         if self.max_seqlen < longest:
@@ -254,23 +127,17 @@ class MoBAAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        for name, value in [
-            ("hidden_size", hidden_size),
-            ("num_heads", num_heads),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-            ("block_size", block_size),
-            ("topk", topk),
-            ("window_size", window_size),
-        ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        hidden_size = check_positive_int("hidden_size", hidden_size)
+        num_heads = check_positive_int("num_heads", num_heads)
+        num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads)
+        head_dim = check_positive_int("head_dim", head_dim)
+        block_size = check_positive_int("block_size", block_size)
+        topk = check_positive_int("topk", topk)
+        window_size = check_positive_int("window_size", window_size)
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if isinstance(kconv_size, bool) or not isinstance(kconv_size, int) or kconv_size < 0:
-            raise ValueError(f"kconv_size must be an int >= 0, got {kconv_size!r}")
+        check_choice("attention", attention, ATTENTION_KINDS)
+        kconv_size = check_int("kconv_size", kconv_size, minimum=0)
         if rope and head_dim % 2 != 0:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -293,7 +160,10 @@ class MoBAAttention(nn.Module):
         self.key_conv = KeyConv(num_kv_heads * head_dim, kconv_size) if kconv_size > 0 else None
 
     def extra_repr(self) -> str:
-        extra = f"attention={self.attention!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        extra = (
+            f"attention={self.attention!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}"
+        )
         if self.attention == "moba":
             extra += f", block_size={self.block_size}, topk={self.topk}, backend={self.backend!r}"
         if self.attention == "sliding":
@@ -369,12 +239,12 @@ class MoBAAttention(nn.Module):
                     check_cu_seqlens=False,  # PackedSequences checked them once for every layer
                 )
         elif self.attention == "dense":
-            if packed is not None and flash_varlen_supported(q):
+            if packed is not None and _use_flash_varlen(q):
                 out = flash_varlen_attention(q, k, v, packed, scale)
             else:
                 out = dense_causal_attention(q, k, v, scale, packed.bounds if packed is not None else None)
         else:
-            if packed is not None and flash_varlen_supported(q, self.window_size):
+            if packed is not None and _use_flash_varlen(q, self.window_size):
                 out = flash_varlen_attention(q, k, v, packed, scale, self.window_size)
             elif packed is None:
                 out = sliding_window_attention(q, k, v, self.window_size, scale)

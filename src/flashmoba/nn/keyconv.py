@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashmoba._checks import check_choice, check_cu_seqlens_values, check_positive_int
+
 
 def positions_in_sequence(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Position of each packed token inside its own sequence, ``[total]`` int64 (no host sync)."""
@@ -69,12 +71,9 @@ class KeyConv(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, *, init: str = "conv"):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
-        if init not in ("conv", "zeros"):
-            raise ValueError(f"init must be 'conv' or 'zeros', got {init!r}")
+        channels = check_positive_int("channels", channels)
+        kernel_size = check_positive_int("kernel_size", kernel_size)
+        check_choice("init", init, ("conv", "zeros"))
         self.channels = channels
         self.kernel_size = kernel_size
         self.init = init
@@ -122,11 +121,7 @@ class KeyConv(nn.Module):
                 or cu_seqlens.is_floating_point()
             ):
                 raise TypeError("cu_seqlens must be a 1-D integer torch.Tensor [num_sequences + 1]")
-            bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != k.shape[0] or any(b < a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError(
-                    f"cu_seqlens must rise from 0 to the packed length {k.shape[0]}, got {bounds}"
-                )
+            check_cu_seqlens_values("cu_seqlens", cu_seqlens.tolist(), k.shape[0])
             positions = positions_in_sequence(cu_seqlens, k.shape[0])
         elif positions is not None:
             if k.ndim != 2 or positions.shape != k.shape[:1]:
@@ -135,7 +130,8 @@ class KeyConv(nn.Module):
                 )
         elif k.ndim != 3:
             raise ValueError(
-                f"k must be [batch, seqlen, channels], or [total, channels] with cu_seqlens, got shape {tuple(k.shape)}"
+                "k must be [batch, seqlen, channels], or [total, channels] with cu_seqlens, "
+                f"got shape {tuple(k.shape)}"
             )
         conv = causal_depthwise_conv(k, self.weight, positions)
         return (k + F.silu(conv)).to(k.dtype)

@@ -1,7 +1,8 @@
 """The ``flashmoba`` command: one subcommand per job, each implemented by a module's ``main(argv)``.
 
 Subcommands import their module lazily so that ``flashmoba --help`` stays fast and a missing optional
-dependency of one job never breaks another.
+dependency of one job never breaks another. This package is the top layer: nothing in flashmoba imports
+it except ``flashmoba/__main__.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("flashmoba.demo", "compute MoBA on generated inputs and check it against dense attention"),
-    "bench": ("flashmoba.bench", "benchmark flashmoba against dense attention"),
-    "train": ("flashmoba.train", "train the hybrid MoBA language model"),
-    "eval": ("flashmoba.evaluate", "evaluate a checkpoint: perplexity, S-NIAH retrieval, router recall"),
-    "snr": ("flashmoba.snr_cli", "the router's signal-to-noise model against Monte-Carlo simulation"),
+    "demo": ("flashmoba.cli.demo", "compute MoBA on generated inputs and check it against dense attention"),
+    "bench": ("flashmoba.cli.bench", "benchmark flashmoba against dense attention"),
+    "train": ("flashmoba.cli.train", "train the hybrid MoBA language model"),
+    "eval": ("flashmoba.cli.eval", "evaluate a checkpoint: perplexity, S-NIAH retrieval, router recall"),
+    "snr": ("flashmoba.cli.snr", "the router's signal-to-noise model against Monte-Carlo simulation"),
 }
+
+__all__ = ["SUBCOMMANDS", "main"]
 
 
 def _usage() -> str:

@@ -1,3 +1,5 @@
+"""The flashmoba command table and the demo command (flashmoba.cli, flashmoba.cli.demo)."""
+
 from flashmoba.cli import main
 
 

@@ -1,0 +1,259 @@
+"""``flashmoba bench``: flashmoba against dense attention, latency and peak memory over sequence length.
+
+Rows (one per implementation, sequence length, head_dim and block size / topk pair) come from
+``flashmoba.bench.measure``: ``flashmoba`` (Triton, routing included), ``sdpa_flash``, ``sdpa_cudnn`` and
+``flex`` (FlexAttention with a MoBA BlockMask). Results go to ``benchmarks/results/<card>.json`` (a list
+of rows: card, impl, seqlen, batch, heads, head_dim, block_size, topk, causal, route_ms, fwd_ms,
+fwd_bwd_ms, peak_mem_gib) with a plot beside it. Without CUDA it says so and compares the reference with
+the Triton interpreter on a small case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flashmoba.api import moba_attn
+from flashmoba.bench import DEFAULT_SEQLENS, IMPLEMENTATIONS, card_name, measure, router_tflops
+from flashmoba.bench.timing import _file_stem
+
+
+def _repeats(seqlen: int, requested: int | None) -> int:
+    """Fewer repeats where one call takes seconds (dense attention at 256K+ takes tens of seconds)."""
+    if requested is not None:
+        return requested
+    return 20 if seqlen <= 32768 else 5 if seqlen <= 131072 else 2
+
+
+def print_table(rows: list[dict]) -> None:
+    dense = {
+        (r["seqlen"], r["head_dim"], r["batch"], r["heads"]): r for r in rows if r["impl"] == "sdpa_flash"
+    }
+    header = (
+        f"{'impl':<10} {'N':>7} {'B':>4} {'k':>3} {'route ms':>9} {'fwd ms':>9} {'fwd+bwd':>9} "
+        f"{'fwd x':>7} {'f+b x':>7} {'GiB':>6} {'route TF/s':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if row.get("error"):
+            print(f"{row['impl']:<10} {row['seqlen']:>7} {'':>4} {'':>3}  failed: {row['error'][:60]}")
+            continue
+        base = dense.get((row["seqlen"], row["head_dim"], row["batch"], row["heads"]))
+        print(
+            f"{row['impl']:<10} {row['seqlen']:>7} {_number(row['block_size'], 'd'):>4} "
+            f"{_number(row['topk'], 'd'):>3} "
+            f"{_number(row['route_ms']):>9} {_number(row['fwd_ms']):>9} {_number(row['fwd_bwd_ms']):>9} "
+            f"{_speedup(base, row, 'fwd_ms'):>7} {_speedup(base, row, 'fwd_bwd_ms'):>7} "
+            f"{_number(row['peak_mem_gib']):>6} {_number(router_tflops(row), '.0f'):>10}"
+        )
+
+
+def _speedup(base: dict | None, row: dict, field: str) -> str:
+    """How many times faster ``row`` is than the dense row ``base`` in ``field``, or "-"."""
+    if base is None or base.get(field) is None or row.get(field) is None:
+        return "-"
+    return f"{base[field] / row[field]:.1f}x"
+
+
+def _number(value, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Latency and peak memory against N (the shape of the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("error"):
+            continue
+        label = (
+            row["impl"]
+            if row["block_size"] is None
+            else f"{row['impl']} B={row['block_size']} k={row['topk']}"
+        )
+        series.setdefault(f"{label} d={row['head_dim']}", []).append(row)
+    for label, points in series.items():
+        points.sort(key=lambda r: r["seqlen"])
+        seqlens = [r["seqlen"] for r in points]
+        for axis, field in zip(axes, ("fwd_ms", "fwd_bwd_ms", "peak_mem_gib")):
+            axis.plot(seqlens, [r[field] for r in points], marker="o", label=label)
+    for axis, title in zip(axes, ("forward (ms)", "forward + backward (ms)", "peak memory fwd+bwd (GiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length N")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"flashmoba vs dense attention on {rows[0]['card'] if rows else '?'}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def cpu_comparison() -> int:
+    """No CUDA: compare the reference with the Triton kernels in Triton's interpreter on a small case."""
+    print(
+        "flashmoba bench: no CUDA device here; the GPU benchmark needs one. Running a small CPU comparison "
+        "instead: the PyTorch reference against the Triton kernels in Triton's interpreter."
+    )
+    os.environ["TRITON_INTERPRET"] = "1"
+    generator = torch.Generator().manual_seed(0)
+    batch, seqlen, heads, head_dim, block_size, topk = 1, 256, 2, 32, 32, 3
+    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, generator=generator) for _ in range(3))
+    results = {}
+    for backend in ("reference", "triton"):
+        start = time.perf_counter()
+        try:
+            results[backend] = moba_attn(q, k, v, block_size, topk, backend=backend)
+        except NotImplementedError as error:
+            print(f"  {backend}: not available ({error})")
+            continue
+        print(
+            f"  {backend:<9} forward {1e3 * (time.perf_counter() - start):8.1f} ms  "
+            f"(B={batch} N={seqlen} H={heads} d={head_dim} block {block_size} topk {topk}, float32)"
+        )
+    if len(results) == 2:
+        error = (results["triton"] - results["reference"]).abs().max().item()
+        print(f"  max |triton - reference| = {error:.2e}")
+        return 0 if error < 1e-4 else 1
+    return 0
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashmoba bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlens", type=_parse_ints, default=list(DEFAULT_SEQLENS))
+    parser.add_argument(
+        "--block-sizes",
+        type=_parse_ints,
+        default=[128],
+        help="comma list; paired with --topks position by position",
+    )
+    parser.add_argument("--topks", type=_parse_ints, default=[8])
+    parser.add_argument("--head-dims", type=_parse_ints, default=[128])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument(
+        "--non-causal", action="store_true", help="benchmark non-causal MoBA (dense stays causal)"
+    )
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument(
+        "--dense-max-seqlen", type=int, default=1 << 20, help="skip dense baselines above this N"
+    )
+    parser.add_argument("--flex-max-seqlen", type=int, default=65536, help="skip FlexAttention above this N")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<card>.json")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only redraw the plot and table of an existing results file",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+
+    if args.replot is not None:
+        rows = json.loads(args.replot.read_text())
+        plot(rows, args.replot.with_suffix(".png"))
+        print_table(rows)
+        return 0
+
+    if not torch.cuda.is_available():
+        return cpu_comparison()
+    if len(args.block_sizes) != len(args.topks):
+        parser.error("--block-sizes and --topks must have the same number of entries")
+    impls = [name for name in args.impls.split(",") if name]
+    unknown = set(impls) - set(IMPLEMENTATIONS)
+    if unknown:
+        parser.error(f"unknown --impls {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
+    out = args.out or Path("benchmarks/results") / f"{_file_stem(card_name())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    rows = _run_jobs(_jobs(args, impls), args.repeats, out)
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
+        print(f"no plot ({error}); run 'flashmoba bench --replot {out}' where matplotlib is installed")
+    print(
+        f"\n{card_name()}, {args.dtype}, batch {args.batch}, {args.heads} heads; speedups against sdpa_flash "
+        f"in this run; results in {out}"
+    )
+    print_table(rows)
+    return 0
+
+
+def _jobs(args, impls: list[str]) -> list[tuple[str, dict]]:
+    """(implementation, configuration) pairs in run order; dense baselines ignore block size and topk."""
+    jobs = []
+    for seqlen in args.seqlens:
+        for head_dim in args.head_dims:
+            base = dict(
+                batch=args.batch,
+                seqlen=seqlen,
+                heads=args.heads,
+                head_dim=head_dim,
+                causal=not args.non_causal,
+                dtype=args.dtype,
+            )
+            for impl in impls:
+                if impl in ("sdpa_flash", "sdpa_cudnn"):
+                    if seqlen <= args.dense_max_seqlen:
+                        jobs.append((impl, dict(base, block_size=None, topk=None)))
+                    continue
+                if impl == "flex" and seqlen > args.flex_max_seqlen:
+                    continue
+                for block_size, topk in zip(args.block_sizes, args.topks):
+                    jobs.append((impl, dict(base, block_size=block_size, topk=topk)))
+    return jobs
+
+
+def _run_jobs(jobs: list[tuple[str, dict]], repeats: int | None, out: Path) -> list[dict]:
+    """Measure each job; a job that fails leaves a row with its error. The file is rewritten after each
+    job, so that a later run that dies keeps the partial results."""
+    rows = []
+    for impl, config in tqdm(jobs, desc="flashmoba bench", unit="run"):
+        try:
+            row = measure(impl, config, _repeats(config["seqlen"], repeats))
+        except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as error:
+            row = _failed_row(impl, config, error)
+        rows.append(row)
+        torch.cuda.empty_cache()
+        out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _failed_row(impl: str, config: dict, error: Exception) -> dict:
+    return dict(
+        card=card_name(),
+        impl=impl,
+        causal=config["causal"],
+        **{key: config[key] for key in ("seqlen", "batch", "heads", "head_dim", "block_size", "topk")},
+        route_ms=None,
+        fwd_ms=None,
+        fwd_bwd_ms=None,
+        peak_mem_gib=None,
+        error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+    )
