@@ -1,11 +1,12 @@
-"""GPU checks of the model side (skipped without CUDA): flash varlen paths, Triton MoBA in the layer, bf16 training."""
+"""GPU checks of the model side (skipped without CUDA): flash varlen paths, Triton MoBA in the layer,
+bf16 training."""
 
 import time
 
 import pytest
 import torch
 
-from flashmoba.model import HybridLM, model_config_from_preset
+from flashmoba.models import HybridLM, model_config_from_preset
 from flashmoba.nn import KeyConv, MoBAAttention, PackedSequences
 from flashmoba.nn import attention as attention_module
 

@@ -1,10 +1,11 @@
-"""flashmoba eval's scoring: an oracle model scores 100%, a wrong one 0%; router recall at full top-k is 100%."""
+"""flashmoba eval's scoring: an oracle model scores 100%, a wrong one 0%; router recall at full top-k is
+100%."""
 
 import torch
 from torch import nn
 
-from flashmoba.evaluate import default_lengths, evaluate_retrieval
-from flashmoba.model import HybridLM, model_config_from_preset
+from flashmoba.evaluation.retrieval import default_lengths, evaluate_retrieval
+from flashmoba.models import HybridLM, model_config_from_preset
 
 
 class OracleLM(nn.Module):

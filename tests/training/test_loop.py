@@ -1,4 +1,5 @@
-"""flashmoba train / eval on CPU: the tiny preset learns, resume is exact, torchrun with 2 processes works."""
+"""flashmoba train / eval on CPU: the tiny preset learns, resume is exact, the schedule, torchrun with 2
+processes works (through the old ``-m flashmoba.train`` entry)."""
 
 import json
 import os
@@ -7,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from flashmoba import evaluate
-from flashmoba import train as train_module
-from flashmoba.train import learning_rate, parse_config
+from flashmoba.cli import eval as eval_command
+from flashmoba.cli import train as train_command
+from flashmoba.cli.train import parse_config
+from flashmoba.models.checkpoint import load_model
+from flashmoba.training.loop import learning_rate
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -52,7 +56,7 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
     """The acceptance command, then flashmoba eval on its checkpoint."""
     run = tmp_path / "run"
     assert (
-        train_module.main(
+        train_command.main(
             ["--preset", "tiny", "--max-steps", "30", "--device", "cpu", "--out", str(run), "--no-progress"]
         )
         == 0
@@ -68,7 +72,7 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
 
     out = tmp_path / "eval"
     assert (
-        evaluate.main(
+        eval_command.main(
             [
                 "--checkpoint",
                 str(run),
@@ -100,11 +104,11 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
 
 def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, small_corpus):
     full = tmp_path / "full"
-    train_module.main(
+    train_command.main(
         small_run_args(full, small_corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3")
     )
     resumed = tmp_path / "resumed"
-    train_module.main(
+    train_command.main(
         small_run_args(
             resumed,
             small_corpus,
@@ -123,36 +127,10 @@ def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, small_corpus
         assert row["loss"] == pytest.approx(expected[row["step"]]["loss"], rel=1e-6, abs=1e-6)
         assert row["lr"] == expected[row["step"]]["lr"]
     # --resume auto in the same directory continues from the latest checkpoint.
-    train_module.main(
+    train_command.main(
         small_run_args(full, small_corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto")
     )
     assert [row["step"] for row in read_metrics(full)] == [1, 2, 3, 4, 5, 6]
-
-
-def test_config_file_and_flags(tmp_path):
-    config_file = tmp_path / "config.json"
-    config_file.write_text(
-        json.dumps(
-            {
-                "preset": "tiny",
-                "model": {"kconv_size": 5, "rope_base": 500.0},
-                "data": {"task_fraction": 0.25},
-                "lr": 1e-3,
-            }
-        )
-    )
-    config = parse_config(
-        ["--config", str(config_file), "--attn", "dense", "--lr", "2e-3", "--block-size", "16"]
-    )
-    assert (config.model.kconv_size, config.model.rope_base, config.model.global_attention) == (
-        5,
-        500.0,
-        "dense",
-    )
-    assert (config.model.moba_block_size, config.lr, config.data.task_fraction) == (16, 2e-3, 0.25)
-    config_file.write_text(json.dumps({"model": {"kconv": 3}}))
-    with pytest.raises(ValueError, match="kconv"):
-        parse_config(["--config", str(config_file)])
 
 
 def test_learning_rate_schedule():
@@ -188,7 +166,5 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_corpus, strategy):
     assert metrics[0]["tokens"] == 2 * 2 * 128  # two processes, each 2 rows of 128 tokens
     assert (run / "checkpoints" / "step_0000003.pt").is_file()
     # The checkpoint of a sharded run is a plain full state dict that eval loads on one process.
-    model, _ = evaluate.load_model(
-        run / "checkpoints" / "step_0000003.pt", device=__import__("torch").device("cpu")
-    )
+    model, _ = load_model(run / "checkpoints" / "step_0000003.pt", device=torch.device("cpu"))
     assert model.num_parameters() > 0

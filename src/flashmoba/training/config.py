@@ -1,0 +1,245 @@
+"""The settings of a training run: ``TrainConfig`` (with nested ``ModelConfig`` and ``DataConfig``), the
+presets, their precedence, and the typed read of config files and of a run's stored config.
+
+Settings come from, in increasing priority: the field defaults (the paper's optimiser: AdamW 0.9/0.95,
+weight decay 0.1, cosine schedule with warmup, peak LR 6e-4, gradient clipping 1.0, bf16 autocast on
+GPU), the preset (model shape, sequence length, batch), a JSON config file (the fields of
+``TrainConfig``; ``model`` and ``data`` are nested objects), then command-line flags.
+
+Each field's metadata holds its ``help`` text and, where the train command offers a fixed set, its
+``choices``; ``flashmoba train`` generates its flags from them. Values read from a file or a stored
+config are checked against the field's type, and an error names the field (``model.moba_topk must be
+an int, got str '8'``); ``validate_config`` then checks the ranges.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+from flashmoba._checks import check_bool, check_choice, check_int, check_positive_int, check_real
+from flashmoba.data import TASKS, ByteTokenizer
+from flashmoba.models.hybrid import MODEL_PRESETS, ModelConfig, model_config_from_preset
+from flashmoba.training.runtime import PRECISIONS
+
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
+POSITIVE_INT_FIELDS = (
+    "seq_len",
+    "batch_size",
+    "grad_accum_steps",
+    "max_steps",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "eval_batches",
+)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = field(
+        default="python",
+        metadata={"help": "'python' (offline default), a text/jsonl/token-shard path or glob, or hf:NAME"},
+    )
+    val_fraction: float = field(default=0.05, metadata={"help": "share of the corpus held out"})
+    bos_id: int | None = field(
+        default=None,
+        metadata={"help": "document-start token of token shards (default: the byte tokenizer's)"},
+    )
+    task_fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of rows that are S-NIAH/passkey samples (byte tokenizer only)"},
+    )
+    answer_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "loss weight of retrieval answers' tokens (1: plain next-token loss)"},
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(TASKS),
+        metadata={"help": f"retrieval tasks of the task rows, comma-separated, among {','.join(TASKS)}"},
+    )
+    max_bytes: int = field(
+        default=200_000_000, metadata={"help": "text read from text files or a streamed dataset"}
+    )
+
+
+@dataclass
+class TrainConfig:
+    preset: str = field(
+        default="tiny",
+        metadata={
+            "help": "model size and its training defaults (default tiny)",
+            "choices": tuple(sorted(MODEL_PRESETS)),
+        },
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seq_len: int = field(default=8192, metadata={"help": "tokens per row (the paper trains at 8K)"})
+    batch_size: int = field(default=8, metadata={"help": "rows per process per micro-step"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    max_steps: int = field(
+        default=1000, metadata={"help": "optimizer steps (the cosine schedule spans them)"}
+    )
+    lr: float = field(default=6e-4, metadata={"help": "peak learning rate (default 6e-4)"})
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "the cosine ends at lr * min_lr_ratio (the paper does not say)"}
+    )
+    warmup_steps: int = field(
+        default=-1,
+        metadata={"help": "linear warmup steps (default -1: 1% of max steps, at least 1, at most 2000)"},
+    )
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of matrices"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and of every batch"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu or cuda"})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU", "choices": PRECISIONS},
+    )
+    distributed: str = field(
+        default="ddp",
+        metadata={"help": "under torchrun: DDP or FSDP2 (fully_shard)", "choices": DISTRIBUTED_STRATEGIES},
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each layer in backward"}
+    )
+    log_every: int = field(default=1, metadata={"help": "a metrics row every N steps"})
+    eval_every: int = field(default=0, metadata={"help": "validation loss every N steps (0: at the end)"})
+    eval_batches: int = field(default=4, metadata={"help": "validation batches per process"})
+    save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    out: str = field(default="runs/latest", metadata={"help": "output directory"})
+    resume: str | None = field(
+        default=None, metadata={"help": "'auto' (latest checkpoint in --out) or a checkpoint file"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+    def resolved_warmup_steps(self) -> int:
+        if self.warmup_steps >= 0:
+            return self.warmup_steps
+        return min(2000, max(1, self.max_steps // 100))
+
+
+# Training defaults that go with each model preset (model shapes are in models.hybrid.MODEL_PRESETS).
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(seq_len=512, batch_size=8, max_steps=200, save_every=100, eval_batches=2),
+    "small": dict(seq_len=4096, batch_size=16, max_steps=5000),
+    "medium": dict(seq_len=8192, batch_size=8, max_steps=10000),
+    "340m": dict(seq_len=8192, batch_size=8, max_steps=200_000),
+    "1b": dict(seq_len=8192, batch_size=4, max_steps=200_000),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Typed values
+# ----------------------------------------------------------------------------------------------------
+
+
+def field_types(config_class) -> dict[str, object]:
+    """Field name -> its resolved type annotation (the modules use postponed annotations)."""
+    return typing.get_type_hints(config_class)
+
+
+def optional_inner(annotation):
+    """``X`` for ``X | None``, else None."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return None
+
+
+def typed_value(name: str, annotation, value):
+    """``value`` checked against a field's annotation (bool, int, float, str, list[str], X | None), as
+    that type; ``name`` is the dotted field name errors report."""
+    inner = optional_inner(annotation)
+    if inner is not None:
+        return None if value is None else typed_value(name, inner, value)
+    if annotation is bool:
+        return check_bool(name, value)
+    if annotation is int:
+        return check_int(name, value)
+    if annotation is float:
+        return check_real(name, value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+        return value
+    if typing.get_origin(annotation) is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [typed_value(f"{name}[{index}]", item, v) for index, v in enumerate(value)]
+    raise TypeError(f"{name}: unsupported setting type {annotation!r}")
+
+
+def update_config(target, values: dict, where: str = "") -> None:
+    """Set the fields of the dataclass ``target`` named in ``values`` (nested dataclasses from nested
+    dicts), each checked against its type. ``where`` prefixes field names in errors (``"model."``)."""
+    known = {f.name: f for f in fields(target)}
+    annotations = field_types(type(target))
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f"unknown setting {where}{name!r} (known: {sorted(known)})")
+        current = getattr(target, name)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"setting {where}{name!r} must be an object, got {value!r}")
+            update_config(current, value, f"{where}{name}.")
+        else:
+            setattr(target, name, typed_value(f"{where}{name}", annotations[name], value))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precedence and validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def config_from_preset(preset: str) -> TrainConfig:
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
+    return TrainConfig(preset=preset, model=model_config_from_preset(preset), **TRAIN_PRESETS.get(preset, {}))
+
+
+def resolve_config(file_values: dict | None = None, flag_values: dict | None = None) -> TrainConfig:
+    """defaults < preset < config file < flags. Both arguments are nested dicts of TrainConfig fields; the
+    preset is the flags', else the file's, else ``tiny``."""
+    file_values, flag_values = dict(file_values or {}), dict(flag_values or {})
+    preset = flag_values.pop("preset", None) or file_values.pop("preset", "tiny")
+    file_values.pop("preset", None)
+    config = config_from_preset(preset)
+    update_config(config, file_values)
+    update_config(config, flag_values)
+    config.model = ModelConfig(**asdict(config.model))  # re-validate after the updates
+    validate_config(config)
+    return config
+
+
+def train_config_from_dict(values: dict) -> TrainConfig:
+    """A run's stored settings (its ``config.json``, or a checkpoint's ``config``) as a typed TrainConfig."""
+    config = TrainConfig()
+    update_config(config, values)
+    config.model = ModelConfig(**asdict(config.model))
+    validate_config(config)
+    return config
+
+
+def validate_config(config: TrainConfig) -> None:
+    for name in POSITIVE_INT_FIELDS:
+        check_positive_int(name, getattr(config, name))
+    check_real("lr", config.lr, exclusive_minimum=0)
+    check_real("min_lr_ratio", config.min_lr_ratio, minimum=0, maximum=1)
+    check_choice("precision", config.precision, PRECISIONS)
+    check_choice("distributed", config.distributed, DISTRIBUTED_STRATEGIES)
+    if config.data.task_fraction > 0 and config.model.vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(
+            "data.task_fraction > 0 needs the byte tokenizer's vocabulary (model.vocab_size >= 257)"
+        )
+    check_real("data.answer_loss_weight", config.data.answer_loss_weight, exclusive_minimum=0)
+    unknown_tasks = sorted(set(config.data.tasks) - set(TASKS))
+    if unknown_tasks:
+        raise ValueError(f"data.tasks must be among {TASKS}, got {unknown_tasks}")

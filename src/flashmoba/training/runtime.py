@@ -1,0 +1,44 @@
+"""Where a run computes: the device, and the one autocast policy of training and evaluation.
+
+Precision ``auto`` means bf16 autocast on CUDA and float32 on CPU; ``bf16`` and ``fp32`` force one.
+Float32 disables autocast explicitly, so a forward pass inside an outer autocast region stays float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``auto``: CUDA when present, else CPU. A CUDA device without an index takes ``local_rank``'s GPU
+    (one GPU per torchrun process) and becomes the current device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32``: what ``precision`` (one of PRECISIONS) means on ``device``."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The context a forward pass runs in: bf16 autocast, or autocast disabled (float32)."""
+    if resolved_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def autocast_context(config, device: torch.device):
+    """``autocast`` at a ``TrainConfig``'s precision."""
+    return autocast(device, config.precision)
