@@ -62,7 +62,7 @@ def capture_qk(
     """Run ``model(*inputs, **kwargs)`` once without gradients and return each MoBA layer's q and k.
 
     ``layers``: name -> attention module; default ``{"layer{i}": module for i, module in
-    model.moba_layers()}`` (``flashmoba.model.HybridLM``). Each module must expose
+    model.moba_layers()}`` (``flashmoba.models.HybridLM``). Each module must expose
     ``project(x) -> (q, k, v)`` (as ``flashmoba.nn.MoBAAttention`` does); its input x is caught by a forward
     pre-hook and projected again, so q and k are exactly what its router sees (after key convolution).
     Batched inputs ``[batch, seqlen]`` only: q ``[batch, T, Hq, D]``, k ``[batch, T, Hkv, D]``. To use a
