@@ -11,7 +11,7 @@ head_dim 128, bf16, causal by default) and times
   so a changed signature only drops this column, recorded in the row's ``topk_error``),
 
 first with the default configuration (``router._topk_config``, no overrides), then with each configuration
-of the grid set through ``router.TOPK_CONFIG_OVERRIDES`` (restored afterwards). Every configuration's
+of the grid, passed to the router as a ``KernelConfig`` (``router_config``). Every configuration's
 selection must equal the default's (``torch.equal``); one that differs (``status: mismatch``, with the
 number of differing (query, head) rows and the float32 score spread of the swapped blocks of a sample of
 them: near-ties flipped by a different dot order show as a spread ~1e-3 of the scores) or fails to
@@ -38,7 +38,7 @@ Without CUDA it says so and runs a tiny self-check of the sweep itself on CPU in
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import itertools
 import json
 import os
@@ -54,9 +54,10 @@ from flashmoba import bench
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Partial overrides of router._topk_config (unset keys keep the default's choice for the case).
+# Partial overrides of router._topk_config by its launch names (unset keys keep the default's choice for
+# the case; see router_config).
 SMALL_GRID = [
-    dict(BLOCK_M=64, num_warps=4),  # the default before the H100 sweep of 2026-11-26 (NOTES section 3)
+    dict(BLOCK_M=64, num_warps=4),  # the earlier default (see "Router: top-k tiles" in NOTES.md)
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=8),
     dict(num_stages=3),
@@ -64,7 +65,7 @@ SMALL_GRID = [
     dict(INSERT_ROUNDS=8),
 ]
 
-# How many single-key insertions a tile may take before a full merge is cheaper (default 4).
+# How many single-key insertions a tile may take before a full merge is cheaper (default 8).
 INSERT_GRID = [dict(INSERT_ROUNDS=rounds) for rounds in (2, 8, 16, 32, 64)]
 
 # The CPU self-check: two configurations that differ from the default's (BLOCK_M 64, BLOCK_N 16 there)
@@ -115,17 +116,11 @@ def _parse_blocks(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-@contextlib.contextmanager
-def topk_overrides(overrides: dict):
-    """Set router.TOPK_CONFIG_OVERRIDES for the duration; the previous dict is restored even on errors."""
-    from flashmoba.ops import router
+def router_config(overrides: dict):
+    """The ``KernelConfig`` that sets these top-k launch settings (BLOCK_M, num_warps, FILTER, ...)."""
+    from flashmoba.ops.config import KernelConfig
 
-    previous = router.TOPK_CONFIG_OVERRIDES
-    router.TOPK_CONFIG_OVERRIDES = dict(overrides)
-    try:
-        yield
-    finally:
-        router.TOPK_CONFIG_OVERRIDES = previous
+    return KernelConfig.for_kernel("router", overrides)
 
 
 def effective_config(
@@ -133,11 +128,11 @@ def effective_config(
 ) -> tuple[dict, int]:
     """(the top-k kernel's configuration under these overrides, the running top-k list length)."""
     from flashmoba.ops import router
+    from flashmoba.ops.utils import head_dim_tile
 
     max_blocks = -(-seqlen // block_size)
     _, running_topk = router._running_topk(topk, max_blocks, causal)
-    with topk_overrides(overrides):
-        config = router._topk_config(router._head_dim_pad(head_dim), running_topk, max_blocks)
+    config = router._topk_config(head_dim_tile(head_dim), running_topk, max_blocks, router_config(overrides))
     return config, running_topk
 
 
@@ -197,12 +192,17 @@ def compare_selections(
     return result
 
 
+def _centroid_score(query, keys, block, block_size) -> float:
+    """query . centroid of one block of keys [S, D], the centroid formed as the kernel forms it."""
+    block_keys = keys[block * block_size : min((block + 1) * block_size, keys.shape[0])]
+    return float(query @ block_keys.float().mean(0).to(keys.dtype).float())
+
+
 def _swapped_score_spread(expected, got, rows, q, k, block_size) -> float | None:
     """max over rows of (max - min float32 score of the blocks one selection has and the other lacks) /
     max |score| of the row's selected blocks; centroids as the kernel forms them (mean in k's dtype).
     None where no sampled row swaps two real blocks."""
     heads_per_kv = q.shape[2] // k.shape[2]
-    seqlen_k = k.shape[1]
     worst = None
     for b, t, h in rows.tolist():
         chosen = set(expected[b, t, h].tolist()) | set(got[b, t, h].tolist())
@@ -212,12 +212,9 @@ def _swapped_score_spread(expected, got, rows, q, k, block_size) -> float | None
             continue
         blocks = sorted(x for x in chosen if x >= 0)
 
-        def score(block):
-            keys = k[b, block * block_size : min((block + 1) * block_size, seqlen_k), h // heads_per_kv]
-            centroid = keys.float().mean(0).to(k.dtype).float()
-            return float(q[b, t, h].float() @ centroid)
-
-        scores = {block: score(block) for block in blocks}
+        query = q[b, t, h].float()
+        keys_of_head = k[b, :, h // heads_per_kv]
+        scores = {block: _centroid_score(query, keys_of_head, block, block_size) for block in blocks}
         swapped_scores = [scores[x] for x in swapped if x in scores]
         if len(swapped_scores) < 2:  # not a swap of real blocks (e.g. a duplicate or a -1): no spread
             continue
@@ -248,7 +245,7 @@ def _error_text(error: BaseException) -> str:
 
 
 def _default_repeats(seqlen: int) -> int:
-    """Router calls take ~0.4 ms at 8K and ~0.1-1.5 s at 512K (H100, v1.1): fewer repeats for long ones."""
+    """Router calls take ~0.4 ms at 8K and ~0.1-1.5 s at 512K on an H100: fewer repeats for long ones."""
     return 20 if seqlen <= 65536 else 5 if seqlen <= 131072 else 3
 
 
@@ -267,6 +264,75 @@ class Deadline:
         return self.stopped
 
 
+# The fields of a case that every row of it records.
+CASE_FIELDS = ("batch", "seqlen", "heads", "head_dim", "dtype", "block_size", "topk", "causal")
+
+
+def _default_route(q, k, block_size, topk, causal, config):
+    import flashmoba.ops
+
+    return flashmoba.ops.moba_select_triton(q, k, block_size, topk, causal, config=config)
+
+
+class _CaseInputs:
+    """Random q, k of one case (padded and packed views), and the top-k kernel's output buffer."""
+
+    def __init__(self, case: dict, device: str):
+        batch, seqlen, heads, head_dim = case["batch"], case["seqlen"], case["heads"], case["head_dim"]
+        dtype = DTYPES[case["dtype"]]
+        generator = torch.Generator(device=device).manual_seed(0)
+        self.q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, generator=generator)
+        self.k = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, generator=generator)
+        self.q_packed = self.q.view(batch * seqlen, heads, head_dim)
+        self.k_packed = self.k.view(batch * seqlen, heads, head_dim)
+        self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+        self.topk_buffer = torch.empty(batch * seqlen, heads, case["topk"], dtype=torch.int32, device=device)
+
+
+def _launch_topk_alone(inputs: _CaseInputs, centroids, case: dict, config) -> None:
+    """The top-k kernel alone on precomputed centroids, into inputs.topk_buffer."""
+    from flashmoba.ops import router
+
+    seqlen = case["seqlen"]
+    router._launch_route(
+        inputs.q_packed,
+        centroids,
+        inputs.topk_buffer,
+        inputs.cu_seqlens,
+        inputs.cu_seqlens,
+        case["batch"],
+        0,
+        0,
+        seqlen,
+        seqlen,
+        case["block_size"],
+        case["topk"],
+        case["causal"],
+        is_varlen=True,
+        config=config,
+    )
+
+
+def _new_row(base: dict, overrides: dict, config: dict, running_topk: int) -> dict:
+    return dict(
+        base,
+        config_name=config_name(overrides),
+        overrides=overrides,
+        config=config,
+        running_topk=running_topk,
+        is_default=not overrides,
+        status=None,
+        error=None,
+        selection=None,
+        route_ms=None,
+        centroid_ms=None,
+        topk_ms=None,
+        topk_error=None,
+        route_tflops=None,
+        topk_tflops=None,
+    )
+
+
 def sweep_case(
     case: dict,
     grid: list[dict],
@@ -279,44 +345,27 @@ def sweep_case(
 ) -> list[dict]:
     """Rows of one (seqlen, block_size, topk) case: the default configuration, then each of the grid.
 
-    route_fn(q, k, block_size, topk, causal) -> selection (default flashmoba.ops.moba_select_triton);
-    timer(fn, repeats) -> ms (default bench.time_cuda_ms on CUDA, wall-clock on CPU).
+    route_fn(q, k, block_size, topk, causal, config) -> selection, config a ``KernelConfig`` (default
+    flashmoba.ops.moba_select_triton); timer(fn, repeats) -> ms (default bench.time_cuda_ms on CUDA,
+    wall-clock on CPU).
     """
-    import flashmoba.ops
     from flashmoba.ops import router
 
-    route_fn = route_fn or flashmoba.ops.moba_select_triton
+    route_fn = route_fn or _default_route
     timer = timer or (bench.time_cuda_ms if device == "cuda" else _time_wall_ms)
-    batch, seqlen, heads, head_dim = case["batch"], case["seqlen"], case["heads"], case["head_dim"]
-    block_size, topk, causal, dtype = case["block_size"], case["topk"], case["causal"], case["dtype"]
+    seqlen, head_dim = case["seqlen"], case["head_dim"]
+    block_size, topk, causal = case["block_size"], case["topk"], case["causal"]
     label = f"N {seqlen} B{block_size}/k{topk}"
+    inputs = _CaseInputs(case, device)
 
-    generator = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=DTYPES[dtype], generator=generator)
-    k = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=DTYPES[dtype], generator=generator)
-    q_packed, k_packed = q.view(batch * seqlen, heads, head_dim), k.view(batch * seqlen, heads, head_dim)
-    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-    topk_buffer = torch.empty(batch * seqlen, heads, topk, dtype=torch.int32, device=device)
-
-    def route():
-        return route_fn(q, k, block_size, topk, causal)
+    def route(config):
+        return route_fn(inputs.q, inputs.k, block_size, topk, causal, config)
 
     def centroids_alone():
-        return router.block_centroids_varlen(k_packed, cu_seqlens, seqlen, block_size)
+        return router.block_centroids_varlen(inputs.k_packed, inputs.cu_seqlens, seqlen, block_size)
 
+    base = dict(card=bench.card_name(), **{key: case[key] for key in CASE_FIELDS}, repeats=repeats)
     rows: list[dict] = []
-    base = dict(
-        card=bench.card_name(),
-        batch=batch,
-        seqlen=seqlen,
-        heads=heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        block_size=block_size,
-        topk=topk,
-        causal=causal,
-        repeats=repeats,
-    )
     default_selection = None
     centroids = None
     centroid_ms = None
@@ -326,23 +375,8 @@ def sweep_case(
             log(f"[{deadline.elapsed():6.0f}s] {label}: --max-seconds reached, stopping before {name}")
             break
         config, running_topk = effective_config(head_dim, seqlen, block_size, topk, causal, overrides)
-        row = dict(
-            base,
-            config_name=name,
-            overrides=overrides,
-            config=config,
-            running_topk=running_topk,
-            is_default=not overrides,
-            status=None,
-            error=None,
-            selection=None,
-            route_ms=None,
-            centroid_ms=None,
-            topk_ms=None,
-            topk_error=None,
-            route_tflops=None,
-            topk_tflops=None,
-        )
+        kernel_config = router_config(overrides)
+        row = _new_row(base, overrides, config, running_topk)
         reason = invalid_reason(config, running_topk)
         if reason is not None:
             row.update(status="invalid", error=reason)
@@ -350,60 +384,33 @@ def sweep_case(
             row.update(status="error", error="no default selection to compare against")
         else:
             try:
-                with topk_overrides(overrides):
-                    selection = route()  # compiles this configuration (untimed)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    if default_selection is None:
-                        default_selection = selection
-                        row["selection"] = compare_selections(default_selection, selection)
-                    else:
-                        row["selection"] = compare_selections(
-                            default_selection, selection, sample=64, q=q, k=k, block_size=block_size
-                        )
-                    del selection
-                    if not row["selection"]["equal"]:
-                        row["status"] = "mismatch"
-                    else:
-                        row["route_ms"] = timer(route, repeats)
-                        row["status"] = "ok"
-                        if centroid_ms is None:
-                            centroid_ms = timer(centroids_alone, repeats)
-                            centroids = centroids_alone()
-                        row["centroid_ms"] = centroid_ms
-                        try:
-
-                            def topk_alone():
-                                router._launch_route(
-                                    q_packed,
-                                    centroids,
-                                    topk_buffer,
-                                    cu_seqlens,
-                                    cu_seqlens,
-                                    batch,
-                                    0,
-                                    0,
-                                    seqlen,
-                                    seqlen,
-                                    block_size,
-                                    topk,
-                                    causal,
-                                    is_varlen=True,
-                                )
-
-                            topk_alone()
-                            same = torch.equal(topk_buffer.view_as(default_selection), default_selection)
-                            if same:
-                                row["topk_ms"] = timer(topk_alone, repeats)
-                            else:
-                                row["topk_error"] = "top-k alone gave another selection than the routing call"
-                        except Exception as error:  # noqa: BLE001 - a private launcher may change
-                            row["topk_error"] = _error_text(error)
+                selection = route(kernel_config)  # compiles this configuration (untimed)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if default_selection is None:
+                    default_selection = selection
+                    row["selection"] = compare_selections(default_selection, selection)
+                else:
+                    row["selection"] = compare_selections(
+                        default_selection, selection, sample=64, q=inputs.q, k=inputs.k, block_size=block_size
+                    )
+                del selection
+                if not row["selection"]["equal"]:
+                    row["status"] = "mismatch"
+                else:
+                    row["route_ms"] = timer(functools.partial(route, kernel_config), repeats)
+                    row["status"] = "ok"
+                    if centroid_ms is None:
+                        centroid_ms = timer(centroids_alone, repeats)
+                        centroids = centroids_alone()
+                    row["centroid_ms"] = centroid_ms
+                    _time_topk_alone(row, inputs, centroids, case, kernel_config, default_selection, timer)
             except Exception as error:  # noqa: BLE001 - compile/launch failures are results
                 row.update(status="error", error=_error_text(error))
                 if default_selection is None:
                     log(
-                        f"[{deadline.elapsed():6.0f}s] {label}: the default configuration failed: {row['error']}"
+                        f"[{deadline.elapsed():6.0f}s] {label}: the default configuration failed: "
+                        f"{row['error']}"
                     )
         for field, tflops_field in (("route_ms", "route_tflops"), ("topk_ms", "topk_tflops")):
             if row[field] is not None:
@@ -414,10 +421,24 @@ def sweep_case(
             on_row(row)
         if row["status"] == "error" and default_selection is None:
             break  # nothing to compare the grid against
-    del q, k, q_packed, k_packed, topk_buffer, default_selection, centroids
+    inputs = default_selection = centroids = None  # free the case's tensors before emptying the cache
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _time_topk_alone(row, inputs, centroids, case, kernel_config, default_selection, timer) -> None:
+    """row["topk_ms"]: the top-k kernel alone, where it gives the routing call's selection; a private
+    launcher, so a changed signature only drops this column (recorded in row["topk_error"])."""
+    topk_alone = functools.partial(_launch_topk_alone, inputs, centroids, case, kernel_config)
+    try:
+        topk_alone()
+        if torch.equal(inputs.topk_buffer.view_as(default_selection), default_selection):
+            row["topk_ms"] = timer(topk_alone, row["repeats"])
+        else:
+            row["topk_error"] = "top-k alone gave another selection than the routing call"
+    except Exception as error:  # noqa: BLE001 - a private launcher may change
+        row["topk_error"] = _error_text(error)
 
 
 def _row_summary(row: dict) -> str:
@@ -432,7 +453,8 @@ def _row_summary(row: dict) -> str:
         sel = row["selection"]
         spread = sel.get("swapped_score_spread")
         return (
-            f"MISMATCH {sel['rows_differing']}/{sel['rows_total']} rows differ, first {sel['first_difference']}"
+            f"MISMATCH {sel['rows_differing']}/{sel['rows_total']} rows differ, "
+            f"first {sel['first_difference']}"
             + ("" if spread is None else f", swapped-score spread {spread:.2e} of |score|")
         )
     return f"{row['status'].upper()}: {row['error']}"
@@ -469,7 +491,8 @@ def print_case_table(rows: list[dict]) -> None:
             f"f{int(config['FILTER'])} i{config['INSERT_ROUNDS']}"
         )
         print(
-            f"{title:<8} {text:<28} {number(row['route_ms'], '.3f'):>9} {number(row['route_tflops'], '.0f'):>6} "
+            f"{title:<8} {text:<28} {number(row['route_ms'], '.3f'):>9} "
+            f"{number(row['route_tflops'], '.0f'):>6} "
             f"{number(row['topk_ms'], '.3f'):>9} {number(row['topk_tflops'], '.0f'):>6} "
             f"{number(row['centroid_ms'], '.3f'):>9}"
         )
@@ -526,12 +549,14 @@ def run_sweep(
     for number, case in enumerate(cases, 1):
         if deadline.passed():
             log(
-                f"[{deadline.elapsed():6.0f}s] --max-seconds reached: {len(cases) - number + 1} case(s) not run"
+                f"[{deadline.elapsed():6.0f}s] --max-seconds reached: "
+                f"{len(cases) - number + 1} case(s) not run"
             )
             break
         case_repeats = repeats or _default_repeats(case["seqlen"])
         log(
-            f"[{deadline.elapsed():6.0f}s] case {number}/{len(cases)}: N {case['seqlen']} block {case['block_size']} "
+            f"[{deadline.elapsed():6.0f}s] case {number}/{len(cases)}: N {case['seqlen']} "
+            f"block {case['block_size']} "
             f"topk {case['topk']}, {len(grid)} grid configs, {case_repeats} repeats"
         )
 
@@ -559,7 +584,8 @@ def run_sweep(
 def self_check(out: Path | None) -> int:
     """No CUDA: the sweep on a tiny case in Triton's interpreter; every configuration must match."""
     log(
-        "router_sweep: no CUDA device here; the sweep needs one. Running a tiny self-check on CPU in Triton's "
+        "router_sweep: no CUDA device here; the sweep needs one. Running a tiny self-check on CPU in "
+        "Triton's "
         f"interpreter instead ({SELF_CHECK}, {len(SELF_CHECK_GRID)} configurations)."
     )
     os.environ["TRITON_INTERPRET"] = "1"  # before flashmoba.ops imports triton's kernels
@@ -570,14 +596,16 @@ def self_check(out: Path | None) -> int:
     distinct = {json.dumps(row["config"], sort_keys=True) for row in ok}
     passed = len(ok) == 1 + len(SELF_CHECK_GRID) and len(distinct) == len(ok)
     log(
-        f"self-check {'passed' if passed else 'FAILED'}: {len(ok)}/{len(rows)} configurations ran and matched the "
+        f"self-check {'passed' if passed else 'FAILED'}: {len(ok)}/{len(rows)} configurations ran and "
+        "matched the "
         f"default's selection ({len(distinct)} distinct configurations)"
     )
     return 0 if passed else 1
 
 
 def count_paths(cases: list[dict], device: str) -> list[dict]:
-    """The default configuration's tile update paths per case (router.count_topk_paths), printed as a table."""
+    """The default configuration's tile update paths per case (router.count_topk_paths), printed as a
+    table."""
     from flashmoba.ops import router
 
     rows = []
@@ -596,7 +624,8 @@ def count_paths(cases: list[dict], device: str) -> list[dict]:
         log(
             f"{'N ' + str(case['seqlen']) + ' B' + str(case['block_size']) + '/k' + str(case['topk']):<22} "
             f"{counts['tiles']:>12} {counts['skipped'] / tiles:>8.1%} {counts['inserted'] / tiles:>9.1%} "
-            f"{counts['merged'] / tiles:>7.1%} {counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f}"
+            f"{counts['merged'] / tiles:>7.1%} "
+            f"{counts['insertion_rounds'] / max(1, counts['inserted']):>14.2f}"
         )
     return rows
 
@@ -683,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run_sweep(cases, grid, args.repeats, "cuda", out, args.max_seconds, record)
     log(
-        f"\n{'complete' if result['complete'] else 'INCOMPLETE (--max-seconds)'}: {len(result['rows'])} rows in "
+        f"\n{'complete' if result['complete'] else 'INCOMPLETE (--max-seconds)'}: "
+        f"{len(result['rows'])} rows in "
         f"{result['elapsed_s']:.0f} s -> {out}"
     )
     return 0

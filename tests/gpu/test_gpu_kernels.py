@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import flashmoba  # noqa: E402
 from flashmoba import reference  # noqa: E402
 from flashmoba.ops import autograd as triton_autograd  # noqa: E402
+from tests.helpers import cu_seqlens  # noqa: E402
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest.py: unwritten scratch shows as NaN
@@ -27,7 +28,7 @@ MAX_FACTOR, MEAN_FACTOR = 4.0, 2.0
 
 
 def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return cu_seqlens(lengths, DEVICE)
 
 
 def _inputs(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype, seed=0):
@@ -88,7 +89,8 @@ def _assert_within_budget(name, kernel, low_precision, exact):
         f"{name}: max error {kernel_error.max():.3e} vs low-precision reference {reference_error.max():.3e}"
     )
     assert kernel_error.mean() <= MEAN_FACTOR * reference_error.mean() + floor, (
-        f"{name}: mean error {kernel_error.mean():.3e} vs low-precision reference {reference_error.mean():.3e}"
+        f"{name}: mean error {kernel_error.mean():.3e} "
+        f"vs low-precision reference {reference_error.mean():.3e}"
     )
 
 

@@ -2,44 +2,38 @@
 
 - ``router``: block centroids and the fused top-k (the selection of each query row and head);
 - ``index``: the key-block-major list of routed (query row, slot) pairs built from the selection;
-- ``forward`` / ``backward``: the sparse attention kernels and their launchers;
+- ``forward`` / ``backward``: the sparse attention kernels and their launchers; ``partials``: the
+  per-pair scratch they share;
 - ``autograd``: the ``torch.library`` custom ops (fake kernels, autograd) and the functions below, which
-  ``flashmoba.api`` calls.
+  ``flashmoba.api`` calls;
+- ``config``: ``KernelConfig``, the launch settings a caller may choose; ``utils``: shared helpers.
+
+Glossary:
+
+- block: ``block_size`` consecutive keys of one sequence (the last one may be shorter);
+- block slot: a block's place in the packed batch, ``cu_seqlens_k[b] // block_size + b + j`` for block j
+  of sequence b (centroid rows, the index's columns and the block table share it);
+- top-k slot: one of the ``topk`` places of a query row's selection (``selected[row, head, slot]``);
+- entry: one routed (row, head, top-k slot) pair, ``(row * Hq + head) * topk + slot``;
+- segment: the index's run of entries of one (query head, block slot) column and one chunk;
+- chunk: the query heads (or rows of one head) whose partials the scratch holds at once.
 """
 
 from __future__ import annotations
 
-import os
-
-
-def _interpreter_numpy2_shim() -> None:
-    """Let TRITON_INTERPRET=1 use a loaded scalar as a loop bound with NumPy >= 2.3.
-
-    The interpreter holds a loaded scalar as a 1-element array and converts it with ``int(array)``, which
-    NumPy 2.3+ rejects for arrays of one dimension; convert through ``reshape(-1)[0]`` instead.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_flashmoba_shim", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor._flashmoba_shim = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_numpy2_shim()
-
-from flashmoba.ops.autograd import (  # noqa: E402
+from flashmoba.ops import _interpreter  # noqa: F401  (patches Triton's interpreter when TRITON_INTERPRET=1)
+from flashmoba.ops.autograd import (
     moba_attn_triton,
     moba_attn_varlen_triton,
     moba_select_triton,
     moba_select_varlen_triton,
 )
+from flashmoba.ops.config import KernelConfig
 
-__all__ = ["moba_attn_triton", "moba_attn_varlen_triton", "moba_select_triton", "moba_select_varlen_triton"]
+__all__ = [
+    "KernelConfig",
+    "moba_attn_triton",
+    "moba_attn_varlen_triton",
+    "moba_select_triton",
+    "moba_select_varlen_triton",
+]

@@ -9,72 +9,111 @@ through them and ``torch.library.opcheck`` passes:
   inputs, o, lse and the index, and calls
 - ``flashmoba::sparse_attn_bwd``: -> (dq, dk, dv).
 
+Each op takes the fields of a ``KernelConfig`` as trailing optional arguments (``_CONFIG_SCHEMA``): a
+dataclass cannot cross the dispatcher, its fields can, and left out they are the defaults.
+
 Everything is packed (varlen); a padded ``[B, T, H, D]`` batch is viewed as B sequences of length T with
 ``cu_seqlens = arange(B + 1) * T`` built on the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flashmoba.ops import router
 from flashmoba.ops.backward import sparse_attention_backward
-from flashmoba.ops.forward import check_supported, chunking, sparse_attention_forward
+from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.forward import check_supported, sparse_attention_forward
 from flashmoba.ops.index import num_block_slots
+from flashmoba.ops.partials import chunking
+
+# ----------------------------------------------------------------------------------------------------
+# KernelConfig through the ops: its fields as trailing optional arguments, in field order
+# ----------------------------------------------------------------------------------------------------
+
+_SCHEMA_TYPES = {"int | None": "int?", "int": "int", "bool": "bool"}
+# "int? router_block_m=None, ..., bool dq_by_stored_partials=True": defaults are KernelConfig's, so a
+# call that passes none of them runs the defaults.
+_CONFIG_SCHEMA = ", ".join(
+    f"{_SCHEMA_TYPES[field.type]} {field.name}={field.default}" for field in dataclasses.fields(KernelConfig)
+)
+_CONFIG_ARGUMENTS = len(dataclasses.fields(KernelConfig))
+
+
+def _config_arguments(config: KernelConfig | None) -> tuple:
+    """The op arguments that carry ``config`` (none for the defaults)."""
+    return () if config is None else dataclasses.astuple(config)
+
+
+def _config_of(arguments: tuple) -> KernelConfig:
+    """The config carried by an op's trailing arguments (the dispatcher may drop trailing defaults)."""
+    return KernelConfig(*arguments)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flashmoba::select_varlen", mutates_args=())
+@torch.library.custom_op(
+    "flashmoba::select_varlen",
+    mutates_args=(),
+    schema=(
+        "(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+        f"SymInt max_seqlen_k, SymInt block_size, SymInt topk, bool causal, {_CONFIG_SCHEMA}) -> Tensor"
+    ),
+)
 def select_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    block_size: int,
-    topk: int,
-    causal: bool,
-) -> torch.Tensor:
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal, *config
+):
     return router.route_varlen(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+        q,
+        k,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        block_size,
+        topk,
+        causal,
+        config=_config_of(config),
     )
 
 
 @select_varlen.register_fake
-def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal):
+def _(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal, *config):
     return q.new_empty((q.shape[0], q.shape[1], topk), dtype=torch.int32)
 
 
-@torch.library.custom_op("flashmoba::sparse_attn_fwd", mutates_args=())
+@torch.library.custom_op(
+    "flashmoba::sparse_attn_fwd",
+    mutates_args=(),
+    schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor selected, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        f"SymInt block_size, bool causal, float softmax_scale, bool deterministic, {_CONFIG_SCHEMA}) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
 def sparse_attn_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selected: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    block_size: int,
-    causal: bool,
-    softmax_scale: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic, *config
+):
     # deterministic only matters to the backward; the forward is deterministic always.
     return sparse_attention_forward(
-        q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale
+        q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, _config_of(config)
     )
 
 
 @sparse_attn_fwd.register_fake
-def _(q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic):
+def _(
+    q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic, *config
+):
     total_q, heads_q, head_dim = q.shape
     topk = selected.shape[-1]
     batch = cu_seqlens_q.shape[0] - 1
     block_slots = num_block_slots(k.shape[0], batch, block_size)
-    row_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype).row_chunks
+    row_chunks = chunking(total_q, heads_q, topk, head_dim, q.dtype, config=_config_of(config)).row_chunks
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads_q, total_q), dtype=torch.float32)
     entries = q.new_empty((total_q * heads_q * topk,), dtype=torch.int32)
@@ -82,24 +121,36 @@ def _(q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax
     return out, lse, entries, offsets
 
 
-@torch.library.custom_op("flashmoba::sparse_attn_bwd", mutates_args=())
+_BACKWARD_INPUTS = (
+    "Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor entries, Tensor offsets, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt block_size, "
+    "bool causal, float softmax_scale, bool deterministic"
+)
+
+
+@torch.library.custom_op(
+    "flashmoba::sparse_attn_bwd",
+    mutates_args=(),
+    schema=f"({_BACKWARD_INPUTS}, {_CONFIG_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+)
 def sparse_attn_bwd(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    entries: torch.Tensor,
-    offsets: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    block_size: int,
-    causal: bool,
-    softmax_scale: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    entries,
+    offsets,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    block_size,
+    causal,
+    softmax_scale,
+    deterministic,
+    *config,
+):
     return sparse_attention_backward(
         grad_out,
         grad_lse,
@@ -116,32 +167,19 @@ def sparse_attn_bwd(
         causal,
         softmax_scale,
         deterministic,
+        _config_of(config),
     )
 
 
 @sparse_attn_bwd.register_fake
-def _(
-    grad_out,
-    grad_lse,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    entries,
-    offsets,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    block_size,
-    causal,
-    softmax_scale,
-    deterministic,
-):
+def _(grad_out, grad_lse, q, k, v, *_):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic = inputs
+    q, k, v, _selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic = inputs[
+        :10
+    ]
     out, lse, entries, offsets = output
     ctx.save_for_backward(q, k, v, out, lse, entries, offsets, cu_seqlens_q, cu_seqlens_k)
     ctx.block_size, ctx.causal, ctx.softmax_scale, ctx.deterministic = (
@@ -150,6 +188,7 @@ def _setup_context(ctx, inputs, output):
         softmax_scale,
         deterministic,
     )
+    ctx.config = tuple(inputs[10:])
     ctx.mark_non_differentiable(entries, offsets)
 
 
@@ -173,8 +212,10 @@ def _backward(ctx, grad_out, grad_lse, _grad_entries, _grad_offsets):
         ctx.causal,
         ctx.softmax_scale,
         ctx.deterministic,
+        *ctx.config,
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+    # No gradient for the selection, the offsets, the scalars and the config.
+    return grad_q, grad_k, grad_v, *(None,) * (7 + len(ctx.config))
 
 
 sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -199,23 +240,36 @@ def sparse_attention_varlen(
     causal: bool,
     softmax_scale: float,
     deterministic: bool = False,
+    config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a given selection (differentiable in q, k, v).
 
-    q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``, selected int32 ``[total_q, Hq, topk]`` (block ids local
-    to each sequence, -1 unused). Returns o ``[total_q, Hq, D]`` and lse ``[Hq, total_q]`` float32.
+    q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``, selected int32 ``[total_q, Hq, topk]`` (block ids
+    local to each sequence, -1 unused). Returns o ``[total_q, Hq, D]`` and lse ``[Hq, total_q]`` float32.
+    ``config``: the kernels' launch settings (None: the defaults).
     """
     check_supported(q, k, selected.shape[-1])
     out, lse, _, _ = sparse_attn_fwd(
-        q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic
+        q,
+        k,
+        v,
+        selected,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        block_size,
+        causal,
+        softmax_scale,
+        deterministic,
+        *_config_arguments(config),
     )
     return out, lse
 
 
 def moba_select_varlen_triton(
-    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal, config=None
 ):
-    """Selected blocks of packed q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]`` -> int32 ``[total_q, Hq, topk]``."""
+    """Selected blocks of packed q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``: int32
+    ``[total_q, Hq, topk]``. ``config``: the top-k kernel's launch settings (None: the defaults)."""
     return select_varlen(
         q.detach(),
         k.detach(),
@@ -226,10 +280,11 @@ def moba_select_varlen_triton(
         block_size,
         topk,
         causal,
+        *_config_arguments(config),
     )
 
 
-def moba_select_triton(q, k, block_size, topk, causal):
+def moba_select_triton(q, k, block_size, topk, causal, config=None):
     """Selected blocks of padded q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]`` -> int32 ``[B, T, Hq, topk]``."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k = k.shape[1]
@@ -243,6 +298,7 @@ def moba_select_triton(q, k, block_size, topk, causal):
         block_size,
         topk,
         causal,
+        config,
     )
     return selected.view(batch, seqlen_q, heads_q, topk)
 
@@ -260,6 +316,7 @@ def moba_attn_varlen_triton(
     causal,
     softmax_scale,
     deterministic=False,
+    config=None,
 ):
     """MoBA on packed sequences: q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``.
 
@@ -270,14 +327,24 @@ def moba_attn_varlen_triton(
     topk = max(1, min(topk, -(-max_seqlen_k // block_size)))
     check_supported(q, k, topk)
     selected = moba_select_varlen_triton(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, causal, config
     )
     return sparse_attention_varlen(
-        q, k, v, selected, cu_seqlens_q, cu_seqlens_k, block_size, causal, softmax_scale, deterministic
+        q,
+        k,
+        v,
+        selected,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        block_size,
+        causal,
+        softmax_scale,
+        deterministic,
+        config,
     )
 
 
-def moba_attn_triton(q, k, v, block_size, topk, causal, softmax_scale, deterministic=False):
+def moba_attn_triton(q, k, v, block_size, topk, causal, softmax_scale, deterministic=False, config=None):
     """MoBA on a padded batch: q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]``.
 
     Returns o ``[B, T, Hq, D]`` (q's dtype) and lse ``[B, Hq, T]`` float32.
@@ -297,6 +364,7 @@ def moba_attn_triton(q, k, v, block_size, topk, causal, softmax_scale, determini
         causal,
         softmax_scale,
         deterministic,
+        config,
     )
     out = out.view(batch, seqlen_q, heads_q, head_dim)
     lse = lse.view(heads_q, batch, seqlen_q).transpose(0, 1)

@@ -22,22 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba.ops.forward import (
+from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
+from flashmoba.ops.forward import forward_tiles
+from flashmoba.ops.index import block_table, num_block_slots
+from flashmoba.ops.partials import chunk_pair_index, chunking, partial_dtype, program_column
+from flashmoba.ops.utils import (
     LOG2_E,
-    chunk_pair_index,
-    chunking,
     dot_precision,
-    forward_tiles,
     head_dim_tile,
     interpreting,
-    partial_dtype,
-    program_column,
+    maybe_contiguous,
+    next_power_of_2,
 )
-from flashmoba.ops.index import block_table, num_block_slots
-
-# dQ by stored per-pair partials and a sum ("store", see above) where it applies; False: float32 atomics
-# (or the second pass with deterministic=True). A switch for measurements.
-DQ_BY_STORED_PARTIALS = True
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -172,8 +168,8 @@ def _moba_bwd_dkdv_kernel(
         end = tl.load(Offsets + column + num_chunks)
         end = tl.where(has_keys, end, begin)
         for tile_start in range(begin, end, BLOCK_M):
-            # Inline on purpose: the same loads through a helper shared with the dQ pass compiled to other
-            # register allocation and ran 4% slower on H100 (benchmarks/NOTES.md section 4).
+            # Inline on purpose: the same loads through a helper shared with the dQ pass compile to another
+            # register allocation, and run slower (see "Backward: inline loads" in benchmarks/NOTES.md).
             entry_mask = tile_start + offs_m < end
             entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
             rows = entry // (heads_q * topk)
@@ -411,30 +407,276 @@ def _moba_bwd_dq_sum_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configuration and launcher
+# Launch configuration
 # ----------------------------------------------------------------------------------------------------
 
 
-def backward_tiles(head_dim: int, block_size: int) -> dict:
-    """Key rows x gathered query rows per dK/dV tile (sm_90 defaults; small tiles in the interpreter)."""
+def backward_tiles(head_dim: int, block_size: int, config: KernelConfig = DEFAULT_CONFIG) -> dict:
+    """Key rows x gathered query rows per dK/dV tile, warps and stages: sm_90 defaults (small tiles in the
+    interpreter), then what the config sets. The defaults are measured ("Backward: dK/dV tiles" in
+    benchmarks/NOTES.md)."""
     block_n_cap = 32 if interpreting() else (128 if head_dim <= 128 else 32)
-    block_n = min(block_n_cap, max(16, triton.next_power_of_2(block_size)))
+    block_n = min(block_n_cap, max(16, next_power_of_2(block_size)))
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=1)
-    if head_dim > 128:
-        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=2)
-    # Measured on H100 at 64K, d=128, dQ by stored partials (fwd+bwd minus fwd, ms; benchmarks/NOTES.md
-    # section 4): B=128: M64/8 warps/3 stages 17.3, M32/8/2 19.6, M64/8/2 19.0, M16/8/2 23.8; B=64/k=16:
-    # M64/4/3 20.1, M32/4/3 20.9, M64/8/3 26.4; B=32/k=32: M32/4/3 34.6, M128/8/3 36.3, M64/8/3 39.9.
-    if block_n >= 128:
-        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=3)
-    if block_n == 64:
-        return dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=3)
+        tiles = dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    elif head_dim > 128:
+        tiles = dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=2)
+    elif block_n >= 128:
+        tiles = dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=8, num_stages=3)
+    elif block_n == 64:
+        tiles = dict(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=3)
+    else:
+        tiles = dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=3)
+    return dict(tiles, **config.launch_settings("backward"))
 
 
-def _row_stride_ok(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+def dq_pass_tiles(head_dim: int, block_size: int, config: KernelConfig = DEFAULT_CONFIG) -> dict:
+    """Tiles of the deterministic dQ pass: the forward's, in one stage. Its inner loop walks K/V tiles,
+    whose pipelining would need about three times their shared memory (see "Backward: one stage for the
+    dQ pass" in benchmarks/NOTES.md)."""
+    return dict(forward_tiles(head_dim, block_size, config), num_stages=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Backward:
+    """The tensors and shapes every backward launch reads, and the launches themselves."""
+
+    def __init__(
+        self,
+        grad_out,
+        q,
+        k,
+        v,
+        lse,
+        entries,
+        offsets,
+        table,
+        num_chunks,
+        block_size,
+        causal,
+        softmax_scale,
+        config,
+    ):
+        self.grad_out, self.q, self.k, self.v, self.lse = grad_out, q, k, v, lse
+        self.entries, self.offsets, self.table = entries, offsets, table
+        self.num_chunks = num_chunks  # row chunks of the forward's index: segments per column
+        self.block_size, self.causal, self.softmax_scale, self.config = (
+            block_size,
+            causal,
+            softmax_scale,
+            config,
+        )
+        self.total_q, self.heads_q, self.head_dim = q.shape
+        self.total_k, self.heads_kv, _ = k.shape
+        self.group = self.heads_q // self.heads_kv
+        self.topk = entries.numel() // max(1, self.total_q * self.heads_q)
+        self.block_slots = table.shape[1]
+        self.block_d = head_dim_tile(self.head_dim)
+        self.block_r = 16 if interpreting() else 64
+        self.tiles = backward_tiles(self.head_dim, block_size, config)
+        self.tiles_per_block = triton.cdiv(block_size, self.tiles["BLOCK_N"])
+        self.grad_q = torch.empty(self.total_q, self.heads_q, self.head_dim, dtype=q.dtype, device=q.device)
+        self.grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        self.grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        self.delta = torch.empty(self.heads_q, self.total_q, dtype=torch.float32, device=q.device)
+
+    def preprocess(self, out: torch.Tensor, grad_lse: torch.Tensor | None) -> None:
+        """delta = rowsum(dO * O) - dlse."""
+        if grad_lse is not None:
+            grad_lse = grad_lse.float().contiguous()
+        grad_out = self.grad_out
+        _moba_bwd_preprocess_kernel[(triton.cdiv(self.total_q * self.heads_q, self.block_r),)](
+            Out=out,
+            GradOut=grad_out,
+            GradLse=grad_lse,
+            Delta=self.delta,
+            total_q=self.total_q,
+            heads_q=self.heads_q,
+            stride_o_row=out.stride(0),
+            stride_o_head=out.stride(1),
+            stride_do_row=grad_out.stride(0),
+            stride_do_head=grad_out.stride(1),
+            HAS_GRAD_LSE=grad_lse is not None,
+            HEAD_DIM=self.head_dim,
+            BLOCK_R=self.block_r,
+            BLOCK_D=self.block_d,
+        )
+
+    def dkdv(self, grad_q_target, dq_mode: str, kv_head_first: int, kv_heads_here: int) -> None:
+        """dK, dV of kv heads [kv_head_first, + kv_heads_here), and dQ into grad_q_target as dq_mode says."""
+        q, k, v, grad_out, grad_k, grad_v = self.q, self.k, self.v, self.grad_out, self.grad_k, self.grad_v
+        _moba_bwd_dkdv_kernel[(self.block_slots * self.tiles_per_block * kv_heads_here,)](
+            Q=q,
+            K=k,
+            V=v,
+            GradOut=grad_out,
+            Lse=self.lse,
+            Delta=self.delta,
+            GradK=grad_k,
+            GradV=grad_v,
+            GradQ=grad_q_target,
+            Entries=self.entries,
+            Offsets=self.offsets,
+            BlockTable=self.table,
+            stride_q_row=q.stride(0),
+            stride_q_head=q.stride(1),
+            stride_k_row=k.stride(0),
+            stride_k_head=k.stride(1),
+            stride_v_row=v.stride(0),
+            stride_v_head=v.stride(1),
+            stride_do_row=grad_out.stride(0),
+            stride_do_head=grad_out.stride(1),
+            stride_dk_row=grad_k.stride(0),
+            stride_dk_head=grad_k.stride(1),
+            stride_dv_row=grad_v.stride(0),
+            stride_dv_head=grad_v.stride(1),
+            block_slots=self.block_slots,
+            tiles_per_block=self.tiles_per_block,
+            num_chunks=self.num_chunks,
+            kv_head_first=kv_head_first,
+            kv_heads_here=kv_heads_here,
+            heads_q=self.heads_q,
+            topk=self.topk,
+            group=self.group,
+            total_q=self.total_q,
+            softmax_scale=self.softmax_scale,
+            qk_scale=self.softmax_scale * LOG2_E,
+            HEAD_DIM=self.head_dim,
+            CAUSAL=self.causal,
+            DQ_MODE=dq_mode,
+            DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_D=self.block_d,
+            **self.tiles,
+        )
+
+    def zero_unrouted(self, partial, head_first: int, heads_here: int) -> None:
+        """Clear the dQ partials of unused slots (-1) of the query heads [head_first, + heads_here)."""
+        # Small in the interpreter, so that tests stride over the tail more than once.
+        block_e, zero_programs = (16, 2) if interpreting() else (256, 1024)
+        _moba_bwd_zero_unrouted_kernel[(min(triton.cdiv(self.entries.numel(), block_e), zero_programs),)](
+            PartialGradQ=partial,
+            Entries=self.entries,
+            Offsets=self.offsets,
+            num_segments=self.offsets.numel() - 1,
+            total_pairs=self.entries.numel(),
+            head_first=head_first,
+            heads_here=heads_here,
+            rows_here=self.total_q,
+            heads_q=self.heads_q,
+            topk=self.topk,
+            HEAD_DIM=self.head_dim,
+            BLOCK_E=block_e,
+            BLOCK_D=self.block_d,
+        )
+
+    def dq_partial_pass(
+        self, partial, split, row_chunk, head_first, heads_here, first_row, rows_here
+    ) -> None:
+        """The deterministic dQ pass: one partial per (row, head, slot) of one chunk."""
+        q, k, v, grad_out = self.q, self.k, self.v, self.grad_out
+        _moba_bwd_dq_partial_kernel[(self.block_slots * heads_here,)](
+            Q=q,
+            K=k,
+            V=v,
+            GradOut=grad_out,
+            Lse=self.lse,
+            Delta=self.delta,
+            PartialGradQ=partial,
+            Entries=self.entries,
+            Offsets=self.offsets,
+            BlockTable=self.table,
+            stride_q_row=q.stride(0),
+            stride_q_head=q.stride(1),
+            stride_k_row=k.stride(0),
+            stride_k_head=k.stride(1),
+            stride_v_row=v.stride(0),
+            stride_v_head=v.stride(1),
+            stride_do_row=grad_out.stride(0),
+            stride_do_head=grad_out.stride(1),
+            block_slots=self.block_slots,
+            num_chunks=split.row_chunks,
+            chunk=row_chunk,
+            head_first=head_first,
+            heads_here=heads_here,
+            first_row=first_row,
+            rows_here=rows_here,
+            heads_q=self.heads_q,
+            topk=self.topk,
+            group=self.group,
+            total_q=self.total_q,
+            softmax_scale=self.softmax_scale,
+            qk_scale=self.softmax_scale * LOG2_E,
+            HEAD_DIM=self.head_dim,
+            CAUSAL=self.causal,
+            DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_D=self.block_d,
+            **dq_pass_tiles(self.head_dim, self.block_size, self.config),
+        )
+
+    def sum_partials(self, partial, head_first: int, heads_here: int, first_row: int, rows_here: int) -> None:
+        """dQ of a chunk's (head, row) pairs: the sum of their topk partials, in slot order."""
+        chunk_pairs = heads_here * rows_here
+        grad_q = self.grad_q
+        _moba_bwd_dq_sum_kernel[(triton.cdiv(chunk_pairs, self.block_r),)](
+            PartialGradQ=partial,
+            GradQ=grad_q[first_row:],
+            head_first=head_first,
+            rows_here=rows_here,
+            chunk_pairs=chunk_pairs,
+            topk=self.topk,
+            stride_dq_row=grad_q.stride(0),
+            stride_dq_head=grad_q.stride(1),
+            HEAD_DIM=self.head_dim,
+            BLOCK_R=self.block_r,
+            BLOCK_D=self.block_d,
+        )
+
+
+def _dq_by_stored_partials(launch: _Backward, store_split) -> None:
+    """ "store": per chunk of whole kv heads, the dK/dV programs store each pair's dQ; then a sum."""
+    total_q, topk, group = launch.total_q, launch.topk, launch.group
+    partial = torch.empty(
+        store_split.scratch_pairs(topk),
+        launch.head_dim,
+        dtype=partial_dtype(launch.q.dtype, launch.config),
+        device=launch.q.device,
+    )
+    for head_first, heads_here, _, _, _ in store_split.chunks(total_q, launch.heads_q):
+        used = partial[: heads_here * total_q * topk]
+        # Unused slots (-1) add zero: clear just their partials (the index lists them last).
+        launch.zero_unrouted(used, head_first, heads_here)
+        launch.dkdv(used, "store", head_first // group, heads_here // group)
+        launch.sum_partials(used, head_first, heads_here, 0, total_q)
+
+
+def _dq_by_atomics(launch: _Backward) -> None:
+    """ "atomic": float32 atomics, straight into dQ for float32 inputs, else into a buffer copied once."""
+    if launch.q.dtype == torch.float32:
+        launch.dkdv(launch.grad_q.zero_(), "atomic", 0, launch.heads_kv)
+        return
+    grad_q_accum = torch.zeros(launch.grad_q.shape, dtype=torch.float32, device=launch.q.device)
+    launch.dkdv(grad_q_accum, "atomic", 0, launch.heads_kv)
+    launch.grad_q.copy_(grad_q_accum)
+
+
+def _dq_by_second_pass(launch: _Backward, split) -> None:
+    """ "none" in the dK/dV programs, then per chunk a dQ pass of per-(row, head, slot) partials, summed
+    in slot order (deterministic)."""
+    launch.dkdv(None, "none", 0, launch.heads_kv)
+    partial = torch.empty(
+        split.scratch_pairs(launch.topk), launch.head_dim, dtype=torch.float32, device=launch.q.device
+    )
+    for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(
+        launch.total_q, launch.heads_q
+    ):
+        used = partial[: heads_here * rows_here * launch.topk]
+        used.zero_()  # slots that no program writes add zero
+        launch.dq_partial_pass(used, split, row_chunk, head_first, heads_here, first_row, rows_here)
+        launch.sum_partials(used, head_first, heads_here, first_row, rows_here)
 
 
 def sparse_attention_backward(
@@ -453,203 +695,46 @@ def sparse_attention_backward(
     causal: bool,
     softmax_scale: float,
     deterministic: bool,
+    config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq ``[total_q, Hq, D]``, dk, dv ``[total_k, Hkv, D]`` from dO ``[total_q, Hq, D]`` (and dlse ``[Hq, total_q]``)."""
-    grad_out, q, k, v, out = (_row_stride_ok(t) for t in (grad_out, q, k, v, out))
+    """dq ``[total_q, Hq, D]``, dk, dv ``[total_k, Hkv, D]`` from dO ``[total_q, Hq, D]`` (and dlse
+    ``[Hq, total_q]``)."""
+    config = DEFAULT_CONFIG if config is None else config
+    grad_out, q, k, v, out = (maybe_contiguous(t) for t in (grad_out, q, k, v, out))
     total_q, heads_q, head_dim = q.shape
     total_k, heads_kv, _ = k.shape
     topk = entries.numel() // max(1, total_q * heads_q)
     batch = cu_seqlens_q.numel() - 1
     block_slots = num_block_slots(total_k, batch, block_size)
-    split = chunking(total_q, heads_q, topk, head_dim, q.dtype)
-    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if total_q == 0 or block_slots == 0:
-        return torch.zeros_like(q), grad_k.zero_(), grad_v.zero_()
+        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (k, v)]
+        return torch.zeros_like(q), *zeros
 
-    block_d = head_dim_tile(head_dim)
-    block_r = 16 if interpreting() else 64
-    delta = torch.empty(heads_q, total_q, dtype=torch.float32, device=q.device)
-    if grad_lse is not None:
-        grad_lse = grad_lse.float().contiguous()
-    _moba_bwd_preprocess_kernel[(triton.cdiv(total_q * heads_q, block_r),)](
-        out,
-        grad_out,
-        grad_lse if grad_lse is not None else delta,
-        delta,
-        total_q,
-        heads_q,
-        out.stride(0),
-        out.stride(1),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        HAS_GRAD_LSE=grad_lse is not None,
-        HEAD_DIM=head_dim,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-    )
-
+    # The forward's chunking: the index holds its row chunks' segments.
+    split = chunking(total_q, heads_q, topk, head_dim, q.dtype, config=config)
     table = block_table(cu_seqlens_q, cu_seqlens_k, block_size, block_slots)
-    qk_scale = softmax_scale * LOG2_E
-    precision = dot_precision(q.dtype)
-    tiles = backward_tiles(head_dim, block_size)
-    tiles_per_block = triton.cdiv(block_size, tiles["BLOCK_N"])
-    group = heads_q // heads_kv
-    grad_q = torch.empty(total_q, heads_q, head_dim, dtype=q.dtype, device=q.device)
-
-    def launch_dkdv(grad_q_target, dq_mode, kv_head_first, kv_heads_here):
-        _moba_bwd_dkdv_kernel[(block_slots * tiles_per_block * kv_heads_here,)](
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            delta,
-            grad_k,
-            grad_v,
-            grad_q_target,
-            entries,
-            offsets,
-            table,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
-            grad_out.stride(0),
-            grad_out.stride(1),
-            grad_k.stride(0),
-            grad_k.stride(1),
-            grad_v.stride(0),
-            grad_v.stride(1),
-            block_slots,
-            tiles_per_block,
-            split.row_chunks,
-            kv_head_first,
-            kv_heads_here,
-            heads_q,
-            topk,
-            group,
-            total_q,
-            softmax_scale,
-            qk_scale,
-            HEAD_DIM=head_dim,
-            CAUSAL=causal,
-            DQ_MODE=dq_mode,
-            DOT_PRECISION=precision,
-            BLOCK_M=tiles["BLOCK_M"],
-            BLOCK_N=tiles["BLOCK_N"],
-            BLOCK_D=block_d,
-            num_warps=tiles["num_warps"],
-            num_stages=tiles["num_stages"],
-        )
-
-    def sum_partials(partial, head_first, heads_here, first_row, rows_here):
-        chunk_pairs = heads_here * rows_here
-        _moba_bwd_dq_sum_kernel[(triton.cdiv(chunk_pairs, block_r),)](
-            partial,
-            grad_q[first_row:],
-            head_first,
-            rows_here,
-            chunk_pairs,
-            topk,
-            grad_q.stride(0),
-            grad_q.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-        )
-
+    launch = _Backward(
+        grad_out,
+        q,
+        k,
+        v,
+        lse,
+        entries,
+        offsets,
+        table,
+        split.row_chunks,
+        block_size,
+        causal,
+        softmax_scale,
+        config,
+    )
+    launch.preprocess(out, grad_lse)
     # "store": chunks of whole kv heads (their query heads together) whose dQ partials fit the scratch.
-    store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=group)
-    if DQ_BY_STORED_PARTIALS and tiles_per_block == 1 and store_split.row_chunks == 1:
-        partial = torch.empty(
-            store_split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device
-        )
-        # Small in the interpreter, so that tests stride over the tail more than once.
-        block_e, zero_programs = (16, 2) if interpreting() else (256, 1024)
-        for head_first, heads_here, _, _, _ in store_split.chunks(total_q, heads_q):
-            used = partial[: heads_here * total_q * topk]
-            # Unused slots (-1) add zero: clear just their partials (the index lists them last).
-            _moba_bwd_zero_unrouted_kernel[(min(triton.cdiv(entries.numel(), block_e), zero_programs),)](
-                used,
-                entries,
-                offsets,
-                offsets.numel() - 1,
-                entries.numel(),
-                head_first,
-                heads_here,
-                total_q,
-                heads_q,
-                topk,
-                HEAD_DIM=head_dim,
-                BLOCK_E=block_e,
-                BLOCK_D=block_d,
-            )
-            launch_dkdv(used, "store", head_first // group, heads_here // group)
-            sum_partials(used, head_first, heads_here, 0, total_q)
-        return grad_q, grad_k, grad_v
-
-    if not deterministic:
-        # float32 atomics: straight into dQ for float32 inputs; otherwise into a buffer copied once.
-        if q.dtype == torch.float32:
-            launch_dkdv(grad_q.zero_(), "atomic", 0, heads_kv)
-        else:
-            grad_q_accum = torch.zeros(total_q, heads_q, head_dim, dtype=torch.float32, device=q.device)
-            launch_dkdv(grad_q_accum, "atomic", 0, heads_kv)
-            grad_q.copy_(grad_q_accum)
-        return grad_q, grad_k, grad_v
-
-    # Deterministic dQ: per-(row, head, slot) partials of one chunk, summed in slot order.
-    launch_dkdv(delta, "none", 0, heads_kv)
-    # One stage, as before v1.3: three were measured for the forward's query-tile loop only; here the
-    # inner loop walks K/V tiles, whose pipelining would need about three times their shared memory.
-    dq_tiles = dict(forward_tiles(head_dim, block_size), num_stages=1)
-    partial = torch.empty(split.scratch_pairs(topk), head_dim, dtype=torch.float32, device=q.device)
-    for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
-        used = partial[: heads_here * rows_here * topk]
-        used.zero_()  # slots that no program writes add zero
-        _moba_bwd_dq_partial_kernel[(block_slots * heads_here,)](
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            delta,
-            used,
-            entries,
-            offsets,
-            table,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
-            grad_out.stride(0),
-            grad_out.stride(1),
-            block_slots,
-            split.row_chunks,
-            row_chunk,
-            head_first,
-            heads_here,
-            first_row,
-            rows_here,
-            heads_q,
-            topk,
-            group,
-            total_q,
-            softmax_scale,
-            qk_scale,
-            HEAD_DIM=head_dim,
-            CAUSAL=causal,
-            DOT_PRECISION=precision,
-            BLOCK_M=dq_tiles["BLOCK_M"],
-            BLOCK_N=dq_tiles["BLOCK_N"],
-            BLOCK_D=block_d,
-            num_warps=dq_tiles["num_warps"],
-            num_stages=dq_tiles["num_stages"],
-        )
-        sum_partials(used, head_first, heads_here, first_row, rows_here)
-    return grad_q, grad_k, grad_v
+    store_split = chunking(total_q, heads_q, topk, head_dim, q.dtype, group=launch.group, config=config)
+    if config.dq_by_stored_partials and launch.tiles_per_block == 1 and store_split.row_chunks == 1:
+        _dq_by_stored_partials(launch, store_split)
+    elif not deterministic:
+        _dq_by_atomics(launch)
+    else:
+        _dq_by_second_pass(launch, split)
+    return launch.grad_q, launch.grad_k, launch.grad_v

@@ -6,89 +6,39 @@ over the block's keys in tiles of ``BLOCK_N``: ``tl.dot`` on full tiles, float32
 log2(e) folded into the scale, the causal rule ``key <= row + shift`` applied inside the block. Each
 (row, slot) pair thus gets a partial output normalised by its own sum and a partial log2-sum-exp. A merge
 kernel then combines the ``topk`` partials of each row in slot order (deterministic, no atomics).
-
-The partials are kept for a chunk at a time (a static chunking from the shapes, no host synchronisation),
-so the scratch stays about twice the size of the output whatever topk is. A chunk is a group of whole
-query heads, so every program sees all the rows routed to its column and loads its K/V block once; only
-when one head's partials exceed the budget is a head split into row ranges (``Chunking``).
+The partials are kept for a chunk of heads (or rows) at a time: ``flashmoba.ops.partials``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
 from flashmoba.ops.index import block_table, build_block_index, num_block_slots
-
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
-
-# Scratch bound of the partial outputs per chunk; None picks max(64 MiB, 2 x output bytes).
-PARTIAL_BUFFER_BYTES: int | None = None
-# Partial outputs of float16/bfloat16 inputs are stored in that dtype: half the bytes written and read
-# again by the merge, for one more rounding per partial. Measured on H100 at 64K, bf16 (benchmarks/NOTES.md
-# section 3): forward 1.38x (B128/k8) and 1.72x (B32/k32) faster, outputs moved by at most 1-2 bf16 units
-# in the last place (mean 7e-5 on outputs of mean magnitude 0.04). False keeps float32 partials.
-PARTIALS_IN_INPUT_DTYPE = True
-
+from flashmoba.ops.partials import (
+    chunk_pair_index,
+    chunking,
+    partial_dtype,
+    program_column,
+    store_partial,
+)
+from flashmoba.ops.utils import (
+    LOG2_E,
+    MAX_HEAD_DIM,
+    dot_precision,
+    head_dim_tile,
+    interpreting,
+    maybe_contiguous,
+    next_power_of_2,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk):
-    """Position of routed pairs in the chunk's partial buffers, laid out [head in chunk, row, slot]."""
-    return ((head_in_chunk * rows_here + rows - first_row) * topk + entry % topk).to(tl.int64)
-
-
-@triton.jit
-def program_column(Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here):
-    """The (key block, query head) column of this program in a chunk's grid: the head, the column's
-    segment [begin, end) of the index, and the block's keys [key_first, key_end) and causal shift."""
-    # Heads vary fastest: under causal routing the early key blocks collect the most rows, so their
-    # programs start first instead of trailing at the end of the grid.
-    block = tl.program_id(0) // heads_here
-    head_in_chunk = tl.program_id(0) % heads_here
-    head = head_first + head_in_chunk
-    segment = (head * block_slots + block) * num_chunks + chunk
-    begin = tl.load(Offsets + segment)
-    end = tl.load(Offsets + segment + 1)
-    key_first = tl.load(BlockTable + block)
-    key_end = tl.load(BlockTable + block_slots + block)
-    shift = tl.load(BlockTable + 2 * block_slots + block)
-    return head_in_chunk, head, begin, end, key_first, key_end, shift
-
-
-@triton.jit
-def _store_partial(
-    PartialOut,
-    PartialLse,
-    pair,
-    entry_mask,
-    row_max,
-    row_sum,
-    accumulator,
-    offs_d,
-    d_mask,
-    HEAD_DIM: tl.constexpr,
-):
-    """Write each pair's normalised partial output and its log2-sum-exp (-inf when it saw no key)."""
-    partial_lse = row_max + tl.math.log2(row_sum)
-    partial_out = accumulator / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-    tl.store(PartialLse + pair, partial_lse, mask=entry_mask)
-    tl.store(
-        PartialOut + pair[:, None] * HEAD_DIM + offs_d[None, :],
-        partial_out.to(PartialOut.dtype.element_ty),
-        mask=entry_mask[:, None] & d_mask[None, :],
-    )
 
 
 @triton.jit
@@ -170,7 +120,7 @@ def _moba_fwd_partial_kernel(
                 probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
             )
             pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
-            _store_partial(
+            store_partial(
                 PartialOut,
                 PartialLse,
                 pair,
@@ -224,7 +174,7 @@ def _moba_fwd_partial_kernel(
                 running_max = new_max
             safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
             pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
-            _store_partial(
+            store_partial(
                 PartialOut,
                 PartialLse,
                 pair,
@@ -257,7 +207,8 @@ def _moba_fwd_merge_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Combine the topk partials of BLOCK_R (head, row) pairs of a chunk by their log-sum-exps, in slot order."""
+    """Combine the topk partials of BLOCK_R (head, row) pairs of a chunk by their log-sum-exps, in slot
+    order."""
     pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pair_mask = pairs < chunk_pairs
     slots = tl.arange(0, TOPK_PAD)
@@ -301,100 +252,27 @@ def _moba_fwd_merge_kernel(
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
 
-MAX_HEAD_DIM = 256
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs are for exactness tests: no TF32 rounding.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def head_dim_tile(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def forward_tiles(head_dim: int, block_size: int) -> dict:
-    """Gathered query rows x keys per tile, and warps (sm_90 defaults; small tiles in the interpreter)."""
+def forward_tiles(head_dim: int, block_size: int, config: KernelConfig = DEFAULT_CONFIG) -> dict:
+    """Gathered query rows x keys per tile, warps and stages of the partial kernel: sm_90 defaults (small
+    tiles in the interpreter), then what the config sets."""
     if interpreting():
-        return dict(
-            BLOCK_M=16,
-            BLOCK_N=min(32, max(16, triton.next_power_of_2(block_size))),
-            num_warps=4,
-            num_stages=1,
+        tiles = dict(
+            BLOCK_M=16, BLOCK_N=min(32, max(16, next_power_of_2(block_size))), num_warps=4, num_stages=1
         )
-    block_n = min(64 if head_dim > 128 else 128, max(16, triton.next_power_of_2(block_size)))
-    # Measured on H100 at 64K, d=128, head-group chunks (ms): B=128/k=8: stages 3 9.15, 1 9.47, 2 9.66, M=128 with
-    # 8 warps 10.6; B=32/k=32: stages 3 24.1, 1 25.1 (benchmarks/NOTES.md section 4). Three stages pipeline the
-    # gathered query tiles past a block held in shared memory; where the keys loop instead (blocks wider than
-    # one tile, head_dim > 128) they would pipeline K/V tiles too, unmeasured and near the shared-memory limit.
-    single_key_tile = block_size <= block_n and head_dim <= 128
-    return dict(
-        BLOCK_M=64,
-        BLOCK_N=block_n,
-        num_warps=8 if head_dim > 128 else 4,
-        num_stages=3 if single_key_tile else 1,
-    )
-
-
-def partial_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if PARTIALS_IN_INPUT_DTYPE and dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
-class Chunking(NamedTuple):
-    """How the forward splits the partial outputs of all (row, head, slot) pairs to fit its scratch.
-
-    Whole heads go together while one head's partials fit (``row_chunks == 1``); otherwise each chunk is
-    one head and ``rows_per_chunk`` rows. The index keeps ``row_chunks`` segments per column.
-    """
-
-    heads_per_chunk: int
-    rows_per_chunk: int
-    row_chunks: int
-
-    def chunks(self, total_q: int, heads_q: int) -> Iterator[tuple[int, int, int, int, int]]:
-        """(first head, heads, row chunk, first row, rows) of each chunk, in launch order."""
-        for head_first in range(0, heads_q, self.heads_per_chunk):
-            for row_chunk in range(self.row_chunks):
-                first_row = row_chunk * self.rows_per_chunk
-                yield (
-                    head_first,
-                    min(self.heads_per_chunk, heads_q - head_first),
-                    row_chunk,
-                    first_row,
-                    min(self.rows_per_chunk, total_q - first_row),
-                )
-
-    def scratch_pairs(self, topk: int) -> int:
-        return self.heads_per_chunk * self.rows_per_chunk * topk
-
-
-def chunking(
-    total_q: int, heads_q: int, topk: int, head_dim: int, dtype: torch.dtype, group: int = 1
-) -> Chunking:
-    """The static chunking of the forward's partials (and of the backward's dQ partials) for these shapes.
-
-    With ``group`` > 1, heads go in whole groups of ``group`` consecutive heads (the query heads of one kv
-    head, for the backward's dK/dV programs); a group that does not fit is split into row ranges instead.
-
-    Measured on H100 at 64K, B128/k8 (benchmarks/NOTES.md section 4): splitting rows costs each column a
-    K/V reload and shorter row loops per chunk (forward 11.2 ms in 5 row chunks against 9.2 ms in one).
-    """
-    budget = PARTIAL_BUFFER_BYTES
-    if budget is None:  # twice the output and its lse
-        budget = max(64 << 20, 2 * total_q * heads_q * (head_dim * dtype.itemsize + 4))
-    bytes_per_row = group * topk * (head_dim * partial_dtype(dtype).itemsize + 4)  # one group's outputs + lse
-    rows = max(total_q, 1)
-    groups = heads_q // group
-    groups_that_fit = min(groups, budget // (bytes_per_row * rows))
-    if groups_that_fit >= 1:
-        launches = -(-groups // groups_that_fit)
-        return Chunking(group * -(-groups // launches), rows, 1)  # even sizes: no short last launch
-    rows_per_chunk = max(1, budget // bytes_per_row)
-    return Chunking(group, rows_per_chunk, -(-rows // rows_per_chunk))
+    else:
+        block_n = min(64 if head_dim > 128 else 128, max(16, next_power_of_2(block_size)))
+        # Three stages pipeline the gathered query tiles past a block held in shared memory. Where the keys
+        # loop instead (blocks wider than one tile, head_dim > 128) they would pipeline K/V tiles too,
+        # near the shared-memory limit: one stage (see "Forward: tiles and stages" in benchmarks/NOTES.md).
+        single_key_tile = block_size <= block_n and head_dim <= 128
+        tiles = dict(
+            BLOCK_M=64,
+            BLOCK_N=block_n,
+            num_warps=8 if head_dim > 128 else 4,
+            num_stages=3 if single_key_tile else 1,
+        )
+    return dict(tiles, **config.launch_settings("forward"))
 
 
 def check_supported(q: torch.Tensor, k: torch.Tensor, topk: int) -> None:
@@ -421,10 +299,6 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, topk: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _row_stride_ok(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
 def sparse_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -435,6 +309,7 @@ def sparse_attention_forward(
     block_size: int,
     causal: bool,
     softmax_scale: float,
+    config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention over the selected blocks of packed sequences.
 
@@ -442,13 +317,14 @@ def sparse_attention_forward(
     Returns o ``[total_q, Hq, D]`` (q's dtype), lse ``[Hq, total_q]`` float32 (natural log), and the
     index (entries, offsets) that the backward walks again.
     """
-    q, k, v = _row_stride_ok(q), _row_stride_ok(k), _row_stride_ok(v)
+    config = DEFAULT_CONFIG if config is None else config
+    q, k, v = maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v)
     total_q, heads_q, head_dim = q.shape
     total_k, heads_kv, _ = k.shape
     topk = selected.shape[-1]
     batch = cu_seqlens_q.numel() - 1
     block_slots = num_block_slots(total_k, batch, block_size)
-    split = chunking(total_q, heads_q, topk, head_dim, q.dtype)
+    split = chunking(total_q, heads_q, topk, head_dim, q.dtype, config=config)
     entries, offsets = build_block_index(
         selected, cu_seqlens_q, cu_seqlens_k, block_size, block_slots, split.row_chunks, split.rows_per_chunk
     )
@@ -458,71 +334,66 @@ def sparse_attention_forward(
         return out, lse, entries, offsets
     table = block_table(cu_seqlens_q, cu_seqlens_k, block_size, block_slots)
 
-    tiles = forward_tiles(head_dim, block_size)
+    tiles = forward_tiles(head_dim, block_size, config)
     block_d = head_dim_tile(head_dim)
     partial_out = torch.empty(
-        split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype), device=q.device
+        split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype, config), device=q.device
     )
     partial_lse = torch.empty(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
-    qk_scale = softmax_scale * LOG2_E
     block_r = 16 if interpreting() else 32
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
         chunk_pairs = heads_here * rows_here
-        partial_lse[: chunk_pairs * topk].fill_(
-            -math.inf
-        )  # slots no program writes stay -inf: the merge skips them
+        # Slots no program writes stay -inf: the merge skips them.
+        partial_lse[: chunk_pairs * topk].fill_(-math.inf)
         if block_slots > 0:
             _moba_fwd_partial_kernel[(block_slots * heads_here,)](
-                q,
-                k,
-                v,
-                partial_out,
-                partial_lse,
-                entries,
-                offsets,
-                table,
-                q.stride(0),
-                q.stride(1),
-                k.stride(0),
-                k.stride(1),
-                v.stride(0),
-                v.stride(1),
-                block_slots,
-                split.row_chunks,
-                row_chunk,
-                head_first,
-                heads_here,
-                first_row,
-                rows_here,
-                heads_q,
-                topk,
-                heads_q // heads_kv,
-                qk_scale,
+                Q=q,
+                K=k,
+                V=v,
+                PartialOut=partial_out,
+                PartialLse=partial_lse,
+                Entries=entries,
+                Offsets=offsets,
+                BlockTable=table,
+                stride_q_row=q.stride(0),
+                stride_q_head=q.stride(1),
+                stride_k_row=k.stride(0),
+                stride_k_head=k.stride(1),
+                stride_v_row=v.stride(0),
+                stride_v_head=v.stride(1),
+                block_slots=block_slots,
+                num_chunks=split.row_chunks,
+                chunk=row_chunk,
+                head_first=head_first,
+                heads_here=heads_here,
+                first_row=first_row,
+                rows_here=rows_here,
+                heads_q=heads_q,
+                topk=topk,
+                group=heads_q // heads_kv,
+                qk_scale=softmax_scale * LOG2_E,
                 HEAD_DIM=head_dim,
                 CAUSAL=causal,
                 DOT_PRECISION=dot_precision(q.dtype),
                 SINGLE_KEY_TILE=block_size <= tiles["BLOCK_N"],
-                BLOCK_M=tiles["BLOCK_M"],
-                BLOCK_N=tiles["BLOCK_N"],
                 BLOCK_D=block_d,
-                num_warps=tiles["num_warps"],
-                num_stages=tiles["num_stages"],
+                **tiles,
             )
         _moba_fwd_merge_kernel[(triton.cdiv(chunk_pairs, block_r),)](
-            partial_out,
-            partial_lse,
-            out,
-            lse,
-            head_first,
-            first_row,
-            rows_here,
-            chunk_pairs,
-            topk,
-            total_q,
-            out.stride(0),
-            out.stride(1),
+            PartialOut=partial_out,
+            PartialLse=partial_lse,
+            Out=out,
+            Lse=lse,
+            head_first=head_first,
+            first_row=first_row,
+            rows_here=rows_here,
+            chunk_pairs=chunk_pairs,
+            topk=topk,
+            total_q=total_q,
+            stride_o_row=out.stride(0),
+            stride_o_head=out.stride(1),
             HEAD_DIM=head_dim,
-            TOPK_PAD=triton.next_power_of_2(topk),
+            TOPK_PAD=next_power_of_2(topk),
             BLOCK_R=block_r,
             BLOCK_D=block_d,
             num_warps=4,

@@ -18,9 +18,8 @@ tensor cores. This module builds that CSC-like index on the device, with no host
 - ``offsets[(head * num_block_slots + block) * num_chunks + chunk]`` is where that (column, chunk)
   segment starts; one more trailing offset closes the last one.
 
-Two small kernels compute the block table and the sort keys, one launch each. The element-wise torch
-version took about 40 launches per forward, which at short lengths cost more than the work (8K on an H100:
-forward 3.06 -> 2.06 ms, benchmarks/NOTES.md section 5).
+Two small kernels compute the block table and the sort keys, one launch each: at short lengths the
+launches cost more than the work (see "Index: two kernels" in benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -38,14 +37,14 @@ TILE = 1024  # slots or entries per program of the two kernels below
 
 
 @triton.jit
-def _sequence_of(cu_seqlens_ptr, batch, search_steps, positions, divisor, per_sequence):
+def _sequence_of(CuSeqlens, batch, search_steps, positions, divisor, per_sequence):
     """Per position, the last sequence b < batch with cu_seqlens[b] // divisor + b * per_sequence <= position
     (a binary search; that start is non-decreasing in b, and 0 for b = 0)."""
     low = tl.zeros_like(positions)  # start(low) <= position
     high = low + batch  # high == batch or start(high) > position
     for _ in range(search_steps):
         middle = (low + high) // 2  # < high <= batch: always a real sequence
-        start = tl.load(cu_seqlens_ptr + middle) // divisor + middle * per_sequence
+        start = tl.load(CuSeqlens + middle) // divisor + middle * per_sequence
         at_or_below = start <= positions
         low = tl.where(at_or_below, middle, low)
         high = tl.where(at_or_below, high, middle)
@@ -54,9 +53,9 @@ def _sequence_of(cu_seqlens_ptr, batch, search_steps, positions, divisor, per_se
 
 @triton.jit
 def _block_table_kernel(
-    table_ptr,
-    cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
+    BlockTable,
+    CuSeqlensQ,
+    CuSeqlensK,
     batch,
     search_steps,
     block_size,
@@ -66,24 +65,24 @@ def _block_table_kernel(
     """Program: TILE block slots -> table rows (first key, end key, causal shift) of each."""
     slots = tl.program_id(0) * TILE + tl.arange(0, TILE)
     in_range = slots < block_slots
-    sequence = _sequence_of(cu_seqlens_k_ptr, batch, search_steps, slots, block_size, 1)
-    key_start = tl.load(cu_seqlens_k_ptr + sequence)
-    key_end = tl.load(cu_seqlens_k_ptr + sequence + 1)
+    sequence = _sequence_of(CuSeqlensK, batch, search_steps, slots, block_size, 1)
+    key_start = tl.load(CuSeqlensK + sequence)
+    key_end = tl.load(CuSeqlensK + sequence + 1)
     first = key_start + (slots - key_start // block_size - sequence) * block_size
     used = first < key_end  # slots past the sequence's last block (before the next one's) stay empty
     end = tl.minimum(first + block_size, key_end)
-    shift = key_end - tl.load(cu_seqlens_q_ptr + sequence + 1)
-    tl.store(table_ptr + slots, tl.where(used, first, 0), mask=in_range)
-    tl.store(table_ptr + block_slots + slots, tl.where(used, end, 0), mask=in_range)
-    tl.store(table_ptr + 2 * block_slots + slots, shift, mask=in_range)
+    shift = key_end - tl.load(CuSeqlensQ + sequence + 1)
+    tl.store(BlockTable + slots, tl.where(used, first, 0), mask=in_range)
+    tl.store(BlockTable + block_slots + slots, tl.where(used, end, 0), mask=in_range)
+    tl.store(BlockTable + 2 * block_slots + slots, shift, mask=in_range)
 
 
 @triton.jit
 def _sort_keys_kernel(
-    keys_ptr,
-    selected_ptr,
-    cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
+    SortKeys,
+    Selected,
+    CuSeqlensQ,
+    CuSeqlensK,
     batch,
     search_steps,
     num_entries,
@@ -102,15 +101,15 @@ def _sort_keys_kernel(
     in_range = entries < num_entries
     row = entries // (heads_q * topk)
     head = (entries // topk) % heads_q
-    block = tl.load(selected_ptr + entries, mask=in_range, other=-1).to(tl.int64)
-    sequence = _sequence_of(cu_seqlens_q_ptr, batch, search_steps, row, 1, 0)
-    key_start = tl.load(cu_seqlens_k_ptr + sequence).to(tl.int64)
-    num_blocks = (tl.load(cu_seqlens_k_ptr + sequence + 1) - key_start + block_size - 1) // block_size
+    block = tl.load(Selected + entries, mask=in_range, other=-1).to(tl.int64)
+    sequence = _sequence_of(CuSeqlensQ, batch, search_steps, row, 1, 0)
+    key_start = tl.load(CuSeqlensK + sequence).to(tl.int64)
+    num_blocks = (tl.load(CuSeqlensK + sequence + 1) - key_start + block_size - 1) // block_size
     valid = (block >= 0) & (block < num_blocks)
     slot = key_start // block_size + sequence + block
     key = (head * block_slots + slot) * num_chunks + row // chunk_rows
     tl.store(
-        keys_ptr + entries, tl.where(valid, key, num_segments).to(keys_ptr.dtype.element_ty), mask=in_range
+        SortKeys + entries, tl.where(valid, key, num_segments).to(SortKeys.dtype.element_ty), mask=in_range
     )
 
 
@@ -142,13 +141,13 @@ def block_table(
     if block_slots == 0 or batch < 1:
         return table.zero_()
     _block_table_kernel[(triton.cdiv(block_slots, TILE),)](
-        table,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        batch,
-        _search_steps(batch),
-        block_size,
-        block_slots,
+        BlockTable=table,
+        CuSeqlensQ=cu_seqlens_q,
+        CuSeqlensK=cu_seqlens_k,
+        batch=batch,
+        search_steps=_search_steps(batch),
+        block_size=block_size,
+        block_slots=block_slots,
         TILE=TILE,
     )
     return table
@@ -177,20 +176,20 @@ def build_block_index(
     keys = torch.empty(selected.numel(), dtype=key_dtype, device=selected.device)
     if keys.numel() > 0 and batch >= 1:
         _sort_keys_kernel[(triton.cdiv(keys.numel(), TILE),)](
-            keys,
-            selected.contiguous(),
-            cu_seqlens_q,
-            cu_seqlens_k,
-            batch,
-            _search_steps(batch),
-            keys.numel(),
-            heads_q,
-            topk,
-            block_size,
-            block_slots,
-            num_chunks,
-            chunk_rows,
-            num_segments,
+            SortKeys=keys,
+            Selected=selected.contiguous(),
+            CuSeqlensQ=cu_seqlens_q,
+            CuSeqlensK=cu_seqlens_k,
+            batch=batch,
+            search_steps=_search_steps(batch),
+            num_entries=keys.numel(),
+            heads_q=heads_q,
+            topk=topk,
+            block_size=block_size,
+            block_slots=block_slots,
+            num_chunks=num_chunks,
+            chunk_rows=chunk_rows,
+            num_segments=num_segments,
             TILE=TILE,
         )
     sorted_keys, order = torch.sort(keys, stable=True)

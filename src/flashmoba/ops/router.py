@@ -42,20 +42,18 @@ simply written after the sorted candidates.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Limits of the Triton router (checked before any launch).
-MAX_HEAD_DIM = 256
+from flashmoba._checks import check_positive_int
+from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
+from flashmoba.ops.utils import MAX_HEAD_DIM, dot_precision, head_dim_tile, interpreting, next_power_of_2
+
+# Limits of the Triton router (checked before any launch; MAX_HEAD_DIM as the attention's).
 MAX_RUNNING_TOPK = 128  # blocks kept on chip per query row: min(topk, number of blocks), rounded up to 2^n
 MAX_GRID_DIM = 65535  # CUDA's limit on grid dimensions 1 and 2 (sequences, heads)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Benchmarks and tests may override the top-k kernel's configuration here (keys of _topk_config).
-TOPK_CONFIG_OVERRIDES: dict = {}
 
 # An int64 below every packed (score, block id) key: marks an empty slot of a running top-k list.
 EMPTY_KEY = tl.constexpr(-(2**63))
@@ -71,9 +69,9 @@ NOT_ENTERING = tl.constexpr(-(2**31))
 
 @triton.jit
 def _block_centroids_kernel(
-    k_ptr,
-    centroids_ptr,
-    cu_seqlens_k_ptr,
+    K,
+    Centroids,
+    CuSeqlensK,  # None for the padded layout (IS_VARLEN False)
     seqlen_k,  # keys per sequence of the padded layout (unused when IS_VARLEN)
     stride_k_batch,
     stride_k_token,
@@ -98,13 +96,13 @@ def _block_centroids_kernel(
     seq = tl.program_id(1)
     head = tl.program_id(2)
     if IS_VARLEN:
-        seq_start = tl.load(cu_seqlens_k_ptr + seq)
-        seq_len = tl.load(cu_seqlens_k_ptr + seq + 1) - seq_start
-        k_base = k_ptr + seq_start.to(tl.int64) * stride_k_token
+        seq_start = tl.load(CuSeqlensK + seq)
+        seq_len = tl.load(CuSeqlensK + seq + 1) - seq_start
+        k_base = K + seq_start.to(tl.int64) * stride_k_token
     else:
         seq_start = seq * seqlen_k
         seq_len = seqlen_k
-        k_base = k_ptr + seq.to(tl.int64) * stride_k_batch
+        k_base = K + seq.to(tl.int64) * stride_k_batch
     k_base += head.to(tl.int64) * stride_k_head
 
     block_start = block * block_size
@@ -131,9 +129,9 @@ def _block_centroids_kernel(
     else:
         centroid = block_sum / tl.maximum(block_len, 1).to(tl.float32)
     row = (seq_start // block_size + seq + block).to(tl.int64)
-    centroid_ptrs = centroids_ptr + row * stride_centroid_row + head.to(tl.int64) * stride_centroid_head
+    centroid_ptrs = Centroids + row * stride_centroid_row + head.to(tl.int64) * stride_centroid_head
     centroid_ptrs += dims
-    tl.store(centroid_ptrs, centroid.to(centroids_ptr.dtype.element_ty), mask=dim_ok & (block_len > 0))
+    tl.store(centroid_ptrs, centroid.to(Centroids.dtype.element_ty), mask=dim_ok & (block_len > 0))
 
 
 @triton.jit
@@ -191,12 +189,12 @@ def _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK: tl.con
 
 @triton.jit
 def _route_topk_kernel(
-    q_ptr,
-    centroids_ptr,
-    selected_ptr,
-    path_counts_ptr,  # int32 [4] with COUNT_PATHS: tiles skipped, inserted, merged; insertion rounds
-    cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
+    Q,
+    Centroids,
+    Selected,
+    PathCounts,  # int32 [4] with COUNT_PATHS (else None): tiles skipped, inserted, merged; insertion rounds
+    CuSeqlensQ,  # None for the padded layout (IS_VARLEN False)
+    CuSeqlensK,
     seqlen_q,  # padded layout only (unused when IS_VARLEN)
     seqlen_k,
     stride_q_batch,
@@ -234,19 +232,19 @@ def _route_topk_kernel(
     head = tl.program_id(2)
     kv_head = head // heads_per_kv
     if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        k_start = tl.load(cu_seqlens_k_ptr + seq)
-        k_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
-        q_base = q_ptr + q_start.to(tl.int64) * stride_q_token
+        q_start = tl.load(CuSeqlensQ + seq)
+        q_len = tl.load(CuSeqlensQ + seq + 1) - q_start
+        k_start = tl.load(CuSeqlensK + seq)
+        k_len = tl.load(CuSeqlensK + seq + 1) - k_start
+        q_base = Q + q_start.to(tl.int64) * stride_q_token
     else:
         q_start = seq * seqlen_q
         q_len = seqlen_q
         k_start = seq * seqlen_k
         k_len = seqlen_k
-        q_base = q_ptr + seq.to(tl.int64) * stride_q_batch
+        q_base = Q + seq.to(tl.int64) * stride_q_batch
     q_base += head.to(tl.int64) * stride_q_head
-    centroid_base = centroids_ptr + kv_head.to(tl.int64) * stride_centroid_head
+    centroid_base = Centroids + kv_head.to(tl.int64) * stride_centroid_head
     first_centroid_row = k_start // block_size + seq  # see _block_centroids_kernel
     num_blocks = (k_len + block_size - 1) // block_size
 
@@ -324,10 +322,10 @@ def _route_topk_kernel(
                 if COUNT_PATHS:
                     tiles_merged += 1
     if COUNT_PATHS:
-        tl.atomic_add(path_counts_ptr + 0, num_tiles - tiles_inserted - tiles_merged)
-        tl.atomic_add(path_counts_ptr + 1, tiles_inserted)
-        tl.atomic_add(path_counts_ptr + 2, tiles_merged)
-        tl.atomic_add(path_counts_ptr + 3, insertion_rounds)
+        tl.atomic_add(PathCounts + 0, num_tiles - tiles_inserted - tiles_merged)
+        tl.atomic_add(PathCounts + 1, tiles_inserted)
+        tl.atomic_add(PathCounts + 2, tiles_merged)
+        tl.atomic_add(PathCounts + 3, insertion_rounds)
 
     # Keep the best `picks` of each row, then list their block ids in ascending order.
     rank = RUNNING_TOPK - 1 - columns
@@ -339,7 +337,7 @@ def _route_topk_kernel(
     has_own = own_block >= 0
     own_column = tl.where(has_own, kept_count, -1)
 
-    out_base = selected_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_selected_token
+    out_base = Selected + (q_start + rows).to(tl.int64)[:, None] * stride_selected_token
     out_base += head.to(tl.int64) * stride_selected_head
     selected = tl.where(
         columns[None, :] < kept_count[:, None],
@@ -361,48 +359,40 @@ def _route_topk_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, value - 1).bit_length()
-
-
-def _head_dim_pad(head_dim: int) -> int:
-    return max(16, _next_power_of_2(head_dim))  # tl.dot needs >= 16 in every dimension
-
-
 def _running_topk(topk: int, max_blocks: int, causal: bool) -> tuple[int, int]:
     """(picks, RUNNING_TOPK): candidates a row keeps, and the on-chip list length (a power of two)."""
     picks = min(topk - 1 if causal else topk, max_blocks)
-    return picks, max(2, _next_power_of_2(picks))
+    return picks, max(2, next_power_of_2(picks))
 
 
-def _topk_config(head_dim_pad: int, running_topk: int, max_blocks: int) -> dict:
-    """Tile sizes of the top-k kernel (first guesses for sm_90; measure before changing)."""
+def _topk_config(
+    head_dim_pad: int, running_topk: int, max_blocks: int, config: KernelConfig = DEFAULT_CONFIG
+) -> dict:
+    """Launch settings of the top-k kernel: measured sm_90 defaults for these shapes, then what the config
+    sets (see "Router: top-k tiles" in benchmarks/NOTES.md; measure before changing)."""
     block_n = 64 if head_dim_pad <= 128 else 32
     # No wider than the blocks a sequence can have; never narrower than the running list (tl.topk).
-    block_n = max(16, min(block_n, _next_power_of_2(max_blocks)), running_topk)
+    block_n = max(16, min(block_n, next_power_of_2(max_blocks)), running_topk)
     block_m = 64 if running_topk <= 32 else 32
     if 16 < running_topk <= 32 and max_blocks >= 1024:
-        # Measured on H100 (benchmarks/NOTES.md sections 3 and 5): 128 query rows per program, 8 warps,
-        # route B32/k32 faster at 64K and 512K; at 8K, fewer programs make it slower. Lists of 16 slots
-        # took this too until the insertions moved to int32 (v1.4): 64 rows, 4 warps are now 4-14% faster.
+        # Lists of 32 slots over many blocks: 128 query rows per program, 8 warps (fewer programs make
+        # shorter sequences slower, hence the bound).
         block_m = 128
     num_warps = 8 if running_topk * block_m >= 64 * 64 or block_m == 128 or head_dim_pad >= 256 else 4
-    # FILTER skips tiles no row can use; a tile that only a few keys per row can enter takes up to
-    # INSERT_ROUNDS single-key insertions instead of a full tl.topk merge (8: NOTES.md section 5).
-    config = dict(
+    # FILTER skips tiles no row can use; INSERT_ROUNDS: see KernelConfig.router_insert_rounds.
+    settings = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, FILTER=True, INSERT_ROUNDS=8, num_warps=num_warps, num_stages=2
     )
-    config.update(TOPK_CONFIG_OVERRIDES)
-    return config
+    settings.update(config.launch_settings("router"))
+    return settings
 
 
 def _check_supported(
     q: torch.Tensor, k: torch.Tensor, batch: int, max_seqlen_k: int, block_size: int, topk: int, causal: bool
 ) -> None:
     """Raise ValueError naming the limit for anything the Triton router does not run."""
-    for name, value in (("block_size", block_size), ("topk", topk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_positive_int("block_size", block_size)
+    check_positive_int("topk", topk)
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
         raise ValueError(
             f"the Triton router supports float16, bfloat16 and float32 (q and k alike), got q {q.dtype} and "
@@ -455,23 +445,23 @@ def _launch_centroids(
         stride_batch, (stride_token, stride_head, stride_dim) = 0, k.stride()
     else:
         stride_batch, stride_token, stride_head, stride_dim = k.stride()
-    head_dim_pad = _next_power_of_2(head_dim)
+    head_dim_pad = next_power_of_2(head_dim)
     _block_centroids_kernel[(max_blocks, batch, heads_kv)](
-        k,
-        centroids,
-        cu_seqlens_k if is_varlen else k,
-        seqlen_k,
-        stride_batch,
-        stride_token,
-        stride_head,
-        stride_dim,
-        centroids.stride(0),
-        centroids.stride(1),
-        head_dim,
-        block_size,
+        K=k,
+        Centroids=centroids,
+        CuSeqlensK=cu_seqlens_k if is_varlen else None,
+        seqlen_k=seqlen_k,
+        stride_k_batch=stride_batch,
+        stride_k_token=stride_token,
+        stride_k_head=stride_head,
+        stride_k_dim=stride_dim,
+        stride_centroid_row=centroids.stride(0),
+        stride_centroid_head=centroids.stride(1),
+        head_dim=head_dim,
+        block_size=block_size,
         IS_VARLEN=is_varlen,
         # At most 4096 elements of k per tile: whole small blocks, no register spills at head_dim 256.
-        TOKEN_TILE=max(2, min(_next_power_of_2(block_size), 4096 // head_dim_pad, 64)),
+        TOKEN_TILE=max(2, min(next_power_of_2(block_size), 4096 // head_dim_pad, 64)),
         HEAD_DIM_PAD=head_dim_pad,
         EVEN_HEAD_DIM=head_dim == head_dim_pad,
         STORE_SUMS=store_sums,
@@ -496,6 +486,7 @@ def _launch_route(
     causal,
     is_varlen,
     path_counts=None,
+    config: KernelConfig = DEFAULT_CONFIG,
 ):
     """Fill selected [total_q, Hq, topk] (a view of [B, T, Hq, topk] for the padded layout); with
     path_counts (int32 [4], zeroed), also count the tile update paths (see count_topk_paths)."""
@@ -503,9 +494,9 @@ def _launch_route(
     heads_kv = centroids.shape[1]
     max_blocks = triton.cdiv(max_seqlen_k, block_size)
     picks, running_topk = _running_topk(topk, max_blocks, causal)
-    head_dim_pad = _head_dim_pad(head_dim)
-    config = _topk_config(head_dim_pad, running_topk, max_blocks)
-    grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), batch, heads_q)
+    head_dim_pad = head_dim_tile(head_dim)
+    settings = _topk_config(head_dim_pad, running_topk, max_blocks, config)
+    grid = (triton.cdiv(max_seqlen_q, settings["BLOCK_M"]), batch, heads_q)
     if 0 in grid:
         return selected
     if is_varlen:
@@ -515,41 +506,41 @@ def _launch_route(
     tail = max(1, topk - running_topk)
     # Triton 3.6's interpreter multiplies the raw bits of bfloat16 tiles in tl.dot: upcast there (exact,
     # as bf16 x bf16 products fit float32). Compiled kernels keep bf16 tiles for the tensor cores.
-    dot_in_float32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    dot_in_float32 = q.dtype == torch.bfloat16 and interpreting()
     _route_topk_kernel[grid](
-        q,
-        centroids,
-        selected,
-        selected if path_counts is None else path_counts,
-        cu_seqlens_q if is_varlen else selected,
-        cu_seqlens_k if is_varlen else selected,
-        seqlen_q,
-        seqlen_k,
-        stride_batch,
-        stride_token,
-        stride_head,
-        stride_dim,
-        centroids.stride(0),
-        centroids.stride(1),
-        centroids.stride(2),
-        selected.stride(0),
-        selected.stride(1),
-        head_dim,
-        block_size,
-        heads_q // heads_kv,
-        topk,
-        picks,
+        Q=q,
+        Centroids=centroids,
+        Selected=selected,
+        PathCounts=path_counts,
+        CuSeqlensQ=cu_seqlens_q if is_varlen else None,
+        CuSeqlensK=cu_seqlens_k if is_varlen else None,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        stride_q_batch=stride_batch,
+        stride_q_token=stride_token,
+        stride_q_head=stride_head,
+        stride_q_dim=stride_dim,
+        stride_centroid_row=centroids.stride(0),
+        stride_centroid_head=centroids.stride(1),
+        stride_centroid_dim=centroids.stride(2),
+        stride_selected_token=selected.stride(0),
+        stride_selected_head=selected.stride(1),
+        head_dim=head_dim,
+        block_size=block_size,
+        heads_per_kv=heads_q // heads_kv,
+        topk=topk,
+        picks=picks,
         IS_VARLEN=is_varlen,
         CAUSAL=causal,
         RUNNING_TOPK=running_topk,
         HEAD_DIM_PAD=head_dim_pad,
         EVEN_HEAD_DIM=head_dim == head_dim_pad,
-        TAIL_TILE=min(64, max(16, _next_power_of_2(tail))),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_float32 else "tf32",
+        TAIL_TILE=min(64, max(16, next_power_of_2(tail))),
+        DOT_PRECISION="ieee" if dot_in_float32 else dot_precision(q.dtype),
         DOT_IN_FLOAT32=dot_in_float32,
         CENTROIDS_ARE_SUMS=_stores_sums(q.dtype),
         COUNT_PATHS=path_counts is not None,
-        **config,
+        **settings,
     )
     return selected
 
@@ -563,7 +554,7 @@ def _new_selection(shape, device, out):
     return out
 
 
-def _route_padded(q, k, block_size, topk, causal, out, path_counts=None):
+def _route_padded(q, k, block_size, topk, causal, out, path_counts=None, config=DEFAULT_CONFIG):
     """``route``'s work (and ``count_topk_paths``'s, with path_counts): checks, centroids, top-k."""
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k = k.shape[1]
@@ -591,6 +582,7 @@ def _route_padded(q, k, block_size, topk, causal, out, path_counts=None):
         causal,
         is_varlen=False,
         path_counts=path_counts,
+        config=config,
     )
     return selected
 
@@ -630,6 +622,7 @@ def route_varlen(
     topk: int,
     causal: bool = True,
     out: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Selected key blocks of packed sequences (``moba_select``'s contract).
 
@@ -638,6 +631,7 @@ def route_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]``.
         max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (Python ints).
         out: optional contiguous int32 ``[total_q, Hq, topk]`` to write into.
+        config: the top-k kernel's launch settings (None: the defaults).
 
     Returns:
         int32 ``[total_q, Hq, topk]``: block ids local to each sequence, ascending, -1 in unused slots at
@@ -666,6 +660,7 @@ def route_varlen(
         topk,
         causal,
         is_varlen=True,
+        config=DEFAULT_CONFIG if config is None else config,
     )
 
 
@@ -676,21 +671,30 @@ def route(
     topk: int,
     causal: bool = True,
     out: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Selected key blocks of a padded batch (``moba_select``'s contract).
 
     Args:
         q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]`` (any strides, same dtype).
         out: optional contiguous int32 ``[B, T, Hq, topk]`` to write into.
+        config: the top-k kernel's launch settings (None: the defaults).
 
     Returns:
         int32 ``[B, T, Hq, topk]``: block ids, ascending, -1 in unused slots at the end.
     """
-    return _route_padded(q, k, block_size, topk, causal, out)
+    return _route_padded(
+        q, k, block_size, topk, causal, out, config=DEFAULT_CONFIG if config is None else config
+    )
 
 
 def count_topk_paths(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, causal: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    topk: int,
+    causal: bool = True,
+    config: KernelConfig | None = None,
 ) -> dict:
     """How the top-k kernel updated its running lists on a padded batch (a measurement aid, not a fast path).
 
@@ -699,7 +703,8 @@ def count_topk_paths(
     ``merged`` (a full ``tl.topk``), plus ``selected``, the selection itself (unchanged by counting).
     """
     counts = torch.zeros(4, dtype=torch.int32, device=q.device)
-    selected = _route_padded(q, k, block_size, topk, causal, None, path_counts=counts)
+    config = DEFAULT_CONFIG if config is None else config
+    selected = _route_padded(q, k, block_size, topk, causal, None, path_counts=counts, config=config)
     skipped, inserted, merged, rounds = counts.tolist()
     return dict(
         tiles=skipped + inserted + merged,

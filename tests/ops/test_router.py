@@ -8,22 +8,22 @@ Inputs made of small integers give exact scores, so there every selection (and e
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-triton = pytest.importorskip("triton")
+from flashmoba import reference
+from flashmoba.ops import router
+from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.utils import interpreting
+from tests.helpers import cu_seqlens
 
-from flashmoba import reference  # noqa: E402
-from flashmoba.ops import router  # noqa: E402
+DEVICE = "cpu" if interpreting() else "cuda"
+pytestmark = pytest.mark.triton
 
-DEVICE = "cpu" if INTERPRET else "cuda"
+
+def _tiles(**settings) -> KernelConfig:
+    """A top-k kernel configuration by its launch names (BLOCK_M=16, FILTER=False, ...)."""
+    return KernelConfig.for_kernel("router", settings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -38,11 +38,6 @@ def _random(*shape, dtype=torch.float32, integers=False, generator=None):
     else:
         values = torch.randn(*shape, dtype=torch.float64, generator=generator)
     return values.to(dtype).to(DEVICE)
-
-
-def _cu_seqlens(lengths):
-    starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
-    return torch.tensor(starts, dtype=torch.int32, device=DEVICE)
 
 
 def _poisoned(shape):
@@ -89,11 +84,13 @@ def _check_padded(
     dtype=torch.float32,
     integers=False,
     seed=0,
+    config=None,
 ):
     generator = torch.Generator().manual_seed(seed)
     q = _random(batch, seqlen_q, heads_q, head_dim, dtype=dtype, integers=integers, generator=generator)
     k = _random(batch, seqlen_k, heads_kv, head_dim, dtype=dtype, integers=integers, generator=generator)
-    got = router.route(q, k, block_size, topk, causal, out=_poisoned((batch, seqlen_q, heads_q, topk)))
+    out = _poisoned((batch, seqlen_q, heads_q, topk))
+    got = router.route(q, k, block_size, topk, causal, out=out, config=config)
     expected = reference.moba_select_reference(q, k, block_size, topk, causal)
     if integers:
         assert torch.equal(got, expected)
@@ -118,7 +115,7 @@ def _check_varlen(
     generator = torch.Generator().manual_seed(seed)
     q = _random(sum(lengths_q), heads_q, head_dim, dtype=dtype, integers=integers, generator=generator)
     k = _random(sum(lengths_k), heads_kv, head_dim, dtype=dtype, integers=integers, generator=generator)
-    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
     got = router.route_varlen(
         q,
         k,
@@ -149,7 +146,7 @@ def _check_varlen(
 def test_centroids_varlen_match_reference(block_size):
     lengths = [1, 0, 33, 16, 50]
     k = _random(sum(lengths), 2, 24, generator=torch.Generator().manual_seed(1))
-    cu = _cu_seqlens(lengths)
+    cu = cu_seqlens(lengths, DEVICE)
     centroids = router.block_centroids_varlen(k, cu, max(lengths), block_size)
     assert centroids.shape == (sum(lengths) // block_size + len(lengths), 2, 24)
     for s, length in enumerate(lengths):
@@ -226,11 +223,11 @@ def test_many_centroid_tiles_and_large_topk():
     ],
     ids=["merge", "filter-merge", "filter-insert", "default"],
 )
-def test_tile_update_paths(overrides, monkeypatch):
+def test_tile_update_paths(overrides):
     # Small tiles so each row sees many centroid tiles: 60 blocks in tiles of 16; integer data ties often.
-    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, **overrides))
+    config = _tiles(BLOCK_M=16, BLOCK_N=16, **overrides)
     for causal in (True, False):
-        _check_padded(1, 48, 120, 2, 1, 16, 2, 5, causal, integers=True, seed=17)
+        _check_padded(1, 48, 120, 2, 1, 16, 2, 5, causal, integers=True, seed=17, config=config)
 
 
 def test_non_contiguous_inputs():
@@ -246,7 +243,7 @@ def test_non_contiguous_inputs():
             _assert_sequence_selection(got[b], expected[b], q[b], k[b], 16)
     packed_q = q.reshape(60, 4, 32)[::2]  # [30, Hq, D]: token stride 2 rows
     packed_k = k[0]
-    cu_q, cu_k = _cu_seqlens([30]), _cu_seqlens([50])
+    cu_q, cu_k = cu_seqlens([30], DEVICE), cu_seqlens([50], DEVICE)
     got = router.route_varlen(packed_q, packed_k, cu_q, cu_k, 30, 50, 16, 3, True)
     expected = reference.moba_select_reference(
         packed_q.contiguous(), packed_k.contiguous(), 16, 3, True, cu_q, cu_k
@@ -324,7 +321,7 @@ def test_planted_duplicate_blocks(causal):
     lengths_q, lengths_k = [30, 60], [k.shape[1] - 20, k.shape[1]]
     packed_q = torch.cat([q[0, :30], q[1, :60]])
     packed_k = torch.cat([k[0, : lengths_k[0]], k[1]])
-    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
     got = router.route_varlen(packed_q, packed_k, cu_q, cu_k, 60, k.shape[1], block_size, 3, causal)
     expected = reference.moba_select_reference(packed_q, packed_k, block_size, 3, causal, cu_q, cu_k)
     assert torch.equal(got, expected)
@@ -383,38 +380,41 @@ def test_real_arithmetic_ties_with_non_power_of_two_blocks(block_size, causal):
     _check_varlen([17, 23], [17, 30], 2, 2, 16, block_size, 4, causal, integers=True, seed=block_size + 1)
 
 
-def test_wide_query_tiles_of_long_sequences(monkeypatch):
+def test_wide_query_tiles_of_long_sequences():
     # The measured defaults over >= 1024 blocks: 128 query rows and 8 warps for lists of 32 slots, 64 rows
-    # and 4 warps for lists of 16 (NOTES.md section 5).
+    # and 4 warps for lists of 16 ("Router: top-k tiles" in benchmarks/NOTES.md).
     for running_topk, tiles in ((16, (64, 4)), (32, (128, 8))):
         config = router._topk_config(128, running_topk, 2048)
         assert (config["BLOCK_M"], config["num_warps"]) == tiles
-    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=128, BLOCK_N=32, num_warps=8))
+    config = _tiles(BLOCK_M=128, BLOCK_N=32, num_warps=8)
     for causal in (True, False):
-        _check_padded(1, 150, 160, 2, 1, 16, 4, 17, causal, integers=True, seed=21)
+        _check_padded(1, 150, 160, 2, 1, 16, 4, 17, causal, integers=True, seed=21, config=config)
 
 
-def test_path_counts_add_up_and_follow_the_configuration(monkeypatch):
+def test_path_counts_add_up_and_follow_the_configuration():
     generator = torch.Generator().manual_seed(31)
     q = _random(1, 96, 2, 16, generator=generator)
     k = _random(1, 96, 2, 16, generator=generator)
     block_size, topk = 4, 5  # 24 blocks in tiles of 16: most query tiles visit two centroid tiles
-    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16))
+    config = _tiles(BLOCK_M=16, BLOCK_N=16)
     # Tiles visited: per (query tile, head), the centroid tiles below the own block of its last row.
     last_rows = torch.arange(15, 96, 16)
     expected_tiles = 2 * int(((last_rows // block_size + 15) // 16).sum())
-    counts = router.count_topk_paths(q, k, block_size, topk, causal=True)
+    counts = router.count_topk_paths(q, k, block_size, topk, causal=True, config=config)
     assert counts["tiles"] == counts["skipped"] + counts["inserted"] + counts["merged"] == expected_tiles
     assert counts["merged"] > 0 and counts["skipped"] + counts["inserted"] > 0
-    max_rounds = router._topk_config(16, 8, 24)["INSERT_ROUNDS"]
+    max_rounds = router._topk_config(16, 8, 24, config)["INSERT_ROUNDS"]
     assert counts["inserted"] <= counts["insertion_rounds"] <= max_rounds * counts["inserted"]
     assert torch.equal(counts["selected"], reference.moba_select_reference(q, k, block_size, topk, True))
-    monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, FILTER=False))
-    assert router.count_topk_paths(q, k, block_size, topk, causal=True)["merged"] == expected_tiles
+    config = _tiles(BLOCK_M=16, BLOCK_N=16, FILTER=False)
+    assert (
+        router.count_topk_paths(q, k, block_size, topk, causal=True, config=config)["merged"]
+        == expected_tiles
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_nan_and_infinite_scores_take_every_path_alike(causal, monkeypatch):
+def test_nan_and_infinite_scores_take_every_path_alike(causal):
     # NaN and +-inf scores (inf * 0 and overflow) must be ranked by their keys on every path: the insert
     # path compares int32 images of the scores, the merge int64 keys; -inf scores may still fill empty slots.
     generator = torch.Generator().manual_seed(43)
@@ -427,7 +427,6 @@ def test_nan_and_infinite_scores_take_every_path_alike(causal, monkeypatch):
     k[0, 40:44, 0, 2] = float("inf")  # one block's centroid is infinite: inf or NaN scores for every query
     results = []
     for overrides in (dict(FILTER=False), dict(INSERT_ROUNDS=1000), dict()):
-        monkeypatch.setattr(router, "TOPK_CONFIG_OVERRIDES", dict(BLOCK_M=16, BLOCK_N=16, **overrides))
-        results.append(router.route(q, k, 4, 5, causal))
+        results.append(router.route(q, k, 4, 5, causal, config=_tiles(BLOCK_M=16, BLOCK_N=16, **overrides)))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert ((results[0][0, 200, 0] >= 0).sum()) == 5  # a row of NaN scores still selects topk blocks

@@ -1,4 +1,4 @@
-"""Time the pieces of the Triton path on a GPU (not a test): python tests/gpu/profile_attention.py [N ...]
+"""Time the pieces of the Triton path on a GPU: python benchmarks/profile_attention.py [N ...]
 
 Prints per configuration: router, index build, forward (index + partial + merge), backward, and SDPA-flash
 for comparison, all medians of CUDA-event timings in ms, plus peak memory above the inputs in GiB.
@@ -6,16 +6,20 @@ for comparison, all medians of CUDA-event timings in ms, plus peak memory above 
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from flashmoba.bench import peak_memory_gib as peak_gib
-from flashmoba.bench import time_cuda_ms
+from flashmoba.bench.timing import peak_memory_gib as peak_gib
+from flashmoba.bench.timing import time_cuda_ms
 from flashmoba.ops import autograd as triton_autograd
-from flashmoba.ops import forward as triton_forward
+from flashmoba.ops.backward import backward_tiles
+from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.forward import forward_tiles
 from flashmoba.ops.index import build_block_index, num_block_slots
+from flashmoba.ops.partials import chunking
 
 
 def median_ms(fn, repeats=5):
@@ -29,23 +33,24 @@ def profile(seqlen, block_size, topk, batch=2, heads=16, head_dim=128, dtype=tor
     packed = [t.view(batch * seqlen, heads, head_dim) for t in (q, k, v)]
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
     scale = head_dim**-0.5
-    route = lambda: triton_autograd.moba_select_varlen_triton(  # noqa: E731
-        packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
-    )
+
+    def route():
+        return triton_autograd.moba_select_varlen_triton(
+            packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
+        )
+
     selected = route()
-    split = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
-    index = lambda: build_block_index(  # noqa: E731
-        selected,
-        cu,
-        cu,
-        block_size,
-        num_block_slots(batch * seqlen, batch, block_size),
-        split.row_chunks,
-        split.rows_per_chunk,
-    )
-    forward = lambda: triton_autograd.sparse_attention_varlen(
-        *packed, selected, cu, cu, block_size, True, scale
-    )  # noqa: E731
+    split = chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
+
+    def index():
+        block_slots = num_block_slots(batch * seqlen, batch, block_size)
+        return build_block_index(
+            selected, cu, cu, block_size, block_slots, split.row_chunks, split.rows_per_chunk
+        )
+
+    def forward():
+        return triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, scale)
+
     leaves = [t.detach().clone().requires_grad_() for t in packed]
     grad_packed = grad_out.view(batch * seqlen, heads, head_dim)
 
@@ -135,8 +140,6 @@ BACKWARD_SWEEP = {  # (BLOCK_M, warps, stages) with BLOCK_N = min(block size, 12
 
 def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_dim=128):
     """Forward and dK/dV tile configurations at one shape, and the dQ strategies (ms, median)."""
-    from flashmoba.ops import backward as triton_backward
-
     packed = [
         torch.randn(batch * seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)
     ]
@@ -149,14 +152,17 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
     block_n = min(128, block_size)
     tag = f"N={seqlen} B={block_size} k={topk}"
 
-    def forward():
-        return triton_autograd.sparse_attention_varlen(*leaves, selected, cu, cu, block_size, True, 0.088)
+    def forward(config=None):
+        return triton_autograd.sparse_attention_varlen(
+            *leaves, selected, cu, cu, block_size, True, 0.088, config=config
+        )
 
-    def forward_backward():
-        forward()[0].backward(grad_out)
+    def forward_backward(config=None):
+        forward(config)[0].backward(grad_out)
 
-    def tiles(block_m, warps, stages):
-        return lambda d, b: {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    def tiles(kernel, block_m, warps, stages):
+        settings = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        return KernelConfig.for_kernel(kernel, settings)
 
     def attempt(label, fn, minus=0.0):
         try:
@@ -164,27 +170,23 @@ def sweep_tiles(seqlen=65536, block_size=128, topk=8, batch=2, heads=16, head_di
         except Exception as error:  # noqa: BLE001  (out of shared memory, say)
             print(f"{tag} {label}: {type(error).__name__}", flush=True)
 
-    default_fwd, default_bwd = triton_forward.forward_tiles, triton_backward.backward_tiles
     print(
-        f"{tag} default forward tiles {default_fwd(head_dim, block_size)}, "
-        f"backward {default_bwd(head_dim, block_size)}",
+        f"{tag} default forward tiles {forward_tiles(head_dim, block_size)}, "
+        f"backward {backward_tiles(head_dim, block_size)}",
         flush=True,
     )
     for block_m, warps, stages in FORWARD_SWEEP:
-        triton_forward.forward_tiles = tiles(block_m, warps, stages)
-        attempt(f"fwd M={block_m} warps={warps} stages={stages}", forward)
-    triton_forward.forward_tiles = default_fwd
+        config = tiles("forward", block_m, warps, stages)
+        attempt(f"fwd M={block_m} warps={warps} stages={stages}", functools.partial(forward, config))
     fwd_ms = median_ms(forward, 3)
     for stored in (True, False):
-        triton_backward.DQ_BY_STORED_PARTIALS = stored
-        attempt(
-            f"bwd default tiles, dQ {'stored partials' if stored else 'atomics'}", forward_backward, fwd_ms
-        )
-    triton_backward.DQ_BY_STORED_PARTIALS = True
+        config = KernelConfig(dq_by_stored_partials=stored)
+        label = f"bwd default tiles, dQ {'stored partials' if stored else 'atomics'}"
+        attempt(label, functools.partial(forward_backward, config), fwd_ms)
     for block_m, warps, stages in BACKWARD_SWEEP[block_n]:
-        triton_backward.backward_tiles = tiles(block_m, warps, stages)
-        attempt(f"bwd M={block_m} N={block_n} warps={warps} stages={stages}", forward_backward, fwd_ms)
-    triton_backward.backward_tiles = default_bwd
+        config = tiles("backward", block_m, warps, stages)
+        label = f"bwd M={block_m} N={block_n} warps={warps} stages={stages}"
+        attempt(label, functools.partial(forward_backward, config), fwd_ms)
 
 
 def partial_dtypes(seqlen=65536, batch=2, heads=16, head_dim=128):
@@ -199,19 +201,20 @@ def partial_dtypes(seqlen=65536, batch=2, heads=16, head_dim=128):
             packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
         )
 
-        def forward():
-            return triton_autograd.sparse_attention_varlen(*packed, selected, cu, cu, block_size, True, 0.088)
+        def forward(config, packed=packed, selected=selected, block_size=block_size, cu=cu):
+            return triton_autograd.sparse_attention_varlen(
+                *packed, selected, cu, cu, block_size, True, 0.088, config=config
+            )
 
         outputs = {}
         for in_input_dtype in (False, True):
-            triton_forward.PARTIALS_IN_INPUT_DTYPE = in_input_dtype
-            outputs[in_input_dtype] = forward()[0].float()
+            config = KernelConfig(partials_in_input_dtype=in_input_dtype)
+            outputs[in_input_dtype] = forward(config)[0].float()
             print(
                 f"N={seqlen} B={block_size} k={topk} bf16 partials={in_input_dtype}: fwd "
-                f"{median_ms(forward, 5):.2f} ms",
+                f"{median_ms(functools.partial(forward, config), 5):.2f} ms",
                 flush=True,
             )
-        triton_forward.PARTIALS_IN_INPUT_DTYPE = False
         difference = (outputs[True] - outputs[False]).abs()
         print(
             f"  output change from bf16 partials: max {difference.max():.2e}, mean {difference.mean():.2e} "
@@ -270,19 +273,25 @@ def partial_budgets(seqlen=65536, batch=2, heads=16, head_dim=128):
             packed[0], packed[1], cu, cu, seqlen, seqlen, block_size, topk, True
         )
         for factor in (1, 2, 4, 8, 64):
-            triton_forward.PARTIAL_BUFFER_BYTES = factor * output_bytes
-            chunks = triton_forward.chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16)
-            fwd = median_ms(
-                lambda: triton_autograd.sparse_attention_varlen(
-                    *packed, selected, cu, cu, block_size, True, 0.088
-                ),
-                5,
+            config = KernelConfig(partial_buffer_bytes=factor * output_bytes)
+            chunks = chunking(batch * seqlen, heads, topk, head_dim, torch.bfloat16, config=config)
+            forward = functools.partial(
+                triton_autograd.sparse_attention_varlen,
+                *packed,
+                selected,
+                cu,
+                cu,
+                block_size,
+                True,
+                0.088,
+                config=config,
             )
+            fwd = median_ms(forward, 5)
             print(
-                f"budget N={seqlen} B={block_size} k={topk}: {factor}x output, chunks {chunks}: fwd {fwd:.2f} ms",
+                f"budget N={seqlen} B={block_size} k={topk}: {factor}x output, chunks {chunks}: "
+                f"fwd {fwd:.2f} ms",
                 flush=True,
             )
-        triton_forward.PARTIAL_BUFFER_BYTES = None
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["partials"]:

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the CPU self-check path (a CUDA machine would run the real sweep)", allow_module_level=True)
-pytest.importorskip("triton")
+from flashmoba.ops import router
 
-from flashmoba.ops import router  # noqa: E402
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the CPU self-check path (CUDA runs the real sweep)"
+    ),
+]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "router_sweep.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "router_sweep.py"
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def sweep():
 
 
 def test_self_check_main_matches_and_writes(sweep, tmp_path):
-    overrides_before = router.TOPK_CONFIG_OVERRIDES
     out = tmp_path / "sweep.json"
     assert sweep.main(["--out", str(out)]) == 0
-    assert router.TOPK_CONFIG_OVERRIDES is overrides_before and router.TOPK_CONFIG_OVERRIDES == {}
+    # The configurations travel as KernelConfig arguments: the router module holds no override state.
+    assert not hasattr(router, "TOPK_CONFIG_OVERRIDES")
     result = json.loads(out.read_text())
     assert result["complete"] and result["card"] == "cpu"
     rows = result["rows"]
@@ -64,15 +64,14 @@ def test_compare_selections_detects_a_difference(sweep):
 
 def test_sweep_reports_mismatch_error_and_invalid_without_timing(sweep):
     """A route whose selection changes under one override is a mismatch, one that raises is an error,
-    BLOCK_N below the running list is invalid; none is timed, and the overrides are restored."""
+    BLOCK_N below the running list is invalid; none is timed, and no override state is left behind."""
     import flashmoba.ops
 
-    def route(q, k, block_size, topk, causal):
-        overrides = router.TOPK_CONFIG_OVERRIDES
-        if overrides.get("BLOCK_M") == 32:
+    def route(q, k, block_size, topk, causal, config):
+        if config.router_block_m == 32:
             raise RuntimeError("deliberate compile failure")
-        selection = flashmoba.ops.moba_select_triton(q, k, block_size, topk, causal)
-        if overrides.get("BLOCK_M") == 16:
+        selection = flashmoba.ops.moba_select_triton(q, k, block_size, topk, causal, config=config)
+        if config.router_block_m == 16:
             selection = selection.clone()
             # Query 95 (own block 5) keeps 2 of the candidates 0..4: swap one for a candidate it left out.
             kept = selection[0, 95, 1, :2].tolist()
@@ -82,7 +81,7 @@ def test_sweep_reports_mismatch_error_and_invalid_without_timing(sweep):
     case = dict(sweep.SELF_CHECK, dtype="bf16", causal=True)
     grid = [dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=32, BLOCK_N=32), dict(BLOCK_N=1)]
     rows = sweep.sweep_case(case, grid, 1, "cpu", sweep.Deadline(None), route_fn=route)
-    assert router.TOPK_CONFIG_OVERRIDES == {}
+    assert not hasattr(router, "TOPK_CONFIG_OVERRIDES")
     assert [row["status"] for row in rows] == ["ok", "mismatch", "error", "invalid"]
     default, mismatch, error, invalid = rows
     assert default["route_ms"] > 0

@@ -9,32 +9,27 @@ first, so an element a kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import flashmoba
+from flashmoba import reference
+from flashmoba.ops import autograd as triton_autograd
+from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.partials import chunking
+from flashmoba.ops.utils import interpreting
+from tests.helpers import assert_close, cu_seqlens
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import flashmoba  # noqa: E402
-from flashmoba import reference  # noqa: E402
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-from flashmoba.ops import autograd as triton_autograd  # noqa: E402
-from flashmoba.ops import backward as triton_backward  # noqa: E402
-from flashmoba.ops import forward as triton_forward  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cpu" if interpreting() else "cuda"
 pytestmark = [
+    pytest.mark.triton,
     pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
     pytest.mark.usefixtures("poison_empty"),  # conftest.py: unwritten scratch shows as NaN
 ]
 
 
 def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return cu_seqlens(lengths, DEVICE)
 
 
 def _make(lengths_q, lengths_k, heads_q, heads_kv, head_dim, seed=0, layout="contiguous"):
@@ -60,11 +55,23 @@ def _loss(out, lse, grad_out, grad_lse):
 
 
 def _triton_run(
-    q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic=False
+    q,
+    k,
+    v,
+    grad_out,
+    grad_lse,
+    selected,
+    cu_q,
+    cu_k,
+    block_size,
+    causal,
+    scale,
+    deterministic=False,
+    config=None,
 ):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse = triton_autograd.sparse_attention_varlen(
-        *leaves, selected, cu_q, cu_k, block_size, causal, scale, deterministic
+        *leaves, selected, cu_q, cu_k, block_size, causal, scale, deterministic, config
     )
     _loss(out, lse, grad_out, grad_lse).backward()
     return out, lse, *(leaf.grad for leaf in leaves)
@@ -82,13 +89,14 @@ def check_against_reference(
     deterministic=False,
     layout="contiguous",
     seed=0,
+    config=None,
 ):
     q, k, v, grad_out, grad_lse = _make(lengths_q, lengths_k, heads_q, heads_kv, head_dim, seed, layout)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
     scale = head_dim**-0.5
     selected = reference.moba_select_reference(q.double(), k.double(), block_size, topk, causal, cu_q, cu_k)
     got = _triton_run(
-        q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic
+        q, k, v, grad_out, grad_lse, selected, cu_q, cu_k, block_size, causal, scale, deterministic, config
     )
 
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -99,9 +107,7 @@ def check_against_reference(
     for name, actual, wanted in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
         assert actual.shape == wanted.shape, name
         assert not torch.isnan(actual).any(), f"{name} has NaN (an element was not written)"
-        torch.testing.assert_close(
-            actual.double(), wanted.detach(), atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}"
-        )
+        assert_close(actual, wanted.detach(), "kernel_float32", name=name)
     return got
 
 
@@ -154,54 +160,55 @@ def test_deterministic_matches_reference_and_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
-def test_partials_in_head_groups(monkeypatch):
+def test_partials_in_head_groups():
     # One head's float32 partials take 70 rows x 3 slots x (32 x 4 + 4) bytes; room for two heads gives
     # chunks of heads {0, 1} and {2}, every row in each.
-    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 2 * 70 * 3 * (32 * 4 + 4))
-    assert triton_forward.chunking(70, 3, 3, 32, torch.float32) == (2, 70, 1)
-    check_against_reference([3, 40, 27], [3, 40, 27], 3, 1, 32, B, 3, True)
-    check_against_reference([3, 40, 27], [3, 40, 27], 3, 1, 32, B, 3, True, deterministic=True)
+    config = KernelConfig(partial_buffer_bytes=2 * 70 * 3 * (32 * 4 + 4))
+    assert chunking(70, 3, 3, 32, torch.float32, config=config) == (2, 70, 1)
+    check_against_reference([3, 40, 27], [3, 40, 27], 3, 1, 32, B, 3, True, config=config)
+    check_against_reference([3, 40, 27], [3, 40, 27], 3, 1, 32, B, 3, True, deterministic=True, config=config)
 
 
-def test_partials_in_row_chunks(monkeypatch):
+def test_partials_in_row_chunks():
     # Less than one head's partials: each head is split into row chunks of 14 rows.
-    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 14 * 3 * (32 * 4 + 4))
-    assert triton_forward.chunking(70, 2, 3, 32, torch.float32) == (1, 14, 5)
-    check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True)
-    check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True, deterministic=True)
+    config = KernelConfig(partial_buffer_bytes=14 * 3 * (32 * 4 + 4))
+    assert chunking(70, 2, 3, 32, torch.float32, config=config) == (1, 14, 5)
+    check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True, config=config)
+    check_against_reference([3, 40, 27], [3, 40, 27], 2, 1, 32, B, 3, True, deterministic=True, config=config)
 
 
 @pytest.mark.parametrize("stored_partials", [True, False], ids=["dq_stored_partials", "dq_atomics"])
-def test_dq_paths(monkeypatch, stored_partials):
+def test_dq_paths(stored_partials):
     # B = 16 is one key tile: dQ goes through stored partials unless switched off (then float32 atomics).
-    monkeypatch.setattr(triton_backward, "DQ_BY_STORED_PARTIALS", stored_partials)
-    check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True)
+    config = KernelConfig(dq_by_stored_partials=stored_partials)
+    check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True, config=config)
 
 
-def test_dq_partials_in_kv_head_groups(monkeypatch):
+def test_dq_partials_in_kv_head_groups():
     # Room for one kv head's two query heads (68 rows x 3 slots x (32 x 4 + 4) bytes each): the dK/dV
     # programs run in two launches, each storing and summing the dQ partials of its query heads.
-    monkeypatch.setattr(triton_forward, "PARTIAL_BUFFER_BYTES", 2 * 68 * 3 * (32 * 4 + 4))
-    assert triton_forward.chunking(68, 4, 3, 32, torch.float32, group=2) == (2, 68, 1)
-    check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True)
-    first = check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True, deterministic=True)
-    second = check_against_reference([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True, deterministic=True)
+    config = KernelConfig(partial_buffer_bytes=2 * 68 * 3 * (32 * 4 + 4))
+    assert chunking(68, 4, 3, 32, torch.float32, group=2, config=config) == (2, 68, 1)
+    args = ([5, 40, 23], [5, 40, 23], 4, 2, 32, B, 3, True)
+    check_against_reference(*args, config=config)
+    first = check_against_reference(*args, deterministic=True, config=config)
+    second = check_against_reference(*args, deterministic=True, config=config)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("stored_partials", [True, False], ids=["dq_stored_partials", "dq_atomics"])
-def test_selection_with_holes_and_no_blocks(monkeypatch, stored_partials):
+def test_selection_with_holes_and_no_blocks(stored_partials):
     """Rows with no selected block get o = 0, lse = -inf and zero gradients; -1 slots are skipped."""
     # poison_empty makes the kernels' scratch NaN: a partial that no kernel writes or clears would show.
-    monkeypatch.setattr(triton_backward, "DQ_BY_STORED_PARTIALS", stored_partials)
+    config = KernelConfig(dq_by_stored_partials=stored_partials)
     q, k, v, grad_out, grad_lse = _make([20], [20], 2, 1, 32)
     cu = _cu([20])
     selected = torch.full((20, 2, 3), -1, dtype=torch.int32, device=DEVICE)
     selected[5:, :, 0] = 0
     selected[10:, 0, 1] = 1  # non-causal: all keys of the chosen blocks are visible
     out, lse, grad_q, grad_k, grad_v = _triton_run(
-        q, k, v, grad_out, grad_lse, selected, cu, cu, B, False, 0.2
+        q, k, v, grad_out, grad_lse, selected, cu, cu, B, False, 0.2, config=config
     )
     assert torch.all(out[:5] == 0) and torch.all(torch.isneginf(lse[:, :5])) and torch.all(grad_q[:5] == 0)
     for row in (5, 12):
@@ -309,13 +316,13 @@ def test_public_padded_api(causal):
     ref_out, ref_lse = flashmoba.moba_attn(
         *ref_leaves, B, 2, causal=causal, backend="reference", return_lse=True
     )
-    torch.testing.assert_close(out.double(), ref_out, atol=3e-5, rtol=1e-4)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=3e-5, rtol=1e-4)
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, name="lse")
     grad_out = torch.randn(q.shape, generator=generator).to(DEVICE)
     (out * grad_out).sum().backward()
     (ref_out * grad_out.double()).sum().backward()
     for leaf, ref_leaf in zip(leaves, ref_leaves):
-        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=3e-5, rtol=1e-4)
+        assert_close(leaf.grad, ref_leaf.grad, name="grad")
 
 
 def test_public_varlen_api():
@@ -331,7 +338,7 @@ def test_public_varlen_api():
     expected = flashmoba.moba_attn_varlen(
         q.double(), k.double(), v.double(), cu, cu, 20, 20, B, 2, backend="reference"
     )
-    torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-4)
+    assert_close(out, expected)
 
 
 def test_opcheck_router_op():
@@ -346,12 +353,12 @@ def test_topk_far_above_the_block_count_is_dense_attention():
     q, k, v = (torch.randn(1, 40, 2, 32, generator=generator).to(DEVICE) for _ in range(3))
     out = flashmoba.moba_attn(q, k, v, B, 10**9, backend="triton")
     expected = flashmoba.moba_attn(q.double(), k.double(), v.double(), B, 10**9, backend="reference")
-    torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-4)
+    assert_close(out, expected)
     selected = flashmoba.moba_select(q, k, B, 40, backend="triton")
     assert selected.shape == (1, 40, 2, 40) and torch.all(selected[..., 3:] == -1)
 
 
-def test_float16_forward_and_its_partials(monkeypatch):
+def test_float16_forward_and_its_partials():
     """float16 through the interpreter (bfloat16 tl.dot is wrong there), against float64 on the same inputs.
 
     Measured as mean error over the output's own float16 rounding error (1.0 is the best a float16 output
@@ -363,8 +370,9 @@ def test_float16_forward_and_its_partials(monkeypatch):
     own_rounding = (expected.half().double() - expected).abs().mean()
     relative_error = {}
     for partials_in_input_dtype in (False, True):
-        monkeypatch.setattr(triton_forward, "PARTIALS_IN_INPUT_DTYPE", partials_in_input_dtype)
-        got = flashmoba.moba_attn(q, k, v, B, 4, causal=True, backend="triton")
+        config = KernelConfig(partials_in_input_dtype=partials_in_input_dtype)
+        # moba_attn(q, k, v, B, 4, causal=True, backend="triton") with this config (its scale: 1/sqrt(D))
+        got, _ = triton_autograd.moba_attn_triton(q, k, v, B, 4, True, 32**-0.5, config=config)
         assert got.dtype == torch.float16
         relative_error[partials_in_input_dtype] = (
             (got.double() - expected).abs().mean() / own_rounding

@@ -3,22 +3,18 @@ on CPU in Triton's interpreter (on a CUDA machine the same tests run the compile
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from flashmoba.ops import index
+from flashmoba.ops.utils import interpreting
+from tests.helpers import cu_seqlens
 
-from flashmoba.ops import index  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest.py: unwritten table or keys show
+DEVICE = "cpu" if interpreting() else "cuda"
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.usefixtures("poison_empty"),  # conftest.py: unwritten table or keys show
+]
 
 # (query lengths, key lengths): empty sequences, partial last blocks, more keys than queries and fewer.
 LAYOUTS = [
@@ -29,10 +25,6 @@ LAYOUTS = [
     # 37 sequences: a binary search of six steps over cu_seqlens, with empty ones among them.
     ([(7 * i) % 11 for i in range(37)], [(5 * i) % 13 for i in range(37)]),
 ]
-
-
-def _cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
 def _expected_slots(lengths_k, block_size):
@@ -53,7 +45,7 @@ def _expected_slots(lengths_k, block_size):
 @pytest.mark.parametrize("lengths_q, lengths_k", LAYOUTS)
 @pytest.mark.parametrize("block_size", [4, 7])
 def test_block_table(lengths_q, lengths_k, block_size):
-    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
     block_slots = index.num_block_slots(sum(lengths_k), len(lengths_k), block_size)
     table = index.block_table(cu_q, cu_k, block_size, block_slots).cpu()
     assert table.shape == (3, block_slots) and table.dtype == torch.int32
@@ -76,7 +68,7 @@ def test_block_index(lengths_q, lengths_k, num_chunks):
     total_q = sum(lengths_q)
     # Random block ids, -1 (unused) and ids past the sequence's last block (never attended).
     selected = torch.randint(-1, 9, (total_q, heads, topk), dtype=torch.int32, generator=generator)
-    cu_q, cu_k = _cu_seqlens(lengths_q), _cu_seqlens(lengths_k)
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
     block_slots = index.num_block_slots(sum(lengths_k), len(lengths_k), block_size)
     chunk_rows = max(1, -(-total_q // num_chunks))
     entries, offsets = index.build_block_index(

@@ -2,7 +2,8 @@
 
 CI has no GPU. Triton's interpreter runs the kernels' arithmetic on CPU tensors, but it never runs the GPU
 compiler, and that compiler rejects some code the interpreter accepts: Triton 3.6's software pipeliner
-fails on a loop whose body takes a reduction's result out of an ``if`` (benchmarks/NOTES.md section 6).
+fails on a loop whose body takes a reduction's result out of an ``if`` (see "compile_hopper: what the
+interpreter does not catch" in benchmarks/NOTES.md).
 This script runs the library's launchers with each kernel replaced by a recorder. The recorder derives the
 launch's signature, constants and argument attributes the way Triton's own launcher does for an H100, and
 launches nothing. Then it compiles each distinct launch with ``triton.compile`` for sm_90, down to a cubin
@@ -19,7 +20,7 @@ It must run without TRITON_INTERPRET (the kernels must be JIT functions, not int
 uses two internals of Triton 3.6, the version pyproject.toml pins: ``create_function_from_signature``
 and ``JITFunction._pack_args``.
 
-    python tests/compile_hopper.py          # one JSON line per compiled launch; exit status 1 on failure
+    python tools/compile_hopper.py          # one JSON line per compiled launch; exit status 1 on failure
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_hopper.py: run it without TRITON_INTERPRET=1 (kernels must be JIT functions)")
+    sys.exit("tools/compile_hopper.py: run it without TRITON_INTERPRET=1 (kernels must be JIT functions)")
 
 from flashmoba import ops
 from flashmoba.ops import backward, forward, index, router
