@@ -82,3 +82,47 @@ def test_replot_reads_a_results_file(tmp_path, capsys):
     path.write_text(__import__("json").dumps(rows))
     assert bench.main(["--replot", str(path)]) == 0
     assert path.with_suffix(".png").exists() and "sdpa_flash" in capsys.readouterr().out
+
+
+def _refuse(*_args, **_kwargs):
+    raise AssertionError("a bad flag must fail before any computation")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seqlens", "8192,0"], "argument --seqlens: must be >= 1, got 0"),
+        (["--seqlens", ","], "argument --seqlens: expected comma-separated ints, got ','"),
+        (["--block-sizes", "0"], "argument --block-sizes: must be >= 1, got 0"),
+        (["--block-sizes", "128,x", "--topks", "8,8"], "argument --block-sizes: expected an int, got 'x'"),
+        (["--topks", "-1"], "argument --topks: must be >= 1, got -1"),
+        (
+            ["--block-sizes", "64,128"],
+            "argument --topks: must have as many entries as --block-sizes (2), got 1",
+        ),
+        (["--head-dims", "0"], "argument --head-dims: must be >= 1, got 0"),
+        (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["--heads", "0"], "argument --heads: must be >= 1, got 0"),
+        (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
+        (["--impls", "flashmoba,dense"], "argument --impls: must be one of"),
+        (["--impls", "flex,flex"], "argument --impls: names 'flex' more than once"),
+        (["--impls", ","], "argument --impls: expected comma-separated names"),
+        (["--dense-max-seqlen", "-1"], "argument --dense-max-seqlen: must be >= 0, got -1"),
+        (["--flex-max-seqlen", "-1"], "argument --flex-max-seqlen: must be >= 0, got -1"),
+        (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["--out", "{tmp}"], "argument --out: must be a file path, got the directory"),
+        (["--replot", "{tmp}/missing.json"], "argument --replot: no such file"),
+        (["--replot", "{tmp}/bad.json"], "argument --replot: cannot read"),
+    ],
+)
+def test_bad_flags_fail_before_any_work_with_or_without_cuda(flags, message, tmp_path, capsys, monkeypatch):
+    """Without CUDA the command falls back to a CPU comparison: a bad flag must still be exit 2 there."""
+    from flashmoba.cli import main
+
+    for name in ("cpu_comparison", "_run_jobs", "plot", "print_table"):
+        monkeypatch.setattr(bench, name, _refuse)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", *(flag.replace("{tmp}", str(tmp_path)) for flag in flags)])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err

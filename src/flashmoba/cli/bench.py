@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flashmoba._checks import check_choice
 from flashmoba.api import moba_attn
 from flashmoba.bench import DEFAULT_SEQLENS, IMPLEMENTATIONS, card_name, measure, router_tflops
 from flashmoba.bench.timing import _file_stem
+from flashmoba.cli._flags import int_at_least, ints_at_least
 
 
 def _repeats(seqlen: int, requested: int | None) -> int:
@@ -131,34 +133,58 @@ def cpu_comparison() -> int:
     return 0
 
 
-def _parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _impls(text: str) -> list[str]:
+    """An argparse ``type``: a comma list of names from IMPLEMENTATIONS, each once."""
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names from {IMPLEMENTATIONS}, got {text!r}"
+        )
+    for name in names:
+        try:
+            check_choice("", name, IMPLEMENTATIONS)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).strip()) from None
+        if names.count(name) > 1:
+            raise argparse.ArgumentTypeError(f"names {name!r} more than once, got {text!r}")
+    return names
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashmoba bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--seqlens", type=_parse_ints, default=list(DEFAULT_SEQLENS))
+    positive, positives = int_at_least(1), ints_at_least(1)
+    parser.add_argument("--seqlens", type=positives, default=list(DEFAULT_SEQLENS))
     parser.add_argument(
         "--block-sizes",
-        type=_parse_ints,
+        type=positives,
         default=[128],
         help="comma list; paired with --topks position by position",
     )
-    parser.add_argument("--topks", type=_parse_ints, default=[8])
-    parser.add_argument("--head-dims", type=_parse_ints, default=[128])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--topks", type=positives, default=[8])
+    parser.add_argument("--head-dims", type=positives, default=[128])
+    parser.add_argument("--batch", type=positive, default=2)
+    parser.add_argument("--heads", type=positive, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument(
         "--non-causal", action="store_true", help="benchmark non-causal MoBA (dense stays causal)"
     )
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     parser.add_argument(
-        "--dense-max-seqlen", type=int, default=1 << 20, help="skip dense baselines above this N"
+        "--impls", type=_impls, default=list(IMPLEMENTATIONS), help=f"comma list from {IMPLEMENTATIONS}"
     )
-    parser.add_argument("--flex-max-seqlen", type=int, default=65536, help="skip FlexAttention above this N")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2"
+        "--dense-max-seqlen",
+        type=int_at_least(0),
+        default=1 << 20,
+        help="skip dense baselines above this N (0: skip them all)",
+    )
+    parser.add_argument(
+        "--flex-max-seqlen",
+        type=int_at_least(0),
+        default=65536,
+        help="skip FlexAttention above this N (0: skip it)",
+    )
+    parser.add_argument(
+        "--repeats", type=positive, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2"
     )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<card>.json")
     parser.add_argument(
@@ -171,28 +197,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """What one flag alone cannot say; runs before any work, with or without CUDA."""
+    if len(args.block_sizes) != len(args.topks):
+        parser.error(
+            f"argument --topks: must have as many entries as --block-sizes ({len(args.block_sizes)}), "
+            f"got {len(args.topks)}: --block-sizes {args.block_sizes} vs --topks {args.topks}"
+        )
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"argument --out: must be a file path, got the directory {str(args.out)!r}")
+    if args.replot is not None and not args.replot.is_file():
+        parser.error(f"argument --replot: no such file, got {str(args.replot)!r}")
+
+
+def _read_rows(parser: argparse.ArgumentParser, path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"argument --replot: cannot read {str(path)!r} as JSON ({error})")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        parser.error(f"argument --replot: {str(path)!r} must hold a list of result rows")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_args(parser, args)
 
     if args.replot is not None:
-        rows = json.loads(args.replot.read_text())
+        rows = _read_rows(parser, args.replot)
         plot(rows, args.replot.with_suffix(".png"))
         print_table(rows)
         return 0
 
     if not torch.cuda.is_available():
         return cpu_comparison()
-    if len(args.block_sizes) != len(args.topks):
-        parser.error("--block-sizes and --topks must have the same number of entries")
-    impls = [name for name in args.impls.split(",") if name]
-    unknown = set(impls) - set(IMPLEMENTATIONS)
-    if unknown:
-        parser.error(f"unknown --impls {sorted(unknown)}; choose from {IMPLEMENTATIONS}")
     out = args.out or Path("benchmarks/results") / f"{_file_stem(card_name())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    rows = _run_jobs(_jobs(args, impls), args.repeats, out)
+    rows = _run_jobs(_jobs(args, args.impls), args.repeats, out)
     try:
         plot(rows, out.with_suffix(".png"))
     except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot

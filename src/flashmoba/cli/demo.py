@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 from flashmoba.api import BACKENDS, moba_attn, moba_select
+from flashmoba.cli._flags import device as device_flag
+from flashmoba.cli._flags import int_at_least
+from flashmoba.ops.utils import MAX_HEAD_DIM
 
 
 def _dense(q, k, v, mask=None, causal=False):
@@ -43,19 +47,39 @@ def _clustered_keys(batch, seqlen, heads, head_dim, block_size, generator, devic
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashmoba demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--topk", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    positive = int_at_least(1)
+    parser.add_argument("--seqlen", type=positive, default=2048)
+    parser.add_argument("--heads", type=positive, default=4)
+    parser.add_argument("--head-dim", type=positive, default=64)
+    parser.add_argument("--block-size", type=positive, default=128)
+    parser.add_argument("--topk", type=positive, default=4)
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """What one flag alone cannot say: the device exists here, and the backend can run on it."""
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: CUDA is not available here, got {str(args.device)!r}")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        parser.error(
+            f"argument --device: only {torch.cuda.device_count()} CUDA devices, got {str(args.device)!r}"
+        )
+    triton = args.backend == "triton" or (args.backend == "auto" and args.device.type == "cuda")
+    if triton and args.head_dim > MAX_HEAD_DIM:
+        parser.error(
+            f"argument --head-dim: must be <= {MAX_HEAD_DIM} for the Triton kernels, got {args.head_dim}"
+        )
+    if args.backend == "triton" and args.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("argument --backend: 'triton' off CUDA needs TRITON_INTERPRET=1 (Triton's interpreter)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    device = torch.device(args.device)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    device = args.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(0)
     shape = (1, args.seqlen, args.heads, args.head_dim)

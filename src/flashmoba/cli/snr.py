@@ -19,10 +19,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from flashmoba import snr as model
+from flashmoba.cli._flags import device as device_flag
+from flashmoba.cli._flags import int_at_least, ints_at_least, real
+from flashmoba.data import TASKS
 
 # Extra small sizes for the exact tail scan: they show where the Gaussian step really breaks.
 EXTRA_HEAD_DIMS = (8, 16)
@@ -30,18 +34,17 @@ EXTRA_BLOCK_SIZES = (1, 2, 4, 8)
 TAIL_PROBABILITIES = (1e-2, 1e-4, 1e-6)
 # A relative error of Phi(-SNR) beyond this counts as "broken" in the verdicts.
 BREAK_TOLERANCE = 0.10
+# The synthetic measurement's sequences: this many blocks of --block-size keys.
+_SYNTHETIC_BLOCKS = 32
 # Cells need this many expected failures before their relative deviation is quoted.
 MIN_EXPECTED_FAILURES = 25
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return values
+_int_list = ints_at_least(1)
+_nonnegative_list = ints_at_least(0)
+_positive = int_at_least(1)
+_nonnegative = int_at_least(0)
+_mean = real()  # a mean dot product; --law sphere further needs [-1, 1] (checked after parsing)
 
 
 def _simulate_parser() -> argparse.ArgumentParser:
@@ -59,15 +62,15 @@ def _simulate_parser() -> argparse.ArgumentParser:
         help="dot products: sphere = unit vectors (default), gaussian = the paper's assumptions",
     )
     parser.add_argument(
-        "--mu-signal", type=float, default=0.5, help="mean q.k of the signal key (default 0.5)"
+        "--mu-signal", type=_mean, default=0.5, help="mean q.k of the signal key (default 0.5)"
     )
     parser.add_argument(
         "--mu-cluster",
-        type=float,
+        type=_mean,
         default=0.1,
         help="mean q.k of the m-1 clustered keys of the signal block (default 0.1)",
     )
-    parser.add_argument("--mu-noise", type=float, default=0.0, help="mean q.k of a noise key (default 0)")
+    parser.add_argument("--mu-noise", type=_mean, default=0.0, help="mean q.k of a noise key (default 0)")
     parser.add_argument(
         "--head-dims", type=_int_list, default=[32, 64, 128, 256], help="default 32,64,128,256"
     )
@@ -82,26 +85,26 @@ def _simulate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--trials",
-        type=int,
+        type=_positive,
         default=20000,
         help="pairwise trials at the smallest block size; a block k times larger gets 1/k of "
         "them (every cell draws about as many dot products), at least --min-trials",
     )
-    parser.add_argument("--min-trials", type=int, default=1000, help="fewest pairwise trials of a cell")
+    parser.add_argument("--min-trials", type=_positive, default=1000, help="fewest pairwise trials of a cell")
     parser.add_argument(
-        "--retrieval-trials", type=int, default=400, help="top-k trials per cell (default 400)"
+        "--retrieval-trials", type=_positive, default=400, help="top-k trials per cell (default 400)"
     )
     parser.add_argument(
-        "--seq-len", type=int, default=4096, help="keys N of the top-k simulation (default 4096)"
+        "--seq-len", type=_positive, default=4096, help="keys N of the top-k simulation (default 4096)"
     )
     parser.add_argument(
         "--density",
-        type=float,
+        type=real(exclusive_minimum=0.0, maximum=1.0),
         default=0.125,
         help="fraction of blocks selected in the top-k simulation, k = density * N / B "
         "(default 1/8, the paper's 7/8 sparsity)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_nonnegative, default=0)
     return parser
 
 
@@ -121,48 +124,57 @@ def _measure_parser() -> argparse.ArgumentParser:
         help="a flashmoba train checkpoint (file or run directory): capture q/k of its MoBA layers on "
         "S-NIAH samples and measure there (needle: the value's tokens; query: the token before the answer)",
     )
-    parser.add_argument("--task", default="niah1", help="--checkpoint: the retrieval task of the samples")
     parser.add_argument(
-        "--length", type=int, help="--checkpoint: sample length (default: the training length)"
+        "--task", default="niah1", choices=TASKS, help="--checkpoint: the retrieval task of the samples"
     )
-    parser.add_argument("--samples", type=int, default=8, help="--checkpoint: samples (needle depths)")
-    parser.add_argument("--device", default="cpu", help="--checkpoint: device to run the model on")
+    parser.add_argument(
+        "--length", type=_positive, help="--checkpoint: sample length (default: the training length)"
+    )
+    parser.add_argument("--samples", type=_positive, default=8, help="--checkpoint: samples (needle depths)")
+    parser.add_argument(
+        "--device", type=device_flag, default="cpu", help="--checkpoint: device to run the model on"
+    )
     parser.add_argument(
         "--synthetic",
         action="store_true",
         help="measure synthetic unit-vector q/k with a planted needle instead of a file",
     )
-    parser.add_argument("--block-size", type=int, help="router block size (default: the file's, else 64)")
     parser.add_argument(
-        "--topk", type=int, help="router topk, own block included (default: the file's, else 4)"
+        "--block-size", type=_positive, help="router block size (default: the file's, else 64)"
+    )
+    parser.add_argument(
+        "--topk", type=_positive, help="router topk, own block included (default: the file's, else 4)"
     )
     parser.add_argument("--needle", type=_nonnegative_list, help="needle key positions, comma-separated")
     parser.add_argument("--queries", type=_nonnegative_list, help="answer query positions, comma-separated")
-    parser.add_argument("--signal", type=int, help="the signal key's position (default: the best needle key)")
+    parser.add_argument(
+        "--signal", type=_nonnegative, help="the signal key's position (default: the best needle key)"
+    )
     parser.add_argument("--layer", help="measure only this layer of a per-layer file")
     parser.add_argument("--non-causal", action="store_true", help="non-causal router")
-    parser.add_argument("--cosine", type=float, default=0.3, help="--synthetic: the needle keys' cosine to q")
-    parser.add_argument("--seed", type=int, default=0, help="--synthetic: random seed")
+    parser.add_argument(
+        "--cosine",
+        type=real(minimum=-1.0, maximum=1.0),
+        default=0.3,
+        help="--synthetic: the needle keys' cosine to q",
+    )
+    parser.add_argument("--seed", type=_nonnegative, default=0, help="--synthetic, --checkpoint: random seed")
     return parser
-
-
-def _nonnegative_list(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(value < 0 for value in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "measure":
-        return _measure(_measure_parser().parse_args(argv[1:]))
+        parser = _measure_parser()
+        args = parser.parse_args(argv[1:])
+        _check_measure_args(parser, args)
+        return _measure(args, parser)
     if argv and argv[0] == "simulate":
         argv = argv[1:]
-    return _simulate(_simulate_parser().parse_args(argv))
+    parser = _simulate_parser()
+    args = parser.parse_args(argv)
+    _check_simulate_args(parser, args)
+    return _simulate(args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,25 +192,61 @@ class Cell:
     flagged: bool  # prediction outside the Bonferroni-corrected interval
 
 
+def _ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator; a prediction that underflows to 0 gives inf (or NaN for 0 / 0), not an
+    exception."""
+    if denominator != 0:
+        return numerator / denominator
+    return math.nan if numerator == 0 else math.inf
+
+
 def _pairwise_trials(args, block_size: int) -> int:
     return max(args.min_trials, args.trials * min(args.block_sizes) // block_size)
 
 
 def _check_simulate_args(parser: argparse.ArgumentParser, args) -> None:
-    if args.trials < 1 or args.min_trials < 1 or args.retrieval_trials < 1:
-        parser.error("--trials, --min-trials and --retrieval-trials must be >= 1")
-    if args.law == "sphere" and min(args.head_dims) < 3:
-        parser.error("--law sphere needs head dims >= 3")
+    """What one flag alone cannot say (each flag's own range is its argparse ``type``)."""
+    if args.law == "sphere":
+        for flag in ("mu_signal", "mu_cluster", "mu_noise"):
+            value = getattr(args, flag)
+            if not -1.0 <= value <= 1.0:
+                parser.error(
+                    f"argument --{flag.replace('_', '-')}: must lie in [-1, 1] with --law sphere "
+                    f"(a mean cosine of unit vectors), got {value}"
+                )
+        if min(args.head_dims) < 3:
+            parser.error(f"argument --head-dims: must be >= 3 with --law sphere, got {min(args.head_dims)}")
+    _check_plot_path(parser, args.out)
     if max(args.ms) > min(args.block_sizes):
-        parser.error(f"every m must be <= the smallest block size ({min(args.block_sizes)})")
-    if not 0 < args.density <= 1:
-        parser.error("--density must lie in (0, 1]")
+        parser.error(
+            f"argument --ms: must be <= the smallest of --block-sizes ({min(args.block_sizes)}), "
+            f"got {max(args.ms)}"
+        )
     if args.seq_len < 2 * max(args.block_sizes):
-        parser.error("--seq-len must hold at least two blocks of the largest block size")
+        parser.error(
+            "argument --seq-len: must hold two blocks of the largest of --block-sizes "
+            f"(>= {2 * max(args.block_sizes)}), got {args.seq_len}"
+        )
+
+
+def _check_plot_path(parser: argparse.ArgumentParser, out: str) -> None:
+    """The plot is written last: a path it cannot be written to must fail before the simulation."""
+    path = Path(out)
+    if path.is_dir():
+        parser.error(f"argument --out: must be a file path, got the directory {out!r}")
+    if not path.parent.is_dir():
+        parser.error(f"argument --out: its directory {str(path.parent)!r} does not exist, got {out!r}")
+    suffix = path.suffix.removeprefix(".").lower()
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # the plot step reports the missing matplotlib itself
+        return
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        parser.error(f"argument --out: must end in an image format {tuple(sorted(formats))}, got {out!r}")
 
 
 def _simulate(args) -> int:
-    _check_simulate_args(_simulate_parser(), args)
     started = time.perf_counter()
     mu = {"mu_signal": args.mu_signal, "mu_cluster": args.mu_cluster, "mu_noise": args.mu_noise}
     law_text = {
@@ -268,7 +316,7 @@ def _print_pairwise_row(cell: Cell) -> None:
     print(
         f"{cell.head_dim:>5} {cell.block_size:>4} {cell.m:>2} {result.delta_mu_eff:>7.3f} {result.snr:>6.3f} "
         f"{predicted:>10.3e} {cell.exact:>10.3e} {result.failure_rate:>10.3e} [{low95:.3e}, {high95:.3e}] "
-        f"{result.trials:>6} {result.failure_rate / predicted:>8.3f} {z:>6.2f}"
+        f"{result.trials:>6} {_ratio(result.failure_rate, predicted):>8.3f} {z:>6.2f}"
         f"{' *' if cell.flagged else ''}"
     )
 
@@ -284,7 +332,7 @@ def _pairwise_verdict(cells: list[Cell], strict: float) -> None:
         print(
             f"   disagrees: d={cell.head_dim} B={cell.block_size} m={cell.m}: "
             f"simulated {r.failure_rate:.3e} vs Phi(-SNR) {r.predicted_failure:.3e} "
-            f"({r.failure_rate / r.predicted_failure - 1:+.1%}); "
+            f"({_ratio(r.failure_rate, r.predicted_failure) - 1:+.1%}); "
             f"exact {cell.exact:.3e}"
         )
     outside = sum(
@@ -454,13 +502,20 @@ def _fixed_angle_table(args, mu) -> list[model.RouterSimulation]:
             low, high = result.failure_interval
             print(
                 f"{b:>5} {m:>2} {result.predicted_failure:>10.3e} {result.failure_rate:>10.3e} "
-                f"[{low:.3e}, {high:.3e}] {result.failure_rate / result.predicted_failure:>8.3f}"
+                f"[{low:.3e}, {high:.3e}] {_ratio(result.failure_rate, result.predicted_failure):>8.3f}"
             )
-    worst = min(results, key=lambda r: r.failure_rate / r.predicted_failure)
+    comparable = [r for r in results if r.predicted_failure > 0]
+    if comparable:
+        worst = min(comparable, key=lambda r: r.failure_rate / r.predicted_failure)
+        where = (
+            f": simulated/predicted = {worst.failure_rate / worst.predicted_failure:.2f} "
+            f"at B={worst.block_size}, m={worst.m}."
+        )
+    else:
+        where = " (here Phi(-SNR) underflows to 0 in every cell)."
     print(
-        f"   The model gives every planted key variance 1/d; without it the signal block varies less, so "
-        f"Phi(-SNR) overstates failures most when m/B is large: simulated/predicted = "
-        f"{worst.failure_rate / worst.predicted_failure:.2f} at B={worst.block_size}, m={worst.m}."
+        "   The model gives every planted key variance 1/d; without it the signal block varies less, so "
+        "Phi(-SNR) overstates failures most when m/B is large" + where
     )
     return results
 
@@ -498,7 +553,8 @@ def _plot_pairwise(axis, args, cells: list[Cell], colors: dict) -> None:
         axis.errorbar(
             predicted, rate, yerr=[rate - low, high - rate], fmt="o", ms=3, color=colors[d], label=f"d={d}"
         )
-    limits = [min(c.result.predicted_failure for c in cells) / 2, 0.6]
+    positive = [c.result.predicted_failure for c in cells if c.result.predicted_failure > 0]
+    limits = [min(positive, default=1e-6) / 2, 0.6]  # a prediction can underflow to 0 at a huge SNR
     axis.plot(limits, limits, "k--", lw=1, label="simulated = Phi(-SNR)")
     axis.set(
         xscale="log",
@@ -555,19 +611,26 @@ def _plot_retrieval(axis, args, retrieval: list[model.RouterSimulation], colors:
 
 
 def _plot_fixed_angle(axis, fixed_angle: list[model.RouterSimulation]) -> None:
+    plotted = False
     for m, marker in zip(sorted({r.m for r in fixed_angle}), ("o", "s")):
-        chosen = [r for r in fixed_angle if r.m == m]
+        chosen = [r for r in fixed_angle if r.m == m and r.predicted_failure > 0]  # 0: underflow at huge SNR
+        if not chosen:
+            continue
         sizes = np.array([r.block_size for r in chosen])
         ratio = np.array([r.failure_rate / r.predicted_failure for r in chosen])
         low = np.array([r.failure_interval[0] / r.predicted_failure for r in chosen])
         high = np.array([r.failure_interval[1] / r.predicted_failure for r in chosen])
         axis.errorbar(sizes, ratio, yerr=[ratio - low, high - ratio], fmt=marker + "-", ms=4, label=f"m={m}")
-    axis.axhline(1.0, color="k", ls="--", lw=1)
+        plotted = True
     axis.set(
         xlabel="block size B",
         ylabel="simulated / Phi(-SNR)",
         title=f"4. planted keys at a fixed angle (d={fixed_angle[0].head_dim})",
     )
+    if not plotted:
+        axis.text(0.5, 0.5, "Phi(-SNR) underflows to 0 in every cell", ha="center", transform=axis.transAxes)
+        return
+    axis.axhline(1.0, color="k", ls="--", lw=1)
     axis.set_xscale("log", base=2)
     axis.legend(fontsize=8)
 
@@ -577,12 +640,47 @@ def _plot_fixed_angle(axis, fixed_angle: list[model.RouterSimulation]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _measure(args) -> int:
-    parser = _measure_parser()
+def _check_measure_args(parser: argparse.ArgumentParser, args) -> None:
+    """What one flag alone cannot say; checked before any file or model is read."""
+    import torch
+
     if [args.synthetic, args.file is not None, args.checkpoint is not None].count(True) != 1:
         parser.error("give one of FILE, --synthetic or --checkpoint")
+    if args.file is not None and not Path(args.file).is_file():
+        parser.error(f"argument file: no such file, got {args.file!r}")
     if args.checkpoint is not None:
-        layers = _layers_from_checkpoint(args)
+        from flashmoba.models.checkpoint import find_checkpoint
+
+        try:
+            find_checkpoint(args.checkpoint)
+        except ValueError as error:
+            parser.error(f"argument --checkpoint: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: CUDA is not available here, got {str(args.device)!r}")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        parser.error(
+            f"argument --device: only {torch.cuda.device_count()} CUDA devices, got {str(args.device)!r}"
+        )
+    if args.synthetic:
+        seqlen = _SYNTHETIC_BLOCKS * (64 if args.block_size is None else args.block_size)
+        _check_flag_positions(parser, args, seqlen, seqlen, "with --synthetic")
+
+
+def _check_flag_positions(parser, args, seqlen_k: int, seqlen_q: int, where: str) -> None:
+    """--needle and --signal index keys, --queries queries: each must lie in its sequence."""
+    for flag, positions, length in (
+        ("--needle", args.needle, seqlen_k),
+        ("--queries", args.queries, seqlen_q),
+        ("--signal", None if args.signal is None else [args.signal], seqlen_k),
+    ):
+        outside = [p for p in positions or [] if p >= length]
+        if outside:
+            parser.error(f"argument {flag}: must be < {length} ({where}), got {outside[0]}")
+
+
+def _measure(args, parser: argparse.ArgumentParser) -> int:
+    if args.checkpoint is not None:
+        layers = _layers_from_checkpoint(args, parser)
     elif args.synthetic:
         layers = _synthetic_layers(args)
     else:
@@ -594,10 +692,10 @@ def _measure(args) -> int:
 
 def _synthetic_layers(args) -> dict:
     """Unit-vector q/k with a planted needle: 16 sequences of 32 blocks, 4 heads, d = 64."""
-    block_size = args.block_size or 64
-    seqlen, heads, head_dim = 32 * block_size, 4, 64
-    needles = args.needle or [5 * block_size + 3, 5 * block_size + 4, 5 * block_size + 5]
-    queries = args.queries or list(range(seqlen - 4, seqlen))
+    block_size = 64 if args.block_size is None else args.block_size
+    seqlen, heads, head_dim = _SYNTHETIC_BLOCKS * block_size, 4, 64
+    needles = args.needle if args.needle is not None else [5 * block_size + i for i in (3, 4, 5)]
+    queries = args.queries if args.queries is not None else list(range(seqlen - 4, seqlen))
     q, k = model.planted_needle_qk(
         16,
         seqlen,
@@ -629,11 +727,14 @@ def _layers_from_file_argument(args, parser: argparse.ArgumentParser) -> dict:
 
 def _measure_layer(args, parser: argparse.ArgumentParser, name: str, entry: dict) -> None:
     """Measure one layer's q/k (flags override what the entry stores) and print its table."""
-    block_size = args.block_size or int(entry.get("block_size", 64))
-    topk = args.topk or int(entry.get("topk", 4))
-    needles = args.needle or entry.get("needle_positions")
-    queries = args.queries or entry.get("query_positions")
+    block_size = args.block_size if args.block_size is not None else int(entry.get("block_size", 64))
+    topk = args.topk if args.topk is not None else int(entry.get("topk", 4))
+    needles = args.needle if args.needle is not None else entry.get("needle_positions")
+    queries = args.queries if args.queries is not None else entry.get("query_positions")
     signal = args.signal if args.signal is not None else entry.get("signal_positions")
+    q_shape, k_shape = getattr(entry["q"], "shape", ()), getattr(entry["k"], "shape", ())
+    if len(q_shape) >= 3 and len(k_shape) >= 3:  # other shapes: measure_router_snr says what is wrong
+        _check_flag_positions(parser, args, k_shape[-3], q_shape[-3], f"layer {name!r}")
     if needles is None or queries is None:
         parser.error(
             f"layer {name!r}: give --needle and --queries (or store needle_positions and "
@@ -665,7 +766,7 @@ def _measure_layer(args, parser: argparse.ArgumentParser, name: str, entry: dict
         print(f"  left out: {skipped}")
 
 
-def _layers_from_checkpoint(args) -> dict:
+def _layers_from_checkpoint(args, parser: argparse.ArgumentParser) -> dict:
     """q/k of every MoBA layer of a trained model on S-NIAH samples, with needle and query positions."""
     import torch
 
@@ -673,11 +774,14 @@ def _layers_from_checkpoint(args) -> dict:
     from flashmoba.models.checkpoint import find_checkpoint, load_model
 
     checkpoint = find_checkpoint(args.checkpoint)
-    lm, run_config = load_model(checkpoint, torch.device(args.device), backend="reference")
-    length = args.length or int(run_config["seq_len"])
+    lm, run_config = load_model(checkpoint, args.device, backend="reference")
+    length = args.length if args.length is not None else int(run_config["seq_len"])
     rng = np.random.default_rng(args.seed)
     depths = (np.arange(args.samples) + 0.5) / args.samples
-    samples = [make_sample(args.task, length, rng, depth=float(depth)) for depth in depths]
+    try:
+        samples = [make_sample(args.task, length, rng, depth=float(depth)) for depth in depths]
+    except ValueError as error:  # too short for the task's text
+        parser.error(f"argument --length: {error}")
     tokens = torch.from_numpy(np.stack([sample.tokens for sample in samples])).to(args.device)
     captured = model.capture_qk(lm, tokens)
     needles = [list(range(*sample.value_span)) for sample in samples]
