@@ -3,6 +3,10 @@
     flashmoba eval --checkpoint runs/tiny                       # the latest checkpoint of a run
     flashmoba eval --checkpoint runs/340m/checkpoints/step_0200000.pt --lengths 4096,8192,16384,32768,65536
 
+The checkpoint is verified before use (its checksum, its format, finite weights): a corrupt, truncated or
+foreign one is refused with an error naming the file; one without a checksum file (written before
+checkpoints carried them) loads with a warning that it cannot be verified.
+
 Measures (see ``flashmoba.evaluation.retrieval``): perplexity of held-out text (the validation split of
 the training corpus, or ``--corpus``) over ``--ppl-batches`` packed batches; S-NIAH-1/2/3 (and passkey)
 accuracy at each of ``--lengths`` (default: half the training length to 8x it, as the paper's 4K..64K
@@ -24,7 +28,7 @@ from flashmoba.api import BACKENDS
 from flashmoba.data import TASKS, load_corpus
 from flashmoba.evaluation.retrieval import default_lengths, evaluate_retrieval, perplexity
 from flashmoba.evaluation.tables import markdown_tables, plot_retrieval
-from flashmoba.models.checkpoint import checkpoint_step, find_checkpoint, load_model
+from flashmoba.models.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
 from flashmoba.models.hybrid import ModelConfig
 from flashmoba.training.config import TrainConfig, train_config_from_dict
 from flashmoba.training.runtime import resolve_device
@@ -66,7 +70,11 @@ def parse_tasks(text: str) -> list[str]:
 def heldout_perplexity(args: argparse.Namespace, model, run: TrainConfig, device) -> dict:
     """Perplexity on the validation split of ``--corpus`` or of the run's corpus."""
     _, val_corpus = load_corpus(
-        args.corpus or run.data.corpus, val_fraction=run.data.val_fraction, bos_id=run.data.bos_id
+        args.corpus or run.data.corpus,
+        val_fraction=run.data.val_fraction,
+        bos_id=run.data.bos_id,
+        vocab_size=run.model.vocab_size,
+        seq_len=run.seq_len,
     )
     heldout = perplexity(model, val_corpus, run.seq_len, run.batch_size, args.ppl_batches, device, args.seed)
     print(
@@ -111,20 +119,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = parse_tasks(args.tasks)
     checkpoint_path = find_checkpoint(args.checkpoint)
-    device = resolve_device(args.device, 0)
+    device = resolve_device(args.device, 0, setting="--device")
     if args.samples is None:
         args.samples = 50 if device.type == "cuda" else 10
     check_positive_int("--samples", args.samples)
     check_int("--distractors", args.distractors, minimum=0)
     check_positive_int("--max-tokens-per-batch", args.max_tokens_per_batch)
     check_int("--ppl-batches", args.ppl_batches, minimum=0)
-    model, stored_config = load_model(checkpoint_path, device, args.backend, args.topk)
-    run = train_config_from_dict(stored_config)
+    if args.out == "":
+        raise ValueError("--out must be a non-empty path, got ''")
+    # Read and verified (checksum, format, finite weights) once; a bad checkpoint raises CheckpointError.
+    checkpoint = read_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, device, args.backend, args.topk)
+    run = train_config_from_dict(checkpoint["config"])
     lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else default_lengths(run.seq_len)
     out = Path(args.out) if args.out else checkpoint_path.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"flashmoba eval: {checkpoint_path} (step {checkpoint_step(checkpoint_path)}), "
+        f"flashmoba eval: {checkpoint_path} (step {checkpoint['step']}), "
         f"global attention {model.config.global_attention}, trained at {run.seq_len} tokens",
         flush=True,
     )

@@ -11,8 +11,11 @@ for ``model.moba_topk``, ``--data.task-fraction`` for ``data.task_fraction``; a 
 (``--attn``, ``--block-size``, ``--topk``, ``--kconv``, ``--backend``, ``--corpus``, ``--task-fraction``).
 Bools take ``--name`` / ``--no-name``.
 
-Outputs in ``--out``: ``config.json``, ``metrics.jsonl`` and ``checkpoints/step_XXXXXXX.pt``; see
-``flashmoba.training.loop``.
+Outputs in ``--out``: ``config.json``, ``metrics.jsonl`` and ``checkpoints/step_XXXXXXX.pt`` (each with a
+``.sha256`` checksum); see ``flashmoba.training.loop``. Which run ``--out`` may hold, ``--overwrite``,
+``--resume`` and ``--allow-config-change``: the help's "the run directory" (``RUN_DIRECTORY_HELP``).
+Every setting is checked before anything is written; a refused setting, directory or checkpoint, or a
+step that is not finite, ends the command with an error naming it and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import MISSING, fields, is_dataclass
 
 from flashmoba.training.config import TrainConfig, field_types, optional_inner, resolve_config
 from flashmoba.training.loop import train
+from flashmoba.training.run_directory import RUN_DIRECTORY_HELP
 
 # Short flags kept beside the generated ones: dotted field name -> extra option strings.
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -79,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashmoba train",
         description=__doc__.split("\n\n")[0],
+        epilog=RUN_DIRECTORY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

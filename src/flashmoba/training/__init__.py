@@ -1,6 +1,7 @@
 """Training the hybrid LM: ``config`` (TrainConfig, DataConfig, presets, precedence, validation),
-``runtime`` (device and the autocast policy) and ``loop`` (schedule, optimizer, distributed wrap,
-validation loss, ``train``). The ``flashmoba train`` command is ``flashmoba.cli.train``."""
+``runtime`` (device and the autocast policy), ``run_directory`` (which run ``--out`` may hold, what a
+resume may change, the config history) and ``loop`` (schedule, optimizer, distributed wrap, validation
+loss, ``train``). The ``flashmoba train`` command is ``flashmoba.cli.train``."""
 
 from flashmoba.training.config import (
     TRAIN_PRESETS,

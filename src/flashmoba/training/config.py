@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from flashmoba._checks import check_bool, check_choice, check_int, check_positive_int, check_real
 from flashmoba.data import TASKS, ByteTokenizer
 from flashmoba.models.hybrid import MODEL_PRESETS, ModelConfig, model_config_from_preset
-from flashmoba.training.runtime import PRECISIONS
+from flashmoba.training.runtime import PRECISIONS, check_device_name
 
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 POSITIVE_INT_FIELDS = (
@@ -112,9 +112,26 @@ class TrainConfig:
     eval_batches: int = field(default=4, metadata={"help": "validation batches per process"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    out: str = field(default="runs/latest", metadata={"help": "output directory"})
+    out: str = field(
+        default="runs/latest", metadata={"help": "the run directory (see 'the run directory' below)"}
+    )
     resume: str | None = field(
-        default=None, metadata={"help": "'auto' (latest checkpoint in --out) or a checkpoint file"}
+        default=None,
+        metadata={"help": "'auto' (the newest intact checkpoint in --out, if any) or a checkpoint file"},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace the run --out holds: its config.json, metrics.jsonl and checkpoints (with "
+            "--resume, those after the resumed step) are deleted before training"
+        },
+    )
+    allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": "resume with settings that differ from the checkpoint's; the changes are recorded in "
+            "config.json's history"
+        },
     )
     progress: bool = field(default=True, metadata={"help": "progress bar"})
 
@@ -228,18 +245,64 @@ def train_config_from_dict(values: dict) -> TrainConfig:
     return config
 
 
-def validate_config(config: TrainConfig) -> None:
-    for name in POSITIVE_INT_FIELDS:
-        check_positive_int(name, getattr(config, name))
+def _check_path_setting(name: str, value, optional: bool = False) -> None:
+    """A non-empty str (an empty ``--out`` would mean the current directory, an empty ``--resume`` no
+    resume at all: both are more likely a shell variable that was not set)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty path, got {value!r}")
+
+
+def _check_optimizer(config: TrainConfig) -> None:
     check_real("lr", config.lr, exclusive_minimum=0)
     check_real("min_lr_ratio", config.min_lr_ratio, minimum=0, maximum=1)
-    check_choice("precision", config.precision, PRECISIONS)
-    check_choice("distributed", config.distributed, DISTRIBUTED_STRATEGIES)
-    if config.data.task_fraction > 0 and config.model.vocab_size < ByteTokenizer.vocab_size:
+    check_int("warmup_steps", config.warmup_steps, minimum=-1)
+    check_real("weight_decay", config.weight_decay, minimum=0)
+    for name in ("beta1", "beta2"):
+        if not 0 <= check_real(name, getattr(config, name)) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    check_real("adam_eps", config.adam_eps, exclusive_minimum=0)
+    # Clipping to a norm of 0 would zero every gradient; there is no "off" value.
+    check_real("grad_clip", config.grad_clip, exclusive_minimum=0)
+
+
+def _check_data(config: TrainConfig) -> None:
+    data = config.data
+    _check_path_setting("data.corpus", data.corpus)
+    if not 0 < check_real("data.val_fraction", data.val_fraction) < 1:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    if data.bos_id is not None:
+        check_int("data.bos_id", data.bos_id, minimum=0, maximum=config.model.vocab_size - 1)
+    check_real("data.task_fraction", data.task_fraction, minimum=0, maximum=1)
+    if data.task_fraction > 0 and config.model.vocab_size < ByteTokenizer.vocab_size:
         raise ValueError(
             "data.task_fraction > 0 needs the byte tokenizer's vocabulary (model.vocab_size >= 257)"
         )
-    check_real("data.answer_loss_weight", config.data.answer_loss_weight, exclusive_minimum=0)
-    unknown_tasks = sorted(set(config.data.tasks) - set(TASKS))
+    check_real("data.answer_loss_weight", data.answer_loss_weight, exclusive_minimum=0)
+    if not isinstance(data.tasks, list):
+        raise TypeError(f"data.tasks must be a list, got {type(data.tasks).__name__} {data.tasks!r}")
+    unknown_tasks = sorted(set(data.tasks) - set(TASKS))
     if unknown_tasks:
         raise ValueError(f"data.tasks must be among {TASKS}, got {unknown_tasks}")
+    check_positive_int("data.max_bytes", data.max_bytes)
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Every setting's type and range, each error naming its field; runs before anything is written."""
+    check_choice("preset", config.preset, tuple(sorted(MODEL_PRESETS)))
+    for name in POSITIVE_INT_FIELDS:
+        check_positive_int(name, getattr(config, name))
+    check_int("eval_every", config.eval_every, minimum=0)
+    check_int("seed", config.seed, minimum=0)
+    _check_optimizer(config)
+    check_device_name("device", config.device)
+    check_choice("precision", config.precision, PRECISIONS)
+    check_choice("distributed", config.distributed, DISTRIBUTED_STRATEGIES)
+    for name in ("activation_checkpointing", "progress", "overwrite", "allow_config_change"):
+        check_bool(name, getattr(config, name))
+    _check_path_setting("out", config.out)
+    _check_path_setting("resume", config.resume, optional=True)
+    _check_data(config)

@@ -3,9 +3,12 @@
 ``train(config)`` writes to ``config.out``: ``config.json`` (the resolved settings), ``metrics.jsonl``
 (one JSON object per logged step: step, loss (the training objective, answer-weighted when
 ``data.answer_loss_weight != 1``), lr, tokens_per_s, grad_norm, tokens, elapsed_s, and val_loss when
-evaluated), and ``checkpoints/step_XXXXXXX.pt`` (see ``flashmoba.models.checkpoint``). A run resumes
-exactly from a checkpoint (``resume="auto"`` takes the latest in ``out``): batches are a pure function of
-(seed, rank, step, micro-step).
+evaluated), and ``checkpoints/step_XXXXXXX.pt`` with their checksums (see ``flashmoba.models.checkpoint``).
+A run resumes exactly from a checkpoint (``resume="auto"`` takes the newest intact one in ``out``):
+batches are a pure function of (seed, rank, step, micro-step). Which run may write to ``out`` and what a
+resume may change are the rules of ``flashmoba.training.run_directory``; they are checked, with the
+settings and the data, before anything is written. A step whose loss or gradient norm is not finite
+stops the run (``FloatingPointError`` naming the step) before any checkpoint of it or a later step.
 
 Distributed: under ``torchrun`` each process trains on its own batches; gradients are averaged by
 PyTorch's DDP (``distributed="ddp"``) or the model is sharded by FSDP2's ``fully_shard``
@@ -19,16 +22,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from flashmoba.data import PackedBatch, TokenCorpus, batch_rng, load_corpus, sample_batch
-from flashmoba.models.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from flashmoba.models.checkpoint import apply_checkpoint, save_checkpoint
 from flashmoba.models.hybrid import HybridLM
-from flashmoba.training.config import TrainConfig
+from flashmoba.training.config import TrainConfig, validate_config
+from flashmoba.training.run_directory import RunPlan, apply_plan, plan_run
 from flashmoba.training.runtime import autocast, resolve_device
 
 # The micro-step id of validation batches: past any real accumulation, so that validation batches are
@@ -148,6 +151,8 @@ def train_step(
             (loss / config.grad_accum_steps).backward()
         step_loss += loss.detach() / config.grad_accum_steps
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; every process takes the same full value
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return lr, step_loss, grad_norm
@@ -197,14 +202,14 @@ def metrics_row(
         "loss": loss_value,
         "lr": lr,
         "tokens_per_s": tokens_per_s,
-        "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+        "grad_norm": float(grad_norm),
         "tokens": step * clock.tokens_per_step,
         "elapsed_s": clock.elapsed_s(),
     }
 
 
 # ----------------------------------------------------------------------------------------------------
-# Setting up and resuming a run
+# Setting up a run
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -218,59 +223,52 @@ def build_model(config: TrainConfig, device: torch.device):
 
 
 def load_data(config: TrainConfig) -> tuple[TokenCorpus, TokenCorpus]:
+    """The (train, validation) corpora, checked against the model's vocabulary and the row length."""
     return load_corpus(
         config.data.corpus,
         val_fraction=config.data.val_fraction,
         bos_id=config.data.bos_id,
         max_bytes=config.data.max_bytes,
+        vocab_size=config.model.vocab_size,
+        seq_len=config.seq_len,
     )
 
 
-def resume_path(config: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from: none, the latest in ``out`` (``auto``) or the given file."""
-    if config.resume == "auto":
-        return latest_checkpoint(out)
-    if config.resume:
-        path = Path(config.resume)
-        if not path.is_file():
-            raise ValueError(f"resume checkpoint {path} does not exist")
-        return path
-    return None
+class FiniteGuard:
+    """Remembers, on the device, the first step whose loss or gradient norm was not finite, so that the
+    loop need not wait for every step; ``check`` (before each log row and each checkpoint) reads it and
+    stops the run, so that no checkpoint is written after a non-finite step."""
 
+    def __init__(self, device: torch.device):
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        self.bad_norm = torch.zeros((), device=device)
 
-def write_run_config(out: Path, config: TrainConfig) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
+        first = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.bad_norm = torch.where(first, grad_norm, self.bad_norm)
 
-
-def resume(config: TrainConfig, out: Path, model, optimizer) -> tuple[int, Path | None]:
-    """(the step to continue after, the checkpoint loaded): (0, None) for a fresh run."""
-    path = resume_path(config, out)
-    if path is None:
-        return 0, None
-    check_same_model(path, config)
-    return load_checkpoint(path, model, optimizer), path
-
-
-def check_same_model(path: Path, config: TrainConfig) -> None:
-    """A run resumes only into the model shape it was trained with; the MoBA backend may change."""
-    stored = checkpoint_config(path)["model"]
-    current = asdict(config.model)
-    different = sorted(k for k in current if k != "backend" and stored.get(k) != current[k])
-    if different:
-        raise ValueError(f"checkpoint {path} holds a different model config in {different}: {stored}")
-
-
-def reset_metrics(metrics_path: Path, start_step: int) -> None:
-    """Keep the history up to the resumed step, drop what a crashed run logged after it."""
-    kept = []
-    if start_step > 0 and metrics_path.exists():
-        kept = [
-            line
-            for line in metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= start_step
-        ]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    def check(self, step: int, world: int, last_saved: int | None) -> None:
+        bad_step = self.bad_step.clone()
+        if world > 1:  # every process stops together, none waits in a collective for one that stopped
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+        bad = int(bad_step)
+        if bad == 0:
+            return
+        local = int(self.bad_step) == bad
+        what = (
+            f"loss {float(self.bad_loss)}, gradient norm {float(self.bad_norm)}"
+            if local
+            else "on another process"
+        )
+        saved = f"the newest checkpoint is of step {last_saved}" if last_saved else "none was written"
+        raise FloatingPointError(
+            f"step {bad}: the loss or gradient norm is not finite ({what}); training stopped at step {step} "
+            f"without writing a checkpoint of step {bad} or later ({saved})"
+        )
 
 
 def _progress_bar(config: TrainConfig, start_step: int):
@@ -330,7 +328,9 @@ def _end_message(last: dict, out: Path) -> str:
 
 
 def train(config: TrainConfig) -> list[dict]:
-    """Run the training described by ``config``; returns the metrics rows it logged."""
+    """Run the training described by ``config``; returns the metrics rows it logged. Every setting, the
+    data and the checkpoint to resume from are checked before anything is written to ``config.out``."""
+    validate_config(config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -346,45 +346,61 @@ def train(config: TrainConfig) -> list[dict]:
             dist.destroy_process_group()
 
 
+def prepare_run(config: TrainConfig, device, rank: int, world: int) -> tuple[RunPlan, ...]:
+    """Plan the run directory, load the data, build the model, then (rank 0) write the directory and load
+    the checkpoint: (plan, model, wrapper, optimizer, train corpus, validation corpus)."""
+    out = Path(config.out)
+    plan = plan_run(config, out)
+    train_corpus, val_corpus = load_data(config)
+    model, wrapped, optimizer = build_model(config, device)
+    if dist.is_initialized():
+        dist.barrier()  # every process has read the checkpoints before rank 0 renames or deletes any
+    if rank == 0:
+        for note in apply_plan(plan, out, config):
+            print(f"flashmoba train: {note}", flush=True)
+    if plan.checkpoint is not None:
+        apply_checkpoint(plan.checkpoint, wrapped, optimizer)
+        plan.checkpoint = None  # the state now lives in the model and optimizer
+    return plan, model, wrapped, optimizer, train_corpus, val_corpus
+
+
 def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> list[dict]:
     out = Path(config.out)
     is_main = rank == 0
-    if is_main:
-        write_run_config(out, config)
-    model, wrapped, optimizer = build_model(config, device)
-    train_corpus, val_corpus = load_data(config)
-    start_step, resumed_from = resume(config, out, wrapped, optimizer)
+    plan, model, wrapped, optimizer, train_corpus, val_corpus = prepare_run(config, device, rank, world)
+    start_step = plan.start_step
     metrics_path = out / "metrics.jsonl"
     if is_main:
-        reset_metrics(metrics_path, start_step)
-        print(
-            _start_message(model, config, world, device, train_corpus, resumed_from, start_step), flush=True
-        )
+        message = _start_message(model, config, world, device, train_corpus, plan.checkpoint_path, start_step)
+        print(message, flush=True)
 
     progress = _progress_bar(config, start_step) if is_main and config.progress else None
     logged: list[dict] = []
     clock = ThroughputClock(start_step, config.batch_size * config.seq_len * config.grad_accum_steps * world)
+    guard = FiniteGuard(device)
+    last_saved = start_step if plan.checkpoint_path else None
     wrapped.train()
     for step in range(start_step + 1, config.max_steps + 1):
         lr, step_loss, grad_norm = train_step(wrapped, optimizer, train_corpus, config, rank, step, device)
+        guard.observe(step, step_loss, grad_norm)
         evaluate = is_eval_step(config, step)
         if is_log_step(config, step) or evaluate:
+            guard.check(step, world, last_saved)
             row = metrics_row(step, lr, step_loss, grad_norm, clock, world, device)
             if evaluate:
                 row["val_loss"] = validation_loss(wrapped, val_corpus, config, device, rank, world)
                 clock.restart()
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss became {row['loss']} at step {step}")
             if is_main:
                 append_metrics(metrics_path, row, progress)
                 logged.append(row)
         if progress is not None:
             progress.update(1)
         if is_save_step(config, step):
+            guard.check(step, world, last_saved)
             with clock.paused():
-                save_checkpoint(
-                    out / "checkpoints" / f"step_{step:07d}.pt", wrapped, optimizer, step, config, rank
-                )
+                path = out / "checkpoints" / f"step_{step:07d}.pt"
+                save_checkpoint(path, wrapped, optimizer, step, config, rank, history=plan.history)
+            last_saved = step
     if progress is not None:
         progress.close()
     if is_main and logged:

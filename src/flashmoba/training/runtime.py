@@ -6,20 +6,33 @@ Float32 disables autocast explicitly, so a forward pass inside an outer autocast
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
+def check_device_name(setting: str, name) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``setting`` (the field or flag) is named in the error,
+    which torch's own (``Expected one of cpu, cuda, ...``) does not do."""
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"{setting} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return name
+
+
+def resolve_device(name: str, local_rank: int, setting: str = "device") -> torch.device:
     """``auto``: CUDA when present, else CPU. A CUDA device without an index takes ``local_rank``'s GPU
-    (one GPU per torchrun process) and becomes the current device."""
+    (one GPU per torchrun process) and becomes the current device. ``setting`` names the field or flag
+    in errors."""
+    check_device_name(setting, name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+            raise ValueError(f"{setting} {name!r} requested but CUDA is not available")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device
