@@ -9,8 +9,8 @@ through them and ``torch.library.opcheck`` passes:
   inputs, o, lse and the index, and calls
 - ``flashmoba::sparse_attn_bwd``: -> (dq, dk, dv).
 
-Each op takes the fields of a ``KernelConfig`` as trailing optional arguments (``_CONFIG_SCHEMA``): a
-dataclass cannot cross the dispatcher, its fields can, and left out they are the defaults.
+Each op takes a ``KernelConfig`` as one trailing optional ``int[]`` (``KernelConfig.encode``): a
+dataclass cannot cross the dispatcher, a list of ints can, and left out it is the defaults.
 
 Everything is packed (varlen); a padded ``[B, T, H, D]`` batch is viewed as B sequences of length T with
 ``cu_seqlens = arange(B + 1) * T`` built on the device.
@@ -18,38 +18,30 @@ Everything is packed (varlen); a padded ``[B, T, H, D]`` batch is viewed as B se
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from flashmoba.ops import router
 from flashmoba.ops.backward import sparse_attention_backward
-from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
 from flashmoba.ops.forward import check_supported, sparse_attention_forward
 from flashmoba.ops.index import num_block_slots
 from flashmoba.ops.partials import chunking
 
 # ----------------------------------------------------------------------------------------------------
-# KernelConfig through the ops: its fields as trailing optional arguments, in field order
+# KernelConfig through the ops: one optional int[] argument (KernelConfig.encode), None for the defaults
 # ----------------------------------------------------------------------------------------------------
 
-_SCHEMA_TYPES = {"int | None": "int?", "int": "int", "bool": "bool"}
-# "int? router_block_m=None, ..., bool dq_by_stored_partials=True": defaults are KernelConfig's, so a
-# call that passes none of them runs the defaults.
-_CONFIG_SCHEMA = ", ".join(
-    f"{_SCHEMA_TYPES[field.type]} {field.name}={field.default}" for field in dataclasses.fields(KernelConfig)
-)
-_CONFIG_ARGUMENTS = len(dataclasses.fields(KernelConfig))
+_CONFIG_SCHEMA = "int[]? kernel_config=None"
 
 
 def _config_arguments(config: KernelConfig | None) -> tuple:
-    """The op arguments that carry ``config`` (none for the defaults)."""
-    return () if config is None else dataclasses.astuple(config)
+    """The op argument that carries ``config`` (none for the defaults)."""
+    return () if config is None else (config.encode(),)
 
 
 def _config_of(arguments: tuple) -> KernelConfig:
-    """The config carried by an op's trailing arguments (the dispatcher may drop trailing defaults)."""
-    return KernelConfig(*arguments)
+    """The config carried by an op's trailing argument (absent or None: the defaults)."""
+    return DEFAULT_CONFIG if not arguments or arguments[0] is None else KernelConfig.decode(arguments[0])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,13 +9,16 @@ Fields named ``<kernel>_<setting>`` set one launch setting of one kernel ("route
 "forward": the partial-attention kernel, "backward": the dK/dV kernel), by the name the launch uses
 (``KernelConfig.launch_settings``).
 
-The ``torch.library`` ops take the fields as trailing optional arguments, in field order
-(``flashmoba.ops.autograd``).
+The ``torch.library`` ops take a config as one optional ``int[]`` argument (``KernelConfig.encode``;
+``flashmoba.ops.autograd``): one argument, because the dispatcher's cost per call grows with the square of
+an op's argument count (``torch._library.utils.fill_defaults``), which a field per argument made
+measurable at small shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from flashmoba._checks import check_bool, check_int, check_positive_int
 
@@ -74,13 +77,24 @@ class KernelConfig:
         ``router_block_m`` -> ``BLOCK_M``, ``router_num_warps`` -> ``num_warps``."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        settings = {}
-        for field in dataclasses.fields(self):
-            setting = field.name.removeprefix(kernel + "_")
-            value = getattr(self, field.name)
-            if setting != field.name and value is not None:
-                settings[setting if setting in LAUNCH_OPTIONS else setting.upper()] = value
-        return settings
+        return dict(_launch_settings(self, kernel))
+
+    def encode(self) -> list[int]:
+        """The fields as one list of ints, in field order (None -> -1, bools -> 0/1): how a config crosses
+        the ``torch.library`` ops as a single ``int[]`` argument. ``decode`` inverts it."""
+        return [-1 if value is None else int(value) for value in dataclasses.astuple(self)]
+
+    @classmethod
+    def decode(cls, values: list[int]) -> KernelConfig:
+        fields = dataclasses.fields(cls)
+        if len(values) != len(fields):
+            raise ValueError(f"a KernelConfig encodes as {len(fields)} ints, got {len(values)}")
+        return cls(
+            **{
+                field.name: bool(value) if field.type == "bool" else (None if value == -1 else value)
+                for field, value in zip(fields, values)
+            }
+        )
 
     @classmethod
     def for_kernel(cls, kernel: str, settings: dict) -> KernelConfig:
@@ -89,6 +103,18 @@ class KernelConfig:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         return cls(**{f"{kernel}_{name.lower()}": value for name, value in settings.items()})
+
+
+@functools.cache
+def _launch_settings(config: KernelConfig, kernel: str) -> tuple[tuple[str, int], ...]:
+    """``KernelConfig.launch_settings``, computed once per (config, kernel): it runs on every launch."""
+    settings = []
+    for field in dataclasses.fields(config):
+        setting = field.name.removeprefix(kernel + "_")
+        value = getattr(config, field.name)
+        if setting != field.name and value is not None:
+            settings.append((setting if setting in LAUNCH_OPTIONS else setting.upper(), value))
+    return tuple(settings)
 
 
 DEFAULT_CONFIG = KernelConfig()
