@@ -273,6 +273,32 @@ for _backend in BACKENDS:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 6. 16-bit inputs (in Triton's interpreter too): the float64 reference's answer within 16-bit rounding
+# ----------------------------------------------------------------------------------------------------
+
+for _backend in BACKENDS:
+    for _dtype in (torch.bfloat16, torch.float16):
+
+        @case("half_precision", f"{_backend}: {_dtype} forward and backward track the float64 reference")
+        def _(backend=_backend, dtype=_dtype):
+            inputs = random_qkv(2, 37, 37, heads=4, heads_kv=2, head_dim=16)
+            low = [x.to(dtype).requires_grad_() for x in inputs]
+            exact = [x.to(dtype).double().requires_grad_() for x in inputs]
+            grad = torch.randn(low[0].shape, generator=torch.Generator().manual_seed(1))
+            out = moba_attn(*low, 8, 3, backend=backend)
+            expected = moba_attn(*exact, 8, 3, backend="reference")
+            out.backward(grad.to(dtype))
+            expected.backward(grad.double())
+            # A few units of the last place of 16-bit values of magnitude ~1 (2**-8 for bfloat16).
+            tolerance = 4e-2 if dtype == torch.bfloat16 else 5e-3
+            for name, got, want in [("out", out, expected)] + [
+                (f"grad {n}", a.grad, b.grad) for n, a, b in zip("qkv", low, exact)
+            ]:
+                error = float((got.double() - want.detach()).abs().max())
+                assert out.dtype == dtype and error < tolerance, f"{name}: max error {error:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------
 # 7. Meta tensors: shapes only
 # ----------------------------------------------------------------------------------------------------
 

@@ -28,11 +28,13 @@ from flashmoba.ops.index import block_table, num_block_slots
 from flashmoba.ops.partials import chunk_pair_index, chunking, partial_dtype, program_column
 from flashmoba.ops.utils import (
     LOG2_E,
+    dot_in_float32,
     dot_precision,
     head_dim_tile,
     interpreting,
     maybe_contiguous,
     next_power_of_2,
+    tile_dot,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ def _moba_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     DQ_MODE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -191,19 +194,21 @@ def _moba_bwd_dkdv_kernel(
             delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
 
             # Transposed scores [keys, rows]: dK and dV accumulate along the rows.
-            scores_t = tl.dot(key_tile_values, tl.trans(query), input_precision=DOT_PRECISION) * qk_scale
+            scores_t = tile_dot(key_tile_values, tl.trans(query), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
             probabilities_t = tl.math.exp2(scores_t - lse_log2[None, :])
             visible = key_mask[:, None] & entry_mask[None, :]
             if CAUSAL:
                 visible = visible & (keys[:, None] <= rows[None, :] + shift)
             probabilities_t = tl.where(visible, probabilities_t, 0.0)
-            grad_value += tl.dot(probabilities_t.to(grad_out.dtype), grad_out, input_precision=DOT_PRECISION)
-            grad_probabilities_t = tl.dot(value_tile, tl.trans(grad_out), input_precision=DOT_PRECISION)
+            grad_value += tile_dot(
+                probabilities_t.to(grad_out.dtype), grad_out, DOT_PRECISION, DOT_IN_FLOAT32
+            )
+            grad_probabilities_t = tile_dot(value_tile, tl.trans(grad_out), DOT_PRECISION, DOT_IN_FLOAT32)
             grad_scores_t = probabilities_t * (grad_probabilities_t - delta[None, :])
             grad_scores_t = grad_scores_t.to(query.dtype)
-            grad_key += tl.dot(grad_scores_t, query, input_precision=DOT_PRECISION)
+            grad_key += tile_dot(grad_scores_t, query, DOT_PRECISION, DOT_IN_FLOAT32)
             if DQ_MODE != "none":
-                grad_query = tl.dot(tl.trans(grad_scores_t), key_tile_values, input_precision=DOT_PRECISION)
+                grad_query = tile_dot(tl.trans(grad_scores_t), key_tile_values, DOT_PRECISION, DOT_IN_FLOAT32)
                 grad_query *= softmax_scale
             if DQ_MODE == "store":  # the block is one key tile: this is the pair's whole dQ
                 pair = chunk_pair_index(entry, rows, head - kv_head_first * group, 0, total_q, topk)
@@ -268,6 +273,7 @@ def _moba_bwd_dq_partial_kernel(
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -316,15 +322,15 @@ def _moba_bwd_dq_partial_kernel(
             value_tile = tl.load(
                 v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0
             )
-            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+            scores = tile_dot(query, tl.trans(key_tile), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
             probabilities = tl.math.exp2(scores - lse_log2[:, None])
             visible = key_mask[None, :] & entry_mask[:, None]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + shift)
             probabilities = tl.where(visible, probabilities, 0.0)
-            grad_probabilities = tl.dot(grad_out, tl.trans(value_tile), input_precision=DOT_PRECISION)
+            grad_probabilities = tile_dot(grad_out, tl.trans(value_tile), DOT_PRECISION, DOT_IN_FLOAT32)
             grad_scores = (probabilities * (grad_probabilities - delta[:, None])).to(query.dtype)
-            grad_query += tl.dot(grad_scores, key_tile, input_precision=DOT_PRECISION)
+            grad_query += tile_dot(grad_scores, key_tile, DOT_PRECISION, DOT_IN_FLOAT32)
 
         pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
         tl.store(
@@ -549,6 +555,7 @@ class _Backward:
             CAUSAL=self.causal,
             DQ_MODE=dq_mode,
             DOT_PRECISION=dot_precision(q.dtype),
+            DOT_IN_FLOAT32=dot_in_float32(q.dtype),
             BLOCK_D=self.block_d,
             **self.tiles,
         )
@@ -613,6 +620,7 @@ class _Backward:
             HEAD_DIM=self.head_dim,
             CAUSAL=self.causal,
             DOT_PRECISION=dot_precision(q.dtype),
+            DOT_IN_FLOAT32=dot_in_float32(q.dtype),
             BLOCK_D=self.block_d,
             **dq_pass_tiles(self.head_dim, self.block_size, self.config),
         )

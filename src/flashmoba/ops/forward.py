@@ -29,11 +29,13 @@ from flashmoba.ops.partials import (
 from flashmoba.ops.utils import (
     LOG2_E,
     MAX_HEAD_DIM,
+    dot_in_float32,
     dot_precision,
     head_dim_tile,
     interpreting,
     maybe_contiguous,
     next_power_of_2,
+    tile_dot,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,6 +73,7 @@ def _moba_fwd_partial_kernel(
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
     SINGLE_KEY_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -107,7 +110,7 @@ def _moba_fwd_partial_kernel(
             rows = entry // (heads_q * topk)
             q_ptrs = Q + rows.to(tl.int64)[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :]
             query = tl.load(q_ptrs, mask=entry_mask[:, None] & d_mask[None, :], other=0.0)
-            scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+            scores = tile_dot(query, tl.trans(key_tile), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
             visible = key_mask[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + shift)
@@ -116,8 +119,8 @@ def _moba_fwd_partial_kernel(
             safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             probabilities = tl.math.exp2(scores - safe_max[:, None])
             row_sum = tl.sum(probabilities, 1)
-            accumulator = tl.dot(
-                probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
+            accumulator = tile_dot(
+                probabilities.to(value_tile.dtype), value_tile, DOT_PRECISION, DOT_IN_FLOAT32
             )
             pair = chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk)
             store_partial(
@@ -152,7 +155,7 @@ def _moba_fwd_partial_kernel(
                     mask=kv_mask,
                     other=0.0,
                 )
-                scores = tl.dot(query, tl.trans(key_tile), input_precision=DOT_PRECISION) * qk_scale
+                scores = tile_dot(query, tl.trans(key_tile), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
                 visible = key_mask[None, :]
                 if CAUSAL:
                     visible = visible & (keys[None, :] <= rows[:, None] + shift)
@@ -168,8 +171,8 @@ def _moba_fwd_partial_kernel(
                     mask=kv_mask,
                     other=0.0,
                 )
-                accumulator = accumulator * correction[:, None] + tl.dot(
-                    probabilities.to(value_tile.dtype), value_tile, input_precision=DOT_PRECISION
+                accumulator = accumulator * correction[:, None] + tile_dot(
+                    probabilities.to(value_tile.dtype), value_tile, DOT_PRECISION, DOT_IN_FLOAT32
                 )
                 running_max = new_max
             safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
@@ -375,6 +378,7 @@ def sparse_attention_forward(
                 HEAD_DIM=head_dim,
                 CAUSAL=causal,
                 DOT_PRECISION=dot_precision(q.dtype),
+                DOT_IN_FLOAT32=dot_in_float32(q.dtype),
                 SINGLE_KEY_TILE=block_size <= tiles["BLOCK_N"],
                 BLOCK_D=block_d,
                 **tiles,

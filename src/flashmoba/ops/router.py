@@ -48,7 +48,13 @@ import triton.language as tl
 
 from flashmoba._checks import check_positive_int
 from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
-from flashmoba.ops.utils import MAX_HEAD_DIM, dot_precision, head_dim_tile, interpreting, next_power_of_2
+from flashmoba.ops.utils import (
+    MAX_HEAD_DIM,
+    dot_in_float32,
+    dot_precision,
+    head_dim_tile,
+    next_power_of_2,
+)
 
 # Limits of the Triton router (checked before any launch; MAX_HEAD_DIM as the attention's).
 MAX_RUNNING_TOPK = 128  # blocks kept on chip per query row: min(topk, number of blocks), rounded up to 2^n
@@ -504,9 +510,6 @@ def _launch_route(
     else:
         stride_batch, stride_token, stride_head, stride_dim = q.stride()
     tail = max(1, topk - running_topk)
-    # Triton 3.6's interpreter multiplies the raw bits of bfloat16 tiles in tl.dot: upcast there (exact,
-    # as bf16 x bf16 products fit float32). Compiled kernels keep bf16 tiles for the tensor cores.
-    dot_in_float32 = q.dtype == torch.bfloat16 and interpreting()
     _route_topk_kernel[grid](
         Q=q,
         Centroids=centroids,
@@ -536,8 +539,8 @@ def _launch_route(
         HEAD_DIM_PAD=head_dim_pad,
         EVEN_HEAD_DIM=head_dim == head_dim_pad,
         TAIL_TILE=min(64, max(16, next_power_of_2(tail))),
-        DOT_PRECISION="ieee" if dot_in_float32 else dot_precision(q.dtype),
-        DOT_IN_FLOAT32=dot_in_float32,
+        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_IN_FLOAT32=dot_in_float32(q.dtype),  # upcast before the dot: see ops.utils.dot_in_float32
         CENTROIDS_ARE_SUMS=_stores_sums(q.dtype),
         COUNT_PATHS=path_counts is not None,
         **settings,

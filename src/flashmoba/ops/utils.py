@@ -1,10 +1,12 @@
-"""Small helpers and constants shared by the kernels' launchers (one definition each)."""
+"""Small helpers and constants shared by the kernels and their launchers (one definition each)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 LOG2_E = 1.4426950408889634  # kernels use exp2: scores are scaled by log2(e) once
 LN_2 = 0.6931471805599453
@@ -26,9 +28,25 @@ def head_dim_tile(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
+def dot_in_float32(dtype: torch.dtype) -> bool:
+    """Tiles go into ``tl.dot`` as float32: only for bfloat16 in Triton 3.6's interpreter, which multiplies
+    the raw bits of bfloat16 tiles (|o| ~ 1e9 came back). Exact there, as a product of two bfloat16 values
+    fits a float32. Compiled kernels keep 16-bit tiles for the tensor cores."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision: float32 inputs are for exactness tests, so no TF32 rounding."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``tl.dot``'s input precision: float32 inputs are for exactness tests, so no TF32 rounding (nor for
+    the float32 tiles of ``dot_in_float32``)."""
+    return "ieee" if dtype == torch.float32 or dot_in_float32(dtype) else "tf32"
+
+
+@triton.jit
+def tile_dot(a, b, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """``tl.dot(a, b)`` with float32 accumulation; float32 tiles where ``dot_in_float32`` says so."""
+    if DOT_IN_FLOAT32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 def maybe_contiguous(tensor: torch.Tensor) -> torch.Tensor:
