@@ -41,8 +41,9 @@ def module_name(path: Path, root: Path = PACKAGE_ROOT) -> str:
     return ".".join(parts)
 
 
-def room_of(module: str, root: Path = PACKAGE_ROOT) -> str:
-    """The top-level room of a ``flashmoba`` module: ``ops`` for ``flashmoba.ops.router``, "" for the package."""
+def room_of(module: str) -> str:
+    """The top-level room of a ``flashmoba`` module: ``ops`` for ``flashmoba.ops.router``; "" for the
+    package itself."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -159,4 +160,5 @@ def test_the_checker_allows_downward_and_guarded_imports():
         "import flashmoba.nn\n"
         'if __name__ == "__main__":\n    from flashmoba.cli import main\n'
     )
-    assert violations("flashmoba.models.hybrid", imported_modules(source, "flashmoba.models.hybrid", False)) == []
+    module = "flashmoba.models.hybrid"
+    assert violations(module, imported_modules(source, module, is_package=False)) == []

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.oracle import brute_force_sequence, selection_tensor
 
 import flashmoba
 from flashmoba import reference
+from tests.oracle import brute_force_sequence, selection_tensor
 
 
 def _random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype=torch.float64, seed=0):
