@@ -63,3 +63,27 @@ def test_heldout_text_is_checked_against_the_run_s_row_length(run, tmp_path):
     short.write_text("def f(x):\n    return x\n" * 10)
     with pytest.raises(ValueError, match="too short to cut one row of seq_len \\+ 1 = 513 tokens"):
         eval_command.main(eval_args(run, "--corpus", str(short), "--ppl-batches", "1"))
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lengths", "-128", "must be >= 1, got -128"),
+        ("--lengths", "512,0", "must be >= 1, got 0"),
+        ("--lengths", ",", "expected comma-separated ints"),
+        ("--topk", "0", "must be >= 1, got 0"),
+        ("--samples", "0", "must be >= 1, got 0"),
+        ("--distractors", "-1", "must be >= 0, got -1"),
+        ("--max-tokens-per-batch", "0", "must be >= 1, got 0"),
+        ("--ppl-batches", "-2", "must be >= 0, got -2"),
+        ("--seed", "-1", "must be >= 0, got -1"),
+        ("--tasks", "niah9", "must be among"),
+        ("--tasks", "", "must be among"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag_before_any_work(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_command.main(["--checkpoint", "no/such/run", flag, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}" in error and message in error, error

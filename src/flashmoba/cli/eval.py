@@ -23,8 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from flashmoba._checks import check_int, check_positive_int
 from flashmoba.api import BACKENDS
+from flashmoba.cli._flags import int_at_least, ints_at_least
 from flashmoba.data import TASKS, load_corpus
 from flashmoba.evaluation.retrieval import default_lengths, evaluate_retrieval, perplexity
 from flashmoba.evaluation.tables import markdown_tables, plot_retrieval
@@ -33,6 +33,8 @@ from flashmoba.models.hybrid import ModelConfig
 from flashmoba.training.config import TrainConfig, train_config_from_dict
 from flashmoba.training.runtime import resolve_device
 
+DEFAULT_TASKS = ("niah1", "niah2", "niah3")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashmoba eval", description=__doc__.split("\n\n")[0])
@@ -40,30 +42,50 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint", required=True, help="a checkpoint file or a run directory (its latest checkpoint)")
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--backend", choices=list(BACKENDS), help="flashmoba backend (default: the run's)")
-    add("--topk", type=int, help="MoBA top-k at evaluation (default: the trained one)")
-    add("--lengths", help="comma-separated context lengths (default: half to 8x the training length)")
-    add("--tasks", default="niah1,niah2,niah3", help=f"comma-separated, among {','.join(TASKS)}")
+    add("--topk", type=int_at_least(1), help="MoBA top-k at evaluation (default: the trained one)")
+    add(
+        "--lengths",
+        type=ints_at_least(1),
+        help="comma-separated context lengths (default: half to 8x the training length)",
+    )
+    add(
+        "--tasks",
+        type=parse_tasks,
+        default=list(DEFAULT_TASKS),
+        help=f"comma-separated, among {','.join(TASKS)} (default {','.join(DEFAULT_TASKS)})",
+    )
     add(
         "--samples",
-        type=int,
+        type=int_at_least(1),
         help="samples per task and length (default 50 on CUDA, 10 on CPU, where the "
         "reference MoBA is slow; the paper uses 1000)",
     )
-    add("--distractors", type=int, default=0, help="extra needles with other keys in each haystack")
-    add("--max-tokens-per-batch", type=int, default=65536, help="rows per forward = this // length")
-    add("--ppl-batches", type=int, default=8, help="held-out batches for perplexity (0: skip)")
+    add(
+        "--distractors",
+        type=int_at_least(0),
+        default=0,
+        help="extra needles with other keys in each haystack",
+    )
+    add(
+        "--max-tokens-per-batch",
+        type=int_at_least(1),
+        default=65536,
+        help="rows per forward = this // length",
+    )
+    add("--ppl-batches", type=int_at_least(0), default=8, help="held-out batches for perplexity (0: skip)")
     add("--corpus", help="held-out text for perplexity (default: the run's corpus, its validation split)")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int_at_least(0), default=0)
     add("--out", help="output directory (default: <run>/eval)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
 
 def parse_tasks(text: str) -> list[str]:
+    """An argparse ``type``: a comma list of known tasks."""
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"--tasks must be among {TASKS}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be among {TASKS}, got {text!r}")
     return tasks
 
 
@@ -117,22 +139,18 @@ def model_title(config: ModelConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tasks = parse_tasks(args.tasks)
+    tasks = args.tasks
     checkpoint_path = find_checkpoint(args.checkpoint)
     device = resolve_device(args.device, 0, setting="--device")
     if args.samples is None:
         args.samples = 50 if device.type == "cuda" else 10
-    check_positive_int("--samples", args.samples)
-    check_int("--distractors", args.distractors, minimum=0)
-    check_positive_int("--max-tokens-per-batch", args.max_tokens_per_batch)
-    check_int("--ppl-batches", args.ppl_batches, minimum=0)
     if args.out == "":
         raise ValueError("--out must be a non-empty path, got ''")
     # Read and verified (checksum, format, finite weights) once; a bad checkpoint raises CheckpointError.
     checkpoint = read_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, device, args.backend, args.topk)
     run = train_config_from_dict(checkpoint["config"])
-    lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else default_lengths(run.seq_len)
+    lengths = args.lengths or default_lengths(run.seq_len)
     out = Path(args.out) if args.out else checkpoint_path.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     print(
