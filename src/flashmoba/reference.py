@@ -72,10 +72,21 @@ def _routing_keys(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch
     of each centroid. float16/bfloat16 keys: the centroids rounded to the input dtype, as the kernels
     store them for their tensor-core dot products.
     """
-    if k.dtype in (torch.float32, torch.float64):
-        return _block_sums(k, block_size)
-    centroids = block_centroids(k, block_size).float()
-    return centroids, torch.ones(centroids.shape[0], dtype=centroids.dtype, device=k.device)
+    return _routing_keys_from_sums(*_block_sums(k, block_size), k.dtype)
+
+
+def _routing_keys_from_sums(
+    sums: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_routing_keys`` from block sums kept elsewhere (a decode cache's running sums) for keys of
+    ``dtype``: the same rule, so that sums equal to ``_block_sums``' give the same scores.
+
+    sums [n, Hkv, D] in float32 (float64 for float64 keys), counts [n] (the real keys of each block).
+    """
+    if dtype in (torch.float32, torch.float64):
+        return sums, counts.to(sums.dtype)
+    centroids = (sums / counts.to(sums.dtype)[:, None, None]).to(dtype).float()
+    return centroids, torch.ones(centroids.shape[0], dtype=centroids.dtype, device=sums.device)
 
 
 def _route_chunk(

@@ -1,0 +1,448 @@
+"""Decode with a KV cache: ``moba_attn_with_kvcache`` and the centroid cache it routes with.
+
+The contract (see ../shared/inference.md): a cache holds, per sequence b, ``cache_seqlens[b]`` keys and
+values; a call may append ``seqlen_q`` new ones, and computes for the new queries exactly what
+``moba_attn(..., causal=True)`` computes for the last ``seqlen_q`` rows of the whole sequence. No new
+semantics: bottom-right causal, blocks at absolute positions ``[j*B, (j+1)*B)`` of the sequence, the own
+block forced in and attended causally, ties to the later block.
+
+What makes decode cheap is the centroid cache ``block_sums``: per (sequence, block, kv head) the running
+sum of the block's keys, in float32 (float64 for float64 keys). Appending a key adds it to its block's
+sum, so nothing rescans the cache; a query is routed against ``block_sums / count`` (count: the real keys
+of the block, which follows from the sequence length) and then attends only to the keys of its selected
+blocks.
+
+Layouts (flash-attn's ``flash_attn_with_kvcache``):
+
+- contiguous: ``k_cache``, ``v_cache`` ``[batch, max_seqlen, heads_kv, head_dim]``;
+- paged: ``k_cache``, ``v_cache`` ``[num_pages, page_size, heads_kv, head_dim]`` and ``block_table``
+  int32 ``[batch, max_pages]``: position p of sequence b lives at page ``block_table[b, p // page_size]``,
+  slot ``p % page_size``. Any page size works: a block may span pages, a page may hold several blocks.
+  Entries of ``block_table`` past the pages a sequence uses are not read.
+- ``block_sums`` is ``[batch, max_blocks, heads_kv, head_dim]`` per sequence in both layouts, with
+  ``max_blocks = ceil(capacity / block_size)`` and ``capacity = max_seqlen`` (contiguous) or
+  ``max_pages * page_size`` (paged). The centroids are block_size times smaller than the keys, so they
+  stay per sequence instead of paging with them; reordering a batch (beam search) is a gather on dim 0 of
+  ``block_sums`` and ``cache_seqlens`` (and of the caches, or of ``block_table``, for a paged cache).
+  Block j of sequence b holds the sum of its keys at positions < ``cache_seqlens[b]``; blocks past them
+  are zero (``kvcache_block_sums`` builds it from a filled cache, a zero tensor is that of empty caches).
+
+Backends: ``"reference"`` (PyTorch, the oracle: it loops over sequences in Python and reads
+``cache_seqlens`` and ``block_table`` back to the host), ``"auto"`` (the reference for now), ``"triton"``
+(not implemented yet: it raises rather than falling back). There is no backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flashmoba import reference
+from flashmoba._checks import check_bool, check_positive_int, check_real
+from flashmoba.api import BACKENDS, _check_tensor, _checks_enabled, _shapes_only
+
+__all__ = ["kvcache_block_sums", "moba_attn_with_kvcache"]
+
+CACHE_LAYOUT = "[batch, max_seqlen, heads_kv, head_dim] or paged [num_pages, page_size, heads_kv, head_dim]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_like_q(name: str, tensor: torch.Tensor, q: torch.Tensor) -> None:
+    if tensor.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+    if tensor.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{name} must have q's head_dim {q.shape[-1]} (last dimension), got shape {tuple(tensor.shape)}"
+        )
+
+
+def _check_int32_tensor(name: str, tensor, shape: tuple, layout: str, device) -> None:
+    """An int32 tensor of ``shape`` (None: any size there) on ``device``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an int32 torch.Tensor of shape {layout}, got {type(tensor).__name__}"
+        )
+    if tensor.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {tensor.dtype}")
+    if tensor.ndim != len(shape) or any(want not in (None, got) for want, got in zip(shape, tensor.shape)):
+        expected = tuple("*" if want is None else want for want in shape)
+        raise ValueError(f"{name} must have shape {layout} = {expected}, got {tuple(tensor.shape)}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} must be on the tensors' device {device}, got {tensor.device}")
+
+
+def _check_cache(k_cache, cache_seqlens, block_table, batch: int, device) -> int:
+    """Check the key cache, cache_seqlens and block_table; returns the capacity of each sequence."""
+    _check_tensor("k_cache", k_cache, 4, CACHE_LAYOUT)
+    if k_cache.device != device:
+        raise ValueError(f"k_cache must be on q's device {device}, got {k_cache.device}")
+    _check_int32_tensor("cache_seqlens", cache_seqlens, (batch,), "[batch]", device)
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"k_cache must have the batch size {batch} (dimension 0) without block_table, "
+                f"got shape {tuple(k_cache.shape)}"
+            )
+        return k_cache.shape[1]
+    _check_int32_tensor("block_table", block_table, (batch, None), "[batch, max_pages]", device)
+    if k_cache.shape[1] < 1:
+        raise ValueError(f"k_cache must have page_size >= 1 (dimension 1), got shape {tuple(k_cache.shape)}")
+    return block_table.shape[1] * k_cache.shape[1]
+
+
+def _check_block_sums(block_sums, k_cache: torch.Tensor, batch: int, capacity: int, block_size: int) -> None:
+    expected_dtype = reference._compute_dtype(k_cache.dtype)
+    expected_shape = (batch, -(-capacity // block_size), k_cache.shape[2], k_cache.shape[3])
+    layout = "[batch, ceil(capacity / block_size), heads_kv, head_dim]"
+    if not isinstance(block_sums, torch.Tensor):
+        raise TypeError(
+            f"block_sums must be a {expected_dtype} torch.Tensor of shape {layout} = {expected_shape}, "
+            f"got {type(block_sums).__name__}"
+        )
+    if block_sums.dtype != expected_dtype:
+        raise TypeError(
+            f"block_sums must be {expected_dtype} for {k_cache.dtype} caches, got {block_sums.dtype}"
+        )
+    if tuple(block_sums.shape) != expected_shape:
+        raise ValueError(
+            f"block_sums must have shape {layout} = {expected_shape} (capacity {capacity}, block_size "
+            f"{block_size}), got {tuple(block_sums.shape)}"
+        )
+    if block_sums.device != k_cache.device:
+        raise ValueError(
+            f"block_sums must be on the cache's device {k_cache.device}, got {block_sums.device}"
+        )
+
+
+def _check_inputs(q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table) -> int:
+    """Types, shapes, dtypes and devices (no values read); returns the capacity of each sequence."""
+    _check_tensor("q", q, 4, "[batch, seqlen_q, heads_q, head_dim]")
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    capacity = _check_cache(k_cache, cache_seqlens, block_table, batch, q.device)
+    _check_tensor("v_cache", v_cache, 4, CACHE_LAYOUT)
+    _check_like_q("k_cache", k_cache, q)
+    _check_like_q("v_cache", v_cache, q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    heads_kv = k_cache.shape[2]
+    if heads_q < 1 or heads_kv < 1:
+        raise ValueError(
+            "q and k_cache must have at least one head (dimension 2), "
+            f"got shapes {tuple(q.shape)} and {tuple(k_cache.shape)}"
+        )
+    if heads_q % heads_kv != 0:
+        raise ValueError(
+            f"heads_q must be a multiple of heads_kv: q has {heads_q} heads, k_cache has {heads_kv} "
+            f"(shapes {tuple(q.shape)} and {tuple(k_cache.shape)})"
+        )
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v (the new keys and values) must be given together, or neither")
+    if k is not None:
+        layout = "[batch, seqlen_q, heads_kv, head_dim]"
+        expected = (batch, seqlen_q, heads_kv, head_dim)
+        for name, tensor in (("k", k), ("v", v)):
+            _check_tensor(name, tensor, 4, layout)
+            _check_like_q(name, tensor, q)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} must have shape {layout} = {expected}, got {tuple(tensor.shape)}")
+    _check_block_sums(block_sums, k_cache, batch, capacity, block_size)
+    return capacity
+
+
+def _check_no_grad(**tensors) -> None:
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, tensor in tensors.items() if tensor is not None and tensor.requires_grad]
+    if needing:
+        raise RuntimeError(
+            f"moba_attn_with_kvcache has no backward (decode with a KV cache is inference only), but "
+            f"{', '.join(needing)} require grad; call it under torch.no_grad() or torch.inference_mode(), "
+            "or use moba_attn for training"
+        )
+
+
+def _read_lengths(cache_seqlens: torch.Tensor, capacity: int, new: int, has_new: bool, seqlen_q: int) -> list:
+    """cache_seqlens read back to the host and checked: non-negative, within the capacity once the new
+    keys are appended, and (without new keys) holding the queries' positions."""
+    lengths = [int(x) for x in cache_seqlens.tolist()]
+    for b, length in enumerate(lengths):
+        if length < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {length} for sequence {b}")
+        if length + new > capacity:
+            appended = f" plus {new} new keys" if new else ""
+            raise ValueError(
+                f"cache_seqlens[{b}] = {length}{appended} exceeds the cache's capacity of {capacity} "
+                "positions per sequence (max_seqlen, or max_pages * page_size for a paged cache)"
+            )
+        if not has_new and 0 < length < seqlen_q:
+            raise ValueError(
+                f"cache_seqlens[{b}] = {length} is shorter than seqlen_q = {seqlen_q}: without new k, v the "
+                "queries are the last seqlen_q positions of the cached sequence (or the sequence is empty, 0)"
+            )
+    return lengths
+
+
+def _read_pages(block_table: torch.Tensor | None, lengths: list, page_size: int, num_pages: int) -> list:
+    """The page ids each sequence uses, read back and checked to be in range (None: contiguous)."""
+    if block_table is None:
+        return [None] * len(lengths)
+    rows = block_table.tolist()
+    pages = []
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        used = row[: -(-length // page_size)]
+        bad = [page for page in used if not 0 <= page < num_pages]
+        if bad:
+            raise ValueError(
+                f"block_table[{b}] must hold page ids in [0, {num_pages}) for the {len(used)} pages sequence "
+                f"{b} uses, got {bad[0]}"
+            )
+        pages.append(torch.tensor(used, dtype=torch.long, device=block_table.device))
+    return pages
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def _locate(cache: torch.Tensor, b: int, pages, positions: torch.Tensor, page_size: int):
+    """Index of sequence b's positions in the cache: (batch row, position) or (page, slot)."""
+    if pages is None:
+        return b, positions
+    return pages[torch.div(positions, page_size, rounding_mode="floor")], positions % page_size
+
+
+def _append(k_cache, v_cache, block_sums, b, pages, start, k_new, v_new, block_size, page_size) -> None:
+    """Write sequence b's new keys and values at positions start.. and add the keys to their blocks'
+    sums (one sum per block of the padded new keys: deterministic, no atomics)."""
+    count = k_new.shape[0]
+    positions = torch.arange(start, start + count, device=k_cache.device)
+    index = _locate(k_cache, b, pages, positions, page_size)
+    k_cache[index] = k_new
+    v_cache[index] = v_new
+    first, last = start // block_size, (start + count - 1) // block_size
+    padded = block_sums.new_zeros((last - first + 1) * block_size, *k_new.shape[1:])
+    offset = start - first * block_size
+    padded[offset : offset + count] = k_new
+    block_sums[b, first : last + 1] += padded.view(-1, block_size, *k_new.shape[1:]).sum(dim=1)
+
+
+def _block_counts(length: int, block_size: int, dtype, device) -> torch.Tensor:
+    num_blocks = -(-length // block_size)
+    counts = torch.full((num_blocks,), block_size, dtype=dtype, device=device)
+    if num_blocks:
+        counts[-1] = length - (num_blocks - 1) * block_size
+    return counts
+
+
+def _decode_sequence(q_b, k_cache, v_cache, sums_b, b, pages, length, block_size, topk, scale, page_size):
+    """One sequence's new rows: route against block_sums / count, attend to the selected blocks' keys.
+
+    q_b [T, Hq, D]; the sequence is ``length`` keys long and its queries sit at its last T positions.
+    Returns o [T, Hq, D] in the compute dtype and lse [Hq, T].
+    """
+    seqlen_q, heads_q, head_dim = q_b.shape
+    compute = reference._compute_dtype(q_b.dtype)
+    if length == 0 or seqlen_q == 0:  # an empty sequence: every query sees nothing
+        zeros = torch.zeros(seqlen_q, heads_q, head_dim, dtype=compute, device=q_b.device)
+        return zeros, torch.full((heads_q, seqlen_q), -math.inf, dtype=compute, device=q_b.device)
+    num_blocks = -(-length // block_size)
+    counts = _block_counts(length, block_size, sums_b.dtype, sums_b.device)
+    routing_keys = reference._routing_keys_from_sums(sums_b[:num_blocks], counts, q_b.dtype)
+    in_block = torch.arange(block_size, device=q_b.device)
+    outs, lses = [], []
+    step = reference._chunk_size(heads_q, max(length, num_blocks * head_dim))
+    for start in range(0, seqlen_q, step):
+        stop = min(seqlen_q, start + step)
+        q_chunk = q_b[start:stop]
+        query_pos = torch.arange(start, stop, device=q_b.device) + (length - seqlen_q)
+        selected = reference._route_chunk(q_chunk, routing_keys, query_pos, block_size, topk, causal=True)
+        # Keys of the blocks any query head of the chunk selected, up to the chunk's last query.
+        blocks = selected.any(dim=1).any(dim=0).nonzero().flatten()
+        key_pos = (blocks[:, None] * block_size + in_block[None, :]).flatten()
+        key_pos = key_pos[key_pos <= query_pos[-1]]
+        index = _locate(k_cache, b, pages, key_pos, page_size)
+        key_block = torch.div(key_pos, block_size, rounding_mode="floor")
+        visible = selected[:, :, key_block] & (key_pos[None, :] <= query_pos[:, None])[:, None, :]
+        out, lse = reference._attend_chunk(q_chunk, k_cache[index], v_cache[index], visible, scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def moba_attn_with_kvcache_reference(
+    q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
+):
+    """The oracle of decode with a KV cache (arguments checked by the caller, block_size <= capacity).
+
+    Appends k, v (if given) in place, then returns o [B, T, Hq, D] in q's dtype and lse [B, Hq, T] in the
+    compute dtype (float64 for float64 inputs).
+    """
+    batch, seqlen_q, heads_q, _ = q.shape
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    page_size = k_cache.shape[1]
+    new = seqlen_q if k is not None else 0
+    lengths = _read_lengths(cache_seqlens, capacity, new, k is not None, seqlen_q)
+    pages = _read_pages(block_table, [length + new for length in lengths], page_size, k_cache.shape[0])
+    # Every check has passed: only now write into the caches.
+    if new:
+        for b in range(batch):
+            _append(k_cache, v_cache, block_sums, b, pages[b], lengths[b], k[b], v[b], block_size, page_size)
+    outs, lses = [], []
+    for b in range(batch):
+        out, lse = _decode_sequence(
+            q[b],
+            k_cache,
+            v_cache,
+            block_sums[b],
+            b,
+            pages[b],
+            lengths[b] + new,
+            block_size,
+            topk,
+            scale,
+            page_size,
+        )
+        outs.append(out)
+        lses.append(lse)
+    compute = reference._compute_dtype(q.dtype)
+    if not outs:
+        return q.new_zeros(q.shape), torch.empty(0, heads_q, seqlen_q, dtype=compute, device=q.device)
+    return torch.stack(outs).to(q.dtype), torch.stack(lses)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def kvcache_block_sums(
+    k_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_size: int,
+    *,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The centroid cache of a filled KV cache: the sum of each block's keys.
+
+    Args:
+        k_cache: ``[batch, max_seqlen, heads_kv, head_dim]``, or paged ``[num_pages, page_size, heads_kv,
+            head_dim]`` with ``block_table``.
+        cache_seqlens: int32 ``[batch]``: only the first ``cache_seqlens[b]`` keys of sequence b count.
+        block_size: keys per block.
+        block_table: int32 ``[batch, max_pages]`` page ids of a paged cache.
+
+    Returns:
+        ``[batch, ceil(capacity / block_size), heads_kv, head_dim]`` in float32 (float64 for float64 keys),
+        capacity = ``max_seqlen`` or ``max_pages * page_size``; blocks past ``cache_seqlens[b]`` are zero.
+    """
+    block_size = check_positive_int("block_size", block_size)
+    _check_tensor("k_cache", k_cache, 4, CACHE_LAYOUT)
+    _check_int32_tensor("cache_seqlens", cache_seqlens, (None,), "[batch]", k_cache.device)
+    batch = cache_seqlens.shape[0]
+    capacity = _check_cache(k_cache, cache_seqlens, block_table, batch, k_cache.device)
+    num_blocks = -(-capacity // block_size)
+    result = k_cache.new_zeros(
+        batch, num_blocks, *k_cache.shape[2:], dtype=reference._compute_dtype(k_cache.dtype)
+    )
+    if k_cache.is_meta:
+        return result
+    lengths = _read_lengths(cache_seqlens, capacity, 0, True, 0)
+    pages = _read_pages(block_table, lengths, k_cache.shape[1], k_cache.shape[0])
+    block_size = min(block_size, max(1, capacity))  # one block per sequence, with nothing sized by it
+    with torch.no_grad():
+        for b, length in enumerate(lengths):
+            positions = torch.arange(length, device=k_cache.device)
+            keys = k_cache[_locate(k_cache, b, pages[b], positions, k_cache.shape[1])]
+            sums, _ = reference._block_sums(keys, block_size)
+            result[b, : sums.shape[0]] = sums
+    return result
+
+
+def moba_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_sums: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_size: int,
+    topk: int,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Causal MoBA of new queries against a KV cache (decode, chunked prefill, speculative verification).
+
+    Args:
+        q: ``[batch, seqlen_q, heads_q, head_dim]`` new queries.
+        k_cache, v_cache: ``[batch, max_seqlen, heads_kv, head_dim]``, or paged ``[num_pages, page_size,
+            heads_kv, head_dim]`` with ``block_table``; ``heads_q`` must be a multiple of ``heads_kv``.
+        block_sums: the centroid cache, ``[batch, ceil(capacity / block_size), heads_kv, head_dim]`` per
+            sequence in both layouts (capacity = ``max_seqlen`` or ``max_pages * page_size``), float32
+            (float64 for float64 caches); see ``kvcache_block_sums`` and the module docstring.
+        cache_seqlens: int32 ``[batch]`` keys already cached per sequence (not advanced by this call).
+        block_size, topk: as in ``moba_attn`` (the own block counts as one of the topk).
+        k, v: optional ``[batch, seqlen_q, heads_kv, head_dim]`` new keys and values, written in place into
+            the caches at positions ``cache_seqlens[b] ..`` and added in place to ``block_sums``; sequence b
+            is then ``cache_seqlens[b] + seqlen_q`` long. Without them sequence b is its first
+            ``cache_seqlens[b]`` cached keys, which must be >= seqlen_q (or 0: an empty sequence, whose
+            rows are zeros with lse -inf).
+        block_table: int32 ``[batch, max_pages]`` page ids of a paged cache.
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        backend: ``"auto"`` (the reference for now), ``"reference"`` or ``"triton"`` (not implemented).
+        return_lse: also return the float32 log-sum-exp ``[batch, heads_q, seqlen_q]``.
+
+    Returns:
+        o like q: row i of sequence b equals row ``L_b - seqlen_q + i`` of ``moba_attn(q_b, K_b, V_b,
+        block_size, topk, causal=True)`` over the whole sequence; and lse if ``return_lse``.
+
+    Raises RuntimeError where an input requires grad under grad mode: decode has no backward.
+    """
+    checks = _checks_enabled()
+    if checks:
+        block_size = check_positive_int("block_size", block_size)
+        topk = check_positive_int("topk", topk)
+        if softmax_scale is not None:
+            check_real("softmax_scale", softmax_scale)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_bool("return_lse", return_lse)
+        capacity = _check_inputs(
+            q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table
+        )
+    else:
+        capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    _check_no_grad(q=q, k_cache=k_cache, v_cache=v_cache, block_sums=block_sums, k=k, v=v)
+    if backend == "triton":
+        raise NotImplementedError(
+            "moba_attn_with_kvcache: the Triton decode kernels are not implemented yet; "
+            "use backend='reference'"
+        )
+    block_size = min(block_size, max(1, capacity))  # a block beyond the capacity is one block per sequence
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    batch, seqlen_q, heads_q, _ = q.shape
+    if q.is_meta:
+        out, lse = _shapes_only(q, (batch, heads_q, seqlen_q))
+    else:
+        with torch.no_grad():
+            out, lse = moba_attn_with_kvcache_reference(
+                q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
+            )
+        lse = lse.float()
+    return (out, lse) if return_lse else out
