@@ -228,3 +228,32 @@ def test_torch_compile_fullgraph():
         results.append([value.detach()] + [leaf.grad for leaf in leaves])
     for a, b in zip(*results):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_inf_and_overflow_give_nan_in_the_reference_rows(dtype, causal):
+    """The GPU's max and exp handle NaN unlike NumPy's: the NaN rows must still be the reference's."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    cases = {}
+    for kind in ("nan q", "nan k", "inf k", "overflow"):
+        q, k, v = (
+            torch.randn(2, 1024, 4, 64, device="cuda", generator=generator).to(dtype) for _ in range(3)
+        )
+        if kind == "nan q":
+            q[0, 300, 1, 5] = float("nan")
+        elif kind == "nan k":
+            k[1, 517, 2, 7] = float("nan")
+        elif kind == "inf k":
+            k[0, 700, 3, 1] = float("inf")
+        else:
+            q, k = q * 1e20, k * 1e20
+        cases[kind] = (q, k, v)
+    for kind, (q, k, v) in cases.items():
+        got = flashmoba.moba_attn(q, k, v, 64, 4, causal=causal, backend="triton")
+        expected = flashmoba.moba_attn(q, k, v, 64, 4, causal=causal, backend="reference")
+        nan_rows, expected_rows = got.isnan().any(-1), expected.isnan().any(-1)
+        assert expected_rows.any(), kind
+        assert torch.equal(nan_rows, expected_rows), (
+            f"{kind}: {int((nan_rows != expected_rows).sum())} rows differ in NaN-ness"
+        )

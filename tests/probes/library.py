@@ -273,6 +273,59 @@ for _backend in BACKENDS:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 5. NaN, inf and overflow in q and k: NaN in exactly the output rows where the reference has it
+# ----------------------------------------------------------------------------------------------------
+
+
+def _poisoned_inputs(kind: str, seed: int = 0):
+    q, k, v = random_qkv(1, 16, 16, heads=2, heads_kv=2, head_dim=8, seed=seed)
+    if kind == "NaN in a query row":
+        q[0, 3, 1, 0] = math.nan
+    elif kind == "NaN in a key":
+        k[0, 5, 0, 2] = math.nan
+    elif kind == "inf in a key":
+        k[0, 5, 0, 2] = math.inf
+    elif kind == "-inf in a query row":
+        q[0, 6, 0, 1] = -math.inf
+    elif kind == "q . k overflowing float32":
+        q, k = q * 1e20, k * 1e20
+    return q, k, v
+
+
+for _backend in BACKENDS:
+    for _kind in (
+        "NaN in a query row",
+        "NaN in a key",
+        "inf in a key",
+        "-inf in a query row",
+        "q . k overflowing float32",
+    ):
+
+        @case("non_finite", f"{_backend}: {_kind}")
+        def _(backend=_backend, kind=_kind):
+            q, k, v = _poisoned_inputs(kind)
+            for causal in (True, False):
+                expected = moba_attn(q, k, v, 4, 2, causal=causal, backend="reference")
+                got = moba_attn(q, k, v, 4, 2, causal=causal, backend=backend)
+                nan_rows, expected_nan_rows = got.isnan().any(-1), expected.isnan().any(-1)
+                assert expected_nan_rows.any(), "the case must poison some rows"
+                assert torch.equal(nan_rows, expected_nan_rows), (
+                    f"causal={causal}: NaN rows {nan_rows.nonzero().tolist()}, "
+                    f"the reference's {expected_nan_rows.nonzero().tolist()}"
+                )
+                finite = ~expected_nan_rows
+                assert_close(got[finite], expected[finite], f"causal={causal}, the other rows")
+
+    @case("non_finite", f"{_backend}: a NaN in one packed sequence never reaches another")
+    def _(backend=_backend):
+        q, k, v, offsets = packed([7, 9, 5])
+        k[8, 0, 1] = math.nan  # in the second sequence
+        out = moba_attn_varlen(q, k, v, offsets, offsets, 9, 9, 4, 2, backend=backend)
+        assert out[7:16].isnan().any(), "the poisoned sequence must show it"
+        assert not out[:7].isnan().any() and not out[16:].isnan().any()
+
+
+# ----------------------------------------------------------------------------------------------------
 # 6. 16-bit inputs (in Triton's interpreter too): the float64 reference's answer within 16-bit rounding
 # ----------------------------------------------------------------------------------------------------
 

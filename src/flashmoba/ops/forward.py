@@ -232,7 +232,10 @@ def _moba_fwd_merge_kernel(
     accumulator = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for slot in range(topk):
         slot_lse = tl.load(PartialLse + pair_first + slot, mask=pair_mask, other=float("-inf"))
-        used = slot_lse > float("-inf")  # skip unused slots: their partial output was never written
+        # Skip unused slots (lse -inf): their partial output was never written. A NaN lse (a NaN or an
+        # overflow among the pair's scores) is a used slot, so the NaN reaches the output as in the
+        # reference instead of being dropped.
+        used = slot_lse != float("-inf")
         weight = tl.math.exp2(slot_lse - safe_max) * inverse_total
         part = tl.load(
             PartialOut + (pair_first + slot)[:, None] * HEAD_DIM + offs_d[None, :],
