@@ -30,6 +30,9 @@ Layouts (flash-attn's ``flash_attn_with_kvcache``):
 Backends: ``"reference"`` (PyTorch, the oracle: it loops over sequences in Python and reads
 ``cache_seqlens`` and ``block_table`` back to the host), ``"auto"`` (the reference for now), ``"triton"``
 (not implemented yet: it raises rather than falling back). There is no backward.
+
+``MoBAKVCache`` owns one layer's contiguous caches, centroid cache and lengths for a batch, and calls
+``moba_attn_with_kvcache`` for you (``append_and_attend``).
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ import math
 import torch
 
 from flashmoba import reference
-from flashmoba._checks import check_bool, check_positive_int, check_real
+from flashmoba._checks import check_bool, check_int, check_positive_int, check_real
 from flashmoba.api import BACKENDS, _check_tensor, _checks_enabled, _shapes_only
 
-__all__ = ["kvcache_block_sums", "moba_attn_with_kvcache"]
+__all__ = ["MoBAKVCache", "kvcache_block_sums", "moba_attn_with_kvcache"]
 
 CACHE_LAYOUT = "[batch, max_seqlen, heads_kv, head_dim] or paged [num_pages, page_size, heads_kv, head_dim]"
 
@@ -446,3 +449,123 @@ def moba_attn_with_kvcache(
             )
         lse = lse.float()
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cache object
+# ----------------------------------------------------------------------------------------------------
+
+
+class MoBAKVCache:
+    """One layer's contiguous KV cache for a batch: K, V, the centroid cache and the lengths.
+
+    Args:
+        batch, max_seqlen, heads_kv, head_dim: the cache ``[batch, max_seqlen, heads_kv, head_dim]``.
+        block_size, topk: MoBA's block size and blocks per query (own block included).
+        dtype, device: of the keys and values (the block sums are float32, float64 for float64 keys).
+        backend: of ``moba_attn_with_kvcache``.
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+
+    Attributes ``k_cache``, ``v_cache``, ``block_sums`` and ``cache_seqlens`` (int32 ``[batch]``, also
+    ``seqlens``) are exactly the arguments of ``moba_attn_with_kvcache``: the object adds nothing but
+    their allocation and the bookkeeping of the lengths.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_seqlen: int,
+        heads_kv: int,
+        head_dim: int,
+        *,
+        block_size: int,
+        topk: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+        softmax_scale: float | None = None,
+    ):
+        batch = check_int("batch", batch, minimum=0)
+        max_seqlen = check_positive_int("max_seqlen", max_seqlen)
+        heads_kv = check_positive_int("heads_kv", heads_kv)
+        head_dim = check_positive_int("head_dim", head_dim)
+        self.block_size = check_positive_int("block_size", block_size)
+        self.topk = check_positive_int("topk", topk)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if softmax_scale is not None:
+            softmax_scale = check_real("softmax_scale", softmax_scale)
+        self.backend, self.softmax_scale = backend, softmax_scale
+        shape = (batch, max_seqlen, heads_kv, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        num_blocks = -(-max_seqlen // self.block_size)
+        self.block_sums = torch.zeros(
+            batch, num_blocks, heads_kv, head_dim, dtype=reference._compute_dtype(dtype), device=device
+        )
+        self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """int32 ``[batch]``: keys cached per sequence."""
+        return self.cache_seqlens
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k_cache.shape[1]
+
+    def __repr__(self) -> str:
+        batch, max_seqlen, heads_kv, head_dim = self.k_cache.shape
+        return (
+            f"MoBAKVCache(batch={batch}, max_seqlen={max_seqlen}, heads_kv={heads_kv}, head_dim={head_dim}, "
+            f"block_size={self.block_size}, topk={self.topk}, dtype={self.k_cache.dtype})"
+        )
+
+    def append_and_attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False
+    ):
+        """Append ``k``, ``v`` ``[batch, seqlen_q, heads_kv, head_dim]`` and attend the new queries ``q``
+        ``[batch, seqlen_q, heads_q, head_dim]`` (``moba_attn_with_kvcache`` with ``k=k, v=v``), then
+        advance the lengths by ``seqlen_q``. Returns o like q (and the lse if ``return_lse``)."""
+        result = moba_attn_with_kvcache(
+            q,
+            self.k_cache,
+            self.v_cache,
+            self.block_sums,
+            self.cache_seqlens,
+            self.block_size,
+            self.topk,
+            k=k,
+            v=v,
+            softmax_scale=self.softmax_scale,
+            backend=self.backend,
+            return_lse=return_lse,
+        )
+        self.cache_seqlens += q.shape[1]  # only reached once every check has passed and the keys are in
+        return result
+
+    def reset(self) -> None:
+        """Empty every sequence (the tensors stay allocated)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.block_sums.zero_()
+        self.cache_seqlens.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Gather the sequences along the batch: sequence i becomes old sequence ``index[i]`` (beam search;
+        ``index`` int64 ``[new_batch]`` may repeat or drop sequences, so the batch may change size)."""
+        if not isinstance(index, torch.Tensor) or index.ndim != 1 or index.is_floating_point():
+            raise TypeError("index must be a 1-D integer torch.Tensor [new_batch]")
+        index = index.to(device=self.k_cache.device, dtype=torch.long)
+        if index.numel() and not bool(((index >= 0) & (index < self.batch_size)).all()):
+            raise ValueError(f"index must hold sequence ids in [0, {self.batch_size}), got {index.tolist()}")
+        self.k_cache = self.k_cache.index_select(0, index)
+        self.v_cache = self.v_cache.index_select(0, index)
+        self.block_sums = self.block_sums.index_select(0, index)
+        self.cache_seqlens = self.cache_seqlens.index_select(0, index)

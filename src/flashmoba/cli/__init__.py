@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": ("flashmoba.cli.bench", "benchmark flashmoba against dense attention"),
     "train": ("flashmoba.cli.train", "train the hybrid MoBA language model"),
     "eval": ("flashmoba.cli.eval", "evaluate a checkpoint: perplexity, S-NIAH retrieval, router recall"),
+    "generate": ("flashmoba.cli.generate", "generate text from a checkpoint with a KV cache"),
     "snr": ("flashmoba.cli.snr", "the router's signal-to-noise model against Monte-Carlo simulation"),
 }
 
@@ -24,7 +25,7 @@ __all__ = ["SUBCOMMANDS", "main"]
 
 def _usage() -> str:
     lines = ["usage: flashmoba <command> [options]", "", "commands:"]
-    lines += [f"  {name:<7} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
     lines += ["", "Run 'flashmoba <command> --help' for the options of a command."]
     return "\n".join(lines)
 

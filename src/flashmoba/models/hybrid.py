@@ -216,6 +216,11 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), packed=packed)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_with_cache(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """``forward`` for x ``[batch, T, hidden]`` following the tokens in this layer's ``cache``."""
+        x = x + self.attn.forward_with_cache(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class HybridLM(nn.Module):
     """The hybrid decoder-only LM.
@@ -269,6 +274,49 @@ class HybridLM(nn.Module):
     def moba_layers(self) -> list[tuple[int, MoBAAttention]]:
         """(layer index, attention module) of every MoBA layer."""
         return [(i, block.attn) for i, block in enumerate(self.blocks) if block.attn.attention == "moba"]
+
+    def forward_with_cache(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits ``[batch, T, vocab_size]`` of ``input_ids`` ``[batch, T]``, the tokens that follow those in
+        ``cache`` (a ``flashmoba.models.generation.HybridCache``, one layer cache per block), which it
+        appends to. Prefill is one call with the prompt; decode one call per token."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seqlen] with a cache, got {tuple(input_ids.shape)}")
+        if len(cache) != len(self.blocks):
+            raise ValueError(
+                f"cache must hold one layer cache per block ({len(self.blocks)}), got {len(cache)}"
+            )
+        x = self.embed(input_ids)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block.forward_with_cache(x, layer_cache)
+        return self.lm_head(self.final_norm(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate with a KV cache: the new ids ``[batch, <= max_new_tokens]`` after the prompts
+        ``input_ids [batch, prompt_len]`` (equal lengths). ``temperature`` 0 is greedy; see
+        ``flashmoba.models.generation.generate``."""
+        from flashmoba.models.generation import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            generator=generator,
+        )
 
     def forward(
         self,

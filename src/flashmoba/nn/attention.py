@@ -188,19 +188,26 @@ class MoBAAttention(nn.Module):
             )
         return None
 
-    def project(self, x: torch.Tensor, packed: PackedSequences | None = None):
-        """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` as attention sees them (after key conv and RoPE)."""
+    def project(self, x: torch.Tensor, packed: PackedSequences | None = None, *, cache=None):
+        """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` as attention sees them (after key conv and RoPE).
+
+        With a layer ``cache`` (``forward_with_cache``), x ``[batch, T, hidden]`` follows the
+        ``cache.length`` tokens already cached: positions start there, and the key convolution continues
+        from ``cache.keyconv_state`` (which this replaces)."""
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(x)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.key_conv is not None:
+        if self.key_conv is not None and cache is not None:
+            k, cache.keyconv_state = self.key_conv.step(k, cache.keyconv_state)
+        elif self.key_conv is not None:
             k = self.key_conv(k, positions=packed.positions if packed is not None else None)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.rope:
             if packed is not None:
                 positions = packed.positions
             else:
-                positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
             q, k = (
                 rotary_embedding(q, positions, self.rope_base),
                 rotary_embedding(k, positions, self.rope_base),
@@ -252,6 +259,22 @@ class MoBAAttention(nn.Module):
                 out = sliding_window_attention(
                     q[None], k[None], v[None], self.window_size, scale, packed.sequence_ids[None]
                 )[0]
+        return self.o_proj(out.flatten(-2))
+
+    def forward_with_cache(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Decode or prefill: x ``[batch, T, hidden]`` are the T tokens that follow the ``cache.length``
+        tokens already in ``cache`` (the same count for every row).
+
+        ``cache`` is a layer cache (see ``flashmoba.models.generation``): it has ``length`` (int),
+        ``keyconv_state`` (the key convolution's last raw keys, or None; this method replaces it) and
+        ``attend(q, k, v, scale)``, which appends k, v, attends the new queries q causally and advances
+        ``length`` by T. Positions (RoPE) are absolute: ``cache.length ..``. The projections, key
+        convolution and rotation are ``project``'s.
+        """
+        if x.ndim != 3:
+            raise ValueError(f"x must be [batch, seqlen, hidden] with a cache, got {tuple(x.shape)}")
+        q, k, v = self.project(x, cache=cache)
+        out = cache.attend(q, k, v, self.head_dim**-0.5)
         return self.o_proj(out.flatten(-2))
 
     @torch.no_grad()

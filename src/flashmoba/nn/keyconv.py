@@ -135,3 +135,22 @@ class KeyConv(nn.Module):
             )
         conv = causal_depthwise_conv(k, self.weight, positions)
         return (k + F.silu(conv)).to(k.dtype)
+
+    def step(self, k: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode: the convolution of ``k`` ``[batch, T, channels]``, the T keys that follow the raw keys in
+        ``state`` ``[batch, kernel_size - 1, channels]`` (the last raw keys of the sequence so far, zeros
+        before its start; None: an empty sequence). Returns ``(k', new_state)``: row t of k' equals what
+        ``forward`` gives for that key over the whole sequence (the same arithmetic, so the same bits)."""
+        history = self.kernel_size - 1
+        if k.ndim != 3 or k.shape[-1] != self.channels:
+            raise ValueError(f"k must be [batch, T, {self.channels}], got shape {tuple(k.shape)}")
+        if state is None:
+            state = k.new_zeros(k.shape[0], history, self.channels)
+        elif state.shape != (k.shape[0], history, self.channels):
+            raise ValueError(
+                f"state must be [batch, kernel_size - 1, channels] = {(k.shape[0], history, self.channels)}, "
+                f"got {tuple(state.shape)}"
+            )
+        extended = torch.cat([state.to(k.dtype), k], dim=1)
+        conv = causal_depthwise_conv(extended, self.weight)[:, history:]
+        return (k + F.silu(conv)).to(k.dtype), extended[:, extended.shape[1] - history :]

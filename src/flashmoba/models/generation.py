@@ -1,0 +1,291 @@
+"""Cached generation for ``HybridLM``: one cache per layer, prefill of the prompt, then a token per step.
+
+Per layer (see ``HybridCache``):
+
+- sliding-window layers: ``SlidingWindowCache``, a rolling window of the last ``window_size - 1`` keys
+  and values (all a later query can see besides its own key), rotated by RoPE at their absolute positions;
+- MoBA global layers: ``MoBALayerCache``, a ``flashmoba.MoBAKVCache`` (keys, values, centroid sums) that
+  ``flashmoba.moba_attn_with_kvcache`` routes and attends with;
+- dense global layers: ``DenseCache``, the plain keys and values;
+- every layer with a key convolution also keeps its decode state, the last ``kernel_size - 1`` raw keys
+  (``KeyConv.step``), so a kconv model decodes exactly as its forward computes.
+
+Prefill goes through the cached path in one chunk: the prompt's T tokens are one ``forward_with_cache``
+call (MoBA: ``moba_attn_with_kvcache`` with ``seqlen_q = T``; sliding and dense: the model's own
+attention functions on an empty cache), then each new token is one call of one token. The numbers are
+those of the model's ``forward`` over the whole sequence (tests/models/test_generation.py checks logits
+and greedy tokens against full recomputation).
+
+Limits: a batch of equal-length prompts (no padding, no per-row lengths); CPU / reference backend for the
+MoBA layers (``moba_attn_with_kvcache`` has no Triton kernel yet); the model's own dtype, no autocast.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flashmoba._checks import check_int, check_real
+from flashmoba.kvcache import MoBAKVCache
+from flashmoba.nn.functional import dense_causal_attention, sliding_window_attention
+
+__all__ = ["DenseCache", "HybridCache", "MoBALayerCache", "SlidingWindowCache", "generate", "sample_next"]
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window: int | None = None):
+    """q ``[B, T, Hq, D]`` at positions ``start ..``, k/v ``[B, S, Hkv, D]`` at positions ``key_start ..``:
+    causal (and within ``window`` keys, the query's own included) softmax attention through SDPA."""
+    query_pos = torch.arange(start, start + q.shape[1], device=q.device)
+    key_pos = torch.arange(key_start, key_start + k.shape[1], device=q.device)
+    distance = query_pos[:, None] - key_pos[None, :]
+    mask = distance >= 0
+    if window is not None:
+        mask &= distance < window
+    groups = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        _repeat_kv(k, groups).transpose(1, 2),
+        _repeat_kv(v, groups).transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+class _LayerCache:
+    """What ``MoBAAttention.forward_with_cache`` needs: ``length``, ``keyconv_state`` and ``attend``."""
+
+    def __init__(self):
+        self.length = 0
+        self.keyconv_state: torch.Tensor | None = None
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.length = 0
+        self.keyconv_state = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.keyconv_state is not None:
+            self.keyconv_state = self.keyconv_state.index_select(0, index)
+
+
+class SlidingWindowCache(_LayerCache):
+    """The last ``window_size - 1`` keys and values of a sliding-window layer (keys already rotated)."""
+
+    def __init__(self, window_size: int):
+        super().__init__()
+        self.window_size = window_size
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        if self.k is None:  # empty: the model's own function over the chunk
+            out = sliding_window_attention(q, k, v, self.window_size, scale)
+            keys, values = k, v
+        else:
+            keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+            out = _masked_attention(
+                q, keys, values, scale, self.length, self.length - self.k.shape[1], self.window_size
+            )
+        keep = self.window_size - 1
+        self.k, self.v = keys[:, keys.shape[1] - keep :], values[:, values.shape[1] - keep :]
+        self.length += q.shape[1]
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.k = self.v = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class DenseCache(_LayerCache):
+    """All keys and values of a dense causal layer (grown by concatenation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        if self.k is None:
+            out = dense_causal_attention(q, k, v, scale)
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+            out = _masked_attention(q, self.k, self.v, scale, self.length, 0)
+        self.length += q.shape[1]
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.k = self.v = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class MoBALayerCache(_LayerCache):
+    """A MoBA layer's ``MoBAKVCache`` (allocated for ``max_seqlen`` tokens)."""
+
+    def __init__(self, cache: MoBAKVCache):
+        super().__init__()
+        self.cache = cache
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        self.cache.softmax_scale = scale
+        out = self.cache.append_and_attend(q, k, v)
+        self.length += q.shape[1]
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.cache.reset()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self.cache.reorder(index)
+
+
+class HybridCache(list):
+    """One layer cache per block of a ``HybridLM``, for ``batch`` sequences of up to ``max_seqlen`` tokens
+    (the MoBA caches are allocated for it; the others grow). ``reorder(index)`` gathers every layer
+    along the batch (beam search), ``reset()`` empties them, ``length`` is the tokens cached."""
+
+    def __init__(self, model, batch: int, max_seqlen: int):
+        super().__init__()
+        parameter = model.embed.weight
+        for block in model.blocks:
+            attn = block.attn
+            if attn.attention == "sliding":
+                self.append(SlidingWindowCache(attn.window_size))
+            elif attn.attention == "dense":
+                self.append(DenseCache())
+            else:
+                cache = MoBAKVCache(
+                    batch,
+                    max_seqlen,
+                    attn.num_kv_heads,
+                    attn.head_dim,
+                    block_size=attn.block_size,
+                    topk=attn.topk,
+                    dtype=parameter.dtype,
+                    device=parameter.device,
+                    backend="reference" if attn.backend == "reference" else "auto",
+                )
+                self.append(MoBALayerCache(cache))
+
+    @property
+    def length(self) -> int:
+        return self[0].length if self else 0
+
+    def reset(self) -> None:
+        for layer in self:
+            layer.reset()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for layer in self:
+            layer.reorder(index)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next ids ``[batch]`` from logits ``[batch, vocab]``: argmax at temperature 0, else a sample of
+    ``softmax(logits / temperature)`` restricted to the smallest set of top tokens whose probability
+    reaches ``top_p`` (nucleus sampling; the most likely token is always kept)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Generate ``max_new_tokens`` after the prompts ``input_ids [batch, prompt_len]`` (equal lengths,
+    prompt_len >= 1) with a ``HybridCache``: one prefill call over the prompts, then one token per step.
+
+    Returns the new ids ``[batch, n]`` (int64, the prompt not included). With ``eos_token_id``, a row that
+    produced it continues with it, and generation stops once every row has (n may then be smaller than
+    ``max_new_tokens``). ``generator`` drives the sampling (temperature > 0). ``stats``, when given a
+    dict, receives ``prefill_tokens``, ``prefill_seconds``, ``decode_tokens`` and ``decode_seconds``
+    (tokens summed over the batch; the first new token comes with the prefill).
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
+    if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+        raise ValueError(
+            f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(input_ids.shape)}"
+        )
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+    temperature = check_real("temperature", temperature, minimum=0.0)
+    top_p = check_real("top_p", top_p, exclusive_minimum=0.0, maximum=1.0)
+    if eos_token_id is not None:
+        eos_token_id = check_int("eos_token_id", eos_token_id, minimum=0)
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    new_ids = torch.empty(batch, 0, dtype=torch.int64, device=device)
+    timings = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+    if max_new_tokens > 0 and batch > 0:
+        cache = HybridCache(model, batch, prompt_len + max_new_tokens)
+        _synchronize(device)
+        started = time.perf_counter()
+        logits = model.forward_with_cache(input_ids, cache)[:, -1]
+        _synchronize(device)
+        timings["prefill_seconds"] = time.perf_counter() - started
+        timings["prefill_tokens"] = batch * prompt_len
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens = []
+        started = time.perf_counter()
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            tokens.append(token)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits = model.forward_with_cache(token[:, None], cache)[:, -1]
+            timings["decode_tokens"] += batch
+        _synchronize(device)
+        timings["decode_seconds"] = time.perf_counter() - started
+        new_ids = torch.stack(tokens, dim=1)
+    if stats is not None:
+        stats.update(timings)
+    return new_ids

@@ -1,0 +1,157 @@
+"""Cached generation of HybridLM against full recomputation (the model's forward over the whole sequence
+at every step): greedy tokens equal token for token, and each cached step's logits equal the forward's
+row, for MoBA and dense global layers, with and without the key convolution, on a sequence that crosses
+several MoBA blocks and the sliding window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmoba.models import HybridLM, ModelConfig
+from flashmoba.models.generation import HybridCache, MoBALayerCache, SlidingWindowCache, generate, sample_next
+
+PROMPT, NEW = 5, 20  # 25 tokens: 7 MoBA blocks of 4 (top-2: sparse), 4 windows of 6
+VOCAB = 40
+VARIANTS = [("moba", 0), ("moba", 3), ("dense", 0), ("dense", 3)]
+
+
+def tiny_model(global_attention: str, kconv_size: int, dtype=torch.float32, seed: int = 0) -> HybridLM:
+    config = ModelConfig(
+        vocab_size=VOCAB,
+        num_layers=4,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,  # GQA
+        head_dim=8,
+        mlp_hidden_size=48,
+        window_size=6,
+        global_attention=global_attention,
+        moba_block_size=4,
+        moba_topk=2,
+        kconv_size=kconv_size,
+        backend="reference",
+    )
+    torch.manual_seed(seed)
+    return HybridLM(config).to(dtype).eval()
+
+
+def prompts(batch: int = 2, length: int = PROMPT, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model, input_ids, max_new_tokens):
+    sequence = input_ids
+    for _ in range(max_new_tokens):
+        logits, _ = model(sequence)
+        sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return sequence[:, input_ids.shape[1] :]
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+def test_greedy_generation_equals_full_recomputation(global_attention, kconv_size):
+    model = tiny_model(global_attention, kconv_size, torch.float64)
+    input_ids = prompts()
+    generated = model.generate(input_ids, NEW)
+    assert generated.shape == (2, NEW) and generated.dtype == torch.int64
+    assert torch.equal(generated, greedy_by_recomputation(model, input_ids, NEW))
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+def test_cached_logits_equal_the_forward_s_rows_in_float32(global_attention, kconv_size):
+    model = tiny_model(global_attention, kconv_size, torch.float32)
+    sequence = prompts(length=PROMPT + NEW)
+    with torch.no_grad():
+        full, _ = model(sequence)
+        cache = HybridCache(model, 2, PROMPT + NEW)
+        rows = [model.forward_with_cache(sequence[:, :PROMPT], cache)]  # prefill: one chunk
+        rows += [model.forward_with_cache(sequence[:, i : i + 1], cache) for i in range(PROMPT, PROMPT + NEW)]
+    torch.testing.assert_close(torch.cat(rows, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.length == PROMPT + NEW
+    kinds = [type(layer) for layer in cache]
+    assert kinds[0] is SlidingWindowCache and len(cache[0].k[0]) == 5  # window - 1 keys kept
+    if global_attention == "moba":
+        assert kinds[1] is MoBALayerCache and cache[1].cache.seqlens.tolist() == [PROMPT + NEW] * 2
+    if kconv_size:
+        assert cache[1].keyconv_state.shape == (2, kconv_size - 1, 2 * 8)
+
+
+def test_chunked_prefill_and_reorder_follow_the_forward():
+    """Prefill in two chunks, then a beam-search reorder that repeats and drops rows."""
+    model = tiny_model("moba", 3, torch.float64)
+    sequence = prompts(batch=3, length=14)
+    with torch.no_grad():
+        cache = HybridCache(model, 3, 14)
+        model.forward_with_cache(sequence[:, :7], cache)
+        model.forward_with_cache(sequence[:, 7:11], cache)
+        index = torch.tensor([2, 2, 0])
+        cache.reorder(index)
+        logits = model.forward_with_cache(sequence[index, 11:], cache)
+        full, _ = model(sequence[index])
+    torch.testing.assert_close(logits, full[:, 11:], rtol=0, atol=1e-10)
+    cache.reset()
+    assert cache.length == 0 and cache[1].cache.seqlens.tolist() == [0, 0, 0]
+
+
+def test_sampling_is_reproducible_and_top_p_near_zero_is_greedy():
+    model = tiny_model("moba", 0)
+    input_ids = prompts()
+
+    def sampled(seed, **kwargs):
+        return model.generate(
+            input_ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kwargs
+        )
+
+    assert torch.equal(sampled(3), sampled(3))
+    assert not torch.equal(sampled(3), sampled(4))  # 40 tokens of a near-uniform model: differs
+    assert torch.equal(sampled(5, top_p=1e-6), model.generate(input_ids, 8))
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    draws = {int(sample_next(logits, 1.0, 0.9, torch.Generator().manual_seed(s))) for s in range(40)}
+    assert draws == {1, 2}  # the nucleus: the two likely tokens, never the others
+
+
+def test_eos_stops_a_row_and_generation_stops_when_every_row_has():
+    model = tiny_model("dense", 0)
+    input_ids = prompts(batch=1)
+    greedy = model.generate(input_ids, NEW)
+    eos = int(greedy[0, 3])
+    first = greedy[0].tolist().index(eos)
+    stopped = model.generate(input_ids, NEW, eos_token_id=eos)
+    assert stopped[0].tolist() == greedy[0, : first + 1].tolist()
+    both = model.generate(prompts(batch=2), NEW, eos_token_id=eos)
+    for row, full in zip(both.tolist(), model.generate(prompts(batch=2), NEW).tolist()):
+        if eos in row:
+            at = row.index(eos)
+            assert row[: at + 1] == full[: at + 1] and set(row[at:]) == {eos}
+        else:
+            assert row == full[: len(row)]
+
+
+def test_stats_and_zero_new_tokens():
+    model = tiny_model("moba", 0)
+    stats = {}
+    generated = generate(model, prompts(), 4, stats=stats)
+    assert generated.shape == (2, 4)
+    assert stats["prefill_tokens"] == 2 * PROMPT and stats["decode_tokens"] == 2 * 3
+    assert stats["prefill_seconds"] > 0 and stats["decode_seconds"] > 0
+    assert model.generate(prompts(), 0).shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+        (dict(top_p=0.0), ValueError, "top_p must be > 0"),
+        (dict(top_p=1.5), ValueError, "top_p must be <= 1"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.int64)), ValueError, "prompt_len >= 1"),
+        (dict(input_ids=torch.zeros(3, dtype=torch.int64)), ValueError, r"\[batch, prompt_len\]"),
+        (dict(input_ids=torch.zeros(1, 3)), TypeError, "int64 or int32"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, message):
+    model = tiny_model("moba", 0)
+    arguments = {"input_ids": prompts(), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        model.generate(arguments.pop("input_ids"), arguments.pop("max_new_tokens"), **arguments)
