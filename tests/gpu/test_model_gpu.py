@@ -23,15 +23,15 @@ def packed_input(hidden=256, dtype=torch.bfloat16):
 
 
 def run_layer(layer, x, cu_seqlens, use_flash_varlen):
-    previous = attention_module.USE_FLASH_VARLEN
-    attention_module.USE_FLASH_VARLEN = use_flash_varlen
+    previous = layer.use_flash_varlen
+    layer.use_flash_varlen = use_flash_varlen
     try:
         x = x.detach().requires_grad_(True)
         out = layer(x, cu_seqlens)
         out.float().square().mean().backward()
         return out.detach().float(), x.grad.float()
     finally:
-        attention_module.USE_FLASH_VARLEN = previous
+        layer.use_flash_varlen = previous
 
 
 @pytest.mark.parametrize("attention", ["dense", "sliding"])
@@ -84,9 +84,10 @@ def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
         ("moba", True),
         ("dense", True),
     ):
-        attention_module.USE_FLASH_VARLEN = flash_varlen
         model = HybridLM(
-            model_config_from_preset("small", global_attention=global_attention, kconv_size=3)
+            model_config_from_preset(
+                "small", global_attention=global_attention, kconv_size=3, use_flash_varlen=flash_varlen
+            )
         ).cuda()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ids = torch.randint(0, 256, (16 * 4096 + 1,), device="cuda")
@@ -106,7 +107,6 @@ def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
         results[f"{global_attention} (flash varlen {flash_varlen})"] = (
             20 * 65536 / (time.perf_counter() - start)
         )
-        attention_module.USE_FLASH_VARLEN = False
         assert losses[-1] < losses[0]  # memorises the fixed batch
     print(
         f"\nsmall preset fwd+bwd+step, 64K packed tokens, {torch.cuda.get_device_name()}: "

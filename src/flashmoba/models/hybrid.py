@@ -98,6 +98,13 @@ class ModelConfig:
         default="auto",
         metadata={"help": "flashmoba backend of the MoBA layers (auto: Triton on CUDA)", "choices": BACKENDS},
     )
+    use_flash_varlen: bool = field(
+        default=True,
+        metadata={
+            "help": "packed dense and sliding-window attention on PyTorch's flash varlen kernel where it "
+            "runs (CUDA, 16-bit); off: SDPA"
+        },
+    )
 
     def __post_init__(self):
         for name in POSITIVE_INT_FIELDS:
@@ -194,7 +201,12 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.is_global = is_global_layer(layer_index)
-        common = dict(num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, backend=config.backend)
+        common = dict(
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            backend=config.backend,
+            use_flash_varlen=config.use_flash_varlen,
+        )
         if self.is_global:
             attention = dict(
                 attention=config.global_attention,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flashmoba._checks import check_choice, check_cu_seqlens_values, check_int, check_positive_int
+from flashmoba._checks import check_bool, check_choice, check_cu_seqlens_values, check_int, check_positive_int
 from flashmoba.api import moba_attn, moba_attn_varlen, moba_select
 from flashmoba.nn.functional import _flash_varlen_function as _flash_varlen_function
 from flashmoba.nn.functional import (
@@ -32,7 +32,6 @@ from flashmoba.nn.keyconv import KeyConv, positions_in_sequence
 
 __all__ = [
     "ATTENTION_KINDS",
-    "USE_FLASH_VARLEN",
     "MoBAAttention",
     "PackedSequences",
     # functional names under their old path (they live in flashmoba.nn.functional)
@@ -44,15 +43,6 @@ __all__ = [
 ]
 
 ATTENTION_KINDS = ("moba", "dense", "sliding")
-
-# The layer's switch for PyTorch's flash varlen kernel on packed CUDA batches (when
-# flash_varlen_supported): False sends packed dense and sliding-window attention through SDPA instead.
-USE_FLASH_VARLEN = True
-
-
-def _use_flash_varlen(q: torch.Tensor, window_size: int | None = None) -> bool:
-    return USE_FLASH_VARLEN and flash_varlen_supported(q, window_size)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Packed-batch bookkeeping
@@ -123,6 +113,7 @@ class MoBAAttention(nn.Module):
         rope: bool = False,
         rope_base: float = 10000.0,
         backend: str = "auto",
+        use_flash_varlen: bool = True,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -153,6 +144,9 @@ class MoBAAttention(nn.Module):
             window_size,
         )
         self.rope, self.rope_base, self.backend = rope, float(rope_base), backend
+        # Packed dense and sliding-window attention on PyTorch's flash varlen kernel where it runs
+        # (flash_varlen_supported); False sends them through SDPA.
+        self.use_flash_varlen = check_bool("use_flash_varlen", use_flash_varlen)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -246,12 +240,12 @@ class MoBAAttention(nn.Module):
                     check_cu_seqlens=False,  # PackedSequences checked them once for every layer
                 )
         elif self.attention == "dense":
-            if packed is not None and _use_flash_varlen(q):
+            if packed is not None and self.use_flash_varlen and flash_varlen_supported(q):
                 out = flash_varlen_attention(q, k, v, packed, scale)
             else:
                 out = dense_causal_attention(q, k, v, scale, packed.bounds if packed is not None else None)
         else:
-            if packed is not None and _use_flash_varlen(q, self.window_size):
+            if packed is not None and self.use_flash_varlen and flash_varlen_supported(q, self.window_size):
                 out = flash_varlen_attention(q, k, v, packed, scale, self.window_size)
             elif packed is None:
                 out = sliding_window_attention(q, k, v, self.window_size, scale)

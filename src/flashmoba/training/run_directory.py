@@ -28,6 +28,7 @@ from flashmoba.training.config import TrainConfig, train_config_from_dict
 RESUMABLE_SETTINGS = (
     "max_steps",
     "model.backend",
+    "model.use_flash_varlen",
     "device",
     "distributed",
     "activation_checkpointing",
