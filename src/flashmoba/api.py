@@ -60,22 +60,25 @@ def _check_tensor(name: str, tensor, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
 
 
+def _check_like_q(name: str, tensor: torch.Tensor, q: torch.Tensor) -> None:
+    """q's dtype, device and head_dim (last dimension)."""
+    if tensor.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
+    if tensor.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{name} must have q's head_dim {q.shape[-1]} (last dimension), got shape {tuple(tensor.shape)}"
+        )
+
+
 def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
     _check_tensor("q", q, ndim, q_layout)
     _check_tensor("k", k, ndim, kv_layout)
     if v is not None:
         _check_tensor("v", v, ndim, kv_layout)
-    others = [("k", k)] + ([("v", v)] if v is not None else [])
-    for name, tensor in others:
-        if tensor.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
-        if tensor.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
-        if tensor.shape[-1] != q.shape[-1]:
-            raise ValueError(
-                f"{name} must have q's head_dim {q.shape[-1]} (last dimension), "
-                f"got shape {tuple(tensor.shape)}"
-            )
+    for name, tensor in [("k", k)] + ([("v", v)] if v is not None else []):
+        _check_like_q(name, tensor, q)
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     heads_q, heads_kv = q.shape[-2], k.shape[-2]

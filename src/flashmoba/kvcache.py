@@ -43,7 +43,7 @@ import torch
 
 from flashmoba import reference
 from flashmoba._checks import check_bool, check_int, check_positive_int, check_real
-from flashmoba.api import BACKENDS, _check_tensor, _checks_enabled, _shapes_only
+from flashmoba.api import BACKENDS, _check_like_q, _check_tensor, _checks_enabled, _shapes_only
 
 __all__ = ["MoBAKVCache", "kvcache_block_sums", "moba_attn_with_kvcache"]
 
@@ -53,17 +53,6 @@ CACHE_LAYOUT = "[batch, max_seqlen, heads_kv, head_dim] or paged [num_pages, pag
 # ----------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------
-
-
-def _check_like_q(name: str, tensor: torch.Tensor, q: torch.Tensor) -> None:
-    if tensor.dtype != q.dtype:
-        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {tensor.dtype}")
-    if tensor.device != q.device:
-        raise ValueError(f"{name} must be on q's device {q.device}, got {tensor.device}")
-    if tensor.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"{name} must have q's head_dim {q.shape[-1]} (last dimension), got shape {tuple(tensor.shape)}"
-        )
 
 
 def _check_int32_tensor(name: str, tensor, shape: tuple, layout: str, device) -> None:

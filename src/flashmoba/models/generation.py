@@ -77,14 +77,30 @@ class _LayerCache:
             self.keyconv_state = self.keyconv_state.index_select(0, index)
 
 
-class SlidingWindowCache(_LayerCache):
+class _KeyValueCache(_LayerCache):
+    """A layer cache that keeps keys and values ``[batch, cached, heads_kv, head_dim]`` (None: empty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.k = self.v = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class SlidingWindowCache(_KeyValueCache):
     """The last ``window_size - 1`` keys and values of a sliding-window layer (keys already rotated)."""
 
     def __init__(self, window_size: int):
         super().__init__()
         self.window_size = window_size
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         if self.k is None:  # empty: the model's own function over the chunk
@@ -100,23 +116,9 @@ class SlidingWindowCache(_LayerCache):
         self.length += q.shape[1]
         return out
 
-    def reset(self) -> None:
-        super().reset()
-        self.k = self.v = None
 
-    def reorder(self, index: torch.Tensor) -> None:
-        super().reorder(index)
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-
-
-class DenseCache(_LayerCache):
+class DenseCache(_KeyValueCache):
     """All keys and values of a dense causal layer (grown by concatenation)."""
-
-    def __init__(self):
-        super().__init__()
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         if self.k is None:
@@ -127,15 +129,6 @@ class DenseCache(_LayerCache):
             out = _masked_attention(q, self.k, self.v, scale, self.length, 0)
         self.length += q.shape[1]
         return out
-
-    def reset(self) -> None:
-        super().reset()
-        self.k = self.v = None
-
-    def reorder(self, index: torch.Tensor) -> None:
-        super().reorder(index)
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class MoBALayerCache(_LayerCache):
