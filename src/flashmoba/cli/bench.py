@@ -6,6 +6,11 @@ Rows (one per implementation, sequence length, head_dim and block size / topk pa
 of rows: card, impl, seqlen, batch, heads, head_dim, block_size, topk, causal, route_ms, fwd_ms,
 fwd_bwd_ms, peak_mem_gib) with a plot beside it. Without CUDA it says so and compares the reference with
 the Triton interpreter on a small case.
+
+``flashmoba bench model [flags]``: end-to-end training steps of the hybrid LM, dense against MoBA, by
+preset, sequence length and block size / topk pair (``flashmoba.bench.model``): tokens/s, the step split
+into attention, matrix products, other kernels and GPU idle, peak memory and MFU, to
+``benchmarks/results/model_<card>.json`` with a plot beside it and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -151,7 +157,11 @@ def _impls(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashmoba bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flashmoba bench",
+        description=__doc__.splitlines()[0],
+        epilog="'flashmoba bench model --help': training throughput of the hybrid LM, dense against MoBA",
+    )
     positive, positives = int_at_least(1), ints_at_least(1)
     parser.add_argument("--seqlens", type=positives, default=list(DEFAULT_SEQLENS))
     parser.add_argument(
@@ -221,6 +231,9 @@ def _read_rows(parser: argparse.ArgumentParser, path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["model"]:
+        return model_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -301,3 +314,252 @@ def _failed_row(impl: str, config: dict, error: Exception) -> dict:
         peak_mem_gib=None,
         error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# flashmoba bench model
+# ----------------------------------------------------------------------------------------------------
+
+MODEL_DEFAULT_SEQLENS = (4096, 8192, 16384, 32768)
+
+
+def _names(choices: tuple[str, ...]):
+    """An argparse ``type``: a comma list of names from ``choices``, each once."""
+
+    def parse(text: str) -> list[str]:
+        names = [item.strip() for item in text.split(",") if item.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"expected comma-separated names from {choices}, got {text!r}")
+        for name in names:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"must be names from {choices}, got {name!r}")
+            if names.count(name) > 1:
+                raise argparse.ArgumentTypeError(f"names {name!r} more than once, got {text!r}")
+        return names
+
+    return parse
+
+
+def _device_name(text: str) -> str:
+    from flashmoba.training.runtime import check_device_name
+
+    try:
+        return check_device_name("", text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+
+
+def _model_parser() -> argparse.ArgumentParser:
+    from flashmoba.api import BACKENDS
+    from flashmoba.bench.model import ATTENTIONS
+    from flashmoba.models.hybrid import MODEL_PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="flashmoba bench model",
+        description="Training throughput of the hybrid LM (forward, backward, AdamW step), dense against "
+        "MoBA: tokens/s, the step split (attention, matrix products, other kernels, GPU idle), peak "
+        "memory and MFU. Rows go to benchmarks/results/model_<card>.json with a plot beside it.",
+    )
+    positive, positives = int_at_least(1), ints_at_least(1)
+    parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="340m")
+    parser.add_argument("--seqlens", type=positives, default=list(MODEL_DEFAULT_SEQLENS))
+    parser.add_argument(
+        "--block-sizes",
+        type=positives,
+        default=[128],
+        help="comma list; paired with --topks position by position",
+    )
+    parser.add_argument("--topks", type=positives, default=[8])
+    parser.add_argument(
+        "--attentions",
+        type=_names(ATTENTIONS),
+        default=list(ATTENTIONS),
+        help=f"comma list from {ATTENTIONS}",
+    )
+    parser.add_argument("--batch", type=positive, default=1, help="documents (rows) per step")
+    parser.add_argument("--steps", type=positive, default=10, help="measured steps (their median is timed)")
+    parser.add_argument(
+        "--warmup", type=positive, default=3, help="untimed steps first (compilation, autotuning)"
+    )
+    parser.add_argument(
+        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="flashmoba backend of MoBA layers"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/model_<card>.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only redraw the plot and table of an existing results file",
+    )
+    return parser
+
+
+def _check_model_args(parser: argparse.ArgumentParser, args) -> None:
+    """What one flag alone cannot say; runs before any work. Sets ``args.device`` (resolved) and
+    ``args.out`` (the default file of the card when not given)."""
+    if len(args.block_sizes) != len(args.topks):
+        parser.error(
+            f"argument --topks: must have as many entries as --block-sizes ({len(args.block_sizes)}), "
+            f"got {len(args.topks)}: --block-sizes {args.block_sizes} vs --topks {args.topks}"
+        )
+    if args.replot is not None:
+        if not args.replot.is_file():
+            parser.error(f"argument --replot: no such file, got {str(args.replot)!r}")
+        return
+    from flashmoba.training.runtime import resolve_device
+
+    try:
+        args.device = resolve_device(args.device, 0, setting="--device")
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
+    card = card_name() if args.device.type == "cuda" else "cpu"
+    args.out = args.out or Path("benchmarks/results") / f"model_{_file_stem(card)}.json"
+    if args.out.is_dir():
+        parser.error(f"argument --out: must be a file path, got the directory {str(args.out)!r}")
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"argument --out: {str(args.out)!r} exists; pass --overwrite to replace it")
+
+
+def _model_jobs(args) -> list[dict]:
+    """Keyword arguments of ``measure_model`` in run order: per sequence length, dense then each MoBA
+    (block size, topk) pair."""
+    jobs = []
+    for seqlen in args.seqlens:
+        for attention in args.attentions:
+            pairs = zip(args.block_sizes, args.topks) if attention == "moba" else [(None, None)]
+            for block_size, topk in pairs:
+                jobs.append(
+                    dict(
+                        preset=args.preset,
+                        seqlen=seqlen,
+                        attention=attention,
+                        block_size=block_size,
+                        topk=topk,
+                        batch=args.batch,
+                        steps=args.steps,
+                        warmup=args.warmup,
+                        device=args.device,
+                        backend=args.backend,
+                    )
+                )
+    return jobs
+
+
+def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
+    """Measure each job; one that fails leaves a row with its error. The file is rewritten after each
+    job, so that a run that dies keeps the rows before it."""
+    from flashmoba.bench.model import ROW_FIELDS, measure_model
+
+    rows = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for job in tqdm(jobs, desc="flashmoba bench model", unit="run"):
+        try:
+            row = measure_model(**job)
+        except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as error:
+            row = dict.fromkeys(ROW_FIELDS)
+            row.update({key: job[key] for key in ("preset", "seqlen", "attention", "block_size", "topk")})
+            row.update(
+                card=card_name() if job["device"].type == "cuda" else "cpu",
+                batch=job["batch"],
+                steps=job["steps"],
+                warmup=job["warmup"],
+                error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+            )
+        rows.append(row)
+        if job["device"].type == "cuda":
+            torch.cuda.empty_cache()
+        out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _model_label(row: dict) -> str:
+    return "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
+
+
+MODEL_TABLE_COLUMNS = (
+    ("tokens/s", "tokens_per_s", ",.0f"),
+    ("step ms", "step_ms", ".1f"),
+    ("attention ms", "attention_ms", ".1f"),
+    ("matmul ms", "matmul_ms", ".1f"),
+    ("other ms", "other_ms", ".1f"),
+    ("idle ms", "idle_ms", ".1f"),
+    ("peak GiB", "peak_gib", ".1f"),
+    ("MFU", "mfu", ".1%"),
+    ("TFLOP/step", "model_tflop_per_step", ".3g"),
+)
+
+
+def model_table(rows: list[dict]) -> str:
+    """The rows as a markdown table under a line naming the card, preset and batch (for the README).
+    The split (attention .. idle) is of one profiled step; "-": not measured (CPU) or unknown."""
+    first = rows[0] if rows else {}
+    lines = [
+        f"Card: **{first.get('card', '?')}**, preset {first.get('preset', '?')}, "
+        f"batch {first.get('batch', '?')} document(s) per step",
+        "",
+        "| attention | N | " + " | ".join(title for title, _, _ in MODEL_TABLE_COLUMNS) + " |",
+        "|---|---:|" + "---:|" * len(MODEL_TABLE_COLUMNS),
+    ]
+    for row in rows:
+        if row.get("error"):
+            cells = [f"failed: {row['error'][:60]}"] + [""] * (len(MODEL_TABLE_COLUMNS) - 1)
+        else:
+            cells = [_number(row.get(field), fmt) for _, field, fmt in MODEL_TABLE_COLUMNS]
+        lines.append(f"| {_model_label(row)} | {row['seqlen']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_plot(rows: list[dict], path: Path) -> None:
+    """Training tokens/s against sequence length, one line per attention (dense, each MoBA pair)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        if not row.get("error") and row.get("tokens_per_s") is not None:
+            series.setdefault(_model_label(row), []).append(row)
+    for label, points in series.items():
+        points.sort(key=lambda r: r["seqlen"])
+        axis.plot([r["seqlen"] for r in points], [r["tokens_per_s"] for r in points], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("sequence length N")
+    axis.set_ylabel("training tokens/s")
+    axis.grid(True, which="both", alpha=0.3)
+    if series:
+        axis.legend(fontsize=8)
+    first = rows[0] if rows else {}
+    axis.set_title(f"{first.get('preset', '?')} training throughput on {first.get('card', '?')}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_or_say(rows: list[dict], out: Path) -> None:
+    try:
+        model_plot(rows, out.with_suffix(".png"))
+    except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
+        print(f"no plot ({error}); run 'flashmoba bench model --replot {out}' where matplotlib is installed")
+
+
+def model_main(argv: list[str]) -> int:
+    parser = _model_parser()
+    args = parser.parse_args(argv)
+    _check_model_args(parser, args)
+    if args.replot is not None:
+        rows = _read_rows(parser, args.replot)
+        _plot_or_say(rows, args.replot)
+        print(model_table(rows))
+        return 0
+    rows = _run_model_jobs(_model_jobs(args), args.out)
+    _plot_or_say(rows, args.out)
+    print(f"\nresults in {args.out}\n")
+    print(model_table(rows))
+    return 0
