@@ -72,6 +72,21 @@ def _check_like_q(name: str, tensor: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
+def _check_heads(q: torch.Tensor, k: torch.Tensor, k_name: str) -> None:
+    """At least one head each (dimension -2), and heads_q a multiple of heads_kv (GQA/MQA)."""
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_q < 1 or heads_kv < 1:
+        raise ValueError(
+            f"q and {k_name} must have at least one head (dimension -2), "
+            f"got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if heads_q % heads_kv != 0:
+        raise ValueError(
+            f"heads_q must be a multiple of heads_kv: q has {heads_q} heads, {k_name} has {heads_kv} "
+            f"(shapes {tuple(q.shape)} and {tuple(k.shape)})"
+        )
+
+
 def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
     _check_tensor("q", q, ndim, q_layout)
     _check_tensor("k", k, ndim, kv_layout)
@@ -81,17 +96,7 @@ def _check_qkv(q, k, v, ndim: int, q_layout: str, kv_layout: str) -> None:
         _check_like_q(name, tensor, q)
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    heads_q, heads_kv = q.shape[-2], k.shape[-2]
-    if heads_q < 1 or heads_kv < 1:
-        raise ValueError(
-            "q and k must have at least one head (dimension -2), "
-            f"got shapes {tuple(q.shape)} and {tuple(k.shape)}"
-        )
-    if heads_q % heads_kv != 0:
-        raise ValueError(
-            f"heads_q must be a multiple of heads_kv: q has {heads_q} heads, k has {heads_kv} "
-            f"(shapes {tuple(q.shape)} and {tuple(k.shape)})"
-        )
+    _check_heads(q, k, "k")
     if q.shape[-1] < 1:
         raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
 

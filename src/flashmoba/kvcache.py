@@ -43,7 +43,7 @@ import torch
 
 from flashmoba import reference
 from flashmoba._checks import check_bool, check_int, check_positive_int, check_real
-from flashmoba.api import BACKENDS, _check_like_q, _check_tensor, _checks_enabled, _shapes_only
+from flashmoba.api import BACKENDS, _check_heads, _check_like_q, _check_tensor, _checks_enabled, _shapes_only
 
 __all__ = ["MoBAKVCache", "kvcache_block_sums", "moba_attn_with_kvcache"]
 
@@ -125,17 +125,8 @@ def _check_inputs(q, k_cache, v_cache, block_sums, cache_seqlens, block_size, to
         raise ValueError(
             f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
         )
+    _check_heads(q, k_cache, "k_cache")
     heads_kv = k_cache.shape[2]
-    if heads_q < 1 or heads_kv < 1:
-        raise ValueError(
-            "q and k_cache must have at least one head (dimension 2), "
-            f"got shapes {tuple(q.shape)} and {tuple(k_cache.shape)}"
-        )
-    if heads_q % heads_kv != 0:
-        raise ValueError(
-            f"heads_q must be a multiple of heads_kv: q has {heads_q} heads, k_cache has {heads_kv} "
-            f"(shapes {tuple(q.shape)} and {tuple(k_cache.shape)})"
-        )
     if head_dim < 1:
         raise ValueError(f"head_dim must be >= 1, got q of shape {tuple(q.shape)}")
     if (k is None) != (v is None):

@@ -164,13 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     positive, positives = int_at_least(1), ints_at_least(1)
     parser.add_argument("--seqlens", type=positives, default=list(DEFAULT_SEQLENS))
-    parser.add_argument(
-        "--block-sizes",
-        type=positives,
-        default=[128],
-        help="comma list; paired with --topks position by position",
-    )
-    parser.add_argument("--topks", type=positives, default=[8])
+    _add_block_flags(parser)
     parser.add_argument("--head-dims", type=positives, default=[128])
     parser.add_argument("--batch", type=positive, default=2)
     parser.add_argument("--heads", type=positive, default=16)
@@ -197,6 +191,23 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats", type=positive, default=None, help="default: 20 up to 32K, 5 up to 128K, then 2"
     )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<card>.json")
+    _add_replot_flag(parser)
+    return parser
+
+
+def _add_block_flags(parser: argparse.ArgumentParser) -> None:
+    """--block-sizes and --topks, paired position by position (``_check_pairs``)."""
+    positives = ints_at_least(1)
+    parser.add_argument(
+        "--block-sizes",
+        type=positives,
+        default=[128],
+        help="comma list; paired with --topks position by position",
+    )
+    parser.add_argument("--topks", type=positives, default=[8])
+
+
+def _add_replot_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replot",
         type=Path,
@@ -204,16 +215,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="only redraw the plot and table of an existing results file",
     )
-    return parser
 
 
-def _check_args(parser: argparse.ArgumentParser, args) -> None:
-    """What one flag alone cannot say; runs before any work, with or without CUDA."""
+def _check_pairs(parser: argparse.ArgumentParser, args) -> None:
+    """--block-sizes and --topks pair up position by position."""
     if len(args.block_sizes) != len(args.topks):
         parser.error(
             f"argument --topks: must have as many entries as --block-sizes ({len(args.block_sizes)}), "
             f"got {len(args.topks)}: --block-sizes {args.block_sizes} vs --topks {args.topks}"
         )
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """What one flag alone cannot say; runs before any work, with or without CUDA."""
+    _check_pairs(parser, args)
     if args.out is not None and args.out.is_dir():
         parser.error(f"argument --out: must be a file path, got the directory {str(args.out)!r}")
     if args.replot is not None and not args.replot.is_file():
@@ -363,13 +378,7 @@ def _model_parser() -> argparse.ArgumentParser:
     positive, positives = int_at_least(1), ints_at_least(1)
     parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="340m")
     parser.add_argument("--seqlens", type=positives, default=list(MODEL_DEFAULT_SEQLENS))
-    parser.add_argument(
-        "--block-sizes",
-        type=positives,
-        default=[128],
-        help="comma list; paired with --topks position by position",
-    )
-    parser.add_argument("--topks", type=positives, default=[8])
+    _add_block_flags(parser)
     parser.add_argument(
         "--attentions",
         type=_names(ATTENTIONS),
@@ -389,24 +398,14 @@ def _model_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/model_<card>.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument(
-        "--replot",
-        type=Path,
-        default=None,
-        metavar="JSON",
-        help="only redraw the plot and table of an existing results file",
-    )
+    _add_replot_flag(parser)
     return parser
 
 
 def _check_model_args(parser: argparse.ArgumentParser, args) -> None:
     """What one flag alone cannot say; runs before any work. Sets ``args.device`` (resolved) and
     ``args.out`` (the default file of the card when not given)."""
-    if len(args.block_sizes) != len(args.topks):
-        parser.error(
-            f"argument --topks: must have as many entries as --block-sizes ({len(args.block_sizes)}), "
-            f"got {len(args.topks)}: --block-sizes {args.block_sizes} vs --topks {args.topks}"
-        )
+    _check_pairs(parser, args)
     if args.replot is not None:
         if not args.replot.is_file():
             parser.error(f"argument --replot: no such file, got {str(args.replot)!r}")
