@@ -130,9 +130,24 @@ def test_kernel_split_idle_is_the_window_minus_the_union():
         ("nvjet_tst_128x256", 11000, 12000),  # outside the window
     ]
     split = bench_model.kernel_split(kernels, (0, 10000))
+    top_kernels = split.pop("top_kernels")
     assert split == pytest.approx(
-        dict(attention_ms=2.0, matmul_ms=2.0, other_ms=2.0, idle_ms=5.0, busy_ms=5.0, profiled_step_ms=10.0)
+        dict(
+            attention_ms=2.0,
+            matmul_ms=2.0,
+            other_ms=2.0,
+            idle_ms=5.0,
+            busy_ms=5.0,
+            profiled_step_ms=10.0,
+            flashmoba_ms=2.0,
+        )
     )
+    # Heaviest first, launches and time within the window: the two elementwise launches add to 2 ms.
+    assert top_kernels == [
+        ["_moba_fwd_partial_kernel", "attention", 1, pytest.approx(2.0)],
+        ["nvjet_tst_128x256", "matmul", 1, pytest.approx(2.0)],
+        ["void at::native::elementwise_kernel", "other", 2, pytest.approx(2.0)],
+    ]
 
 
 def _event(name, device_type, start, end, annotation=False):
@@ -214,9 +229,17 @@ def test_measure_model_on_cpu(attention):
 def test_idle_is_taken_against_the_unprofiled_step(monkeypatch):
     """Profiling slows the launches, not the kernels: idle = median step - union of profiled kernels."""
     split = dict(
-        attention_ms=0.5, matmul_ms=0.25, other_ms=0.25, idle_ms=99.0, busy_ms=1.0, profiled_step_ms=100
+        attention_ms=0.5,
+        matmul_ms=0.25,
+        other_ms=0.25,
+        idle_ms=99.0,
+        busy_ms=1.0,
+        profiled_step_ms=100,
+        flashmoba_ms=0.0,
+        top_kernels=[["sdpa_kernel", "attention", 4, 0.5]],
     )
     monkeypatch.setattr(bench_model, "profiled_split", lambda step, device: dict(split))
     row = bench_model.measure_model("tiny", 64, "dense", steps=2, warmup=1, device="cpu")
     assert row["idle_ms"] == pytest.approx(max(row["step_ms"] - 1.0, 0.0))
     assert row["profiled_step_ms"] == 100 and row["attention_ms"] == 0.5 and "busy_ms" not in row
+    assert row["top_kernels"] == split["top_kernels"] and row["moba_layer_ms"] is None

@@ -20,6 +20,15 @@ sliding-window layers take the same kernels as in training).
   ``profiled_step_ms`` minus the kernel union. On CPU there are no device kernels: the split is None.
 - **MFU.** ``model_flops_per_step`` (below) / ``step_ms`` / the card's peak dense bf16 rate
   (``PEAK_BF16_FLOPS``); None for a card not in the table and on CPU.
+- **The MoBA layer against the kernels.** ``moba_layer_ms`` is the profiled step's flashmoba kernels
+  (``FLASHMOBA_KERNELS``) per MoBA layer; ``kernel_bench_ms`` is ``moba_attn_varlen`` forward + backward
+  alone on inputs of the layer's shape (bf16, the Triton backend), timed in the same run; their ratio is
+  what the layer costs beyond the kernels. ``top_kernels`` lists the step's heaviest kernels
+  ([name, class, launches, ms]), which also names the kernel dense attention ran on.
+- **Settings.** ``compiled``: the blocks ran under ``torch.compile`` (``HybridLM.compile_blocks``; by
+  default on CUDA, as ``flashmoba train`` does); the optimizer is ``make_optimizer``'s (fused AdamW on
+  CUDA); ``activation_checkpointing`` recomputes each block in backward. Offsets stay on the host as the
+  trainer passes them, so no step waits for the GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from flashmoba.bench.timing import card_name
+from flashmoba.bench.timing import card_name, time_cuda_ms
 from flashmoba.models.hybrid import HybridLM, ModelConfig, is_global_layer, model_config_from_preset
 from flashmoba.training.config import TrainConfig
 from flashmoba.training.loop import make_optimizer
@@ -54,9 +63,19 @@ ROW_FIELDS = (
     "peak_gib",
     "mfu",
     "model_tflop_per_step",
+    "moba_layer_ms",
+    "kernel_bench_ms",
+    "compiled",
+    "activation_checkpointing",
     "steps",
     "warmup",
+    "top_kernels",
 )
+
+
+# flashmoba's own Triton kernels (ops/forward, backward, router, index): what a MoBA layer runs.
+FLASHMOBA_KERNELS = re.compile(r"^_(moba|route|block|sort_keys)_")
+TOP_KERNELS = 12
 
 # Device kernels by name, first match wins (case-insensitive ``re.search``); a kernel no pattern matches is
 # "other" (elementwise, reductions, norms, softmax of the loss, optimizer, memcpy/memset). Attention comes
@@ -65,10 +84,9 @@ KERNEL_CLASSES: tuple[tuple[str, re.Pattern], ...] = (
     (
         "attention",
         re.compile(
-            # flashmoba's Triton kernels (ops/forward, backward, router, index)
-            r"^_(moba|route|block|sort_keys)_"
+            FLASHMOBA_KERNELS.pattern
             # dense and sliding-window attention: FlashAttention, cuDNN SDPA, memory-efficient (fmha)
-            r"|flash|fmha|sdpa|attention|attn",
+            + r"|flash|fmha|sdpa|attention|attn",
             re.IGNORECASE,
         ),
     ),
@@ -192,13 +210,19 @@ def kernel_split(kernels: Iterable[tuple[str, float, float]], window: tuple[floa
     us), kernels clipped to the window; ``busy_ms`` = the union of kernels, ``idle_ms`` = window - busy."""
     begin, finish = window
     times = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    per_name: dict[str, list] = {}  # name -> [launches, us]
     clipped = []
     for name, start, end in kernels:
         start, end = max(start, begin), min(end, finish)
         if end > start:
             times[classify_kernel(name)] += end - start
             clipped.append((start, end))
+            launches_and_time = per_name.setdefault(name, [0, 0.0])
+            launches_and_time[0] += 1
+            launches_and_time[1] += end - start
     busy = union_length(clipped)
+    heaviest = sorted(per_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
+    flashmoba_us = sum(us for name, (_, us) in per_name.items() if FLASHMOBA_KERNELS.search(name))
     return {
         "attention_ms": times["attention"] / 1e3,
         "matmul_ms": times["matmul"] / 1e3,
@@ -206,6 +230,8 @@ def kernel_split(kernels: Iterable[tuple[str, float, float]], window: tuple[floa
         "idle_ms": (finish - begin - busy) / 1e3,
         "busy_ms": busy / 1e3,
         "profiled_step_ms": (finish - begin) / 1e3,
+        "flashmoba_ms": flashmoba_us / 1e3,
+        "top_kernels": [[name, classify_kernel(name), count, us / 1e3] for name, (count, us) in heaviest],
     }
 
 
@@ -255,14 +281,14 @@ def profiled_split(step: Callable[[], None], device: torch.device) -> dict | Non
 
 
 def synthetic_batch(vocab_size: int, seqlen: int, batch: int, device: torch.device) -> dict:
-    """``batch`` documents of ``seqlen`` random tokens, packed: input_ids/targets ``[batch * seqlen]``."""
+    """``batch`` documents of ``seqlen`` random tokens, packed: input_ids/targets ``[batch * seqlen]`` on
+    ``device``; ``cu_seqlens`` on the host, as the trainer passes it."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(vocab_size, (batch, seqlen + 1), generator=generator)
-    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32) * seqlen
     return dict(
         input_ids=tokens[:, :-1].reshape(-1).to(device),
         targets=tokens[:, 1:].reshape(-1).to(device),
-        cu_seqlens=cu_seqlens.to(device),
+        cu_seqlens=torch.arange(batch + 1, dtype=torch.int32) * seqlen,
         max_seqlen=seqlen,
     )
 
@@ -299,6 +325,43 @@ def time_steps_ms(step: Callable[[], None], steps: int, device: torch.device) ->
     return times
 
 
+def moba_kernel_bench_ms(config: ModelConfig, seqlen: int, batch: int, repeats: int = 10) -> float:
+    """``moba_attn_varlen`` forward + backward alone (median ms, CUDA events) on bf16 inputs of a MoBA
+    layer's shape in the model: ``batch`` packed documents of ``seqlen`` tokens, the config's heads."""
+    from flashmoba.api import moba_attn_varlen
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    total = seqlen * batch
+
+    def randn(heads: int) -> torch.Tensor:
+        shape = (total, heads, config.head_dim)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
+
+    q, k, v = randn(config.num_heads), randn(config.num_kv_heads), randn(config.num_kv_heads)
+    grad_out = torch.randn_like(q)
+    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * seqlen
+
+    def forward_backward() -> None:
+        q.grad = k.grad = v.grad = None
+        out = moba_attn_varlen(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            seqlen,
+            seqlen,
+            config.moba_block_size,
+            config.moba_topk,
+            softmax_scale=config.head_dim**-0.5,
+            backend="triton",
+            check_cu_seqlens=False,
+        )
+        out.backward(grad_out)
+
+    return time_cuda_ms(forward_backward, repeats, warmup=2)
+
+
 def measure_model(
     preset: str,
     seqlen: int,
@@ -311,12 +374,17 @@ def measure_model(
     warmup: int = 3,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    compile_blocks: bool | None = None,
+    activation_checkpointing: bool = False,
 ) -> dict:
     """Measure training steps of preset ``preset`` with ``attention`` ("dense", or "moba" with
-    ``block_size`` and ``topk``) on ``batch`` documents of ``seqlen`` tokens; returns a results row."""
+    ``block_size`` and ``topk``) on ``batch`` documents of ``seqlen`` tokens; returns a results row.
+    ``compile_blocks`` None: as ``flashmoba train`` (compiled on CUDA, eager on CPU)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     device = torch.device(device)
+    if compile_blocks is None:
+        compile_blocks = device.type == "cuda"
     overrides = dict(global_attention=attention, backend=backend)
     if attention == "moba":
         overrides.update(moba_block_size=block_size, moba_topk=topk)
@@ -325,6 +393,9 @@ def measure_model(
     torch.manual_seed(0)
     model = HybridLM(config).to(device)
     model.train()
+    model.activation_checkpointing = activation_checkpointing
+    if compile_blocks:
+        model.compile_blocks()
     train_config = TrainConfig(preset=preset, model=config)
     optimizer = make_optimizer(model, train_config)
     step = make_train_step(
@@ -342,10 +413,18 @@ def measure_model(
     step_ms = statistics.median(time_steps_ms(step, steps, device))
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     split = profiled_split(step, device)
+    flops = model_flops_per_step(config, matmul_parameters(model), seqlen, batch)
+    moba_layers = len(model.moba_layers())
+    moba_layer_ms = kernel_bench_ms = top_kernels = None
     if split is not None:  # idle against the unprofiled step (see the module's docstring)
         split["idle_ms"] = max(step_ms - split.pop("busy_ms"), 0.0)
+        flashmoba_ms, top_kernels = split.pop("flashmoba_ms"), split.pop("top_kernels")
+        if moba_layers:
+            moba_layer_ms = flashmoba_ms / moba_layers
+            del model, optimizer, step  # the kernel benchmark runs alone on the card
+            torch.cuda.empty_cache()
+            kernel_bench_ms = moba_kernel_bench_ms(config, seqlen, batch)
 
-    flops = model_flops_per_step(config, matmul_parameters(model), seqlen, batch)
     peak_flops = peak_bf16_flops(card) if device.type == "cuda" else None
     row = dict(
         card=card,
@@ -361,7 +440,12 @@ def measure_model(
         peak_gib=peak_gib,
         mfu=None if peak_flops is None else flops / (step_ms / 1e3) / peak_flops,
         model_tflop_per_step=flops / 1e12,
+        moba_layer_ms=moba_layer_ms,
+        kernel_bench_ms=kernel_bench_ms,
+        compiled=compile_blocks,
+        activation_checkpointing=activation_checkpointing,
         steps=steps,
         warmup=warmup,
+        top_kernels=top_kernels,
     )
     return {field: row[field] for field in ROW_FIELDS}

@@ -396,6 +396,15 @@ def _model_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="flashmoba backend of MoBA layers"
     )
+    parser.add_argument(
+        "--compile-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile each block (default: as flashmoba train, on CUDA only)",
+    )
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block in backward"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/model_<card>.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_replot_flag(parser)
@@ -444,6 +453,8 @@ def _model_jobs(args) -> list[dict]:
                         warmup=args.warmup,
                         device=args.device,
                         backend=args.backend,
+                        compile_blocks=args.compile_blocks,
+                        activation_checkpointing=args.activation_checkpointing,
                     )
                 )
     return jobs
@@ -477,7 +488,13 @@ def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
 
 
 def _model_label(row: dict) -> str:
-    return "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
+    """The attention, and how the step ran when not the default: eager blocks, recomputed blocks."""
+    label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
+    if row.get("compiled") is False and row.get("card") != "cpu":
+        label += " eager"
+    if row.get("activation_checkpointing"):
+        label += " recompute"
+    return label
 
 
 MODEL_TABLE_COLUMNS = (
@@ -490,6 +507,8 @@ MODEL_TABLE_COLUMNS = (
     ("peak GiB", "peak_gib", ".1f"),
     ("MFU", "mfu", ".1%"),
     ("TFLOP/step", "model_tflop_per_step", ".3g"),
+    ("MoBA layer ms", "moba_layer_ms", ".2f"),
+    ("kernels alone ms", "kernel_bench_ms", ".2f"),
 )
 
 
@@ -510,6 +529,18 @@ def model_table(rows: list[dict]) -> str:
         else:
             cells = [_number(row.get(field), fmt) for _, field, fmt in MODEL_TABLE_COLUMNS]
         lines.append(f"| {_model_label(row)} | {row['seqlen']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def heaviest_kernels(rows: list[dict], count: int = 6) -> str:
+    """Per measured row, its ``count`` heaviest kernels of the profiled step (launches, ms)."""
+    lines = []
+    for row in rows:
+        if not row.get("top_kernels"):
+            continue
+        lines.append(f"{_model_label(row)}, N = {row['seqlen']}:")
+        for name, kind, launches, ms in row["top_kernels"][:count]:
+            lines.append(f"  {ms:8.2f} ms {launches:5d}x  {kind:9s} {name[:90]}")
     return "\n".join(lines)
 
 
@@ -561,4 +592,5 @@ def model_main(argv: list[str]) -> int:
     _plot_or_say(rows, args.out)
     print(f"\nresults in {args.out}\n")
     print(model_table(rows))
+    print(heaviest_kernels(rows))
     return 0

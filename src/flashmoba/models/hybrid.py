@@ -241,7 +241,8 @@ class HybridLM(nn.Module):
 
     - ``input_ids [batch, seqlen]`` int64: one sequence per row; or
     - ``input_ids [total]`` with ``cu_seqlens`` (int32 ``[n + 1]``): packed sequences (documents) that
-      never attend to each other.
+      never attend to each other. ``cu_seqlens`` may stay on the CPU when the tokens are on a GPU: it is
+      checked on the host, so no step then waits for the GPU (see ``PackedSequences``).
 
     Returns ``(logits, loss)``: logits ``[..., vocab_size]`` (float32 when ``targets`` is given), loss the
     mean cross-entropy over targets that are not -100 (None without targets). ``loss_weights`` (float, the
@@ -282,6 +283,15 @@ class HybridLM(nn.Module):
             if not self.config.tie_embeddings:
                 total -= self.lm_head.weight.numel()
         return total
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block in place (``nn.Module.compile``: parameter names and checkpoints
+        unchanged), ``options`` passed on. Blocks rather than the whole model: the graphs are one layer's,
+        so there are two to compile (a sliding-window block and a global one), and a graph break inside
+        the loss or the embedding stays outside them. The attention kernels enter the graphs as custom
+        ops (flashmoba's ``torch.library`` ops, PyTorch's flash attention)."""
+        for block in self.blocks:
+            block.compile(**options)
 
     def moba_layers(self) -> list[tuple[int, MoBAAttention]]:
         """(layer index, attention module) of every MoBA layer."""
@@ -345,7 +355,7 @@ class HybridLM(nn.Module):
                 raise ValueError(
                     f"with cu_seqlens, input_ids must be packed [total], got shape {tuple(input_ids.shape)}"
                 )
-            packed = PackedSequences(cu_seqlens, max_seqlen)
+            packed = PackedSequences(cu_seqlens, max_seqlen, device=input_ids.device)
             if packed.total != input_ids.shape[0]:
                 raise ValueError(
                     f"cu_seqlens must end at the packed length {input_ids.shape[0]}, got {packed.total}"

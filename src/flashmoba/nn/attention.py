@@ -52,24 +52,32 @@ ATTENTION_KINDS = ("moba", "dense", "sliding")
 class PackedSequences:
     """How a packed token stream splits into sequences, computed once and shared by all layers.
 
-    Attributes: ``cu_seqlens`` (int32 ``[n + 1]``), ``max_seqlen`` (int), ``bounds`` (cu_seqlens as a
-    Python list), ``positions`` (``[total]`` position inside the sequence), ``sequence_ids`` (``[total]``).
+    Attributes: ``cu_seqlens`` (int32 ``[n + 1]`` on ``device``), ``max_seqlen`` (int), ``bounds``
+    (cu_seqlens as a Python list), ``positions`` (``[total]`` position inside the sequence),
+    ``sequence_ids`` (``[total]``).
+
+    The offsets are checked on the host, so they are read there once: give ``cu_seqlens`` on the CPU
+    (with ``device`` the tokens' device) and nothing waits for the GPU; offsets already on a GPU cost
+    one device-to-host copy, which waits for the work queued before it.
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int | None = None):
+    def __init__(
+        self, cu_seqlens: torch.Tensor, max_seqlen: int | None = None, device: torch.device | None = None
+    ):
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must be a 1-D tensor [num_sequences + 1] with at least 2 entries")
-        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        device = cu_seqlens.device if device is None else torch.device(device)
         self.bounds = [int(b) for b in cu_seqlens.tolist()]
         # Any integer dtype is taken (and stored as int32); the packed length is the last offset.
         lengths = check_cu_seqlens_values("cu_seqlens", self.bounds, self.bounds[-1])
+        self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
         longest = max(lengths)
         self.max_seqlen = longest if max_seqlen is None else int(max_seqlen)
         if self.max_seqlen < longest:
             raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
         self.total = self.bounds[-1]
         self.positions = positions_in_sequence(self.cu_seqlens, self.total)
-        token_index = torch.arange(self.total, device=cu_seqlens.device)
+        token_index = torch.arange(self.total, device=device)
         self.sequence_ids = torch.searchsorted(self.cu_seqlens[1:].to(torch.int64), token_index, right=True)
 
 
@@ -147,6 +155,7 @@ class MoBAAttention(nn.Module):
         # Packed dense and sliding-window attention on PyTorch's flash varlen kernel where it runs
         # (flash_varlen_supported); False sends them through SDPA.
         self.use_flash_varlen = check_bool("use_flash_varlen", use_flash_varlen)
+        _flash_varlen_function()  # looked up now, not while torch.compile traces forward
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)

@@ -7,7 +7,6 @@ or packed ``[total, heads, head_dim]``; k and v may have fewer heads than q, GQA
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import TYPE_CHECKING
 
@@ -82,14 +81,27 @@ def dense_causal_attention(
 # against the SDPA path (outputs and gradients, dense and sliding).
 
 
-@functools.lru_cache(maxsize=1)
-def _flash_varlen_function():
+def _find_flash_varlen():
     """(varlen_attn, names of its keyword arguments), or None when this PyTorch has no varlen attention."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_NOT_LOOKED_UP = object()
+_flash_varlen = _NOT_LOOKED_UP
+
+
+def _flash_varlen_function():
+    """(varlen_attn, its keyword names) or None, looked up on the first call (the import loads Triton,
+    which ``import flashmoba`` must not). ``MoBAAttention`` calls it when built, so that under
+    ``torch.compile`` the lookup is already a constant."""
+    global _flash_varlen
+    if _flash_varlen is _NOT_LOOKED_UP:
+        _flash_varlen = _find_flash_varlen()
+    return _flash_varlen
 
 
 def flash_varlen_supported(q: torch.Tensor, window_size: int | None = None) -> bool:

@@ -107,6 +107,10 @@ class TrainConfig:
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "recompute each layer in backward"}
     )
+    compile_blocks: bool = field(
+        default=True,
+        metadata={"help": "torch.compile each block on CUDA (on CPU blocks always run eager)"},
+    )
     log_every: int = field(default=1, metadata={"help": "a metrics row every N steps"})
     eval_every: int = field(default=0, metadata={"help": "validation loss every N steps (0: at the end)"})
     eval_batches: int = field(default=4, metadata={"help": "validation batches per process"})
@@ -290,6 +294,9 @@ def _check_data(config: TrainConfig) -> None:
     check_positive_int("data.max_bytes", data.max_bytes)
 
 
+BOOL_FIELDS = ("activation_checkpointing", "compile_blocks", "progress", "overwrite", "allow_config_change")
+
+
 def validate_config(config: TrainConfig) -> None:
     """Every setting's type and range, each error naming its field; runs before anything is written."""
     check_choice("preset", config.preset, tuple(sorted(MODEL_PRESETS)))
@@ -301,7 +308,7 @@ def validate_config(config: TrainConfig) -> None:
     check_device_name("device", config.device)
     check_choice("precision", config.precision, PRECISIONS)
     check_choice("distributed", config.distributed, DISTRIBUTED_STRATEGIES)
-    for name in ("activation_checkpointing", "progress", "overwrite", "allow_config_change"):
+    for name in BOOL_FIELDS:
         check_bool(name, getattr(config, name))
     _check_path_setting("out", config.out)
     _check_path_setting("resume", config.resume, optional=True)

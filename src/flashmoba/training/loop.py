@@ -56,7 +56,9 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings, none on norms and key-convolution filters."""
+    """AdamW; weight decay on matrices and embeddings, none on norms and key-convolution filters. Fused
+    (one kernel for all parameters) when they are all on CUDA; the default multi-tensor version on CPU,
+    so that CPU runs keep their numbers."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -66,7 +68,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+    fused = all(parameter.is_cuda for parameter in decay + no_decay)
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, fused=fused or None
+    )
 
 
 def wrap_distributed(model: HybridLM, config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -106,14 +111,15 @@ def validation_loss(model, corpus: TokenCorpus, config: TrainConfig, device, ran
     model.eval()
     total = torch.zeros((), device=device)
     for index in range(config.eval_batches):
-        batch = sample_batch(
+        host_batch = sample_batch(
             corpus,
             config.batch_size,
             config.seq_len,
             batch_rng(config.seed, rank, index, micro_step=VALIDATION_MICRO_STEP),
-        ).to(device)
+        )
+        batch = host_batch.to(device)
         with autocast(device, config.precision):
-            _, loss = model(batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen)
+            _, loss = model(batch.input_ids, batch.targets, host_batch.cu_seqlens, batch.max_seqlen)
         total += loss.float()
     model.train()
     total /= config.eval_batches
@@ -142,11 +148,17 @@ def train_step(
         group["lr"] = lr
     step_loss = torch.zeros((), device=device)
     for micro_step in range(config.grad_accum_steps):
-        batch = train_batch(corpus, config, rank, step, micro_step).to(device)
+        host_batch = train_batch(corpus, config, rank, step, micro_step)
+        batch = host_batch.to(device)
         with _sync_gradients(model, micro_step == config.grad_accum_steps - 1):
             with autocast(device, config.precision):
+                # The offsets from the host copy: checking them there does not wait for the GPU.
                 _, loss = model(
-                    batch.input_ids, batch.targets, batch.cu_seqlens, batch.max_seqlen, batch.loss_weights
+                    batch.input_ids,
+                    batch.targets,
+                    host_batch.cu_seqlens,
+                    batch.max_seqlen,
+                    batch.loss_weights,
                 )
             (loss / config.grad_accum_steps).backward()
         step_loss += loss.detach() / config.grad_accum_steps
@@ -218,6 +230,8 @@ def build_model(config: TrainConfig, device: torch.device):
     torch.manual_seed(config.seed)
     model = HybridLM(config.model).to(device)
     model.activation_checkpointing = config.activation_checkpointing
+    if config.compile_blocks and device.type == "cuda":
+        model.compile_blocks()
     wrapped = wrap_distributed(model, config, device)
     return model, wrapped, make_optimizer(wrapped, config)
 

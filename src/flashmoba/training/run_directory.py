@@ -32,6 +32,7 @@ RESUMABLE_SETTINGS = (
     "device",
     "distributed",
     "activation_checkpointing",
+    "compile_blocks",
     "log_every",
     "eval_every",
     "save_every",
