@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashmoba.data import ByteTokenizer, TokenCorpus, batch_rng, pack_rows, sample_batch
+from flashmoba.data import ByteTokenizer, PackedBatch, TokenCorpus, batch_rng, pack_rows, sample_batch
 
 tokenizer = ByteTokenizer()
 
@@ -62,3 +62,40 @@ def test_answer_loss_weight_marks_exactly_the_answer_targets():
         assert (weights[row][[i for i in range(600) if i not in weighted]] == 1).all()
     with pytest.raises(ValueError, match="answer_loss_weight"):
         sample_batch(corpus, 2, 600, batch_rng(0, 0, 0), answer_loss_weight=0.0)
+
+
+@pytest.mark.parametrize("sequences, padded", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (9, 16)])
+def test_static_shapes_pad_the_sequences_to_a_power_of_two_with_empty_ones(sequences, padded):
+    bounds = [0, *range(3, 3 * sequences, 3), 3 * sequences + 2]
+    batch = PackedBatch(
+        torch.arange(bounds[-1]), torch.arange(bounds[-1]), torch.tensor(bounds, dtype=torch.int32), 5
+    )
+    static = batch.with_static_shapes(64)
+    assert static.cu_seqlens.tolist() == bounds + [bounds[-1]] * (padded - sequences)
+    assert static.max_seqlen == 64 and static.cu_seqlens.dtype == torch.int32
+    assert static.input_ids is batch.input_ids and static.targets is batch.targets
+    with pytest.raises(ValueError, match=r"row_length must be >= max_seqlen \(5\), got 4"):
+        batch.with_static_shapes(4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_static_shapes_leave_the_model_s_loss_and_gradients_unchanged(backend):
+    """Empty trailing sequences and a larger max_seqlen change no output: bitwise on the CPU."""
+    from flashmoba.models import HybridLM, model_config_from_preset
+
+    torch.manual_seed(0)
+    model = HybridLM(model_config_from_preset("tiny", backend=backend, kconv_size=3))
+    rows = np.random.default_rng(0).integers(0, 256, size=(2, 97))
+    rows[:, :] = np.where(rows == tokenizer.bos_id, 0, rows)
+    rows[0, 40] = tokenizer.bos_id  # three sequences, padded to four
+    batch = pack_rows(rows, tokenizer.bos_id)
+    results = []
+    for version in (batch, batch.with_static_shapes(96)):
+        model.zero_grad()
+        _, loss = model(version.input_ids, version.targets, version.cu_seqlens, version.max_seqlen)
+        loss.backward()
+        results.append((loss.detach(), [parameter.grad.clone() for parameter in model.parameters()]))
+    (loss, grads), (static_loss, static_grads) = results
+    assert batch.with_static_shapes(96).num_sequences == 4 and batch.num_sequences == 4 - 1
+    assert torch.equal(loss, static_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, static_grads))

@@ -107,6 +107,8 @@ BAD_FILE_VALUES = [
     ({"seed": -2}, ValueError, "seed must be >= 0"),
     ({"device": "tpu"}, ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ({"out": ""}, ValueError, "out must be a non-empty path"),
+    ({"compile_mode": "fast"}, ValueError, "compile_mode must be one of .* got 'fast'"),
+    ({"compile_blocks": "off"}, TypeError, "compile_blocks must be a bool, got str 'off'"),
 ]
 
 

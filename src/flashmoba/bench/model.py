@@ -25,10 +25,12 @@ sliding-window layers take the same kernels as in training).
   alone on inputs of the layer's shape (bf16, the Triton backend), timed in the same run; their ratio is
   what the layer costs beyond the kernels. ``top_kernels`` lists the step's heaviest kernels
   ([name, class, launches, ms]), which also names the kernel dense attention ran on.
-- **Settings.** ``compiled``: the blocks ran under ``torch.compile`` (``HybridLM.compile_blocks``; by
-  default on CUDA, as ``flashmoba train`` does); the optimizer is ``make_optimizer``'s (fused AdamW on
-  CUDA); ``activation_checkpointing`` recomputes each block in backward. Offsets stay on the host as the
-  trainer passes them, so no step waits for the GPU.
+- **Settings.** ``compile_mode``: the ``torch.compile`` mode the blocks ran in
+  (``HybridLM.compile_blocks``), None when eager; by default what ``flashmoba train`` takes
+  (``TrainConfig.compile_mode`` on CUDA, through ``blocks_compile_mode``), eager on CPU. The optimizer is
+  ``make_optimizer``'s (fused AdamW on CUDA); ``activation_checkpointing`` recomputes each block in
+  backward. Offsets stay on the host as the trainer passes them, so no step waits for the GPU; the batch
+  (one document per row) has static shapes, as CUDA graphs want.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from flashmoba.bench.timing import card_name, time_cuda_ms
 from flashmoba.models.hybrid import HybridLM, ModelConfig, is_global_layer, model_config_from_preset
 from flashmoba.training.config import TrainConfig
 from flashmoba.training.loop import make_optimizer
-from flashmoba.training.runtime import autocast
+from flashmoba.training.runtime import autocast, blocks_compile_mode
 
 ATTENTIONS = ("dense", "moba")
 SPLIT_FIELDS = ("attention_ms", "matmul_ms", "other_ms", "idle_ms")
@@ -65,7 +67,7 @@ ROW_FIELDS = (
     "model_tflop_per_step",
     "moba_layer_ms",
     "kernel_bench_ms",
-    "compiled",
+    "compile_mode",
     "activation_checkpointing",
     "steps",
     "warmup",
@@ -375,16 +377,23 @@ def measure_model(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     compile_blocks: bool | None = None,
+    compile_mode: str | None = None,
     activation_checkpointing: bool = False,
 ) -> dict:
     """Measure training steps of preset ``preset`` with ``attention`` ("dense", or "moba" with
     ``block_size`` and ``topk``) on ``batch`` documents of ``seqlen`` tokens; returns a results row.
-    ``compile_blocks`` None: as ``flashmoba train`` (compiled on CUDA, eager on CPU)."""
+    ``compile_blocks`` and ``compile_mode`` None: as ``flashmoba train`` on one process (compiled on CUDA
+    in ``TrainConfig``'s default mode, eager on CPU)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     device = torch.device(device)
     if compile_blocks is None:
         compile_blocks = device.type == "cuda"
+    if compile_blocks:
+        requested = TrainConfig.compile_mode if compile_mode is None else compile_mode
+        compile_mode = blocks_compile_mode(requested, activation_checkpointing, world=1)
+    else:
+        compile_mode = None
     overrides = dict(global_attention=attention, backend=backend)
     if attention == "moba":
         overrides.update(moba_block_size=block_size, moba_topk=topk)
@@ -394,8 +403,8 @@ def measure_model(
     model = HybridLM(config).to(device)
     model.train()
     model.activation_checkpointing = activation_checkpointing
-    if compile_blocks:
-        model.compile_blocks()
+    if compile_mode is not None:
+        model.compile_blocks(mode=compile_mode)
     train_config = TrainConfig(preset=preset, model=config)
     optimizer = make_optimizer(model, train_config)
     step = make_train_step(
@@ -442,7 +451,7 @@ def measure_model(
         model_tflop_per_step=flops / 1e12,
         moba_layer_ms=moba_layer_ms,
         kernel_bench_ms=kernel_bench_ms,
-        compiled=compile_blocks,
+        compile_mode=compile_mode,
         activation_checkpointing=activation_checkpointing,
         steps=steps,
         warmup=warmup,

@@ -46,6 +46,18 @@ class PackedBatch:
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    def with_static_shapes(self, row_length: int) -> PackedBatch:
+        """The same batch with shapes that take few values, for CUDA graphs: ``cu_seqlens`` padded to a
+        power-of-two number of sequences by repeating its last offset (empty sequences at the end, which
+        every kernel skips), and ``max_seqlen`` the row length (an upper bound, as it must be). The
+        tokens, and so every output and gradient, are unchanged."""
+        if row_length < self.max_seqlen:
+            raise ValueError(f"row_length must be >= max_seqlen ({self.max_seqlen}), got {row_length}")
+        sequences = self.num_sequences
+        padding = (1 << max(sequences - 1, 0).bit_length()) - sequences
+        cu_seqlens = torch.cat([self.cu_seqlens, self.cu_seqlens[-1:].expand(padding)])
+        return PackedBatch(self.input_ids, self.targets, cu_seqlens, row_length, self.loss_weights)
+
 
 def pack_rows(rows: np.ndarray, bos_id: int) -> PackedBatch:
     """Pack ``rows [batch, seq_len + 1]`` into a ``PackedBatch`` of ``batch * seq_len`` tokens.

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from flashmoba._checks import check_bool, check_choice, check_int, check_positive_int, check_real
 from flashmoba.data import TASKS, ByteTokenizer
 from flashmoba.models.hybrid import MODEL_PRESETS, ModelConfig, model_config_from_preset
-from flashmoba.training.runtime import PRECISIONS, check_device_name
+from flashmoba.training.runtime import COMPILE_MODES, PRECISIONS, check_device_name
 
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 POSITIVE_INT_FIELDS = (
@@ -110,6 +110,15 @@ class TrainConfig:
     compile_blocks: bool = field(
         default=True,
         metadata={"help": "torch.compile each block on CUDA (on CPU blocks always run eager)"},
+    )
+    compile_mode: str = field(
+        default="reduce-overhead",
+        metadata={
+            "help": "torch.compile mode of the blocks; reduce-overhead replays CUDA graphs (one process, "
+            "no activation checkpointing; otherwise default), with the packing offsets padded to static "
+            "shapes",
+            "choices": COMPILE_MODES,
+        },
     )
     log_every: int = field(default=1, metadata={"help": "a metrics row every N steps"})
     eval_every: int = field(default=0, metadata={"help": "validation loss every N steps (0: at the end)"})
@@ -307,6 +316,7 @@ def validate_config(config: TrainConfig) -> None:
     _check_optimizer(config)
     check_device_name("device", config.device)
     check_choice("precision", config.precision, PRECISIONS)
+    check_choice("compile_mode", config.compile_mode, COMPILE_MODES)
     check_choice("distributed", config.distributed, DISTRIBUTED_STRATEGIES)
     for name in BOOL_FIELDS:
         check_bool(name, getattr(config, name))

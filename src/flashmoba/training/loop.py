@@ -32,7 +32,7 @@ from flashmoba.models.checkpoint import apply_checkpoint, save_checkpoint
 from flashmoba.models.hybrid import HybridLM
 from flashmoba.training.config import TrainConfig, validate_config
 from flashmoba.training.run_directory import RunPlan, apply_plan, plan_run
-from flashmoba.training.runtime import autocast, resolve_device
+from flashmoba.training.runtime import autocast, blocks_compile_mode, resolve_device, uses_cuda_graphs
 
 # The micro-step id of validation batches: past any real accumulation, so that validation batches are
 # fixed for a run and never drawn from a training step's stream.
@@ -111,12 +111,13 @@ def validation_loss(model, corpus: TokenCorpus, config: TrainConfig, device, ran
     model.eval()
     total = torch.zeros((), device=device)
     for index in range(config.eval_batches):
-        host_batch = sample_batch(
+        drawn = sample_batch(
             corpus,
             config.batch_size,
             config.seq_len,
             batch_rng(config.seed, rank, index, micro_step=VALIDATION_MICRO_STEP),
         )
+        host_batch = host_batch_for(drawn, config, device)
         batch = host_batch.to(device)
         with autocast(device, config.precision):
             _, loss = model(batch.input_ids, batch.targets, host_batch.cu_seqlens, batch.max_seqlen)
@@ -148,7 +149,7 @@ def train_step(
         group["lr"] = lr
     step_loss = torch.zeros((), device=device)
     for micro_step in range(config.grad_accum_steps):
-        host_batch = train_batch(corpus, config, rank, step, micro_step)
+        host_batch = host_batch_for(train_batch(corpus, config, rank, step, micro_step), config, device)
         batch = host_batch.to(device)
         with _sync_gradients(model, micro_step == config.grad_accum_steps - 1):
             with autocast(device, config.precision):
@@ -225,13 +226,28 @@ def metrics_row(
 # ----------------------------------------------------------------------------------------------------
 
 
+def compile_mode(config: TrainConfig, device: torch.device) -> str | None:
+    """The torch.compile mode of the blocks in this run, None when they run eager."""
+    if not (config.compile_blocks and device.type == "cuda"):
+        return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return blocks_compile_mode(config.compile_mode, config.activation_checkpointing, world)
+
+
+def host_batch_for(batch: PackedBatch, config: TrainConfig, device: torch.device) -> PackedBatch:
+    """The batch as the model takes it in this run: with static shapes when the blocks replay CUDA graphs
+    (``PackedBatch.with_static_shapes``), as packed otherwise."""
+    mode = compile_mode(config, device)
+    return batch.with_static_shapes(config.seq_len) if mode and uses_cuda_graphs(mode) else batch
+
+
 def build_model(config: TrainConfig, device: torch.device):
     """(model, its distributed wrapper or itself, optimizer); the same initial weights on every process."""
     torch.manual_seed(config.seed)
     model = HybridLM(config.model).to(device)
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile_blocks and device.type == "cuda":
-        model.compile_blocks()
+        model.compile_blocks(mode=compile_mode(config, device))
     wrapped = wrap_distributed(model, config, device)
     return model, wrapped, make_optimizer(wrapped, config)
 

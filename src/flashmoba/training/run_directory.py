@@ -33,6 +33,7 @@ RESUMABLE_SETTINGS = (
     "distributed",
     "activation_checkpointing",
     "compile_blocks",
+    "compile_mode",
     "log_every",
     "eval_every",
     "save_every",

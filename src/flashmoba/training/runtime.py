@@ -11,6 +11,8 @@ import re
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# torch.compile modes the blocks may take; "reduce-overhead" adds CUDA graphs.
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune-no-cudagraphs")
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -55,3 +57,18 @@ def autocast(device: torch.device, precision: str = "auto"):
 def autocast_context(config, device: torch.device):
     """``autocast`` at a ``TrainConfig``'s precision."""
     return autocast(device, config.precision)
+
+
+def blocks_compile_mode(compile_mode: str, activation_checkpointing: bool, world: int) -> str:
+    """The mode the blocks are compiled in: ``compile_mode``, except that CUDA graphs ("reduce-overhead")
+    give way to "default" where they would not hold still: blocks recomputed in backward (activation
+    checkpointing replays a forward inside backward), and more than one process (DDP's and FSDP2's hooks
+    and resharded parameters live outside the graphs). At long lengths the host is not the limit anyway."""
+    if compile_mode == "reduce-overhead" and (activation_checkpointing or world > 1):
+        return "default"
+    return compile_mode
+
+
+def uses_cuda_graphs(compile_mode: str) -> bool:
+    """Whether blocks compiled in ``compile_mode`` replay CUDA graphs (and so want static shapes)."""
+    return compile_mode == "reduce-overhead"
