@@ -54,3 +54,16 @@ def test_demo_refuses_bad_flags_before_any_work(flags, message, environment, cap
         main(["demo", *flags])
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_command_s_user_error_is_one_line_and_exit_status_1(monkeypatch, capsys, tmp_path):
+    """A mistake in what a command was given is a message naming it, not a traceback; with
+    FLASHMOBA_TRACEBACK set, the exception itself."""
+    monkeypatch.delenv("FLASHMOBA_TRACEBACK", raising=False)
+    missing = str(tmp_path / "no_such_run")
+    assert main(["eval", "--checkpoint", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flashmoba eval: error: ") and "no_such_run" in err and "Traceback" not in err
+    monkeypatch.setenv("FLASHMOBA_TRACEBACK", "1")
+    with pytest.raises((ValueError, OSError)):
+        main(["eval", "--checkpoint", missing])

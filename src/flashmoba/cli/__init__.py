@@ -8,6 +8,7 @@ it except ``flashmoba/__main__.py``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -20,7 +21,12 @@ SUBCOMMANDS = {
     "snr": ("flashmoba.cli.snr", "the router's signal-to-noise model against Monte-Carlo simulation"),
 }
 
-__all__ = ["SUBCOMMANDS", "main"]
+# What a command raises for a mistake in what it was given (a setting, a file, a checkpoint) or a run it
+# stopped on purpose (a non-finite step): a one-line message and exit status 1, not a traceback. The
+# commands' own main(argv) still raise them, for callers and tests; argparse's usage errors exit 2.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
+
+__all__ = ["SUBCOMMANDS", "USER_ERRORS", "main"]
 
 
 def _usage() -> str:
@@ -40,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flashmoba: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("FLASHMOBA_TRACEBACK"):
+            raise
+        print(
+            f"flashmoba {command}: error: {type(error).__name__}: {error}\n"
+            "(set FLASHMOBA_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
