@@ -51,11 +51,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("tools/compile_hopper.py: run it without TRITON_INTERPRET=1 (kernels must be JIT functions)")
 
 from flashmoba import ops
-from flashmoba.ops import backward, forward, index, router
+from flashmoba.ops import backward, decode, forward, index, router
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 and H200
 BACKEND = CUDABackend(TARGET)
-KERNEL_MODULES = (router, index, forward, backward)
+KERNEL_MODULES = (router, index, forward, backward, decode)
 
 # name -> keyword arguments of run_case (batch 1; the shapes only choose the launchers' paths)
 CASES = {
@@ -72,6 +72,28 @@ CASES = {
     "float16": dict(seqlen=2048, block_size=128, topk=8, dtype=torch.float16),
     "float32": dict(seqlen=1024, block_size=64, topk=4, dtype=torch.float32),
     "non-causal": dict(seqlen=2048, block_size=64, topk=8, causal=False),
+}
+
+
+# name -> keyword arguments of run_decode_case: decode with a KV cache (flashmoba.ops.decode), one step
+# (seqlen_q 1) or a prefill chunk, contiguous or paged, at the serving shapes.
+DECODE_CASES = {
+    "decode 32/8 d128 B128 k8": dict(batch=4, capacity=32768, heads_q=32, heads_kv=8, head_dim=128),
+    "decode 16/16 d64 B128 k8": dict(batch=4, capacity=32768, heads_q=16, heads_kv=16, head_dim=64),
+    # One sequence of 128K: the router splits each kv head's 16 centroid tiles over 4 programs and merges.
+    "decode split router 32/8 d128 128K": dict(
+        batch=1, capacity=131072, heads_q=32, heads_kv=8, head_dim=128
+    ),
+    "decode paged 32/8 d128": dict(batch=4, capacity=32768, heads_q=32, heads_kv=8, head_dim=128, paged=True),
+    "decode chunk 4B 32/8 d128": dict(
+        batch=1, capacity=32768, heads_q=32, heads_kv=8, head_dim=128, seqlen_q=512
+    ),
+    "decode float16 d256 k16": dict(
+        batch=2, capacity=8192, heads_q=8, heads_kv=2, head_dim=256, topk=16, dtype=torch.float16
+    ),
+    "decode float32 d64": dict(
+        batch=2, capacity=4096, heads_q=8, heads_kv=2, head_dim=64, dtype=torch.float32
+    ),
 }
 
 
@@ -147,6 +169,45 @@ def run_case(
     (out.float().sum() + lse.sum()).backward()
 
 
+def run_decode_case(
+    batch,
+    capacity,
+    heads_q,
+    heads_kv,
+    head_dim,
+    seqlen_q=1,
+    block_size=128,
+    topk=8,
+    dtype=torch.bfloat16,
+    paged=False,
+) -> None:
+    """One append + route + attend through the decode launchers on CPU tensors (nothing runs)."""
+    q = torch.zeros(batch, seqlen_q, heads_q, head_dim, dtype=dtype)
+    k = torch.zeros(batch, seqlen_q, heads_kv, head_dim, dtype=dtype)
+    if paged:
+        max_pages = capacity // block_size
+        cache_shape = (batch * max_pages, block_size, heads_kv, head_dim)
+        block_table = torch.zeros(batch, max_pages, dtype=torch.int32)
+    else:
+        cache_shape, block_table = (batch, capacity, heads_kv, head_dim), None
+    k_cache = torch.zeros(cache_shape, dtype=dtype)
+    sums = torch.zeros(batch, capacity // block_size, heads_kv, head_dim, dtype=torch.float32)
+    seqlens = torch.zeros(batch, dtype=torch.int32)
+    decode.moba_decode_triton(
+        q,
+        k_cache,
+        k_cache.clone(),
+        sums,
+        seqlens,
+        block_size,
+        topk,
+        k,
+        k.clone(),
+        block_table,
+        head_dim**-0.5,
+    )
+
+
 def main() -> int:
     knobs.nvidia.dump_ptxas_log = True
     recording = Recording()
@@ -154,6 +215,9 @@ def main() -> int:
     for case, arguments in CASES.items():
         recording.case = case
         run_case(**arguments)
+    for case, arguments in DECODE_CASES.items():
+        recording.case = case
+        run_decode_case(**arguments)
     launched = {kernel.__name__ for kernel, *_ in recording.launches.values()}
     never_launched = sorted(set(recorders) - launched)
     failures = 0

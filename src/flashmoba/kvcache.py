@@ -28,8 +28,11 @@ Layouts (flash-attn's ``flash_attn_with_kvcache``):
   are zero (``kvcache_block_sums`` builds it from a filled cache, a zero tensor is that of empty caches).
 
 Backends: ``"reference"`` (PyTorch, the oracle: it loops over sequences in Python and reads
-``cache_seqlens`` and ``block_table`` back to the host), ``"auto"`` (the reference for now), ``"triton"``
-(not implemented yet: it raises rather than falling back). There is no backward.
+``cache_seqlens`` and ``block_table`` back to the host, checking their values), ``"triton"``
+(``flashmoba.ops.decode``: append, router, split-K attention and merge kernels that read no value on the
+host, so a decode step can be captured in a CUDA graph; float16, bfloat16 and float32; it cannot check
+lengths or page ids, which the caller keeps in range) and ``"auto"`` (Triton for CUDA tensors of 16-bit or
+float32 dtype, else the reference). There is no backward.
 
 ``MoBAKVCache`` owns one layer's contiguous caches, centroid cache and lengths for a batch, and calls
 ``moba_attn_with_kvcache`` for you (``append_and_attend``).
@@ -43,7 +46,16 @@ import torch
 
 from flashmoba import reference
 from flashmoba._checks import check_bool, check_int, check_positive_int, check_real
-from flashmoba.api import BACKENDS, _check_heads, _check_like_q, _check_tensor, _checks_enabled, _shapes_only
+from flashmoba.api import (
+    BACKENDS,
+    _check_heads,
+    _check_like_q,
+    _check_tensor,
+    _checks_enabled,
+    _resolve_backend,
+    _shapes_only,
+    _triton_ops,
+)
 
 __all__ = ["MoBAKVCache", "kvcache_block_sums", "moba_attn_with_kvcache"]
 
@@ -388,7 +400,9 @@ def moba_attn_with_kvcache(
             rows are zeros with lse -inf).
         block_table: int32 ``[batch, max_pages]`` page ids of a paged cache.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
-        backend: ``"auto"`` (the reference for now), ``"reference"`` or ``"triton"`` (not implemented).
+        backend: ``"auto"`` (Triton for CUDA tensors but float64, else the reference), ``"reference"`` or
+            ``"triton"`` (CUDA, or CPU tensors under TRITON_INTERPRET=1; no float64; reads no value on the
+            host, so it checks no length or page id: see the module docstring).
         return_lse: also return the float32 log-sum-exp ``[batch, heads_q, seqlen_q]``.
 
     Returns:
@@ -412,16 +426,21 @@ def moba_attn_with_kvcache(
     else:
         capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     _check_no_grad(q=q, k_cache=k_cache, v_cache=v_cache, block_sums=block_sums, k=k, v=v)
-    if backend == "triton":
-        raise NotImplementedError(
-            "moba_attn_with_kvcache: the Triton decode kernels are not implemented yet; "
-            "use backend='reference'"
-        )
     block_size = min(block_size, max(1, capacity))  # a block beyond the capacity is one block per sequence
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     batch, seqlen_q, heads_q, _ = q.shape
     if q.is_meta:
         out, lse = _shapes_only(q, (batch, heads_q, seqlen_q))
+    elif _resolve_backend(backend, q) == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError(
+                "moba_attn_with_kvcache: backend='triton' supports float16, bfloat16 and float32; "
+                "use backend='reference' (or 'auto') for float64"
+            )
+        with torch.no_grad():
+            out, lse = _triton_ops().moba_decode_triton(
+                q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
+            )
     else:
         with torch.no_grad():
             out, lse = moba_attn_with_kvcache_reference(

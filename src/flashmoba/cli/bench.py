@@ -11,6 +11,12 @@ the Triton interpreter on a small case.
 preset, sequence length and block size / topk pair (``flashmoba.bench.model``): tokens/s, the step split
 into attention, matrix products, other kernels and GPU idle, peak memory and MFU, to
 ``benchmarks/results/model_<card>.json`` with a plot beside it and a markdown table on stdout.
+
+``flashmoba bench decode [flags]``: one decode step (seqlen_q 1: append, route, attend) of MoBA with a KV
+cache against dense decode on the same cache (SDPA, FlexAttention), by cache length, batch and head
+configuration (``flashmoba.bench.decode``): latency (CUDA-graph replays), the bytes floor at the copy
+rate measured in the same run and the ratio to it, to ``benchmarks/results/decode_<card>.json`` with a
+plot beside it and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -160,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashmoba bench",
         description=__doc__.splitlines()[0],
-        epilog="'flashmoba bench model --help': training throughput of the hybrid LM, dense against MoBA",
+        epilog="'flashmoba bench model --help': training throughput of the hybrid LM, dense against MoBA; "
+        "'flashmoba bench decode --help': one decode step with a KV cache, MoBA against dense",
     )
     positive, positives = int_at_least(1), ints_at_least(1)
     parser.add_argument("--seqlens", type=positives, default=list(DEFAULT_SEQLENS))
@@ -249,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["model"]:
         return model_main(argv[1:])
+    if argv[:1] == ["decode"]:
+        return decode_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -368,6 +377,7 @@ def _model_parser() -> argparse.ArgumentParser:
     from flashmoba.api import BACKENDS
     from flashmoba.bench.model import ATTENTIONS
     from flashmoba.models.hybrid import MODEL_PRESETS
+    from flashmoba.training.runtime import COMPILE_MODES
 
     parser = argparse.ArgumentParser(
         prog="flashmoba bench model",
@@ -403,6 +413,12 @@ def _model_parser() -> argparse.ArgumentParser:
         help="torch.compile each block (default: as flashmoba train, on CUDA only)",
     )
     parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile mode of the blocks (default: flashmoba train's, reduce-overhead)",
+    )
+    parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in backward"
     )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/model_<card>.json")
@@ -411,9 +427,9 @@ def _model_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_model_args(parser: argparse.ArgumentParser, args) -> None:
+def _check_model_args(parser: argparse.ArgumentParser, args, stem: str = "model") -> None:
     """What one flag alone cannot say; runs before any work. Sets ``args.device`` (resolved) and
-    ``args.out`` (the default file of the card when not given)."""
+    ``args.out`` (``benchmarks/results/<stem>_<card>.json`` when not given)."""
     _check_pairs(parser, args)
     if args.replot is not None:
         if not args.replot.is_file():
@@ -426,7 +442,7 @@ def _check_model_args(parser: argparse.ArgumentParser, args) -> None:
     except ValueError as error:
         parser.error(f"argument --device: {error}")
     card = card_name() if args.device.type == "cuda" else "cpu"
-    args.out = args.out or Path("benchmarks/results") / f"model_{_file_stem(card)}.json"
+    args.out = args.out or Path("benchmarks/results") / f"{stem}_{_file_stem(card)}.json"
     if args.out.is_dir():
         parser.error(f"argument --out: must be a file path, got the directory {str(args.out)!r}")
     if args.out.exists() and not args.overwrite:
@@ -454,6 +470,7 @@ def _model_jobs(args) -> list[dict]:
                         device=args.device,
                         backend=args.backend,
                         compile_blocks=args.compile_blocks,
+                        compile_mode=args.compile_mode,
                         activation_checkpointing=args.activation_checkpointing,
                     )
                 )
@@ -490,8 +507,9 @@ def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
 def _model_label(row: dict) -> str:
     """The attention, and how the step ran when not the default: eager blocks, recomputed blocks."""
     label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
-    if row.get("compiled") is False and row.get("card") != "cpu":
-        label += " eager"
+    if row.get("card") != "cpu" and "compile_mode" in row:
+        mode = row["compile_mode"]
+        label += " eager" if mode is None else ("" if mode == "reduce-overhead" else f" {mode}")
     if row.get("activation_checkpointing"):
         label += " recompute"
     return label
@@ -593,4 +611,252 @@ def model_main(argv: list[str]) -> int:
     print(f"\nresults in {args.out}\n")
     print(model_table(rows))
     print(heaviest_kernels(rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# flashmoba bench decode
+# ----------------------------------------------------------------------------------------------------
+
+
+def _head_configs(text: str) -> list[tuple[int, int, int]]:
+    """An argparse ``type``: a comma list of ``heads_q/heads_kv/head_dim`` triples, heads_q a multiple of
+    heads_kv."""
+    configs = []
+    for item in (item.strip() for item in text.split(",")):
+        if not item:
+            continue
+        parts = item.split("/")
+        try:
+            heads_q, heads_kv, head_dim = (int(part) for part in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected heads_q/heads_kv/head_dim triples such as 32/8/128, got {item!r}"
+            ) from None
+        if min(heads_q, heads_kv, head_dim) < 1 or heads_q % heads_kv:
+            raise argparse.ArgumentTypeError(
+                f"heads_q, heads_kv, head_dim must be >= 1 and heads_q a multiple of heads_kv, got {item!r}"
+            )
+        configs.append((heads_q, heads_kv, head_dim))
+    if not configs:
+        raise argparse.ArgumentTypeError(f"expected heads_q/heads_kv/head_dim triples, got {text!r}")
+    return configs
+
+
+def _decode_parser() -> argparse.ArgumentParser:
+    from flashmoba.bench import decode
+
+    parser = argparse.ArgumentParser(
+        prog="flashmoba bench decode",
+        description="One decode step with a KV cache (seqlen_q 1: append, route, attend), MoBA against "
+        "dense decode on the same cache: latency, the bytes floor at the copy rate measured in the same "
+        "run, and the ratio to it. Rows go to benchmarks/results/decode_<card>.json with a plot beside it.",
+    )
+    positive, positives = int_at_least(1), ints_at_least(1)
+    parser.add_argument(
+        "--cache-lens",
+        type=ints_at_least(2),
+        default=list(decode.DEFAULT_CACHE_LENGTHS),
+        help="keys per sequence after the step; configurations that do not fit in memory are skipped",
+    )
+    parser.add_argument("--batches", type=positives, default=list(decode.DEFAULT_BATCHES))
+    parser.add_argument(
+        "--heads",
+        type=_head_configs,
+        default=list(decode.DEFAULT_HEADS),
+        help="comma list of heads_q/heads_kv/head_dim (default 32/8/128,16/16/64)",
+    )
+    _add_block_flags(parser)
+    parser.add_argument(
+        "--impls",
+        type=_names(decode.IMPLEMENTATIONS),
+        default=list(decode.IMPLEMENTATIONS),
+        help=f"comma list from {decode.IMPLEMENTATIONS}",
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--backend", choices=("triton", "reference", "auto"), default="triton", help="of the MoBA step"
+    )
+    parser.add_argument("--repeats", type=positive, default=20, help="timed calls (their median)")
+    parser.add_argument("--warmup", type=positive, default=3, help="untimed calls first")
+    parser.add_argument("--no-graphs", action="store_true", help="time eager calls only (no CUDA graphs)")
+    parser.add_argument(
+        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default benchmarks/results/decode_<card>.json"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_replot_flag(parser)
+    return parser
+
+
+def _check_decode_args(parser: argparse.ArgumentParser, args) -> None:
+    """As ``_check_model_args``: resolves ``args.device`` and ``args.out``; refuses to overwrite."""
+    _check_model_args(parser, args, stem="decode")
+
+
+def _decode_jobs(args) -> list[dict]:
+    """Keyword arguments of ``decode_shape`` in run order: head configuration, batch, cache length,
+    block size / topk pair."""
+    jobs = []
+    for heads_q, heads_kv, head_dim in args.heads:
+        for batch in args.batches:
+            for cache_len in args.cache_lens:
+                for block_size, topk in zip(args.block_sizes, args.topks):
+                    jobs.append(
+                        dict(
+                            cache_len=cache_len,
+                            batch=batch,
+                            heads_q=heads_q,
+                            heads_kv=heads_kv,
+                            head_dim=head_dim,
+                            block_size=block_size,
+                            topk=topk,
+                            dtype=args.dtype,
+                            device=args.device,
+                        )
+                    )
+    return jobs
+
+
+def _run_decode_jobs(args, jobs: list[dict]) -> list[dict]:
+    """Measure each configuration (dense impls once per configuration, beside its first block / topk
+    pair); the file is rewritten after each, so that a run that dies keeps the rows before it."""
+    from flashmoba.bench import decode
+
+    copy_gbps = decode.copy_rate_gbps(args.device)
+    card = decode.card_name() if args.device.type == "cuda" else "cpu"
+    print(f"copy rate: {copy_gbps:,.0f} GB/s (read + write) on {card}")
+    rows, dense_done = [], set()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for job in tqdm(jobs, desc="flashmoba bench decode", unit="config"):
+        key = tuple(job[name] for name in ("cache_len", "batch", "heads_q", "heads_kv", "head_dim"))
+        impls = [impl for impl in args.impls if impl == "moba" or key not in dense_done]
+        dense_done.add(key)
+        rows += decode.measure_decode(
+            decode.decode_shape(**job),
+            impls,
+            backend=args.backend,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            graphs=not args.no_graphs,
+            copy_gbps=copy_gbps,
+        )
+        args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _decode_label(row: dict) -> str:
+    if row["impl"] == "moba":
+        return f"moba B={row['block_size']} k={row['topk']}"
+    return row["impl"]
+
+
+def _heads_label(row: dict) -> str:
+    return f"{row['heads_q']}/{row['heads_kv']} d{row['head_dim']}"
+
+
+DECODE_TABLE_COLUMNS = (
+    ("step ms", "step_ms", ".4f"),
+    ("eager ms", "eager_ms", ".4f"),
+    ("floor ms", "floor_ms", ".4f"),
+    ("x floor", "floor_ratio", ".1f"),
+    ("MB read", "megabytes", ".4g"),
+)
+
+
+def decode_table(rows: list[dict]) -> str:
+    """The rows as a markdown table under a line naming the card and copy rate; "vs sdpa": how many times
+    faster than the sdpa row of the same cache, batch and heads."""
+    first = rows[0] if rows else {}
+    copy = first.get("copy_gbps")
+    dense = {
+        (r["cache_len"], r["batch"], _heads_label(r)): r
+        for r in rows
+        if r["impl"] == "sdpa" and r.get("step_ms") is not None
+    }
+    lines = [
+        f"Card: **{first.get('card', '?')}**, {first.get('dtype', '?')}, copy rate "
+        f"{_number(copy, ',.0f')} GB/s (read + write); one decode step, seqlen_q 1",
+        "",
+        "| impl | heads | batch | cache | "
+        + " | ".join(title for title, _, _ in DECODE_TABLE_COLUMNS)
+        + " | vs sdpa | timing |",
+        "|---|---|---:|---:|" + "---:|" * len(DECODE_TABLE_COLUMNS) + "---:|---|",
+    ]
+    for row in rows:
+        head = f"| {_decode_label(row)} | {_heads_label(row)} | {row['batch']} | {row['cache_len']} | "
+        if row.get("error"):
+            cells = [f"{row['error'][:70]}"] + [""] * len(DECODE_TABLE_COLUMNS)
+            lines.append(head + " | ".join(cells) + " | |")
+            continue
+        values = dict(row, megabytes=None if row.get("bytes_read") is None else row["bytes_read"] / 1e6)
+        cells = [_number(values.get(field), fmt) for _, field, fmt in DECODE_TABLE_COLUMNS]
+        base = dense.get((row["cache_len"], row["batch"], _heads_label(row)))
+        cells.append(_speedup(base, row, "step_ms"))
+        timing = row.get("timing") or "-"
+        if row.get("note"):
+            timing += f" ({row['note'][:50]})"
+        lines.append(head + " | ".join(cells) + f" | {timing} |")
+    return "\n".join(lines)
+
+
+def decode_plot(rows: list[dict], path: Path) -> None:
+    """Step latency against cache length, one panel per head configuration, one line per impl and batch;
+    MoBA's bytes floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({_heads_label(row) for row in rows}) or ["?"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        series: dict[str, list[dict]] = {}
+        for row in rows:
+            if _heads_label(row) == panel and not row.get("error") and row.get("step_ms") is not None:
+                series.setdefault(f"{_decode_label(row)} batch {row['batch']}", []).append(row)
+        for label, points in series.items():
+            points.sort(key=lambda r: r["cache_len"])
+            lengths = [r["cache_len"] for r in points]
+            (line,) = axis.plot(lengths, [r["step_ms"] for r in points], marker="o", label=label)
+            if points[0]["impl"] == "moba":
+                floors = [r["floor_ms"] for r in points]
+                axis.plot(lengths, floors, linestyle="--", color=line.get_color(), alpha=0.6)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("cache length")
+        axis.set_ylabel("ms per decode step (dashed: MoBA's bytes floor)")
+        axis.set_title(panel)
+        axis.grid(True, which="both", alpha=0.3)
+        if series:
+            axis.legend(fontsize=7)
+    first = rows[0] if rows else {}
+    figure.suptitle(f"decode step with a KV cache on {first.get('card', '?')}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _decode_plot_or_say(rows: list[dict], out: Path) -> None:
+    try:
+        decode_plot(rows, out.with_suffix(".png"))
+    except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
+        print(f"no plot ({error}); run 'flashmoba bench decode --replot {out}' where matplotlib is installed")
+
+
+def decode_main(argv: list[str]) -> int:
+    parser = _decode_parser()
+    args = parser.parse_args(argv)
+    _check_decode_args(parser, args)
+    if args.replot is not None:
+        rows = _read_rows(parser, args.replot)
+        _decode_plot_or_say(rows, args.replot)
+        print(decode_table(rows))
+        return 0
+    rows = _run_decode_jobs(args, _decode_jobs(args))
+    _decode_plot_or_say(rows, args.out)
+    print(f"\nresults in {args.out}\n")
+    print(decode_table(rows))
     return 0

@@ -2,6 +2,7 @@
 
 - ``router``: block centroids and the fused top-k (the selection of each query row and head);
 - ``index``: the key-block-major list of routed (query row, slot) pairs built from the selection;
+- ``decode``: decode with a KV cache (append, router against the centroid cache, split-K attention);
 - ``forward`` / ``backward``: the sparse attention kernels and their launchers; ``partials``: the
   per-pair scratch they share;
 - ``autograd``: the ``torch.library`` custom ops (fake kernels, autograd) and the functions below, which
@@ -29,9 +30,12 @@ from flashmoba.ops.autograd import (
     moba_select_varlen_triton,
 )
 from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.decode import DecodeConfig, moba_decode_triton
 
 __all__ = [
+    "DecodeConfig",
     "KernelConfig",
+    "moba_decode_triton",
     "moba_attn_triton",
     "moba_attn_varlen_triton",
     "moba_select_triton",

@@ -1,0 +1,1026 @@
+"""Decode with a KV cache in Triton: append, route against the centroid cache, split-K attention, merge.
+
+``moba_attn_with_kvcache`` (``flashmoba.kvcache``) calls ``moba_decode_triton``; the contract is the
+reference's (../shared/inference.md, section 1). Four kernels (five with a split router) and no host
+synchronisation anywhere: every length and page id is read on the device, every grid and scratch buffer
+is sized from shapes alone, so a decode step (append + route + attend) can be captured in a CUDA graph.
+
+1. ``_decode_append_kernel``, program (touched block j, sequence b, kv head h): writes the new keys and
+   values of sequence b that fall into its j-th touched block (positions ``cache_seqlens[b] + t``) into
+   the caches (contiguous or paged) and adds their float32 sum to that block's ``block_sums`` row. One
+   program owns each (sequence, block, head) row, so the update is a load-add-store, not an atomic: the
+   result is deterministic. A chunk of T new keys touches at most ``cdiv(T, B) + 1`` blocks.
+2. ``_decode_route_kernel``, program (row tile, sequence b, kv head h): the rows are the (query row,
+   query head of h's group) pairs of sequence b, so each centroid tile is read once per kv head. It scores
+   the rows against ``block_sums / B`` with ``tile_dot`` (every candidate block is complete: candidates
+   end before the own block, so its count is B) and keeps each row's running top-k on chip with the
+   router's packed (score, block id) keys (``flashmoba.ops.router``: ties go to the later block). float32
+   scores are ``q . sum / B`` and 16-bit ones ``q . (sum / B rounded to q's dtype)``, the reference's two
+   rules. Output: int32 ``[batch, seqlen_q, heads_q, topk]``, the candidates ascending, then the own
+   block, then -1. Where that grid is small against the device (a few long sequences), the centroid tiles
+   of each (row tile, sequence, kv head) are split over ``block_splits`` programs, each storing its
+   running lists, and ``_decode_route_merge_kernel`` merges them (the keys order globally).
+3. ``_decode_attn_partial_kernel``, program (query row and head, split): one query row of one head
+   against the keys of the selected blocks of slots ``[split * S, (split + 1) * S)`` of its selection,
+   in tiles of BLOCK_N keys of a block, as a matrix-vector product on CUDA cores (a decode row is one row:
+   a tensor-core tile would be 15/16 padding, and the step is bound by the bytes of K and V anyway). The
+   causal rule ``key <= row position`` masks the own block; slots holding -1 mask everything. It stores a
+   partial output normalised by its own sum and its log2-sum-exp (-inf where it saw no key).
+4. ``_decode_merge_kernel``, program (query row and head): combines the splits' partials by their
+   log-sum-exp into o (q's dtype) and the float32 natural-log lse; a row that saw no key (an empty
+   sequence) gets zeros and -inf.
+
+The Triton path reads no values on the host, so it cannot check them: lengths past the capacity and page
+ids out of range are the caller's to avoid (the reference backend checks them). Writes past the capacity
+are dropped and rows before the sequence start (a cached sequence shorter than the queries) see nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmoba._checks import check_positive_int
+from flashmoba.ops.router import (
+    EMPTY_KEY,
+    MAX_RUNNING_TOPK,
+    NOT_ENTERING,
+    _insert_best,
+    _key_score,
+    _merge_tile,
+    _ordered_scores,
+    _score_keys,
+)
+from flashmoba.ops.utils import (
+    LN_2,
+    LOG2_E,
+    MAX_HEAD_DIM,
+    dot_in_float32,
+    dot_precision,
+    head_dim_tile,
+    interpreting,
+    next_power_of_2,
+    tile_dot,
+)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_DIM = 65535  # CUDA's limit on grid dimensions 1 and 2
+# Programs the split-K attention aims for when the device's SM count is unknown (an H100 has 132 SMs).
+DEFAULT_SM_COUNT = 132
+_LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch settings of the decode kernels (None: the launcher's heuristic decides for the shapes)."""
+
+    # Router: (row, query head) pairs per program, centroids per tile, warps.
+    route_block_m: int | None = None
+    route_block_n: int | None = None
+    route_num_warps: int | None = None
+    route_num_stages: int | None = None
+    # Programs that share one (row tile, sequence, kv head)'s centroid tiles (1: no split, no merge).
+    route_block_splits: int | None = None
+    # Attention: keys per tile, warps, and splits of a row's selected blocks (one split: no split-K).
+    attn_block_n: int | None = None
+    attn_num_warps: int | None = None
+    num_splits: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                check_positive_int(field.name, value)
+
+
+DEFAULT_DECODE_CONFIG = DecodeConfig()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bfloat16_nearest(values):
+    """float32 values rounded to the nearest bfloat16 (ties to even), still as float32: what ``.to(bf16)``
+    does on a GPU. Triton 3.6's interpreter truncates there instead, so the kernels round by the bits
+    under ``ROUND_BF16`` (finite values; the carry never reaches the sign bit)."""
+    bits = values.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode_append_kernel(
+    KNew,
+    VNew,
+    KCache,
+    VCache,
+    BlockSums,
+    CacheSeqlens,
+    BlockTable,  # None for a contiguous cache (PAGED False)
+    stride_new_batch,
+    stride_new_token,
+    stride_new_head,
+    stride_new_dim,
+    stride_vnew_batch,
+    stride_vnew_token,
+    stride_vnew_head,
+    stride_vnew_dim,
+    stride_k_page,  # contiguous: the batch stride, and a sequence is one page of `capacity` slots
+    stride_k_slot,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_head,
+    stride_v_dim,
+    stride_sums_batch,
+    stride_sums_block,
+    stride_sums_head,
+    stride_sums_dim,
+    stride_table_batch,
+    seqlen_q,
+    block_size,
+    page_size,
+    capacity,
+    max_blocks,
+    head_dim,
+    PAGED: tl.constexpr,
+    TOKEN_TILE: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Program (touched block j, sequence b, kv head h): the new keys of block ``start // B + j``."""
+    touched = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CacheSeqlens + seq)
+    block = start // block_size + touched
+    # The chunk's tokens [first, last) that fall into this block (empty for the last j of some chunks).
+    first = tl.maximum(block * block_size - start, 0)
+    last = tl.minimum((block + 1) * block_size - start, seqlen_q)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    token_offsets = tl.arange(0, TOKEN_TILE)
+    k_new_base = KNew + seq.to(tl.int64) * stride_new_batch + head.to(tl.int64) * stride_new_head
+    v_new_base = VNew + seq.to(tl.int64) * stride_vnew_batch + head.to(tl.int64) * stride_vnew_head
+
+    block_sum = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for tile_start in range(first, last, TOKEN_TILE):
+        tokens = tile_start + token_offsets
+        positions = start + tokens
+        token_ok = (tokens < last) & (positions < capacity)  # writes past the capacity are dropped
+        mask = token_ok[:, None] & dim_ok[None, :]
+        keys = tl.load(
+            k_new_base + tokens.to(tl.int64)[:, None] * stride_new_token + dims[None, :] * stride_new_dim,
+            mask=mask,
+            other=0.0,
+        )
+        values = tl.load(
+            v_new_base + tokens.to(tl.int64)[:, None] * stride_vnew_token + dims[None, :] * stride_vnew_dim,
+            mask=mask,
+            other=0.0,
+        )
+        if PAGED:
+            pages = tl.load(BlockTable + seq * stride_table_batch + positions // page_size, mask=token_ok)
+            slots = positions % page_size
+        else:
+            pages = tl.zeros([TOKEN_TILE], dtype=tl.int32) + seq
+            slots = positions
+        k_rows = pages.to(tl.int64) * stride_k_page + slots.to(tl.int64) * stride_k_slot
+        v_rows = pages.to(tl.int64) * stride_v_page + slots.to(tl.int64) * stride_v_slot
+        k_ptrs = KCache + head.to(tl.int64) * stride_k_head + k_rows[:, None] + dims[None, :] * stride_k_dim
+        v_ptrs = VCache + head.to(tl.int64) * stride_v_head + v_rows[:, None] + dims[None, :] * stride_v_dim
+        tl.store(k_ptrs, keys.to(KCache.dtype.element_ty), mask=mask)
+        tl.store(v_ptrs, values.to(VCache.dtype.element_ty), mask=mask)
+        block_sum += tl.sum(keys.to(tl.float32), axis=0)
+
+    sums_ptrs = (
+        BlockSums
+        + seq.to(tl.int64) * stride_sums_batch
+        + block.to(tl.int64) * stride_sums_block
+        + head.to(tl.int64) * stride_sums_head
+        + dims * stride_sums_dim
+    )
+    sums_mask = dim_ok & (first < last) & (block < max_blocks)
+    old_sum = tl.load(sums_ptrs, mask=sums_mask, other=0.0)
+    tl.store(sums_ptrs, old_sum + block_sum, mask=sums_mask)
+
+
+@triton.jit
+def _route_pairs(
+    CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M: tl.constexpr
+):
+    """The (query row, query head) pairs of a router row tile: in range, row, query head, own block (-1
+    for a row before the sequence start)."""
+    length = tl.load(CacheSeqlens + seq) + appended
+    pairs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair_ok = pairs < seqlen_q * group
+    rows = pairs // group
+    heads = kv_head * group + pairs % group
+    positions = length - seqlen_q + rows
+    own_block = tl.where(positions >= 0, positions // block_size, -1)
+    return pair_ok, rows, heads, own_block
+
+
+@triton.jit
+def _split_list_ptrs(
+    SplitKeys,
+    tile,
+    seq,
+    kv_head,
+    split,
+    heads_kv,
+    block_splits,
+    BLOCK_M: tl.constexpr,
+    RUNNING_TOPK: tl.constexpr,
+):
+    """Pointers to one split's running lists ``[BLOCK_M, RUNNING_TOPK]`` in the scratch
+    ``[row tiles, batch, heads_kv, block_splits, BLOCK_M, RUNNING_TOPK]`` (the batch from the grid's
+    dimension 1, which both router kernels share)."""
+    batch = tl.num_programs(1)
+    index = ((tile.to(tl.int64) * batch + seq) * heads_kv + kv_head) * block_splits + split
+    offsets = tl.arange(0, BLOCK_M)[:, None] * RUNNING_TOPK + tl.arange(0, RUNNING_TOPK)[None, :]
+    return SplitKeys + index * (BLOCK_M * RUNNING_TOPK) + offsets
+
+
+@triton.jit
+def _store_selection(
+    Selected,
+    running_topk,
+    own_block,
+    pair_ok,
+    rows,
+    heads,
+    seq,
+    stride_selected_batch,
+    stride_selected_token,
+    stride_selected_head,
+    picks,
+    topk,
+    RUNNING_TOPK: tl.constexpr,
+    TAIL_TILE: tl.constexpr,
+):
+    """Write the selections of a row tile from its running lists (ascending packed keys)."""
+    columns = tl.arange(0, RUNNING_TOPK)
+    # Keep the best `picks` of each row, list their block ids ascending, then the own block (the latest).
+    rank = RUNNING_TOPK - 1 - columns
+    kept = (running_topk != EMPTY_KEY) & (rank < picks)[None, :]
+    block_ids_kept = (running_topk & 0xFFFFFFFF).to(tl.int32)
+    block_ids_kept = tl.sort(tl.where(kept, block_ids_kept, 0x7FFFFFFF), dim=1)
+    kept_count = tl.sum(kept.to(tl.int32), axis=1)
+    own_column = tl.where(own_block >= 0, kept_count, -1)
+    out_base = (
+        Selected
+        + seq.to(tl.int64) * stride_selected_batch
+        + rows.to(tl.int64)[:, None] * stride_selected_token
+        + heads.to(tl.int64)[:, None] * stride_selected_head
+    )
+    selected = tl.where(
+        columns[None, :] < kept_count[:, None],
+        block_ids_kept,
+        tl.where(columns[None, :] == own_column[:, None], own_block[:, None], -1),
+    )
+    tl.store(out_base + columns[None, :], selected, mask=pair_ok[:, None] & (columns < topk)[None, :])
+    # Slots past the running list: the own block (when every running slot is kept) or -1.
+    tail_offsets = tl.arange(0, TAIL_TILE)
+    for tail_start in range(RUNNING_TOPK, topk, TAIL_TILE):
+        tail_columns = tail_start + tail_offsets
+        tail = tl.where(tail_columns[None, :] == own_column[:, None], own_block[:, None], -1)
+        tl.store(
+            out_base + tail_columns[None, :], tail, mask=pair_ok[:, None] & (tail_columns < topk)[None, :]
+        )
+
+
+@triton.jit
+def _decode_route_kernel(
+    Q,
+    BlockSums,
+    CacheSeqlens,
+    Selected,
+    SplitKeys,  # int64 running lists of each block split (SPLIT_BLOCKS), else None
+    stride_q_batch,
+    stride_q_token,
+    stride_q_head,
+    stride_q_dim,
+    stride_sums_batch,
+    stride_sums_block,
+    stride_sums_head,
+    stride_sums_dim,
+    stride_selected_batch,
+    stride_selected_token,
+    stride_selected_head,
+    seqlen_q,
+    appended,  # new keys per sequence of this call: seqlen_q with k, v, else 0
+    group,  # query heads per kv head
+    head_dim,
+    block_size,
+    topk,
+    picks,  # candidates a row keeps: min(topk - 1, max_blocks) <= RUNNING_TOPK
+    heads_kv,
+    block_splits,  # programs sharing one (row tile, sequence, kv head)'s centroid tiles
+    tiles_per_split,
+    SPLIT_BLOCKS: tl.constexpr,  # block_splits > 1: store the running lists for the merge kernel
+    RUNNING_TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    TAIL_TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+    SUMS_ROUTE: tl.constexpr,  # float32: score q . sum / B; 16-bit: q . (sum / B rounded to q's dtype)
+    INSERT_ROUNDS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # round to bfloat16 by the bits (the interpreter truncates in .to)
+):
+    """Program (row tile, sequence b, kv head h and block split): selections of the (query row t, query
+    head of h's group) pairs ``t * group + g`` of the tile, from the split's centroid tiles
+    ``[split * tiles_per_split, ...)``. With one split it writes the selections; with several it stores
+    its running lists and ``_decode_route_merge_kernel`` merges them."""
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2) // block_splits
+    split = tl.program_id(2) % block_splits
+    pair_ok, rows, heads, own_block = _route_pairs(
+        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M
+    )
+    candidate_limit = tl.where(pair_ok, own_block, 0)  # candidates: blocks j < own block, all complete
+    blocks_to_visit = tl.max(candidate_limit, axis=0)
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    q_ptrs = (
+        Q
+        + seq.to(tl.int64) * stride_q_batch
+        + rows.to(tl.int64)[:, None] * stride_q_token
+        + heads.to(tl.int64)[:, None] * stride_q_head
+        + dims[None, :] * stride_q_dim
+    )
+    queries = tl.load(q_ptrs, mask=pair_ok[:, None] & dim_ok[None, :], other=0.0)
+    sums_base = BlockSums + seq.to(tl.int64) * stride_sums_batch + kv_head.to(tl.int64) * stride_sums_head
+
+    columns = tl.arange(0, RUNNING_TOPK)
+    threshold_column = RUNNING_TOPK - picks  # a row's picks-th best, in an ascending list
+    block_offsets = tl.arange(0, BLOCK_N)
+    num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
+    first_tile = split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)  # <= first_tile: nothing to score
+    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)  # ascending
+    for tile_index in range(first_tile, last_tile):
+        # Latest tiles first: with attention's locality they raise the thresholds early.
+        block_ids = (first_tile + last_tile - 1 - tile_index) * BLOCK_N + block_offsets
+        sums_ptrs = (
+            sums_base + block_ids.to(tl.int64)[None, :] * stride_sums_block + dims[:, None] * stride_sums_dim
+        )
+        sums_mask = dim_ok[:, None] & (block_ids < blocks_to_visit)[None, :]
+        sums = tl.load(sums_ptrs, mask=sums_mask, other=0.0)  # [HEAD_DIM_PAD, BLOCK_N] float32
+        if SUMS_ROUTE:
+            block_scores = tile_dot(queries, sums, DOT_PRECISION, DOT_IN_FLOAT32) / block_size
+        else:
+            centroids = sums / block_size
+            if ROUND_BF16:
+                centroids = _bfloat16_nearest(centroids)
+            centroids = centroids.to(Q.dtype.element_ty)
+            block_scores = tile_dot(queries, centroids, DOT_PRECISION, DOT_IN_FLOAT32)
+        may_enter = block_ids[None, :] < candidate_limit[:, None]
+        # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
+        # first, so an equal score belongs to an earlier block and loses the tie.
+        at_threshold = columns[None, :] == threshold_column
+        threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
+        below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
+        may_enter &= ~below
+        rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
+        if rounds > 0:
+            ordered = _ordered_scores(block_scores)
+            if rounds <= INSERT_ROUNDS:
+                entering = tl.where(may_enter, ordered, NOT_ENTERING)
+                running_topk = _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK)
+            else:
+                keys = tl.where(may_enter, _score_keys(ordered, block_ids[None, :]), EMPTY_KEY)
+                running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
+
+    if SPLIT_BLOCKS:
+        # A split's best `picks` are a superset of its share of the overall best: store the whole list.
+        list_ptrs = _split_list_ptrs(
+            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, BLOCK_M, RUNNING_TOPK
+        )
+        tl.store(list_ptrs, running_topk)
+    else:
+        _store_selection(
+            Selected,
+            running_topk,
+            own_block,
+            pair_ok,
+            rows,
+            heads,
+            seq,
+            stride_selected_batch,
+            stride_selected_token,
+            stride_selected_head,
+            picks,
+            topk,
+            RUNNING_TOPK,
+            TAIL_TILE,
+        )
+
+
+@triton.jit
+def _decode_route_merge_kernel(
+    SplitKeys,
+    CacheSeqlens,
+    Selected,
+    stride_selected_batch,
+    stride_selected_token,
+    stride_selected_head,
+    seqlen_q,
+    appended,
+    group,
+    block_size,
+    topk,
+    picks,
+    heads_kv,
+    block_splits,
+    RUNNING_TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TAIL_TILE: tl.constexpr,
+):
+    """Program (row tile, sequence b, kv head h): merge the block splits' running lists into the
+    selections (packed keys order globally, ties to the later block as within a split)."""
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    pair_ok, rows, heads, own_block = _route_pairs(
+        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M
+    )
+    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    for split in range(0, block_splits):
+        list_ptrs = _split_list_ptrs(
+            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, BLOCK_M, RUNNING_TOPK
+        )
+        running_topk = _merge_tile(running_topk, tl.load(list_ptrs), RUNNING_TOPK)
+    _store_selection(
+        Selected,
+        running_topk,
+        own_block,
+        pair_ok,
+        rows,
+        heads,
+        seq,
+        stride_selected_batch,
+        stride_selected_token,
+        stride_selected_head,
+        picks,
+        topk,
+        RUNNING_TOPK,
+        TAIL_TILE,
+    )
+
+
+@triton.jit
+def _decode_attn_partial_kernel(
+    Q,
+    KCache,
+    VCache,
+    Selected,
+    CacheSeqlens,
+    BlockTable,  # None for a contiguous cache (PAGED False)
+    PartialOut,  # float32 [batch * seqlen_q * heads_q, num_splits, head_dim]
+    PartialLse,  # float32 [batch * seqlen_q * heads_q, num_splits], log2 domain
+    stride_q_batch,
+    stride_q_token,
+    stride_q_head,
+    stride_q_dim,
+    stride_k_page,  # contiguous: the batch stride (a sequence is one page of `capacity` slots)
+    stride_k_slot,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_head,
+    stride_v_dim,
+    stride_table_batch,
+    stride_selected_batch,
+    stride_selected_token,
+    stride_selected_head,
+    seqlen_q,
+    heads_q,
+    group,
+    appended,
+    block_size,
+    page_size,
+    head_dim,
+    used_slots,  # selection slots that can hold a block: min(topk, max_blocks)
+    slots_per_split,
+    num_splits,
+    qk_scale,  # softmax_scale * log2(e)
+    PAGED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Program (pair (b, t, head), split): partial softmax of query row t of head ``head`` over the keys of
+    the blocks in selection slots ``[split * slots_per_split, ...)``."""
+    pair = tl.program_id(0)
+    split = tl.program_id(1)
+    head = pair % heads_q
+    seq = pair // heads_q // seqlen_q
+    row = pair // heads_q % seqlen_q
+    kv_head = head // group
+    position = tl.load(CacheSeqlens + seq) + appended - seqlen_q + row
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    q_ptrs = (
+        Q
+        + seq.to(tl.int64) * stride_q_batch
+        + row.to(tl.int64) * stride_q_token
+        + head.to(tl.int64) * stride_q_head
+        + dims * stride_q_dim
+    )
+    query = tl.load(q_ptrs, mask=dim_ok, other=0.0).to(tl.float32)
+    selection = (
+        Selected
+        + seq.to(tl.int64) * stride_selected_batch
+        + row.to(tl.int64) * stride_selected_token
+        + head.to(tl.int64) * stride_selected_head
+    )
+    k_base = KCache + kv_head.to(tl.int64) * stride_k_head
+    v_base = VCache + kv_head.to(tl.int64) * stride_v_head
+    key_offsets = tl.arange(0, BLOCK_N)
+
+    row_max = tl.full([], float("-inf"), dtype=tl.float32)  # log2 domain
+    row_sum = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    first_slot = split * slots_per_split
+    last_slot = tl.minimum(first_slot + slots_per_split, used_slots)
+    for slot in range(first_slot, last_slot):
+        block = tl.load(selection + slot)  # -1: an unused slot, every key masked
+        for tile_start in range(0, block_size, BLOCK_N):
+            in_block = tile_start + key_offsets
+            key_positions = block * block_size + in_block
+            visible = (block >= 0) & (in_block < block_size) & (key_positions <= position)
+            if PAGED:
+                pages = tl.load(
+                    BlockTable + seq * stride_table_batch + key_positions // page_size, mask=visible, other=0
+                )
+                slots = key_positions % page_size
+            else:
+                pages = tl.zeros([BLOCK_N], dtype=tl.int32) + seq
+                slots = key_positions
+            mask = visible[:, None] & dim_ok[None, :]
+            k_rows = pages.to(tl.int64) * stride_k_page + slots.to(tl.int64) * stride_k_slot
+            keys = tl.load(k_base + k_rows[:, None] + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
+            scores = tl.sum(keys.to(tl.float32) * query[None, :], axis=1) * qk_scale
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=0))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: no NaN
+            probs = tl.exp2(scores - safe_max)
+            rescale = tl.exp2(row_max - safe_max)
+            v_rows = pages.to(tl.int64) * stride_v_page + slots.to(tl.int64) * stride_v_slot
+            values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
+            acc = acc * rescale + tl.sum(probs[:, None] * values.to(tl.float32), axis=0)
+            row_sum = row_sum * rescale + tl.sum(probs, axis=0)
+            row_max = new_max
+
+    seen = row_sum > 0.0
+    partial = pair.to(tl.int64) * num_splits + split
+    tl.store(PartialOut + partial * head_dim + dims, acc / tl.where(seen, row_sum, 1.0), mask=dim_ok)
+    tl.store(
+        PartialLse + partial, tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    )
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PartialOut,
+    PartialLse,
+    Out,
+    Lse,  # float32 [batch, heads_q, seqlen_q]
+    stride_o_batch,
+    stride_o_token,
+    stride_o_head,
+    stride_o_dim,
+    stride_lse_batch,
+    stride_lse_head,
+    stride_lse_token,
+    seqlen_q,
+    heads_q,
+    head_dim,
+    num_splits,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    """Program (pair (b, t, head)): o and lse of the row from its splits' partials."""
+    pair = tl.program_id(0)
+    head = pair % heads_q
+    seq = pair // heads_q // seqlen_q
+    row = pair // heads_q % seqlen_q
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < num_splits
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    partials = pair.to(tl.int64) * num_splits + splits
+    lses = tl.load(PartialLse + partials, mask=split_ok, other=float("-inf"))
+    top = tl.max(lses, axis=0)
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    weights = tl.exp2(lses - safe_top)  # 0 for a split that saw nothing
+    total = tl.sum(weights, axis=0)
+    outs = tl.load(
+        PartialOut + partials[:, None] * head_dim + dims[None, :],
+        mask=split_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    seen = total > 0.0
+    out = tl.sum(weights[:, None] * outs, axis=0) / tl.where(seen, total, 1.0)
+    o_ptrs = (
+        Out
+        + seq.to(tl.int64) * stride_o_batch
+        + row.to(tl.int64) * stride_o_token
+        + head.to(tl.int64) * stride_o_head
+        + dims * stride_o_dim
+    )
+    if ROUND_BF16:
+        out = _bfloat16_nearest(out)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=dim_ok)
+    lse = tl.where(seen, (safe_top + tl.log2(tl.where(seen, total, 1.0))) * _LN_2, float("-inf"))
+    lse_ptr = Lse + seq.to(tl.int64) * stride_lse_batch + head * stride_lse_head + row * stride_lse_token
+    tl.store(lse_ptr, lse)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _round_bf16_by_bits(dtype: torch.dtype) -> bool:
+    """Round float32 to bfloat16 by the bits: only in the interpreter, whose ``.to`` truncates."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def decode_tiles(
+    head_dim: int,
+    block_size: int,
+    topk: int,
+    max_blocks: int,
+    rows: int,
+    group: int,
+    seqlen_q: int,
+    sm_count: int,
+    config: DecodeConfig = DEFAULT_DECODE_CONFIG,
+) -> dict:
+    """Every launch setting of the decode kernels for these shapes (the config's fields where set).
+
+    rows: query (row, head) pairs of the batch, ``batch * seqlen_q * heads_q``.
+    """
+    picks = min(topk - 1, max_blocks)
+    running_topk = max(2, next_power_of_2(picks))
+    head_dim_pad = head_dim_tile(head_dim)
+    route_block_n = 64 if head_dim_pad <= 128 else 32
+    route_block_n = max(16, min(route_block_n, next_power_of_2(max_blocks)), running_topk)
+    # Pairs per router program: the group's heads of a few rows (tl.dot needs 16 rows at least).
+    route_block_m = max(16, min(64, next_power_of_2(seqlen_q * group)))
+    route = dict(
+        BLOCK_M=config.route_block_m or route_block_m,
+        BLOCK_N=config.route_block_n or route_block_n,
+        # 8 warps, 2 stages: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on sm_90, and so
+        # do 3 stages of float32 sums tiles (tools/compile_hopper.py).
+        num_warps=config.route_num_warps or 8,
+        num_stages=config.route_num_stages or 2,
+    )
+    # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
+    # batches of long caches: one program per kv head would walk every centroid alone); each split
+    # keeps at least 4 tiles, and a merge kernel combines the splits' lists.
+    centroid_tiles = -(-max_blocks // route["BLOCK_N"])
+    route_programs = -(-seqlen_q * group // route["BLOCK_M"]) * max(1, rows // max(1, seqlen_q * group))
+    if route_programs >= sm_count or centroid_tiles < 8:
+        block_splits = 1
+    else:
+        block_splits = min(-(-sm_count // route_programs), centroid_tiles // 4)
+    block_splits = min(config.route_block_splits or block_splits, centroid_tiles)
+    tiles_per_split = -(-centroid_tiles // block_splits)
+    block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
+    used_slots = min(topk, max_blocks)
+    # Split the selected blocks until the grid fills the device about twice (shapes only).
+    num_splits = config.num_splits or max(1, min(used_slots, -(-2 * sm_count // max(rows, 1))))
+    num_splits = min(num_splits, used_slots)
+    slots_per_split = -(-used_slots // num_splits)
+    num_splits = -(-used_slots // slots_per_split)  # no split left without a slot
+    attn_block_n = config.attn_block_n or max(16, min(next_power_of_2(block_size), 8192 // head_dim_pad, 64))
+    attention = dict(
+        BLOCK_N=attn_block_n,
+        num_warps=config.attn_num_warps or (8 if attn_block_n * head_dim_pad >= 64 * 256 else 4),
+    )
+    return dict(
+        picks=picks,
+        running_topk=running_topk,
+        head_dim_pad=head_dim_pad,
+        route=route,
+        block_splits=block_splits,
+        tiles_per_split=tiles_per_split,
+        used_slots=used_slots,
+        num_splits=num_splits,
+        slots_per_split=slots_per_split,
+        attention=attention,
+    )
+
+
+def check_decode_supported(q: torch.Tensor, block_size: int, topk: int, max_blocks: int, batch: int) -> None:
+    """Raise ValueError naming what the Triton decode kernels do not run (before any launch)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"the Triton decode kernels support float16, bfloat16 and float32, got {q.dtype}; "
+            "use backend='reference' for float64"
+        )
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"the Triton decode kernels support head_dim 1..{MAX_HEAD_DIM}, got {head_dim}")
+    picks = min(topk - 1, max_blocks)
+    if next_power_of_2(picks) > MAX_RUNNING_TOPK:
+        raise ValueError(
+            f"the Triton decode router keeps at most {MAX_RUNNING_TOPK} blocks per query on chip: "
+            f"min(topk - 1, ceil(capacity / block_size)) must be <= {MAX_RUNNING_TOPK}, got topk {topk}, "
+            f"{max_blocks} blocks of {block_size}"
+        )
+    if batch > MAX_GRID_DIM:
+        raise ValueError(f"the Triton decode kernels support at most {MAX_GRID_DIM} sequences, got {batch}")
+
+
+def decode_append(
+    k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table, block_size, capacity
+) -> None:
+    """Write k, v ``[batch, T, Hkv, D]`` at positions ``cache_seqlens[b] ..`` and add the keys to block_sums
+    (in place; cache_seqlens is not advanced)."""
+    batch, seqlen_q, heads_kv, head_dim = k.shape
+    if batch == 0 or seqlen_q == 0:
+        return
+    head_dim_pad = next_power_of_2(head_dim)
+    paged = block_table is not None
+    grid = (triton.cdiv(seqlen_q, block_size) + 1, batch, heads_kv)
+    _decode_append_kernel[grid](
+        KNew=k,
+        VNew=v,
+        KCache=k_cache,
+        VCache=v_cache,
+        BlockSums=block_sums,
+        CacheSeqlens=cache_seqlens,
+        BlockTable=block_table,
+        stride_new_batch=k.stride(0),
+        stride_new_token=k.stride(1),
+        stride_new_head=k.stride(2),
+        stride_new_dim=k.stride(3),
+        stride_vnew_batch=v.stride(0),
+        stride_vnew_token=v.stride(1),
+        stride_vnew_head=v.stride(2),
+        stride_vnew_dim=v.stride(3),
+        stride_k_page=k_cache.stride(0),
+        stride_k_slot=k_cache.stride(1),
+        stride_k_head=k_cache.stride(2),
+        stride_k_dim=k_cache.stride(3),
+        stride_v_page=v_cache.stride(0),
+        stride_v_slot=v_cache.stride(1),
+        stride_v_head=v_cache.stride(2),
+        stride_v_dim=v_cache.stride(3),
+        stride_sums_batch=block_sums.stride(0),
+        stride_sums_block=block_sums.stride(1),
+        stride_sums_head=block_sums.stride(2),
+        stride_sums_dim=block_sums.stride(3),
+        stride_table_batch=block_table.stride(0) if paged else 0,
+        seqlen_q=seqlen_q,
+        block_size=block_size,
+        page_size=k_cache.shape[1],
+        capacity=capacity,
+        max_blocks=block_sums.shape[1],
+        head_dim=head_dim,
+        PAGED=paged,
+        # At most 4096 elements of k per tile, whole decode steps and small blocks in one.
+        TOKEN_TILE=max(2, min(next_power_of_2(min(seqlen_q, block_size)), 4096 // head_dim_pad, 64)),
+        HEAD_DIM_PAD=head_dim_pad,
+        num_warps=4,
+    )
+
+
+def decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles, out=None) -> torch.Tensor:
+    """Selections int32 ``[batch, T, Hq, topk]`` of the queries against block_sums (after the append):
+    candidates ascending, then the own block, then -1."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = block_sums.shape[2]
+    group = heads_q // heads_kv
+    selected = (
+        torch.empty(batch, seqlen_q, heads_q, topk, dtype=torch.int32, device=q.device)
+        if out is None
+        else out
+    )
+    route = tiles["route"]
+    row_tiles = triton.cdiv(seqlen_q * group, route["BLOCK_M"])
+    if row_tiles == 0 or batch == 0:
+        return selected
+    running_topk, block_splits = tiles["running_topk"], tiles["block_splits"]
+    split_keys = None
+    if block_splits > 1:
+        split_keys = torch.empty(
+            row_tiles,
+            batch,
+            heads_kv,
+            block_splits,
+            route["BLOCK_M"],
+            running_topk,
+            dtype=torch.int64,
+            device=q.device,
+        )
+    tail_tile = min(64, max(16, next_power_of_2(max(1, topk - running_topk))))
+    _decode_route_kernel[(row_tiles, batch, heads_kv * block_splits)](
+        Q=q,
+        BlockSums=block_sums,
+        CacheSeqlens=cache_seqlens,
+        Selected=selected,
+        SplitKeys=split_keys,
+        stride_q_batch=q.stride(0),
+        stride_q_token=q.stride(1),
+        stride_q_head=q.stride(2),
+        stride_q_dim=q.stride(3),
+        stride_sums_batch=block_sums.stride(0),
+        stride_sums_block=block_sums.stride(1),
+        stride_sums_head=block_sums.stride(2),
+        stride_sums_dim=block_sums.stride(3),
+        stride_selected_batch=selected.stride(0),
+        stride_selected_token=selected.stride(1),
+        stride_selected_head=selected.stride(2),
+        seqlen_q=seqlen_q,
+        appended=appended,
+        group=group,
+        head_dim=head_dim,
+        block_size=block_size,
+        topk=topk,
+        picks=tiles["picks"],
+        heads_kv=heads_kv,
+        block_splits=block_splits,
+        tiles_per_split=tiles["tiles_per_split"],
+        SPLIT_BLOCKS=block_splits > 1,
+        RUNNING_TOPK=running_topk,
+        HEAD_DIM_PAD=tiles["head_dim_pad"],
+        TAIL_TILE=tail_tile,
+        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_IN_FLOAT32=dot_in_float32(q.dtype),  # see ops.utils.dot_in_float32
+        SUMS_ROUTE=q.dtype == torch.float32,
+        INSERT_ROUNDS=8,
+        ROUND_BF16=_round_bf16_by_bits(q.dtype),
+        **route,
+    )
+    if block_splits > 1:
+        _decode_route_merge_kernel[(row_tiles, batch, heads_kv)](
+            SplitKeys=split_keys,
+            CacheSeqlens=cache_seqlens,
+            Selected=selected,
+            stride_selected_batch=selected.stride(0),
+            stride_selected_token=selected.stride(1),
+            stride_selected_head=selected.stride(2),
+            seqlen_q=seqlen_q,
+            appended=appended,
+            group=group,
+            block_size=block_size,
+            topk=topk,
+            picks=tiles["picks"],
+            heads_kv=heads_kv,
+            block_splits=block_splits,
+            RUNNING_TOPK=running_topk,
+            BLOCK_M=route["BLOCK_M"],
+            TAIL_TILE=tail_tile,
+            num_warps=4,
+        )
+    return selected
+
+
+def decode_attend(
+    q, k_cache, v_cache, selected, cache_seqlens, block_table, block_size, appended, scale, tiles
+):
+    """o like q and the float32 lse ``[batch, Hq, T]`` of the queries over their selected blocks."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+    pairs = batch * seqlen_q * heads_q
+    if pairs == 0:
+        return out, lse
+    num_splits = tiles["num_splits"]
+    partial_out = torch.empty(pairs, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(pairs, num_splits, dtype=torch.float32, device=q.device)
+    paged = block_table is not None
+    head_dim_pad = next_power_of_2(head_dim)
+    _decode_attn_partial_kernel[(pairs, num_splits)](
+        Q=q,
+        KCache=k_cache,
+        VCache=v_cache,
+        Selected=selected,
+        CacheSeqlens=cache_seqlens,
+        BlockTable=block_table,
+        PartialOut=partial_out,
+        PartialLse=partial_lse,
+        stride_q_batch=q.stride(0),
+        stride_q_token=q.stride(1),
+        stride_q_head=q.stride(2),
+        stride_q_dim=q.stride(3),
+        stride_k_page=k_cache.stride(0),
+        stride_k_slot=k_cache.stride(1),
+        stride_k_head=k_cache.stride(2),
+        stride_k_dim=k_cache.stride(3),
+        stride_v_page=v_cache.stride(0),
+        stride_v_slot=v_cache.stride(1),
+        stride_v_head=v_cache.stride(2),
+        stride_v_dim=v_cache.stride(3),
+        stride_table_batch=block_table.stride(0) if paged else 0,
+        stride_selected_batch=selected.stride(0),
+        stride_selected_token=selected.stride(1),
+        stride_selected_head=selected.stride(2),
+        seqlen_q=seqlen_q,
+        heads_q=heads_q,
+        group=heads_q // heads_kv,
+        appended=appended,
+        block_size=block_size,
+        page_size=k_cache.shape[1],
+        head_dim=head_dim,
+        used_slots=tiles["used_slots"],
+        slots_per_split=tiles["slots_per_split"],
+        num_splits=num_splits,
+        qk_scale=scale * LOG2_E,
+        PAGED=paged,
+        HEAD_DIM_PAD=head_dim_pad,
+        **tiles["attention"],
+    )
+    _decode_merge_kernel[(pairs,)](
+        PartialOut=partial_out,
+        PartialLse=partial_lse,
+        Out=out,
+        Lse=lse,
+        stride_o_batch=out.stride(0),
+        stride_o_token=out.stride(1),
+        stride_o_head=out.stride(2),
+        stride_o_dim=out.stride(3),
+        stride_lse_batch=lse.stride(0),
+        stride_lse_head=lse.stride(1),
+        stride_lse_token=lse.stride(2),
+        seqlen_q=seqlen_q,
+        heads_q=heads_q,
+        head_dim=head_dim,
+        num_splits=num_splits,
+        SPLITS_PAD=max(2, next_power_of_2(num_splits)),
+        HEAD_DIM_PAD=head_dim_pad,
+        ROUND_BF16=_round_bf16_by_bits(q.dtype),
+        num_warps=4 if head_dim_pad * num_splits >= 4096 else 2,
+    )
+    return out, lse
+
+
+def moba_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_sums: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_size: int,
+    topk: int,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    softmax_scale: float,
+    config: DecodeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moba_attn_with_kvcache``'s Triton backend (arguments checked by the caller; ``block_size`` at
+    most the capacity). Appends k, v (if given) in place, routes, attends; returns o like q and the
+    float32 lse ``[batch, Hq, T]``. Reads no tensor value on the host."""
+    config = DEFAULT_DECODE_CONFIG if config is None else config
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    # The kernels index lengths and page ids by position (no-ops for the usual contiguous tensors).
+    cache_seqlens = cache_seqlens.contiguous()
+    block_table = None if block_table is None else block_table.contiguous()
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    max_blocks = block_sums.shape[1]
+    check_decode_supported(q, block_size, topk, max_blocks, batch)
+    rows = batch * seqlen_q * heads_q
+    tiles = decode_tiles(
+        head_dim,
+        block_size,
+        topk,
+        max_blocks,
+        rows,
+        heads_q // k_cache.shape[2],
+        seqlen_q,
+        _sm_count(q.device),
+        config,
+    )
+    appended = 0
+    if k is not None:
+        decode_append(k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table, block_size, capacity)
+        appended = seqlen_q
+    selected = decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles)
+    return decode_attend(
+        q, k_cache, v_cache, selected, cache_seqlens, block_table, block_size, appended, softmax_scale, tiles
+    )

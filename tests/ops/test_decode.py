@@ -1,0 +1,473 @@
+"""moba_attn_with_kvcache's Triton backend (flashmoba.ops.decode) against moba_attn on whole sequences.
+
+The oracle is the float64 reference (``moba_attn`` of each whole sequence, its last seqlen_q rows) on the
+same values; bfloat16 compares with the reference backend on the same bfloat16 inputs (it routes on the
+same bfloat16-rounded centroids). Caches hold NaN wherever no key was written and unused block_table
+entries are -1, so a read past a sequence's length, or of a page it does not own, shows in the result;
+scratch comes from poisoned torch.empty (``poison_empty``), so a partial the kernels forget to write does.
+The interpreter is slow: the shapes are small, and each case is a batch of ragged sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flashmoba
+from flashmoba import MoBAKVCache
+from flashmoba.ops import decode
+from tests.helpers import assert_close
+
+pytestmark = pytest.mark.triton
+
+BLOCK, TOPK, HEAD_DIM, CAPACITY = 4, 3, 24, 41
+CACHE_LENGTHS = (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 33)  # ragged, in one batch
+LAYOUTS = {  # (page_size, shuffled); None: contiguous
+    "contiguous": None,
+    "paged-B-shuffled": (BLOCK, True),
+    "paged-3-shuffled": (3, True),  # neither a divisor nor a multiple of the block size
+}
+HEADS = {"gqa": (4, 2), "mqa": (3, 1)}
+BF16_TOLERANCE = dict(atol=2e-2, rtol=2e-2)
+
+
+class Case:
+    """A batch of whole float64 sequences, of which the first ``cache_lengths[b]`` keys sit in a cache of
+    ``dtype`` (the values are rounded to dtype first, so the oracle sees what the kernels see)."""
+
+    def __init__(
+        self,
+        cache_lengths,
+        seqlen_q,
+        heads=HEADS["gqa"],
+        new_kv=True,
+        layout=None,
+        dtype=torch.float32,
+        block_size=BLOCK,
+        topk=TOPK,
+        head_dim=HEAD_DIM,
+        capacity=CAPACITY,
+        seed=0,
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        heads_q, heads_kv = heads
+        self.block_size, self.topk, self.dtype = block_size, topk, dtype
+        self.batch, self.seqlen_q = len(cache_lengths), seqlen_q
+        self.new = seqlen_q if new_kv else 0
+        lengths = [length + self.new for length in cache_lengths]
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).double()
+
+        self.keys = [randn(length, heads_kv, head_dim) for length in lengths]
+        self.values = [randn(length, heads_kv, head_dim) for length in lengths]
+        self.q = randn(self.batch, seqlen_q, heads_q, head_dim)
+        if layout is None:
+            self.block_table, self.page_size = None, None
+            shape = (self.batch, capacity, heads_kv, head_dim)
+        else:
+            self.page_size, shuffled = layout
+            max_pages = -(-capacity // self.page_size)
+            num_pages = self.batch * max_pages + 3  # spare pages nobody owns
+            order = torch.randperm(num_pages, generator=generator) if shuffled else torch.arange(num_pages)
+            table = order[: self.batch * max_pages].view(self.batch, max_pages).to(torch.int32)
+            for b, length in enumerate(lengths):  # entries past the pages a sequence uses are never read
+                table[b, -(-length // self.page_size) :] = -1
+            self.block_table = table
+            shape = (num_pages, self.page_size, heads_kv, head_dim)
+        self.k_cache = torch.full(shape, math.nan, dtype=dtype)
+        self.v_cache = torch.full(shape, math.nan, dtype=dtype)
+        for b, length in enumerate(cache_lengths):
+            index = self.index(b, length)
+            self.k_cache[index] = self.keys[b][:length].to(dtype)
+            self.v_cache[index] = self.values[b][:length].to(dtype)
+        self.cache_seqlens = torch.tensor(cache_lengths, dtype=torch.int32)
+        self.block_sums = flashmoba.kvcache_block_sums(
+            self.k_cache, self.cache_seqlens, block_size, block_table=self.block_table
+        )
+        self.k = self.v = None
+        if new_kv:
+            self.k = torch.stack([keys[keys.shape[0] - seqlen_q :] for keys in self.keys]).to(dtype)
+            self.v = torch.stack([vals[vals.shape[0] - seqlen_q :] for vals in self.values]).to(dtype)
+
+    def index(self, b, length):
+        positions = torch.arange(length)
+        if self.block_table is None:
+            return b, positions
+        return self.block_table[b].long()[positions // self.page_size], positions % self.page_size
+
+    def run(self, backend="triton", **overrides):
+        return flashmoba.moba_attn_with_kvcache(
+            self.q.to(self.dtype),
+            self.k_cache,
+            self.v_cache,
+            self.block_sums,
+            self.cache_seqlens,
+            self.block_size,
+            self.topk,
+            k=self.k,
+            v=self.v,
+            block_table=self.block_table,
+            backend=backend,
+            return_lse=True,
+            **overrides,
+        )
+
+    def expected(self):
+        """moba_attn of each whole sequence in float64, its last seqlen_q rows (bottom-right causal)."""
+        outs, lses = [], []
+        for b in range(self.batch):
+            out, lse = flashmoba.moba_attn(
+                self.q[b : b + 1],
+                self.keys[b][None],
+                self.values[b][None],
+                self.block_size,
+                self.topk,
+                causal=True,
+                backend="reference",
+                return_lse=True,
+            )
+            outs.append(out[0])
+            lses.append(lse[0])
+        return torch.stack(outs), torch.stack(lses)
+
+    def check_appended(self):
+        """The new keys and values are in the cache, and block_sums are those of the filled cache."""
+        for b in range(self.batch):
+            index = self.index(b, self.keys[b].shape[0])
+            assert torch.equal(self.k_cache[index].double(), self.keys[b]), f"keys of sequence {b}"
+            assert torch.equal(self.v_cache[index].double(), self.values[b]), f"values of sequence {b}"
+        filled = flashmoba.kvcache_block_sums(
+            self.k_cache, self.cache_seqlens + self.new, self.block_size, block_table=self.block_table
+        )
+        assert_close(self.block_sums, filled, "kernel_float32", "block_sums")
+
+
+def cached_lengths(seqlen_q):
+    """Cache lengths that hold seqlen_q queries without new keys (or 0: an empty sequence)."""
+    return [length if length == 0 else max(length, seqlen_q) for length in CACHE_LENGTHS]
+
+
+def check_float32(case):
+    seqlens_before = case.cache_seqlens.clone()
+    out, lse = case.run()
+    expected_out, expected_lse = case.expected()
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert_close(out, expected_out, "kernel_float32", "o")
+    assert_close(lse, expected_lse, "kernel_float32", "lse")
+    assert torch.equal(case.cache_seqlens, seqlens_before), "cache_seqlens must not be advanced"
+    if case.new:
+        case.check_appended()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against the oracle
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("new_kv", [True, False], ids=["new-kv", "cached"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_decode_step_float32(layout, new_kv, heads, poison_empty):
+    lengths = CACHE_LENGTHS if new_kv else cached_lengths(1)
+    check_float32(Case(lengths, 1, HEADS[heads], new_kv, LAYOUTS[layout]))
+
+
+@pytest.mark.parametrize("new_kv", [True, False], ids=["new-kv", "cached"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
+def test_chunk_of_several_blocks_float32(layout, new_kv, poison_empty):
+    seqlen_q = 2 * BLOCK + 3  # rows at different absolute positions, in several blocks
+    lengths = CACHE_LENGTHS if new_kv else cached_lengths(seqlen_q)
+    case = Case(lengths, seqlen_q, (2, 1), new_kv, LAYOUTS[layout], capacity=48, seed=1)  # GQA, 2 per kv head
+    check_float32(case)
+
+
+@pytest.mark.parametrize("block_size, head_dim", [(5, 40), (3, 7)], ids=["odd-block-d40", "block-3-d7"])
+def test_odd_block_sizes_and_head_dims(block_size, head_dim, poison_empty):
+    lengths = (0, 1, block_size - 1, block_size, block_size + 1, 30)
+    case = Case(
+        lengths,
+        2,
+        HEADS["gqa"],
+        True,
+        LAYOUTS["paged-3-shuffled"],
+        block_size=block_size,
+        head_dim=head_dim,
+        seed=2,
+    )
+    check_float32(case)
+
+
+def test_topk_larger_than_the_number_of_blocks(poison_empty):
+    # 11 blocks at most: every candidate is selected, and the selection's slots past the on-chip list
+    # (16 slots) are written by the tail loop.
+    check_float32(Case(CACHE_LENGTHS, 2, HEADS["mqa"], True, None, topk=40, seed=3))
+    check_float32(Case(CACHE_LENGTHS, 1, HEADS["gqa"], True, None, topk=1, seed=4))  # own block only
+
+
+def test_block_size_beyond_the_capacity():
+    case = Case((0, 3, 20), 2, HEADS["mqa"], True, None, block_size=10**6, topk=4, seed=5)
+    check_float32(case)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
+def test_bfloat16_against_the_reference_backend(layout):
+    case = Case(CACHE_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS[layout], dtype=torch.bfloat16, seed=6)
+    twin = Case(CACHE_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS[layout], dtype=torch.bfloat16, seed=6)
+    out, lse = case.run()
+    expected_out, expected_lse = twin.run(backend="reference")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected_out.float(), **BF16_TOLERANCE)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+    # And near the float64 oracle of the same (bfloat16) values.
+    torch.testing.assert_close(out.double(), case.expected()[0], atol=3e-2, rtol=3e-2)
+    for b in range(case.batch):  # bfloat16 keys go into float32 sums: the same sums as the reference's
+        assert torch.equal(case.k_cache[case.index(b, case.keys[b].shape[0])].double(), case.keys[b])
+    assert_close(case.block_sums, twin.block_sums, "kernel_float32", "block_sums")
+
+
+def test_float16_decode_step():
+    case = Case(CACHE_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["paged-B-shuffled"], dtype=torch.float16)
+    out, _ = case.run()
+    torch.testing.assert_close(out.double(), case.expected()[0], atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
+def test_prompt_prefilled_in_chunks_equals_one_moba_attn(layout):
+    chunks = [5, 1, 9, 1, 1]
+    whole = Case([0, 0], sum(chunks), HEADS["gqa"], True, LAYOUTS[layout], seed=7)
+    sums = torch.zeros_like(whole.block_sums)
+    seqlens = torch.zeros(2, dtype=torch.int32)
+    outs, lses, start = [], [], 0
+    for size in chunks:
+        rows = slice(start, start + size)
+        out, lse = flashmoba.moba_attn_with_kvcache(
+            whole.q[:, rows].float(),
+            whole.k_cache,
+            whole.v_cache,
+            sums,
+            seqlens,
+            BLOCK,
+            TOPK,
+            k=whole.k[:, rows],
+            v=whole.v[:, rows],
+            block_table=whole.block_table,
+            backend="triton",
+            return_lse=True,
+        )
+        outs.append(out)
+        lses.append(lse)
+        seqlens += size
+        start += size
+    expected_out, expected_lse = whole.expected()
+    assert_close(torch.cat(outs, dim=1), expected_out, "kernel_float32", "o")
+    assert_close(torch.cat(lses, dim=2), expected_lse, "kernel_float32", "lse")
+    filled = flashmoba.kvcache_block_sums(whole.k_cache, seqlens, BLOCK, block_table=whole.block_table)
+    assert_close(sums, filled, "kernel_float32", "block_sums")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pieces: router selection, split-K settings
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_selection_equals_moba_select_on_whole_sequences(dtype):
+    # bfloat16 routes on centroids rounded to bfloat16 (to nearest, as torch and the GPU round).
+    case = Case(CACHE_LENGTHS, 2 * BLOCK + 1, HEADS["gqa"], True, None, dtype, topk=TOPK + 1, seed=8)
+    capacity = case.k_cache.shape[1]
+    decode.decode_append(
+        case.k, case.v, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, None, BLOCK, capacity
+    )
+    tiles = decode.decode_tiles(
+        HEAD_DIM, BLOCK, case.topk, case.block_sums.shape[1], 1, 2, case.seqlen_q, decode.DEFAULT_SM_COUNT
+    )
+    selected = decode.decode_route(
+        case.q.to(dtype), case.block_sums, case.cache_seqlens, BLOCK, case.topk, case.seqlen_q, tiles
+    )
+    for b in range(case.batch):
+        expected = flashmoba.moba_select(
+            case.q[b : b + 1].to(dtype), case.keys[b][None].to(dtype), BLOCK, case.topk, backend="reference"
+        )
+        assert torch.equal(selected[b], expected[0]), f"sequence {b}"
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_router_block_splits_equal_moba_select(splits, poison_empty):
+    # Blocks of one key: 48 blocks are 3 centroid tiles of 16, shared by up to 3 programs and merged.
+    case = Case((0, 1, 2, 17, 40), 3, HEADS["gqa"], True, None, block_size=1, topk=5, capacity=48, seed=12)
+    decode.decode_append(
+        case.k, case.v, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, None, 1, 48
+    )
+    config = decode.DecodeConfig(route_block_n=16, route_block_splits=splits)
+    tiles = decode.decode_tiles(HEAD_DIM, 1, 5, 48, 5 * 3 * 4, 2, 3, decode.DEFAULT_SM_COUNT, config)
+    assert tiles["block_splits"] == splits
+    selected = decode.decode_route(case.q.float(), case.block_sums, case.cache_seqlens, 1, 5, 3, tiles)
+    for b in range(case.batch):
+        expected = flashmoba.moba_select(case.q[b : b + 1], case.keys[b][None], 1, 5, backend="reference")
+        assert torch.equal(selected[b], expected[0]), f"sequence {b}"
+
+
+def test_router_split_heuristic_splits_long_caches_of_small_batches_only():
+    # 1M keys in blocks of 128: 8192 centroids, 128 tiles of 64 per (sequence, kv head).
+    small = decode.decode_tiles(128, 128, 8, 8192, rows=32, group=4, seqlen_q=1, sm_count=132)
+    large = decode.decode_tiles(128, 128, 8, 8192, rows=64 * 32, group=4, seqlen_q=1, sm_count=132)
+    short = decode.decode_tiles(128, 128, 8, 256, rows=32, group=4, seqlen_q=1, sm_count=132)
+    assert (small["block_splits"], small["tiles_per_split"]) == (16, 8)
+    assert large["block_splits"] == 1 and short["block_splits"] == 1
+
+
+def test_bfloat16_centroids_round_to_nearest():
+    # Centroids 1 + 0.75 ulp and 1 + 0.25 ulp (ulp = 2**-7 at 1): to nearest they are 1 + ulp and 1, so
+    # block 0 wins; truncated (as Triton's interpreter does in .to) they would tie and block 1 would win.
+    ulp = 2.0**-7
+    sums = torch.zeros(1, 3, 1, 1)
+    sums[0, :2, 0, 0] = torch.tensor([1 + 0.75 * ulp, 1 + 0.25 * ulp]) * BLOCK
+    q = torch.ones(1, 1, 1, 1, dtype=torch.bfloat16)
+    seqlens = torch.tensor([2 * BLOCK + 1], dtype=torch.int32)
+    tiles = decode.decode_tiles(1, BLOCK, 2, 3, 1, 1, 1, decode.DEFAULT_SM_COUNT)
+    selected = decode.decode_route(q, sums, seqlens, BLOCK, 2, 0, tiles)
+    assert selected.flatten().tolist() == [0, 2]
+    centroids = (sums[0, :2] / BLOCK).to(torch.bfloat16).float()  # the reference's rule, in torch
+    assert centroids.flatten().tolist() == [1 + ulp, 1.0]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [decode.DecodeConfig(num_splits=1), decode.DecodeConfig(num_splits=2, attn_block_n=2, route_block_n=16)],
+    ids=["one-split", "two-splits-tiles-of-2"],
+)
+def test_launch_settings_do_not_change_the_result(config, poison_empty):
+    case = Case(CACHE_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], topk=4, seed=9)
+    out, lse = decode.moba_decode_triton(
+        case.q.float(),
+        case.k_cache,
+        case.v_cache,
+        case.block_sums,
+        case.cache_seqlens,
+        BLOCK,
+        4,
+        case.k,
+        case.v,
+        case.block_table,
+        HEAD_DIM**-0.5,
+        config,
+    )
+    expected_out, expected_lse = case.expected()
+    assert_close(out, expected_out, "kernel_float32", "o")
+    assert_close(lse, expected_lse, "kernel_float32", "lse")
+
+
+def test_split_heuristic_splits_small_batches_only():
+    small = decode.decode_tiles(128, 128, 8, 256, rows=32, group=4, seqlen_q=1, sm_count=132)
+    large = decode.decode_tiles(128, 128, 8, 256, rows=64 * 32, group=4, seqlen_q=1, sm_count=132)
+    assert small["num_splits"] == 8 and small["slots_per_split"] == 1
+    assert large["num_splits"] == 1 and large["slots_per_split"] == 8
+    odd = decode.decode_tiles(64, 128, 8, 256, rows=100, group=1, seqlen_q=1, sm_count=132)
+    assert odd["num_splits"] * odd["slots_per_split"] >= 8 > (odd["num_splits"] - 1) * odd["slots_per_split"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Edges, host reads, errors, the cache object
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_empty_sequences_give_zeros_and_minus_inf():
+    case = Case([0, 0, 5], 2, HEADS["gqa"], False, LAYOUTS["paged-B-shuffled"])
+    out, lse = case.run()
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    assert torch.isneginf(lse[:2]).all() and torch.isfinite(lse[2]).all()
+    assert_close(out, case.expected()[0], "kernel_float32", "o")
+
+
+def test_no_queries_and_no_sequences():
+    case = Case([0, 3], 0, HEADS["gqa"], True)
+    out, lse = case.run()
+    assert out.shape == (2, 0, 4, HEAD_DIM) and lse.shape == (2, 4, 0)
+    q = torch.zeros(0, 1, 4, HEAD_DIM)
+    cache = torch.zeros(0, CAPACITY, 2, HEAD_DIM)
+    sums = flashmoba.kvcache_block_sums(cache, torch.zeros(0, dtype=torch.int32), BLOCK)
+    out, lse = flashmoba.moba_attn_with_kvcache(
+        q,
+        cache,
+        cache.clone(),
+        sums,
+        torch.zeros(0, dtype=torch.int32),
+        BLOCK,
+        TOPK,
+        backend="triton",
+        return_lse=True,
+    )
+    assert out.shape == (0, 1, 4, HEAD_DIM) and lse.shape == (0, 4, 1) and lse.dtype == torch.float32
+
+
+def test_no_value_is_read_on_the_host(monkeypatch):
+    case = Case(CACHE_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], seed=10)
+    watched = {id(case.cache_seqlens), id(case.block_table)}
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if id(self) in watched:
+                raise AssertionError(f"{name}() read a device value on the host")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__"):
+        refuse(name)
+    case.run()
+    monkeypatch.undo()
+    check_float32(Case(CACHE_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], seed=10))
+
+
+def test_float64_is_the_reference_s():
+    case = Case(CACHE_LENGTHS, 1, HEADS["gqa"], True, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' supports float16, bfloat16 and float32"):
+        case.run()
+    # auto on CPU tensors is the reference, float64 included.
+    out, _ = case.run(backend="auto")
+    assert_close(out, case.expected()[0], "float64", "o")
+
+
+def test_no_backward():
+    case = Case(CACHE_LENGTHS, 1, HEADS["gqa"], True)
+    case.q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="moba_attn_with_kvcache has no backward.* but q require grad"):
+        case.run()
+
+
+def test_unsupported_topk_is_named():
+    case = Case((0, 3), 1, HEADS["mqa"], True, None, block_size=1, topk=200, capacity=300)
+    with pytest.raises(ValueError, match="keeps at most 128 blocks per query on chip"):
+        case.run()
+
+
+def test_cache_object_steps_reorder_and_reset_match_the_reference_object():
+    generator = torch.Generator().manual_seed(11)
+    caches = [
+        MoBAKVCache(3, 23, 2, 8, block_size=4, topk=2, dtype=torch.float32, backend=backend)
+        for backend in ("triton", "reference")
+    ]
+
+    def step(length):
+        batch = caches[0].batch_size
+        q = torch.randn(batch, length, 4, 8, generator=generator)
+        k, v = torch.randn(2, batch, length, 2, 8, generator=generator)
+        outs = [cache.append_and_attend(q, k, v) for cache in caches]
+        assert_close(outs[0], outs[1], "kernel_float32", f"chunk of {length}")
+
+    for length in (5, 1, 3):
+        step(length)
+    for cache in caches:
+        cache.reorder(torch.tensor([2, 0, 0, 1]))
+    assert caches[0].seqlens.tolist() == [9] * 4
+    step(1)
+    assert_close(caches[0].block_sums, caches[1].block_sums, "kernel_float32", "block_sums")
+    for cache in caches:
+        cache.reset()
+    assert not caches[0].block_sums.any() and caches[0].seqlens.tolist() == [0] * 4
+    step(2)
