@@ -139,3 +139,34 @@ def test_bad_allocations_are_refused(kwargs, error, message):
     arguments = {**dict(batch=1, max_seqlen=8, heads_kv=1, head_dim=4, block_size=4, topk=2), **kwargs}
     with pytest.raises(error, match=message):
         MoBAKVCache(**arguments)
+
+
+@pytest.mark.parametrize("prompt", [1, BLOCK - 1, BLOCK, 2 * BLOCK + 3, CAPACITY])
+def test_prefill_equals_appending_the_prompt_and_decoding_continues_alike(prompt):
+    """prefill (moba_attn on the prompt, then keys, values and block sums stored) leaves the cache exactly
+    as append_and_attend of the same prompt does, with the same output; the steps after agree."""
+    generator = torch.Generator().manual_seed(prompt)
+    by_prefill, by_append = new_cache(), new_cache()
+    q, k, v = chunk_inputs(generator, BATCH, prompt)
+    assert torch.allclose(by_prefill.prefill(q, k, v), by_append.append_and_attend(q, k, v), atol=1e-12)
+    for name in ("k_cache", "v_cache", "block_sums", "cache_seqlens"):
+        assert torch.allclose(getattr(by_prefill, name), getattr(by_append, name), atol=1e-12), name
+    if prompt < CAPACITY:
+        step = chunk_inputs(generator, BATCH, 1)
+        assert torch.allclose(
+            by_prefill.append_and_attend(*step), by_append.append_and_attend(*step), atol=1e-12
+        )
+
+
+def test_prefill_needs_an_empty_cache_of_its_shape():
+    generator = torch.Generator().manual_seed(0)
+    cache = new_cache()
+    q, k, v = chunk_inputs(generator, BATCH, 3)
+    with pytest.raises(ValueError, match=r"k must be \[3, <= 23, 2, 5\]"):
+        cache.prefill(*chunk_inputs(generator, BATCH, CAPACITY + 1))
+    cache.prefill(q, k, v)
+    with pytest.raises(ValueError, match="prefill needs an empty cache"):
+        cache.prefill(q, k, v)
+    cache.reset()
+    cache.prefill(q, k, v)
+    assert cache.cache_seqlens.tolist() == [3] * BATCH

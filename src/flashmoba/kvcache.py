@@ -55,6 +55,7 @@ from flashmoba.api import (
     _resolve_backend,
     _shapes_only,
     _triton_ops,
+    moba_attn,
 )
 
 __all__ = ["MoBAKVCache", "kvcache_block_sums", "moba_attn_with_kvcache"]
@@ -548,6 +549,42 @@ class MoBAKVCache:
         )
         self.cache_seqlens += q.shape[1]  # only reached once every check has passed and the keys are in
         return result
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attend prompts on an empty cache and store them: ``moba_attn(q, k, v)`` (causal, the training
+        kernels, which at a long prompt are far faster than routing each row as a decode step), then
+        ``k``, ``v`` written at the start of every sequence, their block sums into ``block_sums`` and the
+        lengths set to ``seqlen_q``. q, k, v as for ``append_and_attend``; the result is the same function
+        (``moba_attn_with_kvcache`` on an empty cache is ``moba_attn``). Checking that the cache is empty
+        reads the lengths on the host once."""
+        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
+            raise ValueError(
+                "q must be [batch, seqlen, heads_q, head_dim] and k, v [batch, seqlen, heads_kv, head_dim], "
+                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        batch, seqlen = k.shape[:2]
+        if batch != self.batch_size or k.shape[2:] != self.k_cache.shape[2:] or seqlen > self.max_seqlen:
+            raise ValueError(
+                f"k must be [{self.batch_size}, <= {self.max_seqlen}, {self.k_cache.shape[2]}, "
+                f"{self.k_cache.shape[3]}] for this cache, got {tuple(k.shape)}"
+            )
+        if bool((self.cache_seqlens != 0).any()):
+            raise ValueError("prefill needs an empty cache (reset() it, or append_and_attend to continue)")
+        out = moba_attn(
+            q, k, v, self.block_size, self.topk, softmax_scale=self.softmax_scale, backend=self.backend
+        )
+        with torch.no_grad():
+            self.k_cache[:, :seqlen] = k
+            self.v_cache[:, :seqlen] = v
+            # A block past the capacity holds every key: its sums are those of blocks of max_seqlen keys,
+            # and nothing is sized by the block size itself.
+            block_size = min(self.block_size, self.max_seqlen)
+            blocks = -(-seqlen // block_size)
+            padded = k.new_zeros(batch, blocks * block_size, *k.shape[2:], dtype=self.block_sums.dtype)
+            padded[:, :seqlen] = k
+            self.block_sums[:, :blocks] = padded.view(batch, blocks, block_size, *k.shape[2:]).sum(2)
+        self.cache_seqlens.fill_(seqlen)
+        return out
 
     def reset(self) -> None:
         """Empty every sequence (the tensors stay allocated)."""

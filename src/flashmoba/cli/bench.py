@@ -17,6 +17,10 @@ cache against dense decode on the same cache (SDPA, FlexAttention), by cache len
 configuration (``flashmoba.bench.decode``): latency (CUDA-graph replays), the bytes floor at the copy
 rate measured in the same run and the ratio to it, to ``benchmarks/results/decode_<card>.json`` with a
 plot beside it and a markdown table on stdout.
+
+``flashmoba bench generate [flags]``: ``HybridLM.generate`` end to end, dense against MoBA global layers,
+by prompt length (``flashmoba.bench.generate``): prefill and decode tokens/s, to
+``benchmarks/results/generate_<card>.json`` and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -167,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="flashmoba bench",
         description=__doc__.splitlines()[0],
         epilog="'flashmoba bench model --help': training throughput of the hybrid LM, dense against MoBA; "
-        "'flashmoba bench decode --help': one decode step with a KV cache, MoBA against dense",
+        "'flashmoba bench decode --help': one decode step with a KV cache, MoBA against dense; "
+        "'flashmoba bench generate --help': generation with the hybrid LM, MoBA against dense",
     )
     positive, positives = int_at_least(1), ints_at_least(1)
     parser.add_argument("--seqlens", type=positives, default=list(DEFAULT_SEQLENS))
@@ -258,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         return model_main(argv[1:])
     if argv[:1] == ["decode"]:
         return decode_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        return generate_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -859,4 +866,114 @@ def decode_main(argv: list[str]) -> int:
     _decode_plot_or_say(rows, args.out)
     print(f"\nresults in {args.out}\n")
     print(decode_table(rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# flashmoba bench generate
+# ----------------------------------------------------------------------------------------------------
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    from flashmoba.bench.generate import ATTENTIONS
+    from flashmoba.models.hybrid import MODEL_PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="flashmoba bench generate",
+        description="End-to-end generation of the hybrid LM with a KV cache, dense against MoBA global "
+        "layers: prefill and decode tokens/s by prompt length. Rows go to "
+        "benchmarks/results/generate_<card>.json.",
+    )
+    parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="340m")
+    parser.add_argument("--prompt-lens", type=ints_at_least(1), default=[32768, 131072])
+    _add_block_flags(parser)
+    parser.add_argument(
+        "--attentions",
+        type=_names(ATTENTIONS),
+        default=list(ATTENTIONS),
+        help=f"comma list from {ATTENTIONS}",
+    )
+    parser.add_argument("--batch", type=int_at_least(1), default=1, help="prompts generated at once")
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=32, help="tokens generated per prompt")
+    parser.add_argument(
+        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default benchmarks/results/generate_<card>.json"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.set_defaults(replot=None)
+    return parser
+
+
+GENERATE_TABLE_COLUMNS = (
+    ("prefill s", "prefill_s", ".2f"),
+    ("prefill tokens/s", "prefill_tokens_per_s", ",.0f"),
+    ("decode tokens/s", "decode_tokens_per_s", ",.1f"),
+    ("ms per step", "decode_ms_per_step", ".2f"),
+    ("peak GiB", "peak_gib", ".1f"),
+)
+
+
+def generate_table(rows: list[dict]) -> str:
+    """The rows as a markdown table, with each MoBA row's decode speedup over dense at its prompt length."""
+    first = rows[0] if rows else {}
+    dense = {row["prompt_len"]: row for row in rows if row["attention"] == "dense" and not row.get("error")}
+    lines = [
+        f"Card: **{first.get('card', '?')}**, preset {first.get('preset', '?')}, "
+        f"batch {first.get('batch', '?')}, {first.get('new_tokens', '?')} new tokens per prompt",
+        "",
+        "| attention | prompt | "
+        + " | ".join(t for t, _, _ in GENERATE_TABLE_COLUMNS)
+        + " | decode vs dense |",
+        "|---|---:|" + "---:|" * (len(GENERATE_TABLE_COLUMNS) + 1),
+    ]
+    for row in rows:
+        label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
+        if row.get("error"):
+            lines.append(f"| {label} | {row['prompt_len']} | failed: {row['error'][:60]} |")
+            continue
+        cells = [_number(row.get(field), fmt) for _, field, fmt in GENERATE_TABLE_COLUMNS]
+        base = dense.get(row["prompt_len"])
+        speedup = (
+            f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.1f}x"
+            if base
+            and row["attention"] == "moba"
+            and row["decode_tokens_per_s"]
+            and base["decode_tokens_per_s"]
+            else ""
+        )
+        lines.append(f"| {label} | {row['prompt_len']} | " + " | ".join(cells) + f" | {speedup} |")
+    return "\n".join(lines)
+
+
+def generate_main(argv: list[str]) -> int:
+    from flashmoba.bench.generate import ROW_FIELDS, measure_generate
+
+    parser = _generate_parser()
+    args = parser.parse_args(argv)
+    _check_model_args(parser, args, stem="generate")
+    rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for prompt_len in args.prompt_lens:
+        for attention in args.attentions:
+            pairs = zip(args.block_sizes, args.topks) if attention == "moba" else [(None, None)]
+            for block_size, topk in pairs:
+                job = dict(attention=attention, block_size=block_size, topk=topk, prompt_len=prompt_len)
+                try:
+                    row = measure_generate(
+                        args.preset, batch=args.batch, new_tokens=args.new_tokens, device=args.device, **job
+                    )
+                except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+                    row = dict.fromkeys(ROW_FIELDS)
+                    row.update(job, preset=args.preset, batch=args.batch, new_tokens=args.new_tokens)
+                    row["error"] = (
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    )
+                rows.append(row)
+                if args.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                args.out.write_text(json.dumps(rows, indent=1))  # a run that dies keeps the rows before it
+    print(f"\nresults in {args.out}\n")
+    print(generate_table(rows))
     return 0

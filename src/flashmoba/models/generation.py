@@ -16,8 +16,11 @@ attention functions on an empty cache), then each new token is one call of one t
 those of the model's ``forward`` over the whole sequence (tests/models/test_generation.py checks logits
 and greedy tokens against full recomputation).
 
-Limits: a batch of equal-length prompts (no padding, no per-row lengths); CPU / reference backend for the
-MoBA layers (``moba_attn_with_kvcache`` has no Triton kernel yet); the model's own dtype, no autocast.
+The prompt of a MoBA layer goes through ``MoBAKVCache.prefill`` (``moba_attn``, the training kernels),
+each new token through ``moba_attn_with_kvcache`` (the Triton decode kernels on CUDA).
+
+Limits: a batch of equal-length prompts (no padding, no per-row lengths); the model's own dtype, no
+autocast.
 """
 
 from __future__ import annotations
@@ -53,6 +56,18 @@ def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window:
         _repeat_kv(k, groups).transpose(1, 2),
         _repeat_kv(v, groups).transpose(1, 2),
         attn_mask=mask,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+def _unmasked_attention(q, k, v, scale: float):
+    """q ``[B, T, Hq, D]`` against every key of k/v ``[B, S, Hkv, D]`` (a decode query and its cache)."""
+    groups = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        _repeat_kv(k, groups).transpose(1, 2),
+        _repeat_kv(v, groups).transpose(1, 2),
         scale=scale,
     )
     return out.transpose(1, 2)
@@ -117,17 +132,42 @@ class SlidingWindowCache(_KeyValueCache):
         return out
 
 
-class DenseCache(_KeyValueCache):
-    """All keys and values of a dense causal layer (grown by concatenation)."""
+class DenseCache(_LayerCache):
+    """All keys and values of a dense causal layer, in buffers of ``max_seqlen`` tokens allocated at the
+    prompt: a decode step writes its key in place instead of copying the cache."""
+
+    def __init__(self, max_seqlen: int):
+        super().__init__()
+        self.max_seqlen = max_seqlen
+        self.k_buffer: torch.Tensor | None = None
+        self.v_buffer: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.k_buffer = self.v_buffer = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        if self.k_buffer is not None:
+            self.k_buffer = self.k_buffer.index_select(0, index)
+            self.v_buffer = self.v_buffer.index_select(0, index)
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
-        if self.k is None:
+        start, end = self.length, self.length + q.shape[1]
+        if end > self.max_seqlen:
+            raise ValueError(f"the dense cache holds {self.max_seqlen} tokens, got {end}")
+        if self.k_buffer is None:
+            shape = (k.shape[0], self.max_seqlen, *k.shape[2:])
+            self.k_buffer, self.v_buffer = k.new_empty(shape), v.new_empty(shape)
+        self.k_buffer[:, start:end], self.v_buffer[:, start:end] = k, v
+        keys, values = self.k_buffer[:, :end], self.v_buffer[:, :end]
+        if start == 0:
             out = dense_causal_attention(q, k, v, scale)
-            self.k, self.v = k, v
+        elif q.shape[1] == 1:  # one new query sees every cached key: no mask
+            out = _unmasked_attention(q, keys, values, scale)
         else:
-            self.k, self.v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-            out = _masked_attention(q, self.k, self.v, scale, self.length, 0)
-        self.length += q.shape[1]
+            out = _masked_attention(q, keys, values, scale, start, 0)
+        self.length = end
         return out
 
 
@@ -140,7 +180,9 @@ class MoBALayerCache(_LayerCache):
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         self.cache.softmax_scale = scale
-        out = self.cache.append_and_attend(q, k, v)
+        # The prompt through moba_attn (MoBAKVCache.prefill): a long prefill on the training kernels.
+        attend = self.cache.prefill if self.length == 0 else self.cache.append_and_attend
+        out = attend(q, k, v)
         self.length += q.shape[1]
         return out
 
@@ -166,7 +208,7 @@ class HybridCache(list):
             if attn.attention == "sliding":
                 self.append(SlidingWindowCache(attn.window_size))
             elif attn.attention == "dense":
-                self.append(DenseCache())
+                self.append(DenseCache(max_seqlen))
             else:
                 cache = MoBAKVCache(
                     batch,

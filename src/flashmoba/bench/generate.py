@@ -1,0 +1,85 @@
+"""End-to-end generation speed of the hybrid LM: one row of ``benchmarks/results/generate_<card>.json``.
+
+A row is ``HybridLM.generate`` (``flashmoba.models.generation``) of a preset with random weights in bf16
+on CUDA (float32 on CPU), greedy, on ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens``
+tokens each: the prompt is one prefill call (MoBA layers: ``MoBAKVCache.prefill``, i.e. ``moba_attn``;
+dense layers: SDPA), then one call per token (MoBA: the Triton decode kernels; dense: SDPA against the
+whole cache, preallocated). A first generation of 2 tokens at the same prompt length warms up (Triton
+compilation, allocator growth) and is not counted. Tokens/s are summed over the batch; the decode rate
+leaves out the first new token, which comes with the prefill. Random weights decode as fast as trained
+ones: nothing here depends on what the tokens are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashmoba.bench.timing import card_name
+from flashmoba.models.generation import generate
+from flashmoba.models.hybrid import HybridLM, model_config_from_preset
+
+ATTENTIONS = ("dense", "moba")
+ROW_FIELDS = (
+    "card",
+    "preset",
+    "attention",
+    "block_size",
+    "topk",
+    "prompt_len",
+    "batch",
+    "new_tokens",
+    "prefill_s",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "decode_ms_per_step",
+    "peak_gib",
+)
+
+
+def measure_generate(
+    preset: str,
+    prompt_len: int,
+    attention: str,
+    *,
+    block_size: int | None = None,
+    topk: int | None = None,
+    batch: int = 1,
+    new_tokens: int = 32,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Time ``generate`` of preset ``preset`` with ``attention`` global layers ("dense", or "moba" with
+    ``block_size`` and ``topk``); returns a results row."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    device = torch.device(device)
+    overrides = dict(global_attention=attention)
+    if attention == "moba":
+        overrides.update(moba_block_size=block_size, moba_topk=topk)
+    config = model_config_from_preset(preset, **overrides)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = HybridLM(config).to(device=device, dtype=dtype).eval()
+    prompts = torch.randint(config.vocab_size, (batch, prompt_len), device=device)
+    generate(model, prompts, 2)  # warm-up at the measured shapes
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    stats: dict = {}
+    generate(model, prompts, new_tokens, stats=stats)
+    decode_steps = stats["decode_tokens"] // batch if batch else 0
+    row = dict(
+        card=card_name() if device.type == "cuda" else "cpu",
+        preset=preset,
+        attention=attention,
+        block_size=block_size if attention == "moba" else None,
+        topk=topk if attention == "moba" else None,
+        prompt_len=prompt_len,
+        batch=batch,
+        new_tokens=new_tokens,
+        prefill_s=stats["prefill_seconds"],
+        prefill_tokens_per_s=stats["prefill_tokens"] / stats["prefill_seconds"],
+        decode_tokens_per_s=stats["decode_tokens"] / stats["decode_seconds"] if decode_steps else None,
+        decode_ms_per_step=stats["decode_seconds"] * 1e3 / decode_steps if decode_steps else None,
+        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    )
+    return {field: row[field] for field in ROW_FIELDS}
