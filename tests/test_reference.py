@@ -240,3 +240,167 @@ def test_real_arithmetic_ties_with_small_integer_inputs(block_size, causal):
     # float32 inputs route the same way
     selected = flashmoba.moba_select(q.float(), k.float(), block_size, 3, causal=causal)
     assert torch.equal(selected, flashmoba.moba_select(q, k, block_size, 3, causal=causal))
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN, inf and overflow: the rule of the module docstring of flashmoba.reference
+# ----------------------------------------------------------------------------------------------------
+
+# seqlen 37, block 8, topk 3, GQA 4/2, head_dim 24: key 10 sits in block 1 (an earlier block for most
+# rows, the own block of rows 8..15: rows 8 and 9 do not see it), key 29 in block 3 (rows 24..28 of that
+# block come before it), key 36 in the last, partial block.
+NAN_SHAPE = dict(seqlen=37, heads_q=4, heads_kv=2, head_dim=24, block_size=8, topk=3)
+NAN_PLACES = {
+    "v, earlier block": ("v", (10, 1, 7)),
+    "v, own block": ("v", (29, 0, 2)),
+    "v, last key": ("v", (36, 1, 0)),
+    "k, own block": ("k", (29, 0, 5)),
+    "q": ("q", (20, 1, 3)),
+}
+
+
+def visibility(q, k, block_size, topk, causal):
+    """[B, T, Hq, S] bool twice: the keys each (row, head) attends to, and the keys of the blocks it
+    selected, from the reference's own selection."""
+    selected = reference.moba_select_reference(q, k, block_size, topk, causal)  # [B, T, Hq, topk]
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    key_block = torch.arange(seqlen_k) // block_size
+    in_blocks = (selected[..., None] == key_block).any(dim=-2)
+    visible = in_blocks
+    if causal:
+        visible = in_blocks & _bottom_right_causal_mask(seqlen_q, seqlen_k)[None, :, None, :]
+    return visible, in_blocks
+
+
+def expected_nan_masks(q, k, v, masks, bad_grad=None):
+    """The NaN rule straight from its statement, with logits from float64, for the masks of
+    ``visibility``: (output rows [B, T, Hq], dq rows [B, T, Hq], dk/dv rows [B, S, Hkv]) that must be
+    NaN."""
+    visible, in_blocks = masks
+    group = q.shape[2] // k.shape[2]
+    k_q, v_q = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    logits = torch.einsum("bthd,bshd->bths", q.double(), k_q.double())
+    bad_key = ~torch.isfinite(v_q).all(dim=-1).transpose(1, 2)[:, None]  # [B, 1, Hq, S]
+    poisoned = (visible & (~torch.isfinite(logits) | bad_key)).any(dim=-1)
+    flagged = poisoned if bad_grad is None else poisoned | bad_grad
+    flagged &= visible.any(dim=-1)
+    touched = (in_blocks & flagged[..., None]).any(dim=1)  # [B, Hq, S]
+    touched = touched.view(q.shape[0], k.shape[2], group, -1).any(dim=2).transpose(1, 2)
+    return poisoned, flagged, touched
+
+
+def _run_with_grads(q, k, v, block_size, topk, causal, grad_out, grad_lse):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flashmoba.moba_attn(
+        *leaves, block_size, topk, causal=causal, backend="reference", return_lse=True
+    )
+    torch.autograd.backward((out, lse), (grad_out, grad_lse.masked_fill(torch.isinf(lse.detach()), 0)))
+    return out.detach(), lse.detach(), *(leaf.grad for leaf in leaves)
+
+
+def _nan_inputs(seed=20):
+    shape = NAN_SHAPE
+    q, k, v = _random_qkv(
+        1, shape["seqlen"], shape["seqlen"], shape["heads_q"], shape["heads_kv"], shape["head_dim"], seed=seed
+    )
+    generator = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(1, shape["heads_q"], shape["seqlen"], generator=generator, dtype=torch.float64)
+    return q, k, v, grad_out, grad_lse
+
+
+@pytest.mark.parametrize("chunk_elements", [reference.CHUNK_ELEMENTS, 300], ids=["one_chunk", "chunks"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("place", sorted(NAN_PLACES))
+def test_reference_nan_rule(monkeypatch, place, value, causal, chunk_elements):
+    """NaN in exactly the output, lse and gradient rows the rule names (whatever the chunking); every other
+    entry as with a finite number in place of the bad one (routing aside: bad keys move centroids)."""
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk_elements)
+    block_size, topk = NAN_SHAPE["block_size"], NAN_SHAPE["topk"]
+    q, k, v, grad_out, grad_lse = _nan_inputs()
+    tensor_name, index = NAN_PLACES[place]
+    poisoned_inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    poisoned_inputs[tensor_name][(0, *index)] = value
+    bad_q, bad_k, bad_v = (poisoned_inputs[name] for name in "qkv")
+    got = _run_with_grads(bad_q, bad_k, bad_v, block_size, topk, causal, grad_out, grad_lse)
+    out, lse, grad_q, grad_k, grad_v = got
+
+    masks = visibility(bad_q, bad_k, block_size, topk, causal)
+    poisoned, flagged, touched = expected_nan_masks(bad_q, bad_k, bad_v, masks)
+    assert poisoned.any() and not poisoned.all(), "the case must poison some rows, not all"
+    assert torch.equal(out.isnan().all(dim=-1), poisoned) and torch.equal(out.isnan().any(dim=-1), poisoned)
+    assert torch.equal(lse.isnan(), poisoned.transpose(1, 2))
+    assert torch.equal(grad_q.isnan().all(dim=-1), flagged) and torch.equal(grad_q.isnan().any(-1), flagged)
+    for name, grad in (("dk", grad_k), ("dv", grad_v)):
+        assert torch.equal(grad.isnan().all(dim=-1), touched), name
+        assert torch.equal(grad.isnan().any(dim=-1), touched), name
+    assert torch.isfinite(out[~poisoned]).all() and torch.isfinite(grad_q[~flagged]).all()
+    assert torch.isfinite(grad_k[~touched]).all() and torch.isfinite(grad_v[~touched]).all()
+    if tensor_name == "v" and causal:  # the own-block rows before the key see the block, not the key
+        row, kv_head = index[0], index[1]
+        heads = slice(kv_head * 2, kv_head * 2 + 2)
+        earlier = row - row % block_size
+        assert torch.isfinite(out[0, earlier:row, heads]).all() and out[0, row, heads].isnan().all()
+
+    if tensor_name == "k":
+        return  # a bad key moves its block's centroid: the routing of other rows may change
+    finite_inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    finite_inputs[tensor_name][(0, *index)] = 0.25
+    # The finite run with the poisoned rows' upstream gradients zero: their routing or their part may
+    # differ there (a NaN q routes its row differently), so they must contribute nothing.
+    kept_out = grad_out.masked_fill(flagged[..., None], 0)
+    kept_lse = grad_lse.masked_fill(flagged.transpose(1, 2), 0)
+    expected = _run_with_grads(*finite_inputs.values(), block_size, topk, causal, kept_out, kept_lse)
+    for name, actual, wanted, keep in zip(
+        ("out", "lse", "dq", "dk", "dv"),
+        got,
+        expected,
+        (~poisoned, ~poisoned.transpose(1, 2), ~flagged, ~touched, ~touched),
+    ):
+        torch.testing.assert_close(actual[keep], wanted[keep], rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
+@pytest.mark.parametrize("where", ["dO", "dlse"])
+def test_reference_nan_in_upstream_gradient(where, causal):
+    """A NaN in one row's dO (or dlse) gives NaN in that row's dq and the dk/dv rows of the keys it sees;
+    every other gradient entry is the one with that row's upstream gradient zero."""
+    block_size, topk = NAN_SHAPE["block_size"], NAN_SHAPE["topk"]
+    q, k, v, grad_out, grad_lse = _nan_inputs(seed=21)
+    row, head = 27, 2
+    bad_out, bad_lse = grad_out.clone(), grad_lse.clone()
+    if where == "dO":
+        bad_out[0, row, head, 4] = math.nan
+    else:
+        bad_lse[0, head, row] = math.nan
+    got = _run_with_grads(q, k, v, block_size, topk, causal, bad_out, bad_lse)
+    bad_grad = torch.zeros(1, q.shape[1], q.shape[2], dtype=torch.bool)
+    bad_grad[0, row, head] = True
+    _, flagged, touched = expected_nan_masks(q, k, v, visibility(q, k, block_size, topk, causal), bad_grad)
+    assert flagged.sum() == 1 and touched.any() and not touched.all()
+    zero_out, zero_lse = grad_out.clone(), grad_lse.clone()
+    zero_out[0, row, head] = 0
+    zero_lse[0, head, row] = 0
+    expected = _run_with_grads(q, k, v, block_size, topk, causal, zero_out, zero_lse)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])  # the forward is untouched
+    for name, actual, wanted, nan_rows in zip(
+        ("dq", "dk", "dv"), got[2:], expected[2:], (flagged, touched, touched)
+    ):
+        assert torch.equal(actual.isnan().all(dim=-1), nan_rows), name
+        assert torch.equal(actual.isnan().any(dim=-1), nan_rows), name
+        torch.testing.assert_close(actual[~nan_rows], wanted[~nan_rows], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_reference_overflowing_logits_poison_their_rows():
+    """Finite inputs whose products overflow float32 (to +inf or -inf) poison the rows that see them."""
+    q, k, v = _random_qkv(1, 24, 24, 2, 2, 8, dtype=torch.float32, seed=22)
+    q, k = q * 1e3, k.clone()
+    k[0, 5] *= 1e37  # q . k of key 5 overflows, with either sign
+    out, lse = flashmoba.moba_attn(q, k, v, 4, 2, backend="reference", return_lse=True)
+    visible, _ = visibility(q, k, 4, 2, True)
+    logits = torch.einsum("bthd,bshd->bths", q, k)
+    assert (logits == -math.inf).any() and (logits == math.inf).any()
+    sees_key = visible[..., 5]
+    assert torch.equal(out.isnan().any(dim=-1), sees_key) and sees_key.any() and not sees_key.all()
+    assert torch.equal(lse.isnan(), sees_key.transpose(1, 2))

@@ -2,8 +2,9 @@
 
 It is the oracle of the tests and the CPU fallback, so it must be exact and must scale: queries are
 processed in chunks, and each chunk's logits cover only the keys that chunk can see, so peak memory is
-linear in the sequence length for a fixed chunk budget (no N x N tensor). Under autograd each chunk is
-checkpointed, so the backward recomputes it instead of keeping every chunk's probabilities alive.
+linear in the sequence length for a fixed chunk budget (no N x N tensor). Under autograd each chunk keeps
+only its inputs and recomputes itself in the backward (``_AttendChunk``, a checkpoint with the gradients of
+the NaN rule below) instead of keeping every chunk's probabilities alive.
 
 Semantics (see README and ``flashmoba.api``):
 
@@ -19,6 +20,24 @@ Semantics (see README and ``flashmoba.api``):
   a query with p < 0 sees nothing (output 0, lse -inf);
 - non-causal: the best topk of all blocks, all their keys visible;
 - ties go to the later block; no gradient flows through the selection.
+
+NaN, inf and overflow (per (query row, query head), over the keys it attends to: selected blocks,
+causally visible ones; the selection itself ranks NaN scores as ``flashmoba.ops.router`` documents):
+
+- a row is *poisoned* when one of its visible logits ``q . k * softmax_scale`` (computed in float32,
+  float64 for float64 inputs) is not finite, or one of its visible keys has a non-finite entry in its value
+  vector. A NaN or inf in the row's q or in a visible k always makes the logit non-finite; a product of
+  finite inputs that overflows to +inf or -inf does too. A poisoned row's output (every column) and lse are
+  NaN; a row that sees no key gives 0 and lse -inf whatever its q;
+- every other row is computed as if the non-finite entries it does not attend to were 0: exactly the
+  same values (bitwise) as with any finite numbers there. So nothing crosses rows, heads or sequences;
+- gradients: a row is *gradient-poisoned* when it sees a key and is poisoned, or its dO has a non-finite
+  entry, or its dlse is not finite. Its dq row is NaN, and so are the whole dk and dv rows (kv head of
+  the row's head) of every key of every block it selected: the keys it attends to and, in causal mode,
+  the keys of its own block after it (the kernels' dK/dV programs walk whole blocks, and flagging the
+  whole block costs nothing there). Every other gradient entry is the exact gradient of the other rows,
+  finite, with no contribution from the gradient-poisoned rows (NaN or inf in dO or dlse of a row that
+  sees nothing are ignored).
 """
 
 from __future__ import annotations
@@ -26,7 +45,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 # Elements of one chunk's [heads, chunk, keys] logits; bounds the reference's working memory.
 CHUNK_ELEMENTS = 1 << 24
@@ -124,10 +142,15 @@ def _route_chunk(
     selected = torch.zeros(chunk, heads_q, num_blocks, dtype=torch.bool, device=q_chunk.device)
     picks = min(picks, num_blocks)
     if picks > 0:
-        masked = scores.masked_fill(~candidate[:, None, :], -math.inf)
         # Ties go to the later block: reverse the block axis, then a stable descending sort keeps the
-        # reversed (later-first) order among equal scores.
-        order = torch.sort(masked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :picks]
+        # reversed (later-first) order among equal scores. A second stable sort puts the candidates first,
+        # so that a candidate scored -inf (an infinite q or centroid) still beats every non-candidate, as
+        # in the Triton router, where such a block may fill an empty slot.
+        by_score = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+        flipped_candidate = candidate.flip(-1)[:, None, :].expand_as(scores)
+        candidate_first = torch.gather(flipped_candidate, -1, by_score).to(torch.int8)
+        by_candidate = torch.sort(candidate_first, dim=-1, descending=True, stable=True).indices
+        order = torch.gather(by_score, -1, by_candidate)[..., :picks]
         best = num_blocks - 1 - order
         is_candidate = torch.gather(candidate[:, None, :].expand_as(scores), -1, best)
         selected.scatter_(-1, best, is_candidate)
@@ -144,33 +167,122 @@ def _attend_chunk(
     v: torch.Tensor,
     visible: torch.Tensor,
     softmax_scale: float,
+    in_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of a chunk of queries over the visible keys.
+    """Softmax attention of a chunk of queries over the visible keys, with the NaN rule (module docstring).
 
-    q_chunk [C, Hq, D], k/v [S', Hkv, D], visible [C, Hq, S'] bool.
-    Returns o [C, Hq, D] in the compute dtype and lse [Hq, C] (-inf for a query that sees nothing).
+    q_chunk [C, Hq, D], k/v [S', Hkv, D], visible [C, Hq, S'] bool; in_blocks [C, Hq, S'] bool, the keys
+    of the selected blocks, visible or not (where a gradient-poisoned row puts NaN in dk and dv), by
+    default ``visible``.
+    Returns o [C, Hq, D] in the compute dtype and lse [Hq, C] (-inf for a query that sees nothing, NaN
+    for a poisoned one). Differentiable in q, k and v through ``_AttendChunk``, which keeps only its
+    inputs and recomputes the chunk in the backward (as a checkpoint would).
     """
+    if torch.is_grad_enabled() and (q_chunk.requires_grad or k.requires_grad or v.requires_grad):
+        in_blocks = visible if in_blocks is None else in_blocks
+        return _AttendChunk.apply(q_chunk, k, v, visible, in_blocks, softmax_scale)
+    out, lse, _ = _attend_forward(q_chunk, k, v, visible, softmax_scale)
+    return out, lse
+
+
+def _finite_or_zero(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(tensor), tensor, torch.zeros_like(tensor))
+
+
+def _attend_forward(q_chunk, k, v, visible, softmax_scale):
+    """``_attend_chunk``'s forward. Also returns what the backward needs: the unnormalised probabilities
+    [Hkv, group, C, S'] (0 outside the visible keys and in poisoned rows) and their row sums (1 where 0),
+    the poisoned rows [Hkv, group, C], the visibility [Hkv, group, C, S'], the output before the poisoned
+    rows are set to NaN, and v with non-finite entries zeroed ([Hkv, S', D])."""
     chunk, heads_q, head_dim = q_chunk.shape
     heads_kv = k.shape[1]
     group = heads_q // heads_kv
     compute = _compute_dtype(q_chunk.dtype)
     # [Hkv, group*C, D] @ [Hkv, D, S'] keeps GQA without copying K/V per query head.
     q_grouped = q_chunk.to(compute).view(chunk, heads_kv, group, head_dim).permute(1, 2, 0, 3)
-    q_grouped = q_grouped.reshape(heads_kv, group * chunk, head_dim)
-    logits = torch.matmul(q_grouped, k.to(compute).permute(1, 2, 0)) * softmax_scale
+    k_t = k.to(compute).permute(1, 2, 0)
+    logits = torch.matmul(q_grouped.reshape(heads_kv, group * chunk, head_dim), k_t) * softmax_scale
     logits = logits.view(heads_kv, group, chunk, -1)
     mask = visible.permute(1, 0, 2).reshape(heads_kv, group, chunk, -1)
-    logits = logits.masked_fill(~mask, -math.inf)
+    # The NaN rule: a row is poisoned when a visible logit is not finite (NaN or inf in its q or in a
+    # visible k, or a product that overflows) or a visible value vector has a non-finite entry.
+    v_compute = v.to(compute)
+    bad_value = ~torch.isfinite(v_compute).all(dim=-1).permute(1, 0)[:, None, None, :]  # [Hkv, 1, 1, S']
+    poisoned = (mask & (bad_value | ~torch.isfinite(logits))).any(dim=-1)  # [Hkv, group, C]
+    # Poisoned rows are computed as seeing nothing, then set to NaN: no NaN or inf enters an arithmetic
+    # operation, so none can reach another row through a masked product (0 * NaN).
+    logits = logits.masked_fill(~mask | poisoned[..., None], -math.inf)
     row_max = logits.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     probs = torch.exp(logits - row_max)
     row_sum = probs.sum(dim=-1, keepdim=True)
-    out = torch.matmul(probs.view(heads_kv, group * chunk, -1), v.to(compute).permute(1, 0, 2))
-    out = out.view(heads_kv, group, chunk, head_dim) / torch.where(
-        row_sum > 0, row_sum, torch.ones_like(row_sum)
-    )
-    lse = (row_max + torch.log(row_sum)).view(heads_q, chunk)
-    return out.reshape(heads_q, chunk, head_dim).permute(1, 0, 2), lse
+    safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    v_clean = _finite_or_zero(v_compute).permute(1, 0, 2)  # [Hkv, S', D]
+    out = torch.matmul(probs.view(heads_kv, group * chunk, -1), v_clean)
+    out = out.view(heads_kv, group, chunk, head_dim) / safe_sum
+    lse = row_max + torch.log(row_sum)
+    nan = torch.full((), math.nan, dtype=compute, device=q_chunk.device)
+    out_poisoned = torch.where(poisoned[..., None], nan, out)
+    lse = torch.where(poisoned[..., None], nan, lse).view(heads_q, chunk)
+    saved = (probs, safe_sum, poisoned, mask, out, v_clean)
+    return out_poisoned.reshape(heads_q, chunk, head_dim).permute(1, 0, 2), lse, saved
+
+
+class _AttendChunk(torch.autograd.Function):
+    """``_attend_chunk`` with the gradients of the NaN rule (module docstring), computed explicitly: the
+    textbook softmax backward on the finite-zeroed inputs, then NaN in the gradient rows it names."""
+
+    @staticmethod
+    def forward(ctx, q_chunk, k, v, visible, in_blocks, softmax_scale):
+        out, lse, _ = _attend_forward(q_chunk, k, v, visible, softmax_scale)
+        ctx.save_for_backward(q_chunk, k, v, visible, in_blocks)
+        ctx.softmax_scale = softmax_scale
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q_chunk, k, v, visible, in_blocks = ctx.saved_tensors
+        scale = ctx.softmax_scale
+        with torch.no_grad():
+            _, _, saved = _attend_forward(q_chunk, k, v, visible, scale)
+            probs, safe_sum, poisoned, mask, out, v_clean = saved
+            probs = probs / safe_sum
+            chunk, heads_q, head_dim = q_chunk.shape
+            heads_kv = k.shape[1]
+            group = heads_q // heads_kv
+            compute = probs.dtype
+            grad_out = grad_out.to(compute).view(chunk, heads_kv, group, head_dim).permute(1, 2, 0, 3)
+            grad_lse = grad_lse.to(compute).view(heads_kv, group, chunk)
+            # Gradient-poisoned rows: poisoned ones, and those whose dO or dlse has a non-finite entry;
+            # a row that sees no key has zero gradients whatever its dO.
+            sees = mask.any(dim=-1)
+            bad_grad = ~torch.isfinite(grad_out).all(dim=-1) | ~torch.isfinite(grad_lse)
+            flagged = (poisoned | bad_grad) & sees
+            clean = ~(poisoned | bad_grad)
+            grad_out = torch.where(clean[..., None], grad_out, torch.zeros_like(grad_out))
+            grad_lse = torch.where(clean, grad_lse, torch.zeros_like(grad_lse))
+            q_clean = _finite_or_zero(q_chunk.to(compute)).view(chunk, heads_kv, group, head_dim)
+            q_clean = q_clean.permute(1, 2, 0, 3)  # [Hkv, group, C, D]
+            k_clean = _finite_or_zero(k.to(compute)).permute(1, 0, 2)  # [Hkv, S', D]
+            delta = (grad_out * out).sum(dim=-1) - grad_lse  # [Hkv, group, C]
+            flat = (heads_kv, group * chunk, -1)
+            grad_v = torch.matmul(probs.view(flat).transpose(1, 2), grad_out.reshape(flat))
+            grad_probs = torch.matmul(grad_out.reshape(flat), v_clean.transpose(1, 2)).view_as(probs)
+            grad_logits = probs * (grad_probs - delta[..., None]) * scale
+            grad_q = torch.matmul(grad_logits.view(flat), k_clean).view(heads_kv, group, chunk, head_dim)
+            grad_k = torch.matmul(grad_logits.view(flat).transpose(1, 2), q_clean.reshape(flat))
+            nan = torch.full((), math.nan, dtype=compute, device=q_chunk.device)
+            grad_q = torch.where(flagged[..., None], nan, grad_q)
+            # The keys of every block a gradient-poisoned row selected, the causally hidden ones too.
+            blocks = in_blocks.permute(1, 0, 2).reshape(heads_kv, group, chunk, -1)
+            touched = (blocks & flagged[..., None]).any(dim=2).any(dim=1)[..., None]  # [Hkv, S', 1]
+            grad_k = torch.where(touched, nan, grad_k)
+            grad_v = torch.where(touched, nan, grad_v)
+            grad_q = grad_q.reshape(heads_q, chunk, head_dim).permute(1, 0, 2).to(q_chunk.dtype)
+            grad_k = grad_k.permute(1, 0, 2).to(k.dtype)
+            grad_v = grad_v.permute(1, 0, 2).to(v.dtype)
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def sees_nothing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape, lse_shape, lse_dtype):
@@ -213,7 +325,6 @@ def moba_sequence_reference(
     topk = min(topk, -(-seqlen_k // block_size))
     with torch.no_grad():
         routing_keys = _routing_keys(k.detach(), block_size)
-    use_checkpoint = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     key_pos = torch.arange(seqlen_k, device=q.device)
     key_block = torch.div(key_pos, block_size, rounding_mode="floor")
     outs, lses = [], []
@@ -222,8 +333,11 @@ def moba_sequence_reference(
     for start in range(0, seqlen_q, step):
         stop = min(seqlen_q, start + step)
         query_pos = torch.arange(start, stop, device=q.device) + (seqlen_k - seqlen_q)
-        # Keys past the chunk's last query position are never visible in causal mode: skip them.
-        keys_used = max(0, min(seqlen_k, stop + seqlen_k - seqlen_q)) if causal else seqlen_k
+        # Keys past the own block of the chunk's last query are never visible in causal mode: skip them.
+        # (The rest of that block is kept: a gradient-poisoned row puts NaN in its keys' dk and dv.)
+        last_pos = stop + seqlen_k - seqlen_q
+        keys_used = min(seqlen_k, -(-last_pos // block_size) * block_size) if causal else seqlen_k
+        keys_used = max(0, keys_used) if last_pos > 0 else 0
         q_chunk = q[start:stop]
         if keys_used == 0:
             outs.append(torch.zeros(stop - start, heads_q, head_dim, dtype=compute, device=q.device))
@@ -231,14 +345,11 @@ def moba_sequence_reference(
             continue
         with torch.no_grad():
             selected = _route_chunk(q_chunk.detach(), routing_keys, query_pos, block_size, topk, causal)
-            visible = selected[:, :, key_block[:keys_used]]
+            in_blocks = selected[:, :, key_block[:keys_used]]
+            visible = in_blocks
             if causal:
-                visible &= (key_pos[:keys_used][None, :] <= query_pos[:, None])[:, None, :]
-        args = (q_chunk, k[:keys_used], v[:keys_used], visible, softmax_scale)
-        if use_checkpoint:
-            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
-        else:
-            out, lse = _attend_chunk(*args)
+                visible = in_blocks & (key_pos[:keys_used][None, :] <= query_pos[:, None])[:, None, :]
+        out, lse = _attend_chunk(q_chunk, k[:keys_used], v[:keys_used], visible, softmax_scale, in_blocks)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=0).to(q.dtype)

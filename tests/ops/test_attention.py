@@ -379,3 +379,141 @@ def test_float16_forward_and_its_partials():
         ).item()
     assert relative_error[False] <= 1.5, relative_error
     assert relative_error[False] < relative_error[True] <= 2.2, relative_error
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN, inf and overflow: NaN exactly where the reference has it (the rule in flashmoba.reference)
+# ----------------------------------------------------------------------------------------------------
+
+# One sequence of 37 (block 8, topk 3, GQA 4/2, head_dim 24), as in tests/test_reference.py: key 10 sits
+# in block 1, which rows 8 and 9 attend to without seeing key 10; key 29 in block 3, after rows 24..28
+# of that block; key 36 is the last, in a partial block; row 20 is in block 2, before its keys 21..23.
+NAN_PLACES = {
+    "v, earlier block": ("v", (10, 1, 7)),
+    "v, own block": ("v", (29, 0, 2)),
+    "v, last key": ("v", (36, 1, 0)),
+    "k, own block": ("k", (29, 0, 5)),
+    "q": ("q", (20, 1, 3)),
+    "dO": ("grad_out", (27, 2, 4)),
+    "dlse": ("grad_lse", (2, 27)),
+}
+
+
+def _nan_compare(got, expected, what):
+    """The NaN entries of each result are the reference's, the others agree with it; the reference has
+    NaN somewhere and finite values somewhere in dq, dk and dv."""
+    for name, actual, wanted in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        wanted = wanted.detach()
+        nan = wanted.isnan()
+        assert torch.equal(actual.isnan(), nan), (
+            f"{what}, {name}: NaN at {actual.isnan().nonzero().tolist()[:8]}..., "
+            f"the reference's at {nan.nonzero().tolist()[:8]}..."
+        )
+        assert_close(actual[~nan], wanted[~nan], "kernel_float32", name=f"{what}, {name}")
+    assert all(x.isnan().any() and not x.isnan().all() for x in expected[2:]), "the case must poison some"
+
+
+def check_non_finite(
+    place, value, causal, lengths=(37,), block_size=8, topk=3, deterministic=False, config=None, poison=0
+):
+    """The kernels and the float64 reference on inputs with one bad entry at NAN_PLACES[place] in the
+    sequence ``poison`` of ``lengths``; returns the kernels' results."""
+    lengths = list(lengths)
+    q, k, v, grad_out, grad_lse = _make(lengths, lengths, 4, 2, 24, seed=4)
+    tensors = dict(q=q, k=k, v=v, grad_out=grad_out, grad_lse=grad_lse)
+    name, index = NAN_PLACES[place]
+    start = sum(lengths[:poison])
+    index = (index[0], start + index[1]) if name == "grad_lse" else (start + index[0], *index[1:])
+    tensors[name][index] = value
+    cu = _cu(lengths)
+    scale = 24**-0.5
+    selected = reference.moba_select_reference(q.double(), k.double(), block_size, topk, causal, cu, cu)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = triton_autograd.sparse_attention_varlen(
+        *leaves, selected, cu, cu, block_size, causal, scale, deterministic, config
+    )
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    got = (out.detach(), lse.detach(), *(leaf.grad for leaf in leaves))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.moba_attn_varlen_reference(
+        *ref_leaves, cu, cu, block_size, topk, causal, scale
+    )
+    torch.autograd.backward((ref_out, ref_lse), (grad_out.double(), grad_lse.double()))
+    expected = (ref_out, ref_lse, *(leaf.grad for leaf in ref_leaves))
+    _nan_compare(got, expected, f"{place} = {value}, causal={causal}")
+    return got
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non_causal"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("place", sorted(NAN_PLACES))
+def test_non_finite_entries_give_nan_where_the_reference_does(place, value, causal):
+    check_non_finite(place, value, causal)
+
+
+@pytest.mark.parametrize(
+    "deterministic,config",
+    [
+        (False, KernelConfig(dq_by_stored_partials=False)),  # dQ by float32 atomics
+        (True, KernelConfig(dq_by_stored_partials=False)),  # dQ by the second, per-pair pass
+        (False, KernelConfig(partial_buffer_bytes=14 * 3 * (24 * 4 + 4))),  # partials in row chunks
+    ],
+    ids=["dq_atomics", "dq_second_pass", "row_chunks"],
+)
+@pytest.mark.parametrize("place", ["v, own block", "q", "dO"])
+def test_non_finite_entries_on_every_dq_path(place, deterministic, config):
+    check_non_finite(place, float("nan"), True, deterministic=deterministic, config=config)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq_atomics", "dq_second_pass"])
+@pytest.mark.parametrize("place", ["v, own block", "q", "dO"])
+def test_non_finite_entries_with_blocks_of_several_key_tiles(place, deterministic):
+    # Blocks of 40 keys are two of the interpreter's 32-key tiles: the forward's key loop and the
+    # backward's per-tile programs; key 29 is then in the first block's second tile.
+    check_non_finite(
+        place, float("inf"), True, lengths=(97,), block_size=40, topk=2, deterministic=deterministic
+    )
+
+
+def test_overflowing_logits_give_nan_where_the_reference_does():
+    """q . k overflowing float32 (to +inf and to -inf) poisons the rows that see the key."""
+    lengths = [37]
+    q, k, v, grad_out, grad_lse = _make(lengths, lengths, 4, 2, 24, seed=6)
+    k = k.clone()
+    k[29, 0] *= 1e38
+    assert torch.isfinite(k).all()  # finite inputs: only their products overflow
+    cu, scale = _cu(lengths), 24**-0.5
+    # The float32 routing, which the float32 reference below does (float64 scores would not overflow).
+    selected = reference.moba_select_reference(q, k, 8, 3, True, cu, cu)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = triton_autograd.sparse_attention_varlen(*leaves, selected, cu, cu, 8, True, scale, False, None)
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    got = (out.detach(), lse.detach(), *(leaf.grad for leaf in leaves))
+    # The float32 reference: its logits overflow as the kernels' do (float64 would not overflow).
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference.moba_attn_varlen_reference(*ref_leaves, cu, cu, 8, 3, True, scale)
+    torch.autograd.backward((ref_out, ref_lse), (grad_out, grad_lse))
+    expected = (ref_out, ref_lse, *(leaf.grad for leaf in ref_leaves))
+    logits = torch.einsum("td,sd->ts", q[:, 0], k[:, 0])
+    assert (logits[:, 29] == float("inf")).any() and (logits[:, 29] == float("-inf")).any()
+    _nan_compare(got, expected, "overflow")
+
+
+@pytest.mark.parametrize("place", ["v, own block", "k, own block", "q", "dO"])
+def test_a_nan_in_one_packed_sequence_leaves_the_others_bitwise_unchanged(place):
+    """Sequences 0 and 2 of a packed batch: the same bits with a NaN in sequence 1 as without it."""
+    lengths = (13, 37, 9)
+    poisoned = check_non_finite(place, float("nan"), True, lengths=lengths, poison=1)
+    q, k, v, grad_out, grad_lse = _make(list(lengths), list(lengths), 4, 2, 24, seed=4)
+    cu = _cu(list(lengths))
+    selected = reference.moba_select_reference(q.double(), k.double(), 8, 3, True, cu, cu)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = triton_autograd.sparse_attention_varlen(
+        *leaves, selected, cu, cu, 8, True, 24**-0.5, False, None
+    )
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    finite = (out.detach(), lse.detach(), *(leaf.grad for leaf in leaves))
+    others = torch.cat([torch.arange(0, 13), torch.arange(50, 59)])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), poisoned, finite):
+        rows = (slice(None), others) if name == "lse" else (others,)
+        assert torch.equal(a[rows], b[rows]), f"{name} of the other sequences changed"

@@ -273,12 +273,26 @@ for _backend in BACKENDS:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. NaN, inf and overflow in q and k: NaN in exactly the output rows where the reference has it
+# 5. NaN, inf and overflow in q, k, v and dO: NaN in exactly the output rows and gradient rows where the
+#    reference has it (the rule in flashmoba.reference's docstring), the reference's values elsewhere
 # ----------------------------------------------------------------------------------------------------
+
+NON_FINITE_KINDS = (
+    "NaN in a query row",
+    "NaN in a key",
+    "inf in a key",
+    "-inf in a query row",
+    "q . k overflowing float32",
+    "NaN in a value",
+    "inf in a value",
+    "-inf in a value",
+    "NaN in dO",
+)
 
 
 def _poisoned_inputs(kind: str, seed: int = 0):
     q, k, v = random_qkv(1, 16, 16, heads=2, heads_kv=2, head_dim=8, seed=seed)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
     if kind == "NaN in a query row":
         q[0, 3, 1, 0] = math.nan
     elif kind == "NaN in a key":
@@ -289,32 +303,55 @@ def _poisoned_inputs(kind: str, seed: int = 0):
         q[0, 6, 0, 1] = -math.inf
     elif kind == "q . k overflowing float32":
         q, k = q * 1e20, k * 1e20
-    return q, k, v
+    elif kind == "NaN in a value":  # key 6: in block 1, after rows 4 and 5 of that block
+        v[0, 6, 1, 3] = math.nan
+    elif kind == "inf in a value":
+        v[0, 9, 0, 0] = math.inf
+    elif kind == "-inf in a value":
+        v[0, 15, 1, 7] = -math.inf
+    elif kind == "NaN in dO":
+        grad_out[0, 10, 1, 2] = math.nan
+    return q, k, v, grad_out
+
+
+def _with_gradients(q, k, v, grad_out, backend, **kwargs):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = moba_attn(*leaves, 4, 2, backend=backend, **kwargs)
+    out.backward(grad_out)
+    return out.detach(), *(leaf.grad for leaf in leaves)
 
 
 for _backend in BACKENDS:
-    for _kind in (
-        "NaN in a query row",
-        "NaN in a key",
-        "inf in a key",
-        "-inf in a query row",
-        "q . k overflowing float32",
-    ):
+    for _kind in NON_FINITE_KINDS:
 
         @case("non_finite", f"{_backend}: {_kind}")
         def _(backend=_backend, kind=_kind):
-            q, k, v = _poisoned_inputs(kind)
+            q, k, v, grad_out = _poisoned_inputs(kind)
             for causal in (True, False):
-                expected = moba_attn(q, k, v, 4, 2, causal=causal, backend="reference")
-                got = moba_attn(q, k, v, 4, 2, causal=causal, backend=backend)
-                nan_rows, expected_nan_rows = got.isnan().any(-1), expected.isnan().any(-1)
-                assert expected_nan_rows.any(), "the case must poison some rows"
-                assert torch.equal(nan_rows, expected_nan_rows), (
-                    f"causal={causal}: NaN rows {nan_rows.nonzero().tolist()}, "
-                    f"the reference's {expected_nan_rows.nonzero().tolist()}"
+                expected = _with_gradients(q, k, v, grad_out, "reference", causal=causal)
+                got = _with_gradients(q, k, v, grad_out, backend, causal=causal)
+                assert any(x.isnan().any() for x in expected), "the case must poison something"
+                # The gradients' NaN rows follow the blocks a poisoned row selects. Non-finite scores
+                # are ranked by the routers' rule for NaN bits, whose sign differs between CPUs (the
+                # interpreter) and GPUs: compare them where both backends route alike, which they must
+                # when only v or dO hold the bad value.
+                same_routing = torch.equal(
+                    moba_select(q, k, 4, 2, causal=causal, backend=backend),
+                    moba_select(q, k, 4, 2, causal=causal, backend="reference"),
                 )
-                finite = ~expected_nan_rows
-                assert_close(got[finite], expected[finite], f"causal={causal}, the other rows")
+                assert same_routing or kind.split()[-1] not in ("value", "dO"), "the routing differs"
+                for name, actual, wanted in list(zip(("out", "dq", "dk", "dv"), got, expected))[
+                    : 4 if same_routing else 1
+                ]:
+                    # Per row: every entry of a poisoned output, dq, dk or dv row is NaN.
+                    nan_rows, expected_rows = actual.isnan().any(-1), wanted.isnan().any(-1)
+                    assert torch.equal(nan_rows, expected_rows), (
+                        f"causal={causal}, {name}: NaN rows {nan_rows.nonzero().tolist()}, "
+                        f"the reference's {expected_rows.nonzero().tolist()}"
+                    )
+                    assert torch.equal(actual.isnan(), wanted.isnan()), f"{name}: NaN in part of a row"
+                    finite = ~expected_rows
+                    assert_close(actual[finite], wanted[finite], f"causal={causal}, the other {name} rows")
 
     @case("non_finite", f"{_backend}: a NaN in one packed sequence never reaches another")
     def _(backend=_backend):
@@ -323,6 +360,45 @@ for _backend in BACKENDS:
         out = moba_attn_varlen(q, k, v, offsets, offsets, 9, 9, 4, 2, backend=backend)
         assert out[7:16].isnan().any(), "the poisoned sequence must show it"
         assert not out[:7].isnan().any() and not out[16:].isnan().any()
+
+    for _tensor in ("v", "dO"):
+
+        @case("non_finite", f"{_backend}: a NaN in {_tensor} of one sequence leaves the others' bits alone")
+        def _(backend=_backend, tensor=_tensor):
+            """Packed and padded: outputs and gradients of the other sequences are bitwise the same."""
+            q, k, v, offsets = packed([7, 9, 5])
+            grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+            bad_v, bad_grad = v.clone(), grad_out.clone()
+            if tensor == "v":
+                bad_v[10, 0, 3] = math.nan  # in the second sequence
+            else:
+                bad_grad[12, 1, 0] = math.nan
+            results = []
+            for v_, grad_ in ((v, grad_out), (bad_v, bad_grad)):
+                leaves = [x.clone().requires_grad_() for x in (q, k, v_)]
+                out = moba_attn_varlen(*leaves, offsets, offsets, 9, 9, 4, 2, backend=backend)
+                out.backward(grad_)
+                results.append([out.detach(), *(leaf.grad for leaf in leaves)])
+            others = torch.cat([torch.arange(0, 7), torch.arange(16, 21)])
+            for name, clean, poisoned in zip(("out", "dq", "dk", "dv"), *results):
+                if name != "out" or tensor == "v":
+                    assert poisoned[7:16].isnan().any(), f"{name}: the poisoned sequence must show it"
+                assert torch.equal(clean[others], poisoned[others]), f"packed {name} of another sequence"
+            # Padded: batch element 1 poisoned, 0 and 2 unchanged.
+            q, k, v = random_qkv(3, 11, 11, heads=2, heads_kv=1, head_dim=8, seed=3)
+            grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+            bad_v, bad_grad = v.clone(), grad_out.clone()
+            if tensor == "v":
+                bad_v[1, 5, 0, 2] = math.nan
+            else:
+                bad_grad[1, 6, 0, 0] = math.nan
+            results = []
+            for v_, grad_ in ((v, grad_out), (bad_v, bad_grad)):
+                results.append(_with_gradients(q, k, v_, grad_, backend))
+            for name, clean, poisoned in zip(("out", "dq", "dk", "dv"), *results):
+                if name != "out" or tensor == "v":
+                    assert poisoned[1].isnan().any(), f"{name}: the poisoned batch element must show it"
+                assert torch.equal(clean[[0, 2]], poisoned[[0, 2]]), f"padded {name} of another element"
 
 
 # ----------------------------------------------------------------------------------------------------

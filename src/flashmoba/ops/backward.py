@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
-from flashmoba.ops.forward import forward_tiles
+from flashmoba.ops.forward import bad_keys, forward_tiles, nonfinite_rows
 from flashmoba.ops.index import block_table, num_block_slots
 from flashmoba.ops.partials import chunk_pair_index, chunking, partial_dtype, program_column
 from flashmoba.ops.utils import (
@@ -40,6 +40,23 @@ from flashmoba.ops.utils import (
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
+
+# The gradient NaN rule of flashmoba.reference, by a flag and zeroed tiles, without a pass of its own: the
+# preprocess sets delta to NaN for gradient-poisoned rows (O, dO or dlse not finite); the programs then
+# recompute such a row's probabilities against lse NaN and count it as seeing every key of the block (the
+# causal limit lifted), so that its dQ and the whole dK/dV rows of the keys of its blocks come out NaN,
+# however its own q or dO hold NaN (a masked product 0 * NaN then only lands where NaN goes anyway).
+# Keys whose k or v holds a NaN or an inf are loaded as zeros: only poisoned rows see them, and a zero
+# cannot turn a masked probability into NaN (0 * NaN) in a row that does not.
+
+
+@triton.jit
+def gradient_poison(lse, delta):
+    """The log2 lse of a tile of routed rows, NaN for gradient-poisoned ones (delta NaN), so that their
+    probabilities are NaN at every key they count as seeing."""
+    # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(delta == delta, lse_log2, float("nan"))
 
 
 @triton.jit
@@ -77,10 +94,15 @@ def _moba_bwd_preprocess_kernel(
         other=0.0,
     ).to(tl.float32)
     delta = tl.sum(out * grad_out, 1)
+    # The gradient NaN rule (flashmoba.reference): a row whose O (poisoned in the forward), dO or dlse
+    # holds a NaN or an inf gets delta NaN, the flag the dK/dV and dQ programs read.
+    bad = nonfinite_rows(out) | nonfinite_rows(grad_out)
     lse_index = heads.to(tl.int64) * total_q + rows
     if HAS_GRAD_LSE:
-        delta -= tl.load(GradLse + lse_index, mask=pair_mask, other=0.0)
-    tl.store(Delta + lse_index, delta, mask=pair_mask)
+        grad_lse = tl.load(GradLse + lse_index, mask=pair_mask, other=0.0)
+        delta -= grad_lse
+        bad = bad | ~(tl.abs(grad_lse) < float("inf"))
+    tl.store(Delta + lse_index, tl.where(bad, float("nan"), delta), mask=pair_mask)
 
 
 @triton.jit
@@ -149,16 +171,16 @@ def _moba_bwd_dkdv_kernel(
     key_mask = keys < key_end
     kv_mask = key_mask[:, None] & d_mask[None, :]
     keys64 = keys.to(tl.int64)
-    key_tile_values = tl.load(
-        K + keys64[:, None] * stride_k_row + kv_head * stride_k_head + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
+    k_ptrs = K + keys64[:, None] * stride_k_row + kv_head * stride_k_head + offs_d[None, :]
+    v_ptrs = V + keys64[:, None] * stride_v_row + kv_head * stride_v_head + offs_d[None, :]
+    # Keys holding a NaN or an inf load as zeros (see above): a second, masked load of the tiles (a
+    # tl.where on them instead keeps both tiles in registers across the loop, and the kernel spills).
+    bad = nonfinite_rows(tl.load(k_ptrs, mask=kv_mask, other=0.0)) | nonfinite_rows(
+        tl.load(v_ptrs, mask=kv_mask, other=0.0)
     )
-    value_tile = tl.load(
-        V + keys64[:, None] * stride_v_row + kv_head * stride_v_head + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    finite_kv_mask = kv_mask & (bad == 0)[:, None]
+    key_tile_values = tl.load(k_ptrs, mask=finite_kv_mask, other=0.0)
+    value_tile = tl.load(v_ptrs, mask=finite_kv_mask, other=0.0)
     grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_value = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -178,6 +200,11 @@ def _moba_bwd_dkdv_kernel(
             rows = entry // (heads_q * topk)
             rows64 = rows.to(tl.int64)
             row_mask = entry_mask[:, None] & d_mask[None, :]
+            lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+            delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+            lse_log2 = gradient_poison(lse, delta)
+            # A gradient-poisoned row (delta NaN) counts as seeing every key of the block: P is NaN there.
+            limit = tl.where(delta == delta, rows + shift, 2147483647)
             query = tl.load(
                 Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
                 mask=row_mask,
@@ -188,17 +215,13 @@ def _moba_bwd_dkdv_kernel(
                 mask=row_mask,
                 other=0.0,
             )
-            lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
-            # A routed row always sees a key; the guard only keeps a malformed selection from making inf.
-            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
 
             # Transposed scores [keys, rows]: dK and dV accumulate along the rows.
             scores_t = tile_dot(key_tile_values, tl.trans(query), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
             probabilities_t = tl.math.exp2(scores_t - lse_log2[None, :])
             visible = key_mask[:, None] & entry_mask[None, :]
             if CAUSAL:
-                visible = visible & (keys[:, None] <= rows[None, :] + shift)
+                visible = visible & (keys[:, None] <= limit[None, :])
             probabilities_t = tl.where(visible, probabilities_t, 0.0)
             grad_value += tile_dot(
                 probabilities_t.to(grad_out.dtype), grad_out, DOT_PRECISION, DOT_IN_FLOAT32
@@ -249,6 +272,8 @@ def _moba_bwd_dq_partial_kernel(
     Entries,
     Offsets,
     BlockTable,
+    BadKeys,  # [Hkv, total_k] int8 (forward.bad_keys)
+    total_k,
     stride_q_row,
     stride_q_head,
     stride_k_row,
@@ -297,6 +322,9 @@ def _moba_bwd_dq_partial_kernel(
         rows = entry // (heads_q * topk)
         rows64 = rows.to(tl.int64)
         row_mask = entry_mask[:, None] & d_mask[None, :]
+        lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
+        delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
+        lse_log2 = gradient_poison(lse, delta)
         query = tl.load(
             Q + rows64[:, None] * stride_q_row + head * stride_q_head + offs_d[None, :],
             mask=row_mask,
@@ -307,20 +335,24 @@ def _moba_bwd_dq_partial_kernel(
             mask=row_mask,
             other=0.0,
         )
-        lse = tl.load(Lse + head * total_q + rows64, mask=entry_mask, other=float("inf"))
-        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(Delta + head * total_q + rows64, mask=entry_mask, other=0.0)
 
         grad_query = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for key_start in range(key_first, key_end, BLOCK_N):
             keys = key_start + offs_n
             key_mask = keys < key_end
             kv_mask = key_mask[:, None] & d_mask[None, :]
+            # Keys holding a NaN or an inf load as zeros (see above), by the flags of a pass over K and V.
+            bad = tl.load(BadKeys + kv_head.to(tl.int64) * total_k + keys, mask=key_mask, other=0) != 0
+            finite_kv_mask = kv_mask & (bad == 0)[:, None]
             key_tile = tl.load(
-                k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :], mask=kv_mask, other=0.0
+                k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
+                mask=finite_kv_mask,
+                other=0.0,
             )
             value_tile = tl.load(
-                v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0
+                v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
+                mask=finite_kv_mask,
+                other=0.0,
             )
             scores = tile_dot(query, tl.trans(key_tile), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
             probabilities = tl.math.exp2(scores - lse_log2[:, None])
@@ -581,9 +613,10 @@ class _Backward:
         )
 
     def dq_partial_pass(
-        self, partial, split, row_chunk, head_first, heads_here, first_row, rows_here
+        self, partial, flags, split, row_chunk, head_first, heads_here, first_row, rows_here
     ) -> None:
-        """The deterministic dQ pass: one partial per (row, head, slot) of one chunk."""
+        """The deterministic dQ pass: one partial per (row, head, slot) of one chunk; flags from
+        ``bad_keys``."""
         q, k, v, grad_out = self.q, self.k, self.v, self.grad_out
         _moba_bwd_dq_partial_kernel[(self.block_slots * heads_here,)](
             Q=q,
@@ -596,6 +629,8 @@ class _Backward:
             Entries=self.entries,
             Offsets=self.offsets,
             BlockTable=self.table,
+            BadKeys=flags,
+            total_k=self.total_k,
             stride_q_row=q.stride(0),
             stride_q_head=q.stride(1),
             stride_k_row=k.stride(0),
@@ -678,12 +713,13 @@ def _dq_by_second_pass(launch: _Backward, split) -> None:
     partial = torch.empty(
         split.scratch_pairs(launch.topk), launch.head_dim, dtype=torch.float32, device=launch.q.device
     )
+    flags = bad_keys(launch.k, launch.v)
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(
         launch.total_q, launch.heads_q
     ):
         used = partial[: heads_here * rows_here * launch.topk]
         used.zero_()  # slots that no program writes add zero
-        launch.dq_partial_pass(used, split, row_chunk, head_first, heads_here, first_row, rows_here)
+        launch.dq_partial_pass(used, flags, split, row_chunk, head_first, heads_here, first_row, rows_here)
         launch.sum_partials(used, head_first, heads_here, first_row, rows_here)
 
 

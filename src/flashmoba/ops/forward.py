@@ -44,6 +44,60 @@ from flashmoba.ops.utils import (
 
 
 @triton.jit
+def nonfinite_rows(tile):
+    """True for each row of a [R, C] tile that holds a NaN or an inf."""
+    return tl.max(tl.where(tl.abs(tile.to(tl.float32)) < float("inf"), 0, 1), 1) > 0
+
+
+@triton.jit
+def value_poison(bad):
+    """The NaN rule of flashmoba.reference for value vectors: [keys] -> NaN where the key's v holds a NaN
+    or an inf, 0 elsewhere. Added to the key rows (once per program) or to the logits (one FMA with the
+    scale's multiply), it poisons every row that sees such a key, and only those: the NaN is masked away
+    where the key is not visible. The key's value row itself loads as zeros, so that no masked
+    probability times a NaN reaches a row that does not see it."""
+    return tl.where(bad, float("nan"), 0.0)
+
+
+@triton.jit
+def nan_if_infinite(scores):
+    """Logits with +-inf made NaN: a visible logit that is not finite poisons its row (flashmoba.reference's
+    NaN rule; -inf alone would drop out of the softmax). One FMA, x * 0 + x: x for finite x, NaN for
+    +-inf and NaN (no fast-math flag lets the compiler fold it)."""
+    return tl.fma(scores, 0.0, scores)
+
+
+@triton.jit
+def _moba_bad_keys_kernel(
+    K,
+    V,
+    BadKeys,
+    total_k,
+    heads_kv,
+    stride_k_row,
+    stride_k_head,
+    stride_v_row,
+    stride_v_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """BadKeys[kv head, key] = 1 where the key's k or v holds a NaN or an inf, else 0 (int8)."""
+    pairs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pair_mask = pairs < total_k * heads_kv
+    keys = (pairs // heads_kv).to(tl.int64)
+    heads = pairs % heads_kv
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = pair_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_ptrs = K + keys[:, None] * stride_k_row + heads[:, None] * stride_k_head + offs_d[None, :]
+    v_ptrs = V + keys[:, None] * stride_v_row + heads[:, None] * stride_v_head + offs_d[None, :]
+    bad = nonfinite_rows(tl.load(k_ptrs, mask=mask, other=0.0)) | nonfinite_rows(
+        tl.load(v_ptrs, mask=mask, other=0.0)
+    )
+    tl.store(BadKeys + heads.to(tl.int64) * total_k + keys, bad.to(tl.int8), mask=pair_mask)
+
+
+@triton.jit
 def _moba_fwd_partial_kernel(
     Q,
     K,
@@ -53,6 +107,8 @@ def _moba_fwd_partial_kernel(
     Entries,
     Offsets,
     BlockTable,
+    BadKeys,  # [Hkv, total_k] int8 from _moba_bad_keys_kernel; read only where blocks span key tiles
+    total_k,
     stride_q_row,
     stride_q_head,
     stride_k_row,
@@ -101,9 +157,12 @@ def _moba_fwd_partial_kernel(
         key_tile = tl.load(
             k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :], mask=kv_mask, other=0.0
         )
-        value_tile = tl.load(
-            v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :], mask=kv_mask, other=0.0
-        )
+        v_ptrs = v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :]
+        bad = nonfinite_rows(tl.load(v_ptrs, mask=kv_mask, other=0.0))
+        value_tile = tl.load(v_ptrs, mask=kv_mask & (bad == 0)[:, None], other=0.0)
+        # value_poison folded into the key tile once (NaN key rows give the same NaN logits) rather than
+        # added to every row tile's logits: a [keys] vector held across the row loop costs registers.
+        key_tile = (key_tile.to(tl.float32) + value_poison(bad)[:, None]).to(key_tile.dtype)
         for tile_start in range(begin, end, BLOCK_M):
             entry_mask = tile_start + offs_m < end
             entry = tl.load(Entries + tile_start + offs_m, mask=entry_mask, other=0)
@@ -114,7 +173,7 @@ def _moba_fwd_partial_kernel(
             visible = key_mask[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + shift)
-            scores = tl.where(visible, scores, float("-inf"))
+            scores = tl.where(visible, nan_if_infinite(scores), float("-inf"))
             row_max = tl.max(scores, 1)
             safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
             probabilities = tl.math.exp2(scores - safe_max[:, None])
@@ -150,16 +209,20 @@ def _moba_fwd_partial_kernel(
                 keys = key_start + offs_n
                 key_mask = keys < key_end
                 kv_mask = key_mask[:, None] & d_mask[None, :]
+                # value_poison from the flags of a pass over K and V (computing them here, per key tile
+                # and row tile, cost this loop a third of its time on an H200).
+                bad = tl.load(BadKeys + kv_head.to(tl.int64) * total_k + keys, mask=key_mask, other=0) != 0
                 key_tile = tl.load(
                     k_base + keys.to(tl.int64)[:, None] * stride_k_row + offs_d[None, :],
                     mask=kv_mask,
                     other=0.0,
                 )
                 scores = tile_dot(query, tl.trans(key_tile), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
+                scores += value_poison(bad)[None, :]
                 visible = key_mask[None, :]
                 if CAUSAL:
                     visible = visible & (keys[None, :] <= rows[:, None] + shift)
-                scores = tl.where(visible, scores, float("-inf"))
+                scores = tl.where(visible, nan_if_infinite(scores), float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, 1))
                 # A row that sees no key yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
                 safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -168,7 +231,7 @@ def _moba_fwd_partial_kernel(
                 running_sum = running_sum * correction + tl.sum(probabilities, 1)
                 value_tile = tl.load(
                     v_base + keys.to(tl.int64)[:, None] * stride_v_row + offs_d[None, :],
-                    mask=kv_mask,
+                    mask=kv_mask & (bad == 0)[:, None],
                     other=0.0,
                 )
                 accumulator = accumulator * correction[:, None] + tile_dot(
@@ -281,6 +344,29 @@ def forward_tiles(head_dim: int, block_size: int, config: KernelConfig = DEFAULT
     return dict(tiles, **config.launch_settings("forward"))
 
 
+def bad_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """int8 ``[Hkv, total_k]``: 1 where a key's k or v holds a NaN or an inf (one pass over K and V)."""
+    total_k, heads_kv, head_dim = k.shape
+    flags = torch.empty(heads_kv, total_k, dtype=torch.int8, device=k.device)
+    block_r = 16 if interpreting() else 64
+    if total_k * heads_kv:
+        _moba_bad_keys_kernel[(triton.cdiv(total_k * heads_kv, block_r),)](
+            K=k,
+            V=v,
+            BadKeys=flags,
+            total_k=total_k,
+            heads_kv=heads_kv,
+            stride_k_row=k.stride(0),
+            stride_k_head=k.stride(1),
+            stride_v_row=v.stride(0),
+            stride_v_head=v.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_R=block_r,
+            BLOCK_D=head_dim_tile(head_dim),
+        )
+    return flags
+
+
 def check_supported(q: torch.Tensor, k: torch.Tensor, topk: int) -> None:
     """Raise a clear ValueError before any launch for what the kernels cannot run."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -347,6 +433,8 @@ def sparse_attention_forward(
     )
     partial_lse = torch.empty(split.scratch_pairs(topk), dtype=torch.float32, device=q.device)
     block_r = 16 if interpreting() else 32
+    single_key_tile = block_size <= tiles["BLOCK_N"]
+    flags = None if single_key_tile else bad_keys(k, v)
     for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
         chunk_pairs = heads_here * rows_here
         # Slots no program writes stay -inf: the merge skips them.
@@ -361,6 +449,8 @@ def sparse_attention_forward(
                 Entries=entries,
                 Offsets=offsets,
                 BlockTable=table,
+                BadKeys=flags,
+                total_k=total_k,
                 stride_q_row=q.stride(0),
                 stride_q_head=q.stride(1),
                 stride_k_row=k.stride(0),
@@ -382,7 +472,7 @@ def sparse_attention_forward(
                 CAUSAL=causal,
                 DOT_PRECISION=dot_precision(q.dtype),
                 DOT_IN_FLOAT32=dot_in_float32(q.dtype),
-                SINGLE_KEY_TILE=block_size <= tiles["BLOCK_N"],
+                SINGLE_KEY_TILE=single_key_tile,
                 BLOCK_D=block_d,
                 **tiles,
             )
