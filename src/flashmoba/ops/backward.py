@@ -196,13 +196,13 @@ def _moba_bwd_dkdv_kernel(
         segment = (head * block_slots + block) * num_chunks
         begin = tl.load(Offsets + segment)
         end = tl.load(Offsets + segment + num_chunks)
-        rows = end - begin
+        head_rows = end - begin
         # This head's part of the item: its rows in [item_begin, item_end) of the column's count.
         begin, end = (
-            begin + tl.minimum(tl.maximum(item_begin - rows_before, 0), rows),
-            begin + tl.minimum(tl.maximum(item_end - rows_before, 0), rows),
+            begin + tl.minimum(tl.maximum(item_begin - rows_before, 0), head_rows),
+            begin + tl.minimum(tl.maximum(item_end - rows_before, 0), head_rows),
         )
-        rows_before += rows
+        rows_before += head_rows
         end = tl.where(has_keys, end, begin)
         for tile_start in range(begin, end, BLOCK_M):
             # Inline on purpose: the same loads through a helper shared with the dQ pass compile to another
