@@ -2,10 +2,12 @@
 
 1. Preprocess: ``delta = rowsum(dO * O) - dlse`` per (head, row) (the lse term lets a gradient flow
    through the returned lse too).
-2. dK/dV, key-block-major: one program per (key tile of a block, kv head) walks, for every query head of
-   its GQA group, the rows routed to the block (full gathered tiles, fixed order, no atomics), and
-   recomputes ``P = exp2(S * scale * log2(e) - lse * log2(e))``. dK and dV of the kv head are summed over
-   its query heads inside the program (no expanded per-query-head buffers).
+2. dK/dV, key-block-major: one program per (key tile of a block, kv head, work item) walks, for every
+   query head of its GQA group, its part of the rows routed to the block (full gathered tiles, fixed
+   order, no atomics), and recomputes ``P = exp2(S * scale * log2(e) - lse * log2(e))``. dK and dV of the
+   kv head are summed over its query heads inside the program (no expanded per-query-head buffers). A
+   column of one item writes dK, dV directly; the items of a longer one write float32 partials that a
+   small kernel sums in item order (``flashmoba.ops.work_items``; deterministic either way).
 3. dQ, one of three ways:
    - ``"store"`` (default where it applies: a block is one key tile and one kv head's pairs fit the
      forward's scratch budget): the dK/dV program also computes each routed pair's whole ``dS K`` and
