@@ -735,6 +735,8 @@ class _Backward:
             BLOCK_D=self.block_d,
             **self.tiles,
         )
+        if work.scratch_grad_k.numel() == 0:  # rows_per_item=0: no column splits
+            return
         tile_n = self.tiles["BLOCK_N"]
         sum_keys = min(32, tile_n)  # keys per program of the sum: [32, BLOCK_D] float32 tiles, no spills
         _moba_bwd_dkdv_sum_kernel[(columns * self.tiles_per_block * (tile_n // sum_keys),)](
