@@ -51,11 +51,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("tools/compile_hopper.py: run it without TRITON_INTERPRET=1 (kernels must be JIT functions)")
 
 from flashmoba import ops
-from flashmoba.ops import backward, decode, forward, index, router
+from flashmoba.ops import backward, decode, forward, index, router, work_items
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 and H200
 BACKEND = CUDABackend(TARGET)
-KERNEL_MODULES = (router, index, forward, backward, decode)
+KERNEL_MODULES = (router, index, work_items, forward, backward, decode)
 
 # name -> keyword arguments of run_case (batch 1; the shapes only choose the launchers' paths)
 CASES = {

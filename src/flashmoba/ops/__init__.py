@@ -2,6 +2,7 @@
 
 - ``router``: block centroids and the fused top-k (the selection of each query row and head);
 - ``index``: the key-block-major list of routed (query row, slot) pairs built from the selection;
+- ``work_items``: the index's columns cut into work items, one program each (hot blocks spread out);
 - ``decode``: decode with a KV cache (append, router against the centroid cache, split-K attention);
 - ``forward`` / ``backward``: the sparse attention kernels and their launchers; ``partials``: the
   per-pair scratch they share;
@@ -17,7 +18,8 @@ Glossary:
 - top-k slot: one of the ``topk`` places of a query row's selection (``selected[row, head, slot]``);
 - entry: one routed (row, head, top-k slot) pair, ``(row * Hq + head) * topk + slot``;
 - segment: the index's run of entries of one (query head, block slot) column and one chunk;
-- chunk: the query heads (or rows of one head) whose partials the scratch holds at once.
+- chunk: the query heads (or rows of one head) whose partials the scratch holds at once;
+- work item: at most ``KernelConfig.rows_per_item`` consecutive entries of one column, one program's work.
 """
 
 from __future__ import annotations

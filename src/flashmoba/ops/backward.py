@@ -2,10 +2,12 @@
 
 1. Preprocess: ``delta = rowsum(dO * O) - dlse`` per (head, row) (the lse term lets a gradient flow
    through the returned lse too).
-2. dK/dV, key-block-major: one program per (key tile of a block, kv head) walks, for every query head of
-   its GQA group, the rows routed to the block (full gathered tiles, fixed order, no atomics), and
-   recomputes ``P = exp2(S * scale * log2(e) - lse * log2(e))``. dK and dV of the kv head are summed over
-   its query heads inside the program (no expanded per-query-head buffers).
+2. dK/dV, key-block-major: one program per (key tile of a block, kv head, work item) walks, for every
+   query head of its GQA group, its part of the rows routed to the block (full gathered tiles, fixed
+   order, no atomics), and recomputes ``P = exp2(S * scale * log2(e) - lse * log2(e))``. dK and dV of the
+   kv head are summed over its query heads inside the program (no expanded per-query-head buffers). A
+   column of one item writes dK, dV directly; the items of a longer one write float32 partials that a
+   small kernel sums in item order (``flashmoba.ops.work_items``; deterministic either way).
 3. dQ, one of three ways:
    - ``"store"`` (default where it applies: a block is one key tile and one kv head's pairs fit the
      forward's scratch budget): the dK/dV program also computes each routed pair's whole ``dS K`` and
@@ -18,6 +20,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -25,7 +29,7 @@ import triton.language as tl
 from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
 from flashmoba.ops.forward import bad_keys, forward_tiles, nonfinite_rows
 from flashmoba.ops.index import block_table, num_block_slots
-from flashmoba.ops.partials import chunk_pair_index, chunking, partial_dtype, program_column
+from flashmoba.ops.partials import chunk_pair_index, chunking, partial_dtype
 from flashmoba.ops.utils import (
     LOG2_E,
     dot_in_float32,
@@ -35,6 +39,15 @@ from flashmoba.ops.utils import (
     maybe_contiguous,
     next_power_of_2,
     tile_dot,
+)
+from flashmoba.ops.work_items import (
+    WorkItems,
+    find_item,
+    item_rows,
+    program_item,
+    rows_per_item,
+    search_steps,
+    work_items,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,9 +129,13 @@ def _moba_bwd_dkdv_kernel(
     GradK,
     GradV,
     GradQ,
+    ScratchGradK,
+    ScratchGradV,
     Entries,
     Offsets,
     BlockTable,
+    ItemEnds,
+    ScratchFirst,
     stride_q_row,
     stride_q_head,
     stride_k_row,
@@ -142,6 +159,8 @@ def _moba_bwd_dkdv_kernel(
     total_q,
     softmax_scale,
     qk_scale,
+    search_steps,
+    rows_per_item,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DQ_MODE: tl.constexpr,
@@ -151,15 +170,24 @@ def _moba_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of one key tile of one block for one kv head, and dQ as DQ_MODE says ("store": each pair's
-    partial into GradQ laid out [query head in chunk, row, slot]; "atomic": added into GradQ [rows, Hq, D]
-    float32; "none")."""
-    # kv heads vary fastest, then the key tiles of a block: the early blocks, which collect the most routed
-    # rows under causal routing, start first instead of trailing at the end of the grid.
-    kv_head = kv_head_first + tl.program_id(0) % kv_heads_here
-    block_tile = tl.program_id(0) // kv_heads_here
-    block = block_tile // tiles_per_block
-    key_tile = block_tile % tiles_per_block
+    """dK, dV of one key tile of one block for one kv head over one work item (a part of the rows routed
+    to the block for the kv head's query heads, taken in head order), and dQ as DQ_MODE says ("store":
+    each pair's partial into GradQ laid out [query head in chunk, row, slot]; "atomic": added into GradQ
+    [rows, Hq, D] float32; "none"). The only item of a column writes dK, dV; the items of a split column
+    write float32 partials to their scratch slots, which ``_moba_bwd_dkdv_sum_kernel`` sums."""
+    # Items of the (block, kv head) columns in the table's order, kv heads varying fastest: the early
+    # blocks, which collect the most routed rows under causal routing, start first. Key tiles of an item
+    # are consecutive programs.
+    key_tile = tl.program_id(0) % tiles_per_block
+    column, item_in_column, items, is_item = find_item(
+        ItemEnds, block_slots * kv_heads_here, search_steps, tl.program_id(0) // tiles_per_block
+    )
+    if not is_item:  # past the launch's last item
+        return
+    kv_head = kv_head_first + column % kv_heads_here
+    block = column // kv_heads_here
+    # The item's rows [item_begin, item_end) count along the column's heads, one segment each.
+    item_begin, item_end = item_rows(0, 2147483647, item_in_column, items, rows_per_item)
     key_first = tl.load(BlockTable + block)
     key_end = tl.load(BlockTable + block_slots + block)
     shift = tl.load(BlockTable + 2 * block_slots + block)
@@ -186,11 +214,19 @@ def _moba_bwd_dkdv_kernel(
 
     # A key tile past the block's end has nothing to do (its block is shorter than tiles_per_block tiles).
     has_keys = key_first + key_tile * BLOCK_N < key_end
+    rows_before = tl.zeros_like(item_begin)  # the column's rows in the heads before this one
     for head_in_group in range(group):
         head = kv_head * group + head_in_group
-        column = (head * block_slots + block) * num_chunks
-        begin = tl.load(Offsets + column)
-        end = tl.load(Offsets + column + num_chunks)
+        segment = (head * block_slots + block) * num_chunks
+        begin = tl.load(Offsets + segment)
+        end = tl.load(Offsets + segment + num_chunks)
+        head_rows = end - begin
+        # This head's part of the item: its rows in [item_begin, item_end) of the column's count.
+        begin, end = (
+            begin + tl.minimum(tl.maximum(item_begin - rows_before, 0), head_rows),
+            begin + tl.minimum(tl.maximum(item_end - rows_before, 0), head_rows),
+        )
+        rows_before += head_rows
         end = tl.where(has_keys, end, begin)
         for tile_start in range(begin, end, BLOCK_M):
             # Inline on purpose: the same loads through a helper shared with the dQ pass compile to another
@@ -248,6 +284,78 @@ def _moba_bwd_dkdv_kernel(
                     sem="relaxed",
                 )
 
+    if items == 1:
+        tl.store(
+            GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
+            (grad_key * softmax_scale).to(GradK.dtype.element_ty),
+            mask=kv_mask,
+        )
+        tl.store(
+            GradV + keys64[:, None] * stride_dv_row + kv_head * stride_dv_head + offs_d[None, :],
+            grad_value.to(GradV.dtype.element_ty),
+            mask=kv_mask,
+        )
+    else:  # scratch laid out [slot, key tile, BLOCK_N, HEAD_DIM]
+        slot = tl.load(ScratchFirst + column) + item_in_column
+        scratch = (
+            (slot.to(tl.int64) * tiles_per_block + key_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ) * HEAD_DIM
+        tl.store(ScratchGradK + scratch[:, None] + offs_d[None, :], grad_key, mask=d_mask[None, :])
+        tl.store(ScratchGradV + scratch[:, None] + offs_d[None, :], grad_value, mask=d_mask[None, :])
+
+
+@triton.jit
+def _moba_bwd_dkdv_sum_kernel(
+    ScratchGradK,
+    ScratchGradV,
+    GradK,
+    GradV,
+    ItemEnds,
+    ScratchFirst,
+    BlockTable,
+    stride_dk_row,
+    stride_dk_head,
+    stride_dv_row,
+    stride_dv_head,
+    block_slots,
+    tiles_per_block,
+    kv_head_first,
+    kv_heads_here,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr,
+    TILE_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dK, dV of BLOCK_K keys of one key tile (TILE_N keys, the dK/dV kernel's BLOCK_N) of one split
+    (block, kv head) column: the sum of its items' float32 partials, in item order. Programs of columns
+    of one item, whose program wrote dK, dV itself, exit at once."""
+    parts = TILE_N // BLOCK_K
+    part = tl.program_id(0) % parts
+    key_tile = (tl.program_id(0) // parts) % tiles_per_block
+    column = tl.program_id(0) // (parts * tiles_per_block)
+    item_first = tl.load(ItemEnds + column - 1, mask=column > 0, other=0)
+    items = tl.load(ItemEnds + column) - item_first
+    if items <= 1:
+        return
+    slot_first = tl.load(ScratchFirst + column)
+    block = column // kv_heads_here
+    kv_head = kv_head_first + column % kv_heads_here
+    key_first = tl.load(BlockTable + block)
+    key_end = tl.load(BlockTable + block_slots + block)
+    rows_in_tile = part * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    keys64 = (key_first + key_tile * TILE_N + rows_in_tile).to(tl.int64)
+    scratch_mask = (rows_in_tile < TILE_N)[:, None] & d_mask[None, :]
+    grad_key = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    grad_value = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    scratch = ((slot_first.to(tl.int64) * tiles_per_block + key_tile) * TILE_N + rows_in_tile) * HEAD_DIM
+    for _ in range(items):  # the column's slots are consecutive, in item order
+        grad_key += tl.load(ScratchGradK + scratch[:, None] + offs_d[None, :], mask=scratch_mask, other=0.0)
+        grad_value += tl.load(ScratchGradV + scratch[:, None] + offs_d[None, :], mask=scratch_mask, other=0.0)
+        scratch += tiles_per_block * TILE_N * HEAD_DIM
+    kv_mask = (keys64 < key_end)[:, None] & d_mask[None, :]
     tl.store(
         GradK + keys64[:, None] * stride_dk_row + kv_head * stride_dk_head + offs_d[None, :],
         (grad_key * softmax_scale).to(GradK.dtype.element_ty),
@@ -274,6 +382,7 @@ def _moba_bwd_dq_partial_kernel(
     BlockTable,
     BadKeys,  # [Hkv, total_k] int8 (forward.bad_keys)
     total_k,
+    ItemEnds,
     stride_q_row,
     stride_q_head,
     stride_k_row,
@@ -295,6 +404,8 @@ def _moba_bwd_dq_partial_kernel(
     total_q,
     softmax_scale,
     qk_scale,
+    search_steps,
+    rows_per_item,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -303,10 +414,22 @@ def _moba_bwd_dq_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Deterministic dQ: the partial dQ of each (row, slot) routed to one (key block, query head)."""
-    head_in_chunk, head, begin, end, key_first, key_end, shift = program_column(
-        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here
+    """Deterministic dQ: the partial dQ of each (row, slot) of one work item (a part of the rows routed
+    to one (key block, query head))."""
+    head_in_chunk, head, begin, end, key_first, key_end, shift = program_item(
+        Offsets,
+        BlockTable,
+        ItemEnds,
+        search_steps,
+        rows_per_item,
+        block_slots,
+        num_chunks,
+        chunk,
+        head_first,
+        heads_here,
     )
+    if begin == end:  # past the chunk's last item
+        return
     kv_head = head // group
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -480,6 +603,15 @@ def dq_pass_tiles(head_dim: int, block_size: int, config: KernelConfig = DEFAULT
 # ----------------------------------------------------------------------------------------------------
 
 
+class DkdvWork(NamedTuple):
+    """The dK/dV launches' work items and the float32 scratch of their split columns' partials, laid out
+    [slot, key tile, BLOCK_N, head_dim] (``_Backward.dkdv_work``)."""
+
+    items: WorkItems
+    scratch_grad_k: torch.Tensor
+    scratch_grad_v: torch.Tensor
+
+
 class _Backward:
     """The tensors and shapes every backward launch reads, and the launches themselves."""
 
@@ -544,10 +676,48 @@ class _Backward:
             BLOCK_D=self.block_d,
         )
 
-    def dkdv(self, grad_q_target, dq_mode: str, kv_head_first: int, kv_heads_here: int) -> None:
-        """dK, dV of kv heads [kv_head_first, + kv_heads_here), and dQ into grad_q_target as dq_mode says."""
+    def dkdv_work(self, kv_heads_per_launch: int) -> DkdvWork:
+        """The work items of the dK/dV launches over ``kv_heads_per_launch`` kv heads at a time, and the
+        float32 scratch of their split columns' partial dK, dV: one slot (a block's keys) per column of a
+        launch, so the size of one launch's dK and dV in float32, reused by the launches in turn."""
+        columns = self.block_slots * kv_heads_per_launch
+        item_size = rows_per_item(self.config, self.tiles["BLOCK_M"])
+        scratch_slots = 0 if self.config.rows_per_item == 0 else columns
+        items = work_items(
+            self.offsets,
+            self.block_slots,
+            self.num_chunks,
+            units_total=self.heads_kv,
+            units_per_launch=kv_heads_per_launch,
+            heads_per_unit=self.group,
+            row_chunks=1,
+            segments_per_column=self.num_chunks,  # all the row chunks' segments: every row of the column
+            rows_per_item=item_size,
+            min_items=1,  # an empty column's program still writes its zero dK, dV
+            scratch_slots=scratch_slots,
+        )
+        slot_rows = self.tiles_per_block * self.tiles["BLOCK_N"]
+        scratch = torch.empty(
+            2, scratch_slots * slot_rows, self.head_dim, dtype=torch.float32, device=self.q.device
+        )
+        return DkdvWork(items, scratch[0], scratch[1])
+
+    def dkdv(
+        self,
+        grad_q_target,
+        dq_mode: str,
+        kv_head_first: int,
+        kv_heads_here: int,
+        work: DkdvWork,
+        launch: int,
+    ) -> None:
+        """dK, dV of kv heads [kv_head_first, + kv_heads_here), the dK/dV launch ``launch`` of ``work``, and
+        dQ into grad_q_target as dq_mode says; then the sum of the split columns' partials."""
         q, k, v, grad_out, grad_k, grad_v = self.q, self.k, self.v, self.grad_out, self.grad_k, self.grad_v
-        _moba_bwd_dkdv_kernel[(self.block_slots * self.tiles_per_block * kv_heads_here,)](
+        columns = self.block_slots * kv_heads_here
+        entries = kv_heads_here * self.group * self.total_q * self.topk
+        item_ends, scratch_first = work.items.item_ends[launch], work.items.scratch_first[launch]
+        _moba_bwd_dkdv_kernel[(work.items.grid(entries, columns) * self.tiles_per_block,)](
             Q=q,
             K=k,
             V=v,
@@ -557,9 +727,13 @@ class _Backward:
             GradK=grad_k,
             GradV=grad_v,
             GradQ=grad_q_target,
+            ScratchGradK=work.scratch_grad_k,
+            ScratchGradV=work.scratch_grad_v,
             Entries=self.entries,
             Offsets=self.offsets,
             BlockTable=self.table,
+            ItemEnds=item_ends,
+            ScratchFirst=scratch_first,
             stride_q_row=q.stride(0),
             stride_q_head=q.stride(1),
             stride_k_row=k.stride(0),
@@ -583,6 +757,8 @@ class _Backward:
             total_q=self.total_q,
             softmax_scale=self.softmax_scale,
             qk_scale=self.softmax_scale * LOG2_E,
+            search_steps=search_steps(columns),
+            rows_per_item=work.items.rows_per_item,
             HEAD_DIM=self.head_dim,
             CAUSAL=self.causal,
             DQ_MODE=dq_mode,
@@ -590,6 +766,33 @@ class _Backward:
             DOT_IN_FLOAT32=dot_in_float32(q.dtype),
             BLOCK_D=self.block_d,
             **self.tiles,
+        )
+        if work.scratch_grad_k.numel() == 0:  # rows_per_item=0: no column splits
+            return
+        tile_n = self.tiles["BLOCK_N"]
+        sum_keys = min(32, tile_n)  # keys per program of the sum: [32, BLOCK_D] float32 tiles, no spills
+        _moba_bwd_dkdv_sum_kernel[(columns * self.tiles_per_block * (tile_n // sum_keys),)](
+            ScratchGradK=work.scratch_grad_k,
+            ScratchGradV=work.scratch_grad_v,
+            GradK=grad_k,
+            GradV=grad_v,
+            ItemEnds=item_ends,
+            ScratchFirst=scratch_first,
+            BlockTable=self.table,
+            stride_dk_row=grad_k.stride(0),
+            stride_dk_head=grad_k.stride(1),
+            stride_dv_row=grad_v.stride(0),
+            stride_dv_head=grad_v.stride(1),
+            block_slots=self.block_slots,
+            tiles_per_block=self.tiles_per_block,
+            kv_head_first=kv_head_first,
+            kv_heads_here=kv_heads_here,
+            softmax_scale=self.softmax_scale,
+            HEAD_DIM=self.head_dim,
+            TILE_N=tile_n,
+            BLOCK_K=sum_keys,
+            BLOCK_D=self.block_d,
+            num_warps=4,
         )
 
     def zero_unrouted(self, partial, head_first: int, heads_here: int) -> None:
@@ -613,12 +816,13 @@ class _Backward:
         )
 
     def dq_partial_pass(
-        self, partial, flags, split, row_chunk, head_first, heads_here, first_row, rows_here
+        self, partial, flags, split, items, launch, row_chunk, head_first, heads_here, first_row, rows_here
     ) -> None:
-        """The deterministic dQ pass: one partial per (row, head, slot) of one chunk; flags from
-        ``bad_keys``."""
+        """The deterministic dQ pass: one partial per (row, head, slot) of one chunk, the launch ``launch``
+        of the work items ``items`` (``dq_pass_items``); ``flags`` from ``bad_keys``."""
         q, k, v, grad_out = self.q, self.k, self.v, self.grad_out
-        _moba_bwd_dq_partial_kernel[(self.block_slots * heads_here,)](
+        columns = self.block_slots * heads_here
+        _moba_bwd_dq_partial_kernel[(items.grid(heads_here * rows_here * self.topk, columns),)](
             Q=q,
             K=k,
             V=v,
@@ -631,6 +835,7 @@ class _Backward:
             BlockTable=self.table,
             BadKeys=flags,
             total_k=self.total_k,
+            ItemEnds=items.item_ends[launch],
             stride_q_row=q.stride(0),
             stride_q_head=q.stride(1),
             stride_k_row=k.stride(0),
@@ -652,12 +857,32 @@ class _Backward:
             total_q=self.total_q,
             softmax_scale=self.softmax_scale,
             qk_scale=self.softmax_scale * LOG2_E,
+            search_steps=search_steps(columns),
+            rows_per_item=items.rows_per_item,
             HEAD_DIM=self.head_dim,
             CAUSAL=self.causal,
             DOT_PRECISION=dot_precision(q.dtype),
             DOT_IN_FLOAT32=dot_in_float32(q.dtype),
             BLOCK_D=self.block_d,
             **dq_pass_tiles(self.head_dim, self.block_size, self.config),
+        )
+
+    def dq_pass_items(self, split) -> WorkItems:
+        """The work items of the dQ pass's launches: (key block, query head) columns per chunk, as the
+        forward's."""
+        return work_items(
+            self.offsets,
+            self.block_slots,
+            split.row_chunks,
+            units_total=self.heads_q,
+            units_per_launch=split.heads_per_chunk,
+            heads_per_unit=1,
+            row_chunks=split.row_chunks,
+            segments_per_column=1,
+            rows_per_item=rows_per_item(
+                self.config, dq_pass_tiles(self.head_dim, self.block_size, self.config)["BLOCK_M"]
+            ),
+            min_items=0,
         )
 
     def sum_partials(self, partial, head_first: int, heads_here: int, first_row: int, rows_here: int) -> None:
@@ -688,38 +913,43 @@ def _dq_by_stored_partials(launch: _Backward, store_split) -> None:
         dtype=partial_dtype(launch.q.dtype, launch.config),
         device=launch.q.device,
     )
-    for head_first, heads_here, _, _, _ in store_split.chunks(total_q, launch.heads_q):
+    work = launch.dkdv_work(store_split.heads_per_chunk // group)
+    for chunk, (head_first, heads_here, _, _, _) in enumerate(store_split.chunks(total_q, launch.heads_q)):
         used = partial[: heads_here * total_q * topk]
         # Unused slots (-1) add zero: clear just their partials (the index lists them last).
         launch.zero_unrouted(used, head_first, heads_here)
-        launch.dkdv(used, "store", head_first // group, heads_here // group)
+        launch.dkdv(used, "store", head_first // group, heads_here // group, work, chunk)
         launch.sum_partials(used, head_first, heads_here, 0, total_q)
 
 
 def _dq_by_atomics(launch: _Backward) -> None:
     """ "atomic": float32 atomics, straight into dQ for float32 inputs, else into a buffer copied once."""
+    work = launch.dkdv_work(launch.heads_kv)
     if launch.q.dtype == torch.float32:
-        launch.dkdv(launch.grad_q.zero_(), "atomic", 0, launch.heads_kv)
+        launch.dkdv(launch.grad_q.zero_(), "atomic", 0, launch.heads_kv, work, 0)
         return
     grad_q_accum = torch.zeros(launch.grad_q.shape, dtype=torch.float32, device=launch.q.device)
-    launch.dkdv(grad_q_accum, "atomic", 0, launch.heads_kv)
+    launch.dkdv(grad_q_accum, "atomic", 0, launch.heads_kv, work, 0)
     launch.grad_q.copy_(grad_q_accum)
 
 
 def _dq_by_second_pass(launch: _Backward, split) -> None:
     """ "none" in the dK/dV programs, then per chunk a dQ pass of per-(row, head, slot) partials, summed
     in slot order (deterministic)."""
-    launch.dkdv(None, "none", 0, launch.heads_kv)
+    launch.dkdv(None, "none", 0, launch.heads_kv, launch.dkdv_work(launch.heads_kv), 0)
+    items = launch.dq_pass_items(split)
     partial = torch.empty(
         split.scratch_pairs(launch.topk), launch.head_dim, dtype=torch.float32, device=launch.q.device
     )
     flags = bad_keys(launch.k, launch.v)
-    for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(
-        launch.total_q, launch.heads_q
+    for chunk, (head_first, heads_here, row_chunk, first_row, rows_here) in enumerate(
+        split.chunks(launch.total_q, launch.heads_q)
     ):
         used = partial[: heads_here * rows_here * launch.topk]
         used.zero_()  # slots that no program writes add zero
-        launch.dq_partial_pass(used, flags, split, row_chunk, head_first, heads_here, first_row, rows_here)
+        launch.dq_partial_pass(
+            used, flags, split, items, chunk, row_chunk, head_first, heads_here, first_row, rows_here
+        )
         launch.sum_partials(used, head_first, heads_here, first_row, rows_here)
 
 

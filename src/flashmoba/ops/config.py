@@ -62,6 +62,13 @@ class KernelConfig:
     # second pass with deterministic=True).
     dq_by_stored_partials: bool = True
 
+    # Work items, forward and dK/dV kernels (and the deterministic dQ pass): the routed rows of one
+    # (key block, head) column are cut into items of at most this many, each taken by its own program, so
+    # that a hot column (trained routers send ~10x the mean rows to a few early blocks) does not hold up
+    # its launch. Rounded up to a multiple of each kernel's BLOCK_M; 0: one item per column, never split.
+    # See "Work items: splitting long columns" in benchmarks/NOTES.md.
+    rows_per_item: int = 1024
+
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -69,6 +76,8 @@ class KernelConfig:
                 check_bool(field.name, value)
             elif field.name == "router_insert_rounds":
                 check_int(field.name, value, minimum=0)  # 0: every tile that may change a list merges
+            elif field.name == "rows_per_item":
+                check_int(field.name, value, minimum=0)  # 0: never split a column
             elif value is not None:
                 check_positive_int(field.name, value)
 

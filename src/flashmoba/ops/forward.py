@@ -1,11 +1,12 @@
 """Sparse attention forward: key-block-major partial softmax, then a per-row merge over the slots.
 
-One program per (key block, query head) takes the query rows routed to that block (from
-``flashmoba.ops.index``), gathers them in tiles of ``BLOCK_M`` rows and runs a FlashAttention inner loop
-over the block's keys in tiles of ``BLOCK_N``: ``tl.dot`` on full tiles, float32 accumulation, exp2 with
-log2(e) folded into the scale, the causal rule ``key <= row + shift`` applied inside the block. Each
-(row, slot) pair thus gets a partial output normalised by its own sum and a partial log2-sum-exp. A merge
-kernel then combines the ``topk`` partials of each row in slot order (deterministic, no atomics).
+One program per work item, a part of the query rows routed to one (key block, query head) (from
+``flashmoba.ops.index``, cut by ``flashmoba.ops.work_items`` so that hot blocks spread over programs),
+gathers them in tiles of ``BLOCK_M`` rows and runs a FlashAttention inner loop over the block's keys in
+tiles of ``BLOCK_N``: ``tl.dot`` on full tiles, float32 accumulation, exp2 with log2(e) folded into the
+scale, the causal rule ``key <= row + shift`` applied inside the block. Each (row, slot) pair thus gets a
+partial output normalised by its own sum and a partial log2-sum-exp. A merge kernel then combines the
+``topk`` partials of each row in slot order (deterministic, no atomics).
 The partials are kept for a chunk of heads (or rows) at a time: ``flashmoba.ops.partials``.
 """
 
@@ -23,7 +24,6 @@ from flashmoba.ops.partials import (
     chunk_pair_index,
     chunking,
     partial_dtype,
-    program_column,
     store_partial,
 )
 from flashmoba.ops.utils import (
@@ -37,6 +37,7 @@ from flashmoba.ops.utils import (
     next_power_of_2,
     tile_dot,
 )
+from flashmoba.ops.work_items import program_item, rows_per_item, search_steps, work_items
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -109,6 +110,7 @@ def _moba_fwd_partial_kernel(
     BlockTable,
     BadKeys,  # [Hkv, total_k] int8 from _moba_bad_keys_kernel; read only where blocks span key tiles
     total_k,
+    ItemEnds,
     stride_q_row,
     stride_q_head,
     stride_k_row,
@@ -126,6 +128,8 @@ def _moba_fwd_partial_kernel(
     topk,
     group,
     qk_scale,
+    search_steps,
+    rows_per_item,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -135,10 +139,22 @@ def _moba_fwd_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Partial attention of the rows routed to one (key block, query head) for one chunk."""
-    head_in_chunk, head, begin, end, key_first, key_end, shift = program_column(
-        Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here
+    """Partial attention of one work item (a part of the rows routed to one (key block, query head)) for
+    one chunk."""
+    head_in_chunk, head, begin, end, key_first, key_end, shift = program_item(
+        Offsets,
+        BlockTable,
+        ItemEnds,
+        search_steps,
+        rows_per_item,
+        block_slots,
+        num_chunks,
+        chunk,
+        head_first,
+        heads_here,
     )
+    if begin == end:  # past the chunk's last item
+        return
     kv_head = head // group
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -427,6 +443,18 @@ def sparse_attention_forward(
     table = block_table(cu_seqlens_q, cu_seqlens_k, block_size, block_slots)
 
     tiles = forward_tiles(head_dim, block_size, config)
+    items = work_items(
+        offsets,
+        block_slots,
+        split.row_chunks,
+        units_total=heads_q,
+        units_per_launch=split.heads_per_chunk,
+        heads_per_unit=1,
+        row_chunks=split.row_chunks,
+        segments_per_column=1,
+        rows_per_item=rows_per_item(config, tiles["BLOCK_M"]),
+        min_items=0,  # an empty column has nothing to write
+    )
     block_d = head_dim_tile(head_dim)
     partial_out = torch.empty(
         split.scratch_pairs(topk), head_dim, dtype=partial_dtype(q.dtype, config), device=q.device
@@ -435,12 +463,15 @@ def sparse_attention_forward(
     block_r = 16 if interpreting() else 32
     single_key_tile = block_size <= tiles["BLOCK_N"]
     flags = None if single_key_tile else bad_keys(k, v)
-    for head_first, heads_here, row_chunk, first_row, rows_here in split.chunks(total_q, heads_q):
+    for launch, (head_first, heads_here, row_chunk, first_row, rows_here) in enumerate(
+        split.chunks(total_q, heads_q)
+    ):
         chunk_pairs = heads_here * rows_here
         # Slots no program writes stay -inf: the merge skips them.
         partial_lse[: chunk_pairs * topk].fill_(-math.inf)
         if block_slots > 0:
-            _moba_fwd_partial_kernel[(block_slots * heads_here,)](
+            columns = block_slots * heads_here
+            _moba_fwd_partial_kernel[(items.grid(chunk_pairs * topk, columns),)](
                 Q=q,
                 K=k,
                 V=v,
@@ -451,6 +482,7 @@ def sparse_attention_forward(
                 BlockTable=table,
                 BadKeys=flags,
                 total_k=total_k,
+                ItemEnds=items.item_ends[launch],
                 stride_q_row=q.stride(0),
                 stride_q_head=q.stride(1),
                 stride_k_row=k.stride(0),
@@ -468,6 +500,8 @@ def sparse_attention_forward(
                 topk=topk,
                 group=heads_q // heads_kv,
                 qk_scale=softmax_scale * LOG2_E,
+                search_steps=search_steps(columns),
+                rows_per_item=items.rows_per_item,
                 HEAD_DIM=head_dim,
                 CAUSAL=causal,
                 DOT_PRECISION=dot_precision(q.dtype),

@@ -28,24 +28,6 @@ def chunk_pair_index(entry, rows, head_in_chunk, first_row, rows_here, topk):
 
 
 @triton.jit
-def program_column(Offsets, BlockTable, block_slots, num_chunks, chunk, head_first, heads_here):
-    """The (key block, query head) column of this program in a chunk's grid: the head, the column's
-    segment [begin, end) of the index, and the block's keys [key_first, key_end) and causal shift."""
-    # Heads vary fastest: under causal routing the early key blocks collect the most rows, so their
-    # programs start first instead of trailing at the end of the grid.
-    block = tl.program_id(0) // heads_here
-    head_in_chunk = tl.program_id(0) % heads_here
-    head = head_first + head_in_chunk
-    segment = (head * block_slots + block) * num_chunks + chunk
-    begin = tl.load(Offsets + segment)
-    end = tl.load(Offsets + segment + 1)
-    key_first = tl.load(BlockTable + block)
-    key_end = tl.load(BlockTable + block_slots + block)
-    shift = tl.load(BlockTable + 2 * block_slots + block)
-    return head_in_chunk, head, begin, end, key_first, key_end, shift
-
-
-@triton.jit
 def store_partial(
     PartialOut,
     PartialLse,
