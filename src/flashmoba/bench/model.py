@@ -9,8 +9,9 @@ sliding-window layers take the same kernels as in training).
 - **Timing.** ``warmup`` steps first (Triton compilation and autotuning, allocator growth), then ``steps``
   measured steps, each timed with CUDA events on CUDA (``perf_counter`` around a synchronised step on
   CPU); ``step_ms`` is their median, ``tokens_per_s`` = tokens per step / ``step_ms``. ``peak_gib`` is
-  ``torch.cuda.max_memory_allocated`` over the measured steps (weights, gradients and AdamW state
-  included); None on CPU.
+  ``torch.cuda.max_memory_allocated`` over the warm-up and measured steps (weights, gradients and AdamW
+  state included; the warm-up because CUDA graphs allocate when recorded, not when replayed); None on
+  CPU.
 - **Split.** One more step runs under ``torch.profiler`` (CPU + CUDA). Its device kernels are classed by
   name (``KERNEL_CLASSES``) into attention, matrix products and other kernels, summed per class;
   ``idle_ms`` is ``step_ms`` minus the *union* of all kernel intervals (the time in which no kernel ran;
@@ -415,10 +416,12 @@ def measure_model(
         train_config.grad_clip,
     )
 
-    time_steps_ms(step, warmup, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    # The peak spans the warm-up: CUDA graphs take their memory when recorded there, and replays
+    # allocate nothing, so a peak of the measured steps alone would leave out the activations.
+    time_steps_ms(step, warmup, device)
     step_ms = statistics.median(time_steps_ms(step, steps, device))
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     split = profiled_split(step, device)
