@@ -246,8 +246,9 @@ def build_model(config: TrainConfig, device: torch.device):
     torch.manual_seed(config.seed)
     model = HybridLM(config.model).to(device)
     model.activation_checkpointing = config.activation_checkpointing
-    if config.compile_blocks and device.type == "cuda":
-        model.compile_blocks(mode=compile_mode(config, device))
+    mode = compile_mode(config, device)
+    if mode is not None:
+        model.compile_blocks(mode=mode)
     wrapped = wrap_distributed(model, config, device)
     return model, wrapped, make_optimizer(wrapped, config)
 
