@@ -471,3 +471,197 @@ def test_cache_object_steps_reorder_and_reset_match_the_reference_object():
         cache.reset()
     assert not caches[0].block_sums.any() and caches[0].seqlens.tolist() == [0] * 4
     step(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN, inf and overflow (flashmoba.reference's NaN rule) against the reference backend
+# ----------------------------------------------------------------------------------------------------
+
+
+def locate(case, b, position):
+    """(page, slot) of sequence b's key at position: (b, position) in a contiguous cache."""
+    if case.block_table is None:
+        return b, position
+    return int(case.block_table[b, position // case.page_size]), position % case.page_size
+
+
+def set_cached(case, name, b, position, head, dim, value):
+    """Put value at (position, kv head, dim) of sequence b's cached k or v; block_sums follow the cache."""
+    cache = case.k_cache if name == "k" else case.v_cache
+    cache[(*locate(case, b, position), head, dim)] = value
+    case.block_sums = flashmoba.kvcache_block_sums(
+        case.k_cache, case.cache_seqlens, case.block_size, block_table=case.block_table
+    )
+
+
+def reference_inputs(case, dtype):
+    """moba_attn_with_kvcache's arguments for the reference backend: copies of the case's inputs in dtype."""
+    k_cache, v_cache = case.k_cache.to(dtype), case.v_cache.to(dtype)
+    return dict(
+        q=case.q.to(case.dtype).to(dtype),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_sums=flashmoba.kvcache_block_sums(
+            k_cache, case.cache_seqlens, case.block_size, block_table=case.block_table
+        ),
+        cache_seqlens=case.cache_seqlens.clone(),
+        block_size=case.block_size,
+        topk=case.topk,
+        k=None if case.k is None else case.k.to(dtype),
+        v=None if case.v is None else case.v.to(dtype),
+        block_table=case.block_table,
+        backend="reference",
+        return_lse=True,
+    )
+
+
+def check_nan_rule(case, clean, bad_seqs, reference_dtype=torch.float64, routing_unchanged=False):
+    """case (with bad entries) on the Triton backend against the reference backend on the same inputs: the
+    same NaN rows (whole rows of o, and lse), the reference's values elsewhere; sequences other than
+    bad_seqs bitwise as in clean (the same case without the bad entries), and with routing_unchanged (bad
+    entries in v only) every row that is not NaN too. Returns the NaN mask of lse [batch, Hq, T]."""
+    expected_out, expected_lse = flashmoba.moba_attn_with_kvcache(**reference_inputs(case, reference_dtype))
+    out, lse = case.run()
+    nan_rows = expected_lse.isnan()
+    assert torch.equal(lse.isnan(), nan_rows), "NaN rows of lse"
+    assert torch.equal(out.isnan(), expected_out.isnan()), "NaN entries of o"
+    assert torch.equal(out.isnan().all(-1), nan_rows.transpose(1, 2)), "a NaN row is NaN in every column"
+    assert not torch.isinf(out).any()
+    bad = nan_rows[list(bad_seqs)]  # each case poisons some rows of its bad sequences, not all
+    assert bad.any() and not bad.all(), f"NaN rows of sequences {bad_seqs}: {bad.tolist()}"
+    assert_close(out.nan_to_num(0.0), expected_out.nan_to_num(0.0), "kernel_float32", "o")
+    assert_close(lse.nan_to_num(0.0), expected_lse.nan_to_num(0.0), "kernel_float32", "lse")
+    clean_out, clean_lse = clean.run()
+    for b in range(case.batch):
+        if b not in bad_seqs:
+            assert torch.equal(out[b], clean_out[b]) and torch.equal(lse[b], clean_lse[b]), f"sequence {b}"
+    if routing_unchanged:
+        kept = ~nan_rows.transpose(1, 2)  # [batch, T, Hq]
+        assert torch.equal(out[kept], clean_out[kept]), "rows that do not see the bad entries, bitwise"
+        assert torch.equal(lse[~nan_rows], clean_lse[~nan_rows])
+    return nan_rows
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
+def test_nan_and_inf_in_cached_values(layout, poison_empty):
+    # A chunk of 11 rows over cached keys: sequence 5 (33 keys) has rows at positions 22..32.
+    lengths = cached_lengths(2 * BLOCK + 3)
+    args = (lengths, 2 * BLOCK + 3, HEADS["gqa"], False, LAYOUTS[layout])
+    case, clean = Case(*args, seed=20), Case(*args, seed=20)
+    set_cached(case, "v", 5, 29, 0, 3, math.nan)  # block 7: rows 22..28 do not see it, 29..32 do
+    set_cached(case, "v", 5, 10, 1, 0, math.inf)  # block 2: a candidate some heads select, others not
+    set_cached(case, "v", 1, 5, 1, 7, -math.inf)  # sequence 1 (11 keys, rows 0..10): rows 5.. see it
+    nan_rows = check_nan_rule(case, clean, bad_seqs=(1, 5), routing_unchanged=True)
+    # Kv head 0 (query heads 0, 1) of sequence 5: not the rows before position 29, those of its block.
+    assert not nan_rows[5, :2, :7].any() and nan_rows[5, :2, 7:10].all()
+    assert not nan_rows[1, 2:, :5].any() and nan_rows[1, 2:, 5:8].all()
+
+
+def test_nan_and_inf_in_new_keys_and_values(poison_empty):
+    # Chunked prefill with the bad entries in the k and v passed with the call: a NaN value after some rows
+    # of its own block, and an inf key (its block's centroid is inf: +-inf or NaN scores).
+    seqlen_q = 2 * BLOCK + 3
+    args = (CACHE_LENGTHS, seqlen_q, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"])
+    case, clean = Case(*args, capacity=48, seed=21), Case(*args, capacity=48, seed=21)
+    case.v[4, 6, 0, 2] = math.nan  # sequence 4: 5 cached keys, new ones at positions 5..15; this at 11
+    case.k[5, 2, 1, 4] = math.inf  # sequence 5: 33 cached keys, new ones at 33..43; this at 35 (block 8)
+    case.v[5, 9, 1, 1] = -math.inf  # at 42 (block 10, the last rows' own block)
+    nan_rows = check_nan_rule(case, clean, bad_seqs=(4, 5))
+    assert nan_rows[4, :2, :6].sum() == 0 and nan_rows[4, :2, 6:8].all()  # rows at positions 5..10, 11, 12
+    assert nan_rows[5, 2:, 2].all() and not nan_rows[5, 2:, :2].any()  # the inf key at 35, own block
+    assert nan_rows[5, 2:, 9:].all() and not nan_rows[5, :2].any()  # the -inf value at 42
+    # Appended as they are: the NaN value at 11 of sequence 4, the inf key at 35 and -inf value at 42 of 5.
+    assert case.v_cache[(*locate(case, 4, 11), 0, 2)].isnan()
+    assert case.k_cache[(*locate(case, 5, 35), 1, 4)] == math.inf
+    assert case.v_cache[(*locate(case, 5, 42), 1, 1)] == -math.inf
+
+
+def test_nan_and_inf_in_q_poison_their_row_only(poison_empty):
+    # One decode step: a NaN, a -inf (-inf or NaN logits) and an inf in q of single (row, head) pairs;
+    # sequence 0 is empty, so its row sees nothing whatever its q: zeros and lse -inf.
+    args = (cached_lengths(2), 2, HEADS["gqa"], False, LAYOUTS["paged-B-shuffled"])
+    case, clean = Case(*args, seed=22), Case(*args, seed=22)
+    case.q[0, 0, 1, 0] = math.nan
+    case.q[2, 1, 3, 5] = math.nan
+    case.q[4, 0, 0, 2] = -math.inf
+    case.q[5, 1, 2, 0] = math.inf
+    nan_rows = check_nan_rule(case, clean, bad_seqs=(2, 4, 5), routing_unchanged=False)
+    assert nan_rows.sum() == 3 and nan_rows[2, 3, 1] and nan_rows[4, 0, 0] and nan_rows[5, 2, 1]
+    out, lse = case.run()
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+
+
+@pytest.mark.parametrize("heads", sorted(HEADS))
+def test_nan_and_inf_in_cached_keys(heads, poison_empty):
+    # A NaN key makes its block's centroid NaN: every row with that block as a candidate ranks it first
+    # and is NaN, as in the reference. An inf key gives +inf scores to some heads (selected, NaN) and -inf
+    # to others (not selected when better candidates exist; selected where they do not).
+    lengths = cached_lengths(3)  # sequence 4: 5 keys, rows at 2..4; sequence 5: 33 keys, rows at 30..32
+    args = (lengths, 3, HEADS[heads], False, None)
+    case, clean = Case(*args, seed=23), Case(*args, seed=23)
+    heads_kv = HEADS[heads][1]
+    set_cached(case, "k", 5, 6, 0, 1, math.nan)  # block 1 of sequence 5
+    set_cached(case, "k", 5, 17, heads_kv - 1, 4, math.inf)  # block 4
+    set_cached(case, "k", 5, 18, heads_kv - 1, 5, -math.inf)  # and -inf in another dim: inf - inf
+    set_cached(case, "k", 4, 0, heads_kv - 1, 2, -math.inf)  # block 0 of sequence 4, the only candidate
+    set_cached(case, "k", 3, 3, 0, 0, math.nan)  # sequence 3: 4 keys, rows at 1..3: the last sees it
+    nan_rows = check_nan_rule(case, clean, bad_seqs=(3, 4, 5))
+    group = HEADS[heads][0] // heads_kv
+    assert nan_rows[5, :group].all()  # the NaN centroid's kv head: every row selects block 1
+    assert nan_rows[4, -group:].all() and nan_rows[3, :group, 2].all() and not nan_rows[3, :, :2].any()
+
+
+def test_overflowing_logits_poison_the_row(poison_empty):
+    # A finite key of magnitude 1e37: q . k overflows float32 for a row whose q is 2 everywhere, not for the
+    # other rows (random q). The reference computes in float32 here, as the kernels do.
+    args = (cached_lengths(3), 3, HEADS["gqa"], False, None)
+    case, clean = Case(*args, seed=24), Case(*args, seed=24)
+    for dim in range(HEAD_DIM):
+        set_cached(case, "k", 5, 31, 1, dim, 1e37)  # in the own block of rows 31 and 32
+    case.q[5, 2, 2] = 2.0  # row at 32, query head 2 (kv head 1): q . k = 4.8e38
+    case.q[5, 1, 3] = 2.0  # row at 31: sees the key too
+    case.q[5, 0, 2] = 2.0  # row at 30: does not see it (a later key of its own block)
+    case.q[5, 1, 2] = 0.5  # row at 31: q . k = 1.2e38, a finite logit that dominates the row
+    nan_rows = check_nan_rule(case, clean, bad_seqs=(5,), reference_dtype=torch.float32)
+    assert nan_rows[5].nonzero().tolist() == [[2, 2], [3, 1]]
+    out, lse = case.run()
+    assert 1e37 < lse[5, 2, 1] < 1e38
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_router_ranks_nan_and_inf_scores_as_the_reference(splits):
+    # Blocks of one key, so each cached key is a centroid: NaN keys (NaN scores), +-inf entries (+-inf
+    # scores, NaN where q is 0 there or where +inf and -inf meet: x86 makes those NaN negative), NaN and
+    # -inf in q. The selection must equal moba_select's reference (candidate -inf beats non-candidates,
+    # NaN ranks first, ties to the later block), on one centroid tile walk and on a split one.
+    case = Case((0, 1, 2, 17, 40), 3, HEADS["gqa"], True, None, block_size=1, topk=5, capacity=48, seed=25)
+    keys = case.keys
+    keys[4][7, 0, 2] = keys[4][30, 0, 2] = math.nan  # two NaN centroids: the tie goes to the later one
+    keys[4][12, 1, 3] = math.inf
+    keys[4][12, 1, 4] = -math.inf
+    keys[4][20, 0, 0] = -math.inf
+    keys[4][21, 1, 5] = math.inf
+    keys[3][3, 1, 6] = -math.inf
+    case.q[4, 0, 2, 5] = 0.0  # inf * 0
+    case.q[4, 1, 1, 3] = math.nan
+    case.q[3, 2, 3, 6] = 1.0  # -inf scores for sequence 3's block 3
+    case.q[3, 1, 0, 0] = -math.inf
+    case.k = torch.stack([k[k.shape[0] - 3 :] for k in keys]).float()
+    for b, length in enumerate(case.cache_seqlens.tolist()):
+        index = case.index(b, length)
+        case.k_cache[index] = keys[b][:length].float()
+    case.block_sums = flashmoba.kvcache_block_sums(case.k_cache, case.cache_seqlens, 1)
+    decode.decode_append(
+        case.k, case.v, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, None, 1, 48
+    )
+    config = decode.DecodeConfig(route_block_n=16, route_block_splits=splits)
+    tiles = decode.decode_tiles(HEAD_DIM, 1, 5, 48, 5 * 3 * 4, 2, 3, decode.DEFAULT_SM_COUNT, config)
+    assert tiles["block_splits"] == splits
+    selected = decode.decode_route(case.q.float(), case.block_sums, case.cache_seqlens, 1, 5, 3, tiles)
+    for b in range(case.batch):
+        expected = flashmoba.moba_select(
+            case.q[b : b + 1].float(), keys[b][None].float(), 1, 5, backend="reference"
+        )
+        assert torch.equal(selected[b], expected[0]), f"sequence {b}: {selected[b]} {expected[0]}"
+    nan_first = (selected[4, :, :2] == 7).any(-1) & (selected[4, :, :2] == 30).any(-1)  # NaN centroids
+    assert nan_first.sum() == 5 and not nan_first[1, 1]  # every kv head 0 row but the NaN q's

@@ -25,10 +25,13 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    in tiles of BLOCK_N keys of a block, as a matrix-vector product on CUDA cores (a decode row is one row:
    a tensor-core tile would be 15/16 padding, and the step is bound by the bytes of K and V anyway). The
    causal rule ``key <= row position`` masks the own block; slots holding -1 mask everything. It stores a
-   partial output normalised by its own sum and its log2-sum-exp (-inf where it saw no key).
+   partial output normalised by its own sum and its log2-sum-exp (-inf where it saw no key). The NaN
+   rule of ``flashmoba.reference``: a visible logit that is not finite, or a visible value vector with
+   a NaN or an inf, makes the split's partial output and lse NaN (values * 0 summed per key, an FMA per
+   logit); masked keys are never loaded (zeros), so NaN or inf there changes nothing.
 4. ``_decode_merge_kernel``, program (query row and head): combines the splits' partials by their
    log-sum-exp into o (q's dtype) and the float32 natural-log lse; a row that saw no key (an empty
-   sequence) gets zeros and -inf.
+   sequence) gets zeros and -inf, a row with a NaN partial lse gets NaN in o and lse.
 
 The Triton path reads no values on the host, so it cannot check them: lengths past the capacity and page
 ids out of range are the caller's to avoid (the reference backend checks them). Writes past the capacity
@@ -108,10 +111,20 @@ DEFAULT_DECODE_CONFIG = DecodeConfig()
 def _bfloat16_nearest(values):
     """float32 values rounded to the nearest bfloat16 (ties to even), still as float32: what ``.to(bf16)``
     does on a GPU. Triton 3.6's interpreter truncates there instead, so the kernels round by the bits
-    under ``ROUND_BF16`` (finite values; the carry never reaches the sign bit)."""
+    under ``ROUND_BF16`` (the carry never reaches the sign bit of a finite value or an inf; NaN stays as is,
+    whatever its payload)."""
     bits = values.to(tl.int32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return rounded.to(tl.float32, bitcast=True)
+    return tl.where(values == values, rounded.to(tl.float32, bitcast=True), values)
+
+
+@triton.jit
+def _one_nan(block_scores):
+    """Scores with every NaN made the one positive quiet NaN: the packed keys (``_ordered_scores``) then
+    rank every NaN score above +inf, with ties to the later block, as ``reference._route_chunk``'s
+    descending ``torch.sort`` does. A NaN's sign and payload depend on the machine (x86 makes inf - inf
+    and inf * 0 a negative NaN, which the keys would rank below -inf): one compare and select per score."""
+    return tl.where(block_scores == block_scores, block_scores, float("nan"))
 
 
 @triton.jit
@@ -385,6 +398,10 @@ def _decode_route_kernel(
                 centroids = _bfloat16_nearest(centroids)
             centroids = centroids.to(Q.dtype.element_ty)
             block_scores = tile_dot(queries, centroids, DOT_PRECISION, DOT_IN_FLOAT32)
+        # A NaN or inf key makes its block's centroid NaN or inf, and so may a NaN or inf in q: NaN scores
+        # rank first (one NaN, see _one_nan), +-inf by value; a candidate scored -inf still fills an empty
+        # slot before any non-candidate (may_enter masks those), as in the reference.
+        block_scores = _one_nan(block_scores)
         may_enter = block_ids[None, :] < candidate_limit[:, None]
         # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
         # first, so an equal score belongs to an earlier block and loses the tie.
@@ -569,22 +586,34 @@ def _decode_attn_partial_kernel(
             else:
                 pages = tl.zeros([BLOCK_N], dtype=tl.int32) + seq
                 slots = key_positions
+            # The NaN rule (flashmoba.reference): only visible keys are loaded, masked ones read as zeros,
+            # so a NaN or inf a row does not see (its own block's later keys, slots past the length, -1
+            # slots, unselected blocks, unwritten cache) never enters its arithmetic: not even 0 * NaN.
             mask = visible[:, None] & dim_ok[None, :]
             k_rows = pages.to(tl.int64) * stride_k_page + slots.to(tl.int64) * stride_k_slot
             keys = tl.load(k_base + k_rows[:, None] + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
             scores = tl.sum(keys.to(tl.float32) * query[None, :], axis=1) * qk_scale
-            scores = tl.where(visible, scores, float("-inf"))
+            # A visible logit that is not finite (NaN or inf in q or k, an overflow) poisons the row:
+            # x * 0 + x is NaN for +-inf and NaN (forward.py's nan_if_infinite); masked keys get -inf.
+            scores = tl.where(visible, tl.fma(scores, 0.0, scores), float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=0))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: no NaN
+            # A NaN logit gives a NaN probability (whether the max ignores NaN, as on a GPU, or not, as in
+            # the interpreter), hence a NaN row_sum and acc in every column from then on.
             probs = tl.exp2(scores - safe_max)
             rescale = tl.exp2(row_max - safe_max)
             v_rows = pages.to(tl.int64) * stride_v_page + slots.to(tl.int64) * stride_v_slot
             values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
+            # A visible value vector with a NaN or an inf poisons the row the same way: the sum of its
+            # values * 0 is NaN there and 0 for a finite vector (the probability is then bitwise unchanged).
+            probs += tl.sum(values * 0.0, axis=1).to(tl.float32)
             acc = acc * rescale + tl.sum(probs[:, None] * values.to(tl.float32), axis=0)
             row_sum = row_sum * rescale + tl.sum(probs, axis=0)
             row_max = new_max
 
-    seen = row_sum > 0.0
+    # row_sum is 0 where the split saw no key (lse -inf), NaN where it is poisoned (lse NaN: the merge
+    # must see it), positive otherwise.
+    seen = row_sum != 0.0
     partial = pair.to(tl.int64) * num_splits + split
     tl.store(PartialOut + partial * head_dim + dims, acc / tl.where(seen, row_sum, 1.0), mask=dim_ok)
     tl.store(
@@ -626,14 +655,16 @@ def _decode_merge_kernel(
     lses = tl.load(PartialLse + partials, mask=split_ok, other=float("-inf"))
     top = tl.max(lses, axis=0)
     safe_top = tl.where(top == float("-inf"), 0.0, top)
-    weights = tl.exp2(lses - safe_top)  # 0 for a split that saw nothing
+    # 0 for a split that saw nothing, NaN for a poisoned one (whether tl.max kept its NaN or not): the
+    # total, the lse and every column of the output are then NaN.
+    weights = tl.exp2(lses - safe_top)
     total = tl.sum(weights, axis=0)
     outs = tl.load(
         PartialOut + partials[:, None] * head_dim + dims[None, :],
         mask=split_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
-    seen = total > 0.0
+    seen = total != 0.0  # 0: no split saw a key; NaN: poisoned
     out = tl.sum(weights[:, None] * outs, axis=0) / tl.where(seen, total, 1.0)
     o_ptrs = (
         Out
