@@ -119,15 +119,6 @@ def _bfloat16_nearest(values):
 
 
 @triton.jit
-def _one_nan(block_scores):
-    """Scores with every NaN made the one positive quiet NaN: the packed keys (``_ordered_scores``) then
-    rank every NaN score above +inf, with ties to the later block, as ``reference._route_chunk``'s
-    descending ``torch.sort`` does. A NaN's sign and payload depend on the machine (x86 makes inf - inf
-    and inf * 0 a negative NaN, which the keys would rank below -inf): one compare and select per score."""
-    return tl.where(block_scores == block_scores, block_scores, float("nan"))
-
-
-@triton.jit
 def _decode_append_kernel(
     KNew,
     VNew,
@@ -399,9 +390,8 @@ def _decode_route_kernel(
             centroids = centroids.to(Q.dtype.element_ty)
             block_scores = tile_dot(queries, centroids, DOT_PRECISION, DOT_IN_FLOAT32)
         # A NaN or inf key makes its block's centroid NaN or inf, and so may a NaN or inf in q: NaN scores
-        # rank first (one NaN, see _one_nan), +-inf by value; a candidate scored -inf still fills an empty
-        # slot before any non-candidate (may_enter masks those), as in the reference.
-        block_scores = _one_nan(block_scores)
+        # rank first (one NaN, see router._ordered_scores), +-inf by value; a candidate scored -inf still
+        # fills an empty slot before any non-candidate (may_enter masks those), as in the reference.
         may_enter = block_ids[None, :] < candidate_limit[:, None]
         # Only a score above a row's picks-th best can change its top picks: tiles are visited latest
         # first, so an equal score belongs to an earlier block and loses the tie.

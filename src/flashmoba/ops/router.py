@@ -143,9 +143,12 @@ def _block_centroids_kernel(
 @triton.jit
 def _ordered_scores(block_scores):
     """An int32 image of float32 scores that orders as the packed keys do: by value, -0.0 equal to +0.0,
-    NaN by its bits (as the keys always ranked it)."""
+    every NaN above +inf (ties to the later block), as ``reference._route_chunk``'s descending sort."""
     # torch.sort sees -0.0 == +0.0; make them one value so the tie rule decides between them.
     block_scores = tl.where(block_scores == 0.0, 0.0, block_scores)
+    # A NaN's sign and payload depend on the machine (x86 makes inf - inf and inf * 0 a negative NaN,
+    # which the bits would rank below -inf): every NaN becomes the one positive quiet NaN.
+    block_scores = tl.where(block_scores == block_scores, block_scores, float("nan"))
     bits = block_scores.to(tl.int32, bitcast=True)
     # Negative floats order backwards as integers: flip their magnitude bits (the sign bit stays).
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
