@@ -576,14 +576,8 @@ class MoBAKVCache:
         with torch.no_grad():
             self.k_cache[:, :seqlen] = k
             self.v_cache[:, :seqlen] = v
-            # A block past the capacity holds every key: its sums are those of blocks of max_seqlen keys,
-            # and nothing is sized by the block size itself.
-            block_size = min(self.block_size, self.max_seqlen)
-            blocks = -(-seqlen // block_size)
-            padded = k.new_zeros(batch, blocks * block_size, *k.shape[2:], dtype=self.block_sums.dtype)
-            padded[:, :seqlen] = k
-            self.block_sums[:, :blocks] = padded.view(batch, blocks, block_size, *k.shape[2:]).sum(2)
-        self.cache_seqlens.fill_(seqlen)
+            self.cache_seqlens.fill_(seqlen)
+            self.block_sums.copy_(kvcache_block_sums(self.k_cache, self.cache_seqlens, self.block_size))
         return out
 
     def reset(self) -> None:

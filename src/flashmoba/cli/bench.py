@@ -597,11 +597,13 @@ def model_plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def _plot_or_say(rows: list[dict], out: Path) -> None:
+def _plot_or_say(plot, rows: list[dict], out: Path, command: str) -> None:
+    """``plot(rows, <out>.png)``, or where matplotlib is missing (a GPU image) how to replot elsewhere."""
     try:
-        model_plot(rows, out.with_suffix(".png"))
-    except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
-        print(f"no plot ({error}); run 'flashmoba bench model --replot {out}' where matplotlib is installed")
+        plot(rows, out.with_suffix(".png"))
+    except ImportError as error:
+        replot = f"flashmoba bench {command} --replot {out}"
+        print(f"no plot ({error}); run '{replot}' where matplotlib is installed")
 
 
 def model_main(argv: list[str]) -> int:
@@ -610,11 +612,11 @@ def model_main(argv: list[str]) -> int:
     _check_model_args(parser, args)
     if args.replot is not None:
         rows = _read_rows(parser, args.replot)
-        _plot_or_say(rows, args.replot)
+        _plot_or_say(model_plot, rows, args.replot, "model")
         print(model_table(rows))
         return 0
     rows = _run_model_jobs(_model_jobs(args), args.out)
-    _plot_or_say(rows, args.out)
+    _plot_or_say(model_plot, rows, args.out, "model")
     print(f"\nresults in {args.out}\n")
     print(model_table(rows))
     print(heaviest_kernels(rows))
@@ -846,24 +848,17 @@ def decode_plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def _decode_plot_or_say(rows: list[dict], out: Path) -> None:
-    try:
-        decode_plot(rows, out.with_suffix(".png"))
-    except ImportError as error:  # a GPU image without matplotlib: replot elsewhere with --replot
-        print(f"no plot ({error}); run 'flashmoba bench decode --replot {out}' where matplotlib is installed")
-
-
 def decode_main(argv: list[str]) -> int:
     parser = _decode_parser()
     args = parser.parse_args(argv)
     _check_decode_args(parser, args)
     if args.replot is not None:
         rows = _read_rows(parser, args.replot)
-        _decode_plot_or_say(rows, args.replot)
+        _plot_or_say(decode_plot, rows, args.replot, "decode")
         print(decode_table(rows))
         return 0
     rows = _run_decode_jobs(args, _decode_jobs(args))
-    _decode_plot_or_say(rows, args.out)
+    _plot_or_say(decode_plot, rows, args.out, "decode")
     print(f"\nresults in {args.out}\n")
     print(decode_table(rows))
     return 0

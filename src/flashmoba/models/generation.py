@@ -44,30 +44,21 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window: int | None = None):
     """q ``[B, T, Hq, D]`` at positions ``start ..``, k/v ``[B, S, Hkv, D]`` at positions ``key_start ..``:
     causal (and within ``window`` keys, the query's own included) softmax attention through SDPA."""
-    query_pos = torch.arange(start, start + q.shape[1], device=q.device)
-    key_pos = torch.arange(key_start, key_start + k.shape[1], device=q.device)
-    distance = query_pos[:, None] - key_pos[None, :]
-    mask = distance >= 0
-    if window is not None:
-        mask &= distance < window
+    if q.shape[1] == 1 and window is None and start >= key_start + k.shape[1] - 1:
+        mask = None  # one query after every key sees them all: no mask, so SDPA may take its flash kernel
+    else:
+        query_pos = torch.arange(start, start + q.shape[1], device=q.device)
+        key_pos = torch.arange(key_start, key_start + k.shape[1], device=q.device)
+        distance = query_pos[:, None] - key_pos[None, :]
+        mask = distance >= 0
+        if window is not None:
+            mask &= distance < window
     groups = q.shape[2] // k.shape[2]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         _repeat_kv(k, groups).transpose(1, 2),
         _repeat_kv(v, groups).transpose(1, 2),
         attn_mask=mask,
-        scale=scale,
-    )
-    return out.transpose(1, 2)
-
-
-def _unmasked_attention(q, k, v, scale: float):
-    """q ``[B, T, Hq, D]`` against every key of k/v ``[B, S, Hkv, D]`` (a decode query and its cache)."""
-    groups = q.shape[2] // k.shape[2]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        _repeat_kv(k, groups).transpose(1, 2),
-        _repeat_kv(v, groups).transpose(1, 2),
         scale=scale,
     )
     return out.transpose(1, 2)
@@ -163,8 +154,6 @@ class DenseCache(_LayerCache):
         keys, values = self.k_buffer[:, :end], self.v_buffer[:, :end]
         if start == 0:
             out = dense_causal_attention(q, k, v, scale)
-        elif q.shape[1] == 1:  # one new query sees every cached key: no mask
-            out = _unmasked_attention(q, keys, values, scale)
         else:
             out = _masked_attention(q, keys, values, scale, start, 0)
         self.length = end
