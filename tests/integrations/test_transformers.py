@@ -171,3 +171,211 @@ def test_import_flashmoba_does_not_load_transformers():
 
     code = "import sys, flashmoba; sys.exit(1 if 'transformers' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The centroid cache layer (MoBACache)
+# ----------------------------------------------------------------------------------------------------
+
+
+def cache_argument(model, cache):
+    """The keyword under which this transformers' models take a cache (5.24 renamed past_key_values)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Counts the decode steps that went through moba_attn_with_kvcache (the centroid cache)."""
+    counter = {"decode": 0}
+    real = moba_integration.moba_attn_with_kvcache
+
+    def counted(*args, **kwargs):
+        counter["decode"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moba_integration, "moba_attn_with_kvcache", counted)
+    return counter
+
+
+def left_padded(prompts, pad=0):
+    width = max(len(p) for p in prompts)
+    batch = torch.full((len(prompts), width), pad)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return batch, mask
+
+
+def test_the_cache_has_moba_layers_where_the_config_says():
+    config = tiny_config(moba_layers=[1])
+    cache = moba_integration.MoBACache(config)
+    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicLayer", "MoBACacheLayer"]
+    assert all(
+        isinstance(x, moba_integration.MoBACacheLayer)
+        for x in moba_integration.MoBACache(tiny_config()).layers
+    )
+    del config.moba_block_size
+    with pytest.raises(ValueError, match="moba_block_size"):
+        moba_integration.MoBACache(config)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decode_steps_through_the_centroid_cache_equal_recomputation(family, decode_calls):
+    """float64: prefill 37 tokens (5 blocks of 8, top-2), then 14 steps of one token, each step's logits
+    against the full recomputation's last row."""
+    model = build(tiny_config(family), "moba").double()
+    tokens = ids(1, 51, seed=3)
+    cache = moba_integration.MoBACache(model.config)
+    with torch.no_grad():
+        full = model(tokens).logits
+        steps = [model(tokens[:, :37], use_cache=True, **cache_argument(model, cache)).logits[:, -1]]
+        for position in range(37, 51):
+            out = model(tokens[:, position : position + 1], use_cache=True, **cache_argument(model, cache))
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], dim=1), full[:, 36:50], atol=1e-10, rtol=1e-10)
+    assert decode_calls["decode"] == 14 * model.config.num_hidden_layers
+    layer = cache.layers[0]
+    assert layer.seqlens.tolist() == [51] and layer.routable
+    keys = layer.keys.transpose(1, 2)[0]  # [51, heads_kv, head_dim]
+    sums = torch.stack([keys[j * 8 : (j + 1) * 8].sum(dim=0) for j in range(7)])
+    torch.testing.assert_close(layer.block_sums[0, :7], sums, atol=1e-12, rtol=1e-12)
+    # sparse: the decode steps selected 2 of up to 7 blocks, which dense attention does not reproduce
+    sdpa = build(tiny_config(family), "sdpa", model.state_dict()).double()
+    assert (sdpa(tokens).logits[:, 36:50] - full[:, 36:50]).abs().max() > 1e-4
+
+
+def test_chunks_of_several_tokens_after_the_prompt_equal_recomputation(decode_calls):
+    """Chunked prefill (or speculative verification): chunks of 9, 1 and 12 tokens after a prompt of 20,
+    each through moba_attn_with_kvcache with seqlen_q > 1, in a left-padded batch (float64)."""
+    model = build(tiny_config(), "moba").double()
+    batch, mask = left_padded([ids(1, 20, seed=10)[0], ids(1, 14, seed=11)[0]])
+    more = ids(2, 22, seed=12)
+    cache = moba_integration.MoBACache(model.config)
+    full_mask = torch.cat([mask, torch.ones(2, 22, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        full = model(torch.cat([batch, more], dim=1), attention_mask=full_mask).logits[:, 20:]
+        model(batch, attention_mask=mask, use_cache=True, **cache_argument(model, cache))
+        chunks, start = [], 0
+        for size in (9, 1, 12):
+            chunk_mask = full_mask[:, : 20 + start + size]
+            out = model(
+                more[:, start : start + size],
+                attention_mask=chunk_mask,
+                use_cache=True,
+                **cache_argument(model, cache),
+            )
+            chunks.append(out.logits)
+            start += size
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-10, rtol=1e-10)
+    assert decode_calls["decode"] == 3 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("moba_layers", [None, [1]])
+def test_greedy_generation_with_the_centroid_cache_equals_generation_without_a_cache(
+    moba_layers, decode_calls
+):
+    model = build(tiny_config(moba_layers=moba_layers), "moba")
+    prompt = ids(1, 21)
+    cache = moba_integration.MoBACache(model.config)
+    cached = model.generate(prompt, max_new_tokens=20, do_sample=False, **cache_argument(model, cache))
+    uncached = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+    assert decode_calls["decode"] == 19 * len(moba_layers or range(model.config.num_hidden_layers))
+
+
+@pytest.mark.triton
+def test_triton_decode_of_a_left_padded_batch_equals_the_reference(decode_calls):
+    """The Triton decode kernels (Triton's interpreter on the CPU) read the cache as transformers'
+    layout gives it, the padded rows through the block table of one-position pages."""
+    triton_model = build(tiny_config(moba_backend="triton"), "moba")
+    reference_model = build(tiny_config(), "moba", triton_model.state_dict())
+    batch, mask = left_padded([ids(1, 13, seed=7)[0], ids(1, 26, seed=8)[0]])
+    steps = ids(2, 3, seed=9)
+    logits = []
+    for model in (triton_model, reference_model):
+        cache = moba_integration.MoBACache(model.config)
+        with torch.no_grad():
+            model(batch, attention_mask=mask, use_cache=True, **cache_argument(model, cache))
+            for step in range(3):
+                mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+                out = model(
+                    steps[:, step : step + 1],
+                    attention_mask=mask,
+                    use_cache=True,
+                    **cache_argument(model, cache),
+                )
+                logits.append(out.logits[:, -1])
+        mask = mask[:, :-3]
+    assert decode_calls["decode"] == 2 * 3 * triton_model.config.num_hidden_layers
+    torch.testing.assert_close(torch.stack(logits[:3]), torch.stack(logits[3:]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_left_padded_batch_with_the_centroid_cache_generates_as_each_prompt_alone(decode_calls):
+    model = build(tiny_config(), "moba")
+    prompts = [ids(1, 19, seed=1)[0], ids(1, 30, seed=2)[0], ids(1, 5, seed=4)[0]]
+    batch, mask = left_padded(prompts)
+    cache = moba_integration.MoBACache(model.config)
+    together = model.generate(
+        batch,
+        attention_mask=mask,
+        max_new_tokens=14,
+        do_sample=False,
+        pad_token_id=0,
+        **cache_argument(model, cache),
+    )
+    assert decode_calls["decode"] == 13 * model.config.num_hidden_layers  # every step used the block sums
+    assert cache.layers[1].offsets.tolist() == [11, 0, 25] and cache.layers[1].seqlens.tolist() == [
+        32,
+        43,
+        18,
+    ]
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(
+            prompt[None], max_new_tokens=14, do_sample=False, use_cache=False, pad_token_id=0
+        )
+        assert together[row, 30:].tolist() == alone[0, len(prompt) :].tolist(), row
+
+
+def test_right_padding_falls_back_to_recomputation(decode_calls):
+    """Padding the centroid state cannot follow (not on the left) turns the layer's routing off: the
+    calls then recompute over the keys they are given, and the logits stay those without a cache."""
+    model = build(tiny_config(), "moba").double()
+    tokens = ids(2, 20, seed=5)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 15:] = 0
+    cache = moba_integration.MoBACache(model.config)
+    with torch.no_grad():
+        cached = model(tokens, attention_mask=mask, use_cache=True, **cache_argument(model, cache)).logits
+        uncached = model(tokens, attention_mask=mask).logits
+    torch.testing.assert_close(cached[0], uncached[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(cached[1, :15], uncached[1, :15], atol=1e-10, rtol=1e-10)
+    assert not cache.layers[0].routable and decode_calls["decode"] == 0
+
+
+def test_beam_search_with_the_centroid_cache_equals_beam_search_without_a_cache():
+    model = build(tiny_config(), "moba")
+    prompt = ids(1, 23, seed=6)
+    cache = moba_integration.MoBACache(model.config)
+    settings = dict(max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=3)
+    cached = model.generate(prompt, **settings, **cache_argument(model, cache))
+    uncached = model.generate(prompt, **settings, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_crop_rebuilds_the_block_sums():
+    layer = moba_integration.MoBACacheLayer()
+    keys = torch.randn(2, 3, 29, 4, dtype=torch.float64)
+    layer.update(keys, keys.clone())
+    assert layer.sync(None, 8)
+    layer.crop(-10)
+    assert layer.get_seq_length() == 19 and layer.sync(None, 8)
+    kept = keys[:, :, :19].transpose(1, 2)
+    sums = torch.stack([kept[:, j * 8 : (j + 1) * 8].sum(dim=1) for j in range(3)], dim=1)
+    torch.testing.assert_close(layer.block_sums[:, :3], sums)
+    assert not layer.block_sums[:, 3:].any() and layer.seqlens.tolist() == [19, 19]
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        layer.crop(3)

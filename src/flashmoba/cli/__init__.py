@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("flashmoba.cli.train", "train the hybrid MoBA language model"),
     "eval": ("flashmoba.cli.eval", "evaluate a checkpoint: perplexity, S-NIAH retrieval, router recall"),
     "generate": ("flashmoba.cli.generate", "generate text from a checkpoint with a KV cache"),
+    "export-hf": ("flashmoba.cli.export_hf", "export a checkpoint as a transformers model (safetensors)"),
     "snr": ("flashmoba.cli.snr", "the router's signal-to-noise model against Monte-Carlo simulation"),
 }
 
