@@ -7,6 +7,11 @@ thresholds. The reasons for each choice are in ``JUSTIFICATION`` and are printed
 The protocol is fixed before any run is made: no setting here is to be changed after seeing test results.
 ``PILOT_PROTOCOL`` is the same protocol shrunk until it runs on a CPU in about a minute per run; it only
 checks the pipeline and has no evidential value.
+
+Issue 19 adds a second design beside it (the first and its verdicts stay): ``PROTOCOL_19`` (a RoPE dense
+baseline, seeds 4-5 of the deciding configurations, the router SNR in every MoBA layer, 16 runs on one
+card, 8 at a time: ``experiments/gpu_runs_concurrent.sh``), its paired rule ``CLAIMS_19`` and reasons
+``JUSTIFICATION_19``, and its pilot ``PILOT_PROTOCOL_19``; ``protocol_for(pilot, design)`` picks one.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ class Configuration:
     block_size: int | None = None  # MoBA block size B
     topk: int | None = None  # MoBA blocks per query, its own block included
     kconv: int = 0  # key convolution width (0: none)
+    global_rope: bool = False  # RoPE in the global layers (issue 19's RoPE dense baseline); default NoPE
 
     def model_overrides(self) -> dict:
         """The ``model`` fields of a ``flashmoba train`` config that make this variant."""
         values = {"global_attention": self.attention, "kconv_size": self.kconv}
+        if self.global_rope:  # only when set, so the configs of the issue-6 runs stay as they were
+            values["global_rope"] = True
         if self.attention == "moba":
             values.update(moba_block_size=self.block_size, moba_topk=self.topk)
         return values
@@ -68,6 +76,16 @@ class EvaluationSettings:
 
 
 @dataclass(frozen=True)
+class SnrSettings:
+    """The router SNR measurement inside every trained MoBA layer (``flashmoba.evaluation.router_snr``)."""
+
+    lengths: tuple[int, ...]
+    tasks: tuple[str, ...]
+    samples: int  # per task and length
+    seed: int = 1  # sample seed: apart from flashmoba eval's (0) and from training's mixture
+
+
+@dataclass(frozen=True)
 class Run:
     configuration: Configuration
     seed: int
@@ -100,11 +118,24 @@ class Protocol:
     report_path: str = "experiments/REPORT.md"
     figures_dir: str = "experiments/figures"
     pilot: bool = False
+    snr: SnrSettings | None = None  # issue 19: measure the router SNR after each evaluation
+    run_order: tuple[str, ...] = ()  # the order to make the runs (default: seed index by seed index)
+    reruns: dict = field(default_factory=dict)  # run name -> the earlier run (directory) it repeats
 
     @property
     def runs(self) -> tuple[Run, ...]:
-        """All runs, in the order to make them: every configuration's first seed, then the second seeds."""
+        """All runs, in the order to make them: ``run_order`` if given, else every configuration's first
+        seed, then the second seeds."""
         by_name = {c.name: c for c in self.configurations}
+        if self.run_order:
+            every = {
+                Run(by_name[name], seed).name: Run(by_name[name], seed)
+                for name, seeds in self.seeds_by_configuration.items()
+                for seed in seeds
+            }
+            if sorted(every) != sorted(self.run_order):
+                raise ValueError("run_order must list every run of seeds_by_configuration once")
+            return tuple(every[name] for name in self.run_order)
         largest = max(len(seeds) for seeds in self.seeds_by_configuration.values())
         ordered = []
         for index in range(largest):
@@ -147,6 +178,10 @@ class Protocol:
             "log_every": 10 if not self.pilot else 1,
             "eval_every": settings.eval_every,
             "save_every": settings.save_every,
+            # Eager blocks, as issue 6's runs trained (compile_blocks came later and is on by default on
+            # CUDA): a new seed-s run then pairs with the old one on the same code path, and processes
+            # sharing a card do not each spend their first minutes compiling.
+            "compile_blocks": False,
         }
 
     def eval_arguments(self, run: Run) -> list[str]:
@@ -414,5 +449,330 @@ PILOT_PROTOCOL = replace(
 )
 
 
-def protocol_for(pilot: bool) -> Protocol:
+# ----------------------------------------------------------------------------------------------------
+# Issue 19: a RoPE dense baseline, the router SNR inside trained layers, paired verdicts
+# ----------------------------------------------------------------------------------------------------
+#
+# Written before any of its runs (the issue-6 runs above, seeds 0-3, had been seen). Everything a run
+# trains on is the issue-6 protocol unchanged (model, data, 65.5M tokens, optimiser), so that a new run of
+# seed s pairs with the issue-6 run of the same seed (same initialisation and batches: both are functions of
+# the seed). What is new: the RoPE dense configuration, seeds 4-5 of the deciding configurations, the router
+# SNR measurement, 50 evaluation samples per cell, and the paired decision rule below.
+
+DENSE_ROPE = Configuration("dense-rope", "Dense (RoPE)", "dense", global_rope=True)
+CONFIGURATIONS_19 = CONFIGURATIONS + (DENSE_ROPE,)
+
+
+@dataclass(frozen=True)
+class PairedCheck:
+    """One check of a claim, decided on per-seed values paired by seed (``experiments.report`` computes them).
+
+    measure, the per-seed value:
+      ``niah_average``: S-NIAH average (%, all cells) of ``first`` minus that of ``second``;
+      ``niah1_beyond``: S-NIAH-1 (%) at >= BEYOND_LENGTH_FACTOR x the training length, ``first`` minus
+      ``second``;
+      ``heldout_loss_relative``: 100 x (held-out loss of ``first`` / that of ``second`` - 1), in %;
+      ``niah1_retention``: S-NIAH-1 beyond the length / S-NIAH-1 at the training length of ``first``
+      (``second`` None), over the seeds where ``first`` learned the task (>= LEARNED_ACCURACY at the
+      training length).
+    With n values, their mean m and standard deviation s, the one-sided 95% bounds are
+    L = m - t(0.95, n-1) s / sqrt(n) and U = m + t(0.95, n-1) s / sqrt(n). For ``claimed`` "higher": the
+    check **holds** if L > threshold, is **reversed** if U < threshold, is **below the paper's effect** if
+    U < paper_effect (the paper's effect is excluded), and is unresolved otherwise; "lower" mirrors this
+    (holds if U < threshold, reversed if L > threshold, below the paper's effect if L > paper_effect).
+    Fewer than MIN_PAIRS values: unresolved.
+    """
+
+    label: str
+    measure: str
+    first: str
+    second: str | None
+    claimed: str  # "higher" or "lower"
+    threshold: float
+    paper_effect: float | None = None
+
+
+@dataclass(frozen=True)
+class PairedClaim:
+    """A claim of the paper judged by paired checks; ``baseline`` names the reading (claim 3: NoPE, RoPE)."""
+
+    number: int
+    statement: str
+    paper_evidence: str
+    checks: tuple[PairedCheck, ...]
+    informative: tuple[str, ...] = ()
+    baseline: str = ""
+
+    @property
+    def deciding(self) -> tuple[str, ...]:
+        names = []
+        for check in self.checks:
+            for name in (check.first, check.second):
+                if name and name not in names:
+                    names.append(name)
+        return tuple(names)
+
+
+MIN_PAIRS = 3  # fewer paired seeds than this leave a check unresolved
+ONE_SIDED_CONFIDENCE = 0.95
+
+_SEEDS_19 = {
+    # claim 3 under the RoPE reading: pairs with the MoBA runs of seeds 0-5
+    "dense-rope": (0, 1, 2, 3, 4, 5),
+    # claims 1, 2, 4 and claim 3 (NoPE): seeds 4-5 extend the issue-6 seeds 0-3 to 6 pairs;
+    # moba-32 seed 0 again, last: the rerun under concurrency (compared with the issue-6 run, not paired)
+    "moba-32": (4, 5, 0),
+    "moba-32-kconv5": (4, 5),
+    "dense": (4, 5),
+    # a fifth pair for claim 1, and the B = 128 / 64 / 32 and kconv3 points of the SNR measurement
+    "moba-128": (4,),
+    "moba-64": (4,),
+    "moba-32-kconv3": (4,),
+}
+
+# The queue: with 8 runs at a time, the first 8 are the most decisive (they finish even if the card's
+# throughput does not grow with the number of processes); the rest resume on a rerun of the command.
+RUN_ORDER_19 = (
+    "moba-32-seed4",
+    "moba-32-kconv5-seed4",
+    "dense-rope-seed0",
+    "dense-rope-seed1",
+    "dense-seed4",
+    "moba-32-seed5",
+    "moba-32-kconv5-seed5",
+    "dense-rope-seed2",
+    "dense-rope-seed3",
+    "dense-seed5",
+    "moba-128-seed4",
+    "dense-rope-seed4",
+    "dense-rope-seed5",
+    "moba-64-seed4",
+    "moba-32-kconv3-seed4",
+    "moba-32-seed0",
+)
+
+PROTOCOL_19 = replace(
+    PROTOCOL,
+    title="Issue 19: the paper's claims, decisively (RoPE dense baseline, router SNR, paired verdicts)",
+    evaluation=replace(PROTOCOL.evaluation, samples=50),
+    configurations=CONFIGURATIONS_19,
+    seeds_by_configuration=_SEEDS_19,
+    runs_dir="experiments/runs-issue19",
+    snr=SnrSettings(
+        lengths=(TRAINING_LENGTH, 4 * TRAINING_LENGTH), tasks=("niah1", "niah2", "niah3"), samples=32
+    ),
+    run_order=RUN_ORDER_19,
+    reruns={"moba-32-seed0": "experiments/runs/moba-32-seed0"},
+)
+
+# Concurrent processes on the one card (experiments/gpu_runs_concurrent.sh): PROCS_19 at a time.
+PROCS_19 = 8
+
+CLAIMS_19 = (
+    PairedClaim(
+        1,
+        CLAIMS[0].statement,
+        CLAIMS[0].paper_evidence,
+        checks=(
+            PairedCheck(
+                "(a) S-NIAH average, MoBA-32 minus MoBA-128",
+                "niah_average",
+                "moba-32",
+                "moba-128",
+                "higher",
+                0.0,
+                paper_effect=17.2,
+            ),
+            PairedCheck(
+                "(b) held-out loss, MoBA-32 relative to MoBA-128 (%)",
+                "heldout_loss_relative",
+                "moba-32",
+                "moba-128",
+                "lower",
+                0.0,
+                paper_effect=-1.9,
+            ),
+        ),
+        informative=("moba-64",),
+    ),
+    PairedClaim(
+        2,
+        CLAIMS[1].statement,
+        CLAIMS[1].paper_evidence,
+        checks=(
+            PairedCheck(
+                "S-NIAH average, MoBA-32 + kconv5 minus MoBA-32",
+                "niah_average",
+                "moba-32-kconv5",
+                "moba-32",
+                "higher",
+                0.0,
+                paper_effect=7.9,
+            ),
+        ),
+        informative=("moba-32-kconv3",),
+    ),
+    *(
+        PairedClaim(
+            3,
+            CLAIMS[2].statement,
+            CLAIMS[2].paper_evidence,
+            checks=(
+                PairedCheck(
+                    f"(a) S-NIAH-1 beyond the length, MoBA-32 minus {title}",
+                    "niah1_beyond",
+                    "moba-32",
+                    dense,
+                    "higher",
+                    0.0,
+                    paper_effect=50.0,
+                ),
+                PairedCheck(
+                    f"(b) {title} collapses: its retention beyond the length",
+                    "niah1_retention",
+                    dense,
+                    None,
+                    "lower",
+                    RETENTION_FRACTION,
+                ),
+                PairedCheck(
+                    "(c) MoBA-32 keeps retrieving: its retention beyond the length",
+                    "niah1_retention",
+                    "moba-32",
+                    None,
+                    "higher",
+                    RETENTION_FRACTION,
+                ),
+            ),
+            informative=("moba-32-kconv5",),
+            baseline=baseline,
+        )
+        for dense, title, baseline in (("dense", "Dense", "NoPE"), ("dense-rope", "Dense (RoPE)", "RoPE"))
+    ),
+    PairedClaim(
+        4,
+        CLAIMS[3].statement,
+        CLAIMS[3].paper_evidence,
+        checks=(
+            PairedCheck(
+                "held-out loss, MoBA-32 relative to dense (%)",
+                "heldout_loss_relative",
+                "moba-32",
+                "dense",
+                "lower",
+                100 * LM_CLOSENESS,
+            ),
+        ),
+        informative=("moba-32-kconv5",),
+    ),
+)
+
+JUSTIFICATION_19 = (
+    (
+        "What is new: a RoPE dense baseline, seeds 4-5, the router SNR in every MoBA layer, a paired rule",
+        (
+            "Issue 6's range rule can never decide with more seeds (an added seed only widens a range), and "
+            "its verdicts for claims 1, 2, 4 were inconclusive because seeds differ more than "
+            "configurations. Here a configuration is compared with another on the same seed (same "
+            "initialisation and batches), and the paired differences are tested against zero and against "
+            "the paper's effect with one-sided 95% t bounds. The training settings are issue 6's, unchanged, "
+            "so the new runs pair with the issue-6 runs of seeds 0-3 (experiments/runs) and the seed "
+            "spread measured there gives the power of this design. The issue-6 verdicts stay as they were."
+        ),
+    ),
+    (
+        "Dense (RoPE): the dense global layers with RoPE (ModelConfig.global_rope), 6 seeds (0-5)",
+        (
+            "The paper's dense baseline may use RoPE (../shared/paper.md, open question 3); issue 6's dense "
+            "global layers are NoPE like its MoBA layers. Claim 3 is judged under both readings: "
+            "NoPE (dense seeds 0-5) and RoPE (dense-rope seeds 0-5), each against MoBA-32 on the same seed."
+        ),
+    ),
+    (
+        "Claim 3 is decided on MoBA-32 (issue 6: MoBA-32 + kconv5); kconv5 is shown, not used",
+        (
+            "Chosen after seeing issue 6: the retention checks need seeds that learned the task at the "
+            "training length (S-NIAH-1 >= 50% at 2K), and only 1 of 4 kconv5 seeds did (MoBA-32: 3 of 4). "
+            "The claim is about NoPE MoBA layers, which MoBA-32 is."
+        ),
+    ),
+    (
+        "Power, from issue 6's seeds 0-3 (paired differences)",
+        (
+            "Claim 2, S-NIAH average kconv5 minus MoBA-32: -11.5, -24.5, -23.1, +7.5 (mean -12.9, sd 14.8). "
+            "With 6 pairs the one-sided bound is mean +- 2.015 x 14.8 / sqrt 6 = +-12.2: if the effect is "
+            "what "
+            "issue 6 saw, U < +7.9 (the paper's +7.9, excluded) with probability about 0.92; if it is the "
+            "paper's +7.9, L > 0 with probability about 0.25 (the design is built to refute, not to confirm "
+            "a small effect). Claim 4, loss of MoBA-32 relative to dense: +7.5, +5.8, +6.0, +8.8% (sd 1.4): "
+            "with 6 pairs L is mean - 1.1, far above the 1% threshold unless the new seeds differ wholly. "
+            "Claim 1 (a), S-NIAH MoBA-32 minus MoBA-128: +26, +62, +30, +7 (sd 23): L > 0 already at 4 pairs "
+            "and with 5 it needs the fifth above about -5 (MoBA-128 never learned it). "
+            "Claim 1 (b), loss: -1.6, -5.4, -0.3, +1.1% (sd "
+            "2.8): with 5 pairs the bounds are mean +- 2.7, so (b) stays unresolved unless the mean moves "
+            "past +-2.7 (about 30 pairs would decide it; not affordable): claim 1 is expected to stay "
+            "inconclusive on perplexity. Claim 3 (a), NoPE: S-NIAH-1 at 8-16K MoBA-32 minus dense: -32, "
+            "-2.5, -49, -93.5 (sd 38): with 6 pairs U = mean + 31, reversed if the mean stays below -31. "
+            "Claim 3 under RoPE is unmeasured: if dense-rope collapses (S-NIAH-1 beyond the length near 0), "
+            "the 6 differences are MoBA-32's own values (issue 6: 61, 96.5, 51, 6.5; sd 38) and L = mean - "
+            "31, positive for a mean of 54."
+        ),
+    ),
+    (
+        "Budget: 16 runs of 65.5M tokens, 8 at a time on one H200, in one command of at most 9.5 minutes",
+        (
+            "Measured in issue 6 on an H200, one process per card: dense 1.52M tokens/s, MoBA 1.2-1.3M, "
+            "kconv 1.0-1.1M; training 0.9-1.3 minutes, evaluation 0.25-0.3 (100 samples per cell; 50 here). "
+            "One process uses a small share of the card (a 6.6M model, launch-bound), so 8 processes "
+            "should together reach 2-4x one process's throughput; the plan assumes only 2x: 16 runs x 65.5M "
+            "tokens at 2.5M tokens/s in all = 7 minutes, plus evaluation and start-up, under 9 minutes. "
+            "Conservatively, if 8 processes only share one process's throughput, the first 8 runs of "
+            "RUN_ORDER_19 (the most decisive) still finish by the deadline (8 x 65.5M tokens at 1.25M "
+            "tokens/s = 7 minutes), and the others stop at their last checkpoint and resume when the same "
+            "command is run again on the same machine. cost.json records each run's minutes and tokens; "
+            "the report shows what was done."
+        ),
+    ),
+    (
+        "Router SNR: every MoBA layer of every trained run, at 2K and 8K, 32 samples per task",
+        (
+            "Held-out S-NIAH-1/2/3 samples (sample seed 1: neither training's nor flashmoba eval's); the "
+            "needle is the value's tokens, the query the last prompt token; q and k as the router sees them "
+            "(after the key convolution). Per layer: mu_signal, mu_noise, sigma, delta_mu_eff (Eq. 8), SNR "
+            "= delta_mu_eff / sqrt(2 sigma^2 B), Phi(-SNR), the paper model's top-k recall and the router's "
+            "measured recall of the needle block (eval/snr.json). The questions: does the measured SNR order "
+            "B = 128 < 64 < 32, and kconv above none; does the prediction track the measured recall."
+        ),
+    ),
+    (
+        "Concurrency check: moba-32 seed 0 again, last in the queue",
+        (
+            "The same seed as issue 6's moba-32-seed0 (S-NIAH average 26.2; 17.1 on an H100), made beside 7 "
+            "other processes: it should land within issue 6's seed range (7.3-62.0, loss 0.885-0.942)."
+        ),
+    ),
+)
+
+PILOT_PROTOCOL_19 = replace(
+    PROTOCOL_19,
+    title="CPU pipeline check of issue 19 (pilot): no evidential value",
+    training=PILOT_PROTOCOL.training,
+    evaluation=replace(PILOT_PROTOCOL.evaluation, lengths=(512, 2048)),
+    configurations=tuple(_pilot_configuration(c) for c in CONFIGURATIONS_19),
+    runs_dir="experiments/pilot/runs-issue19",
+    report_path="experiments/pilot/REPORT.md",
+    figures_dir="experiments/pilot/figures",
+    snr=SnrSettings(lengths=(512,), tasks=("niah1",), samples=2),
+    reruns={"moba-32-seed0": "experiments/pilot/runs/moba-32-seed0"},
+    pilot=True,
+)
+
+DESIGNS = ("issue6", "issue19")
+
+
+def protocol_for(pilot: bool, design: str = "issue6") -> Protocol:
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    if design == "issue19":
+        return PILOT_PROTOCOL_19 if pilot else PROTOCOL_19
     return PILOT_PROTOCOL if pilot else PROTOCOL

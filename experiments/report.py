@@ -1128,9 +1128,12 @@ def differences_section(protocol: Protocol) -> list[str]:
     )
 
 
-def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_dir: Path) -> str:
+def build_report(
+    protocol: Protocol, runs_dir: Path, report_path: Path, figures_dir: Path, runs19_dir: Path | None = None
+) -> str:
     """Write the report of ``protocol``'s runs under ``runs_dir`` to ``report_path`` (figures into
-    ``figures_dir``); returns its text."""
+    ``figures_dir``); returns its text. With ``runs19_dir``, the issue-19 part follows (its design's runs
+    there, paired with ``protocol``'s)."""
     outputs = load_runs(protocol, runs_dir)
     verdicts = [evaluate_claim(claim, protocol, outputs) for claim in CLAIMS]
     figures = make_figures(protocol, outputs, figures_dir)
@@ -1148,6 +1151,18 @@ def build_report(protocol: Protocol, runs_dir: Path, report_path: Path, figures_
         + reruns_report_section(protocol, outputs, report_dir / "reruns")
         + differences_section(protocol)
     )
+    if runs19_dir is not None:
+        from experiments import report19
+
+        protocol19 = protocol_for(protocol.pilot, "issue19")
+        pool = report19.load_pool(protocol, runs_dir, protocol19, runs19_dir)
+        pointer = (
+            "Issue 19 (a RoPE dense baseline, the router SNR inside trained layers, paired verdicts) follows "
+            "the issue-6 report below: see its section at the end."
+        )
+        first_section = next(i for i, line in enumerate(lines) if line.startswith("## "))
+        lines = lines[:first_section] + [pointer, ""] + lines[first_section:]
+        lines = lines + [""] + report19.issue19_sections(pool, runs19_dir, figures_dir, report_dir)
     text = "\n".join(lines)
     report_dir.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text)
@@ -1160,6 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", help="runs directory (default: the protocol's)")
     parser.add_argument("--out", help="report path (default: the protocol's)")
     parser.add_argument("--figures", help="figures directory (default: the protocol's)")
+    parser.add_argument("--runs19", help="issue-19 runs directory (default: PROTOCOL_19's)")
     args = parser.parse_args(argv)
     protocol = protocol_for(args.pilot)
     report_path = Path(args.out) if args.out else REPO_ROOT / protocol.report_path
@@ -1168,6 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.runs) if args.runs else REPO_ROOT / protocol.runs_dir,
         report_path,
         Path(args.figures) if args.figures else REPO_ROOT / protocol.figures_dir,
+        Path(args.runs19) if args.runs19 else REPO_ROOT / protocol_for(args.pilot, "issue19").runs_dir,
     )
     print(f"wrote {report_path}")
     return 0

@@ -132,7 +132,8 @@ def record_cost(directory: Path, entry: dict) -> dict:
     cost["cards"] = sorted({call["card"] for call in cost["calls"]})
     cost["train_minutes"] = round(sum(call["train_minutes"] for call in cost["calls"]), 3)
     cost["eval_minutes"] = round(sum(call["eval_minutes"] for call in cost["calls"]), 3)
-    cost["total_minutes"] = round(cost["train_minutes"] + cost["eval_minutes"], 3)
+    cost["snr_minutes"] = round(sum(call.get("snr_minutes", 0.0) for call in cost["calls"]), 3)
+    cost["total_minutes"] = round(cost["train_minutes"] + cost["eval_minutes"] + cost["snr_minutes"], 3)
     cost["trained_tokens"] = trained_tokens(directory)
     cost["trained_steps"] = last_logged_step(directory)
     cost_path.write_text(json.dumps(cost, indent=2) + "\n")
@@ -208,6 +209,55 @@ def train_step(
     return training, round((time.perf_counter() - start) / 60, 3)
 
 
+def snr_command(protocol: Protocol, final_checkpoint: Path, directory: Path, device: str) -> list[str]:
+    """``flashmoba.evaluation.router_snr`` on the final checkpoint, into ``eval/snr.json``."""
+    settings = protocol.snr
+    return [
+        sys.executable,
+        "-m",
+        "flashmoba.evaluation.router_snr",
+        "--checkpoint",
+        str(final_checkpoint),
+        "--out",
+        str(directory / "eval" / "snr.json"),
+        "--lengths",
+        ",".join(str(n) for n in settings.lengths),
+        "--tasks",
+        ",".join(settings.tasks),
+        "--samples",
+        str(settings.samples),
+        "--seed",
+        str(settings.seed),
+        "--device",
+        device,
+    ]
+
+
+def snr_is_done(directory: Path, final_checkpoint: Path) -> bool:
+    path = directory / "eval" / "snr.json"
+    if not path.exists():
+        return False
+    return Path(json.loads(path.read_text())["checkpoint"]).name == final_checkpoint.name
+
+
+def snr_step(
+    protocol: Protocol, directory: Path, device: str, final_checkpoint: Path, left: float | None
+) -> tuple[str, float]:
+    """The router SNR measurement (protocols with ``snr``) once training is done: (what happened, minutes)."""
+    if protocol.snr is None:
+        return "not in this protocol", 0.0
+    if not final_checkpoint.exists():
+        return "skipped (training not finished)", 0.0
+    if snr_is_done(directory, final_checkpoint):
+        return "skipped (already measured)", 0.0
+    if left is not None and left < 0.25:
+        return f"skipped (only {left:.1f} of --max-minutes left)", 0.0
+    start = time.perf_counter()
+    command = snr_command(protocol, final_checkpoint, directory, device)
+    measured = run_logged(command, directory / "snr.log", None if left is None else max(15.0, left * 60))
+    return measured, round((time.perf_counter() - start) / 60, 3)
+
+
 def evaluate_step(
     protocol: Protocol,
     run: Run,
@@ -265,6 +315,9 @@ def make_run(
         minutes_left(started, max_minutes),
         eval_reserve_minutes,
     )
+    snr, entry["snr_minutes"] = snr_step(
+        protocol, directory, device, final_checkpoint, minutes_left(started, max_minutes)
+    )
 
     import torch
 
@@ -274,11 +327,15 @@ def make_run(
         steps_after=last_logged_step(directory),
         training=training,
         evaluation=evaluation,
+        snr=snr,
     )
     cost = record_cost(directory, entry)
     done = final_checkpoint.exists() and evaluation_is_done(directory, final_checkpoint)
+    if protocol.snr is not None:
+        done = done and snr_is_done(directory, final_checkpoint)
     print(
-        f"{run.name}: training {training}, evaluation {evaluation}; step {cost['trained_steps']} of "
+        f"{run.name}: training {training}, evaluation {evaluation}, router SNR {snr}; "
+        f"step {cost['trained_steps']} of "
         f"{protocol.training.max_steps}, {cost['total_minutes']:.1f} minutes in all"
         + ("" if done else "; not complete: run the same command again"),
         flush=True,
@@ -310,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=EVAL_RESERVE_MINUTES,
         help="start the evaluation only when this many of --max-minutes are left (default: %(default)s)",
     )
+    parser.add_argument(
+        "--design",
+        choices=["issue6", "issue19"],
+        default="issue6",
+        help="which protocol of experiments/protocol.py (default: %(default)s; issue19: PROTOCOL_19)",
+    )
     parser.add_argument("--export", help="also write the outputs, without checkpoints, to EXPORT/NAME.tar.gz")
     return parser
 
@@ -328,12 +391,13 @@ def print_run_list(protocol: Protocol) -> None:
             if configuration.attention == "moba"
             else "dense"
         ) + (f" kconv{configuration.kconv}" if configuration.kconv else "")
+        shape += " RoPE" if configuration.global_rope else ""
         print(f"{run.name:<22} {shape:<22} -> {protocol.runs_dir}/{run.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    protocol = protocol_for(args.pilot)
+    protocol = protocol_for(args.pilot, args.design)
     if args.list:
         print_run_list(protocol)
         return 0

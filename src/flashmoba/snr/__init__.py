@@ -13,7 +13,7 @@ The command is ``flashmoba snr`` (``flashmoba.cli.snr``); docs/snr.md walks thro
 """
 
 from flashmoba.snr.capture import capture_qk, planted_needle_qk
-from flashmoba.snr.measurement import RouterMeasurement, measure_router_snr
+from flashmoba.snr.measurement import RouterMeasurement, RouterSnrAccumulator, measure_router_snr
 from flashmoba.snr.simulation import DOT_PRODUCT_LAWS, RouterSimulation, simulate_router
 from flashmoba.snr.theory import (
     delta_mu_eff,
@@ -31,6 +31,7 @@ __all__ = [
     "DOT_PRODUCT_LAWS",
     "RouterMeasurement",
     "RouterSimulation",
+    "RouterSnrAccumulator",
     "capture_qk",
     "delta_mu_eff",
     "failure_probability",

@@ -180,29 +180,76 @@ def measure_router_snr(
       Note it uses the signal blocks' realised noise, so it tracks the measured recall more closely than an
       out-of-sample prediction would on few samples.
     """
-    q, k = _check_qk(q, k)
-    block_size = check_int("block_size", block_size, minimum=1)
-    topk = check_int("topk", topk, minimum=1)
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k = k.shape[1]
-    needles = _positions_per_sequence("needle_positions", needle_positions, batch, seqlen_k)
-    queries = _positions_per_sequence("query_positions", query_positions, batch, seqlen_q)
-    signals = _signal_keys(signal_positions, batch, seqlen_k)
-    if signals is not None:
-        # The signal key is a needle key: its block must not count as noise.
-        needles = [torch.unique(torch.cat([n, s])) for n, s in zip(needles, signals)]
-    blocks = _KeyBlocks.of(seqlen_k, block_size)
-    select_blocks = select_blocks or _default_select_blocks(causal)
-
-    samples = _Samples()
-    for b in range(batch):
-        selected = _select_for_queries(select_blocks, q[b], k[b], queries[b], block_size, topk, causal)
-        signal = None if signals is None else int(signals[b][0])
-        _record_sequence(samples, q[b], k[b], needles[b], queries[b], signal, selected, blocks, causal)
-    topk_free = topk - 1 if causal else topk
-    return _summarise_measurement(
-        samples.records, samples.skipped, heads_q, head_dim, block_size, topk, topk_free, causal
+    accumulator = RouterSnrAccumulator(block_size, topk, causal=causal, select_blocks=select_blocks)
+    accumulator.add(
+        q,
+        k,
+        needle_positions=needle_positions,
+        query_positions=query_positions,
+        signal_positions=signal_positions,
     )
+    return accumulator.result()
+
+
+class RouterSnrAccumulator:
+    """``measure_router_snr`` over several calls: ``add`` batches of sequences (of any lengths, e.g. samples
+    too long to hold all at once), then ``result()`` summarises every sample added, as one call would.
+
+    ``add`` takes what ``measure_router_snr`` takes besides the router's settings; every batch must have the
+    same query heads and head_dim.
+    """
+
+    def __init__(
+        self, block_size: int, topk: int, *, causal: bool = True, select_blocks: Callable | None = None
+    ):
+        self.block_size = check_int("block_size", block_size, minimum=1)
+        self.topk = check_int("topk", topk, minimum=1)
+        self.causal = bool(causal)
+        self.select_blocks = select_blocks or _default_select_blocks(self.causal)
+        self.samples = _Samples()
+        self.heads_q: int | None = None
+        self.head_dim: int | None = None
+
+    def add(self, q, k, *, needle_positions, query_positions, signal_positions=None) -> None:
+        q, k = _check_qk(q, k)
+        batch, seqlen_q, heads_q, head_dim = q.shape
+        if self.heads_q is None:
+            self.heads_q, self.head_dim = heads_q, head_dim
+        elif (heads_q, head_dim) != (self.heads_q, self.head_dim):
+            raise ValueError(
+                f"q has {heads_q} heads of {head_dim}; earlier batches had {self.heads_q} of {self.head_dim}"
+            )
+        seqlen_k = k.shape[1]
+        needles = _positions_per_sequence("needle_positions", needle_positions, batch, seqlen_k)
+        queries = _positions_per_sequence("query_positions", query_positions, batch, seqlen_q)
+        signals = _signal_keys(signal_positions, batch, seqlen_k)
+        if signals is not None:
+            # The signal key is a needle key: its block must not count as noise.
+            needles = [torch.unique(torch.cat([n, s])) for n, s in zip(needles, signals)]
+        blocks = _KeyBlocks.of(seqlen_k, self.block_size)
+        for b in range(batch):
+            selected = _select_for_queries(
+                self.select_blocks, q[b], k[b], queries[b], self.block_size, self.topk, self.causal
+            )
+            signal = None if signals is None else int(signals[b][0])
+            _record_sequence(
+                self.samples, q[b], k[b], needles[b], queries[b], signal, selected, blocks, self.causal
+            )
+
+    def result(self) -> RouterMeasurement:
+        if self.heads_q is None:
+            raise ValueError("no batch was added")
+        topk_free = self.topk - 1 if self.causal else self.topk
+        return _summarise_measurement(
+            self.samples.records,
+            self.samples.skipped,
+            self.heads_q,
+            self.head_dim,
+            self.block_size,
+            self.topk,
+            topk_free,
+            self.causal,
+        )
 
 
 def _signal_keys(signal_positions, batch: int, seqlen_k: int) -> list[torch.Tensor] | None:
