@@ -91,6 +91,9 @@ class ModelConfig:
         metadata={"help": "key convolution width in the global layers (0: none)", "choices": KCONV_SIZES},
     )
     rope_base: float = field(default=10000.0, metadata={"help": "RoPE base of the sliding-window layers"})
+    global_rope: bool = field(
+        default=False, metadata={"help": "RoPE in the global layers too (default: NoPE, the paper's layout)"}
+    )
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
     tie_embeddings: bool = field(default=False, metadata={"help": "tie the input embedding and output head"})
     init_std: float = field(default=0.02, metadata={"help": "standard deviation of the initial weights"})
@@ -213,7 +216,8 @@ class Block(nn.Module):
                 block_size=config.moba_block_size,
                 topk=config.moba_topk,
                 kconv_size=config.kconv_size,
-                rope=False,
+                rope=config.global_rope,
+                rope_base=config.rope_base,
             )
         else:
             attention = dict(
@@ -224,8 +228,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_hidden_size)
 
-    def forward(self, x: torch.Tensor, packed: PackedSequences | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), packed=packed)
+    def forward(self, x: torch.Tensor, packed: PackedSequences | None, context_parallel=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), packed=packed, context_parallel=context_parallel)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_with_cache(self, x: torch.Tensor, cache) -> torch.Tensor:
@@ -242,7 +246,9 @@ class HybridLM(nn.Module):
     - ``input_ids [batch, seqlen]`` int64: one sequence per row; or
     - ``input_ids [total]`` with ``cu_seqlens`` (int32 ``[n + 1]``): packed sequences (documents) that
       never attend to each other. ``cu_seqlens`` may stay on the CPU when the tokens are on a GPU: it is
-      checked on the host, so no step then waits for the GPU (see ``PackedSequences``).
+      checked on the host, so no step then waits for the GPU (see ``PackedSequences``); or
+    - ``input_ids [batch, seqlen_local]`` with ``context_parallel`` (``flashmoba.parallel.ContextParallel``):
+      this rank's contiguous slice of each row; the loss is then that of the local targets only.
 
     Returns ``(logits, loss)``: logits ``[..., vocab_size]`` (float32 when ``targets`` is given), loss the
     mean cross-entropy over targets that are not -100 (None without targets). ``loss_weights`` (float, the
@@ -324,10 +330,11 @@ class HybridLM(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        decode_mode: str = "auto",
     ) -> torch.Tensor:
         """Generate with a KV cache: the new ids ``[batch, <= max_new_tokens]`` after the prompts
-        ``input_ids [batch, prompt_len]`` (equal lengths). ``temperature`` 0 is greedy; see
-        ``flashmoba.models.generation.generate``."""
+        ``input_ids [batch, prompt_len]`` (equal lengths). ``temperature`` 0 is greedy; ``decode_mode``
+        "auto" replays each step as a CUDA graph on CUDA; see ``flashmoba.models.generation.generate``."""
         from flashmoba.models.generation import generate
 
         return generate(
@@ -338,6 +345,7 @@ class HybridLM(nn.Module):
             top_p=top_p,
             eos_token_id=eos_token_id,
             generator=generator,
+            decode_mode=decode_mode,
         )
 
     def forward(
@@ -347,9 +355,14 @@ class HybridLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         loss_weights: torch.Tensor | None = None,
+        context_parallel=None,
     ):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
+        if context_parallel is not None and (cu_seqlens is not None or input_ids.ndim != 2):
+            raise ValueError(
+                "context_parallel takes padded input_ids [batch, seqlen_local], without cu_seqlens"
+            )
         if cu_seqlens is not None:
             if input_ids.ndim != 1:
                 raise ValueError(
@@ -383,9 +396,9 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, packed, use_reentrant=False)
+                x = checkpoint(block, x, packed, context_parallel, use_reentrant=False)
             else:
-                x = block(x, packed)
+                x = block(x, packed, context_parallel)
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None

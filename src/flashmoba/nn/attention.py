@@ -191,12 +191,15 @@ class MoBAAttention(nn.Module):
             )
         return None
 
-    def project(self, x: torch.Tensor, packed: PackedSequences | None = None, *, cache=None):
+    def project(
+        self, x: torch.Tensor, packed: PackedSequences | None = None, *, cache=None, position_offset: int = 0
+    ):
         """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` as attention sees them (after key conv and RoPE).
 
         With a layer ``cache`` (``forward_with_cache``), x ``[batch, T, hidden]`` follows the
-        ``cache.length`` tokens already cached: positions start there, and the key convolution continues
-        from ``cache.keyconv_state`` (which this replaces)."""
+        ``cache.length`` tokens already cached: positions are ``cache.positions(batch, T, device)``, and
+        the key convolution continues from ``cache.keyconv_state`` (which this replaces). Padded x
+        without a cache starts at position ``position_offset`` (a context-parallel slice's start)."""
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(x)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -208,9 +211,11 @@ class MoBAAttention(nn.Module):
         if self.rope:
             if packed is not None:
                 positions = packed.positions
+            elif cache is not None:  # the cache knows where the new tokens start (on the host or device)
+                positions = cache.positions(x.shape[0], x.shape[1], x.device)
             else:
-                start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
+                positions = torch.arange(position_offset, position_offset + x.shape[1], device=x.device)
+                positions = positions.expand(x.shape[0], -1)
             q, k = (
                 rotary_embedding(q, positions, self.rope_base),
                 rotary_embedding(k, positions, self.rope_base),
@@ -224,7 +229,10 @@ class MoBAAttention(nn.Module):
         max_seqlen: int | None = None,
         *,
         packed: PackedSequences | None = None,
+        context_parallel=None,
     ) -> torch.Tensor:
+        if context_parallel is not None:
+            return self._forward_context_parallel(x, context_parallel)
         packed = self._packing(x, cu_seqlens, max_seqlen, packed)
         q, k, v = self.project(x, packed)
         scale = self.head_dim**-0.5
@@ -264,15 +272,41 @@ class MoBAAttention(nn.Module):
                 )[0]
         return self.o_proj(out.flatten(-2))
 
+    def _forward_context_parallel(self, x: torch.Tensor, context_parallel) -> torch.Tensor:
+        """x ``[batch, L, hidden]``: this rank's slice of rows cut over a context-parallel group
+        (``flashmoba.parallel.ContextParallel``): RoPE at the slice's absolute positions, MoBA across the
+        group, sliding windows over the previous rank's last ``window_size - 1`` keys (the halo)."""
+        if x.ndim != 3:
+            raise ValueError(
+                f"x must be [batch, seqlen_local, hidden] with context_parallel, got {tuple(x.shape)}"
+            )
+        if self.key_conv is not None:
+            raise NotImplementedError("the key convolution has no context-parallel path (it needs a halo)")
+        offset = context_parallel.position_offset(x.shape[1])
+        q, k, v = self.project(x, position_offset=offset)
+        scale = self.head_dim**-0.5
+        if self.attention == "moba":
+            out = context_parallel.moba(q, k, v, self.block_size, self.topk, scale, self.backend)
+        elif self.attention == "sliding":
+            k_halo, v_halo = context_parallel.halo(k, v, self.window_size - 1)  # none on rank 0
+            width = k_halo.shape[1]
+            # The halo keys get placeholder queries, whose rows are dropped: the local queries sit last.
+            q_all = torch.cat((q.new_zeros(q.shape[0], width, *q.shape[2:]), q), dim=1)
+            k_all, v_all = torch.cat((k_halo, k), dim=1), torch.cat((v_halo, v), dim=1)
+            out = sliding_window_attention(q_all, k_all, v_all, self.window_size, scale)[:, width:]
+        else:
+            raise NotImplementedError("dense global attention has no context-parallel path")
+        return self.o_proj(out.flatten(-2))
+
     def forward_with_cache(self, x: torch.Tensor, cache) -> torch.Tensor:
         """Decode or prefill: x ``[batch, T, hidden]`` are the T tokens that follow the ``cache.length``
         tokens already in ``cache`` (the same count for every row).
 
-        ``cache`` is a layer cache (see ``flashmoba.models.generation``): it has ``length`` (int),
-        ``keyconv_state`` (the key convolution's last raw keys, or None; this method replaces it) and
-        ``attend(q, k, v, scale)``, which appends k, v, attends the new queries q causally and advances
-        ``length`` by T. Positions (RoPE) are absolute: ``cache.length ..``. The projections, key
-        convolution and rotation are ``project``'s.
+        ``cache`` is a layer cache (see ``flashmoba.models.generation``): it has
+        ``positions(batch, T, device)`` (the new tokens' absolute positions, for RoPE), ``keyconv_state``
+        (the key convolution's last raw keys, or None; this method replaces it) and
+        ``attend(q, k, v, scale)``, which appends k, v and attends the new queries q causally. The
+        projections, key convolution and rotation are ``project``'s.
         """
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, seqlen, hidden] with a cache, got {tuple(x.shape)}")

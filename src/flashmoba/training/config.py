@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from flashmoba._checks import check_bool, check_choice, check_int, check_positive_int, check_real
 from flashmoba.data import TASKS, ByteTokenizer
-from flashmoba.models.hybrid import MODEL_PRESETS, ModelConfig, model_config_from_preset
+from flashmoba.models.hybrid import MODEL_PRESETS, ModelConfig, is_global_layer, model_config_from_preset
+from flashmoba.parallel.communication import SCHEMES as CONTEXT_PARALLEL_SCHEMES
 from flashmoba.training.runtime import COMPILE_MODES, PRECISIONS, check_device_name
 
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
@@ -103,6 +104,28 @@ class TrainConfig:
     distributed: str = field(
         default="ddp",
         metadata={"help": "under torchrun: DDP or FSDP2 (fully_shard)", "choices": DISTRIBUTED_STRATEGIES},
+    )
+    context_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "under torchrun: cut each row contiguously over groups of N processes (a dp x cp "
+            "device mesh; MoBA layers through moba_attn_context_parallel, sliding-window layers exchange "
+            "their window's halo); needs --no-pack-documents, MoBA global layers and no key convolution"
+        },
+    )
+    context_parallel_scheme: str = field(
+        default="selective",
+        metadata={
+            "help": "how MoBA layers fetch keys and values across the context-parallel group",
+            "choices": CONTEXT_PARALLEL_SCHEMES,
+        },
+    )
+    pack_documents: bool = field(
+        default=True,
+        metadata={
+            "help": "attention and the key convolution never cross a document start inside a row (off: "
+            "each row is one sequence, as --context-parallel needs)"
+        },
     )
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "recompute each layer in backward"}
@@ -303,7 +326,44 @@ def _check_data(config: TrainConfig) -> None:
     check_positive_int("data.max_bytes", data.max_bytes)
 
 
-BOOL_FIELDS = ("activation_checkpointing", "compile_blocks", "progress", "overwrite", "allow_config_change")
+BOOL_FIELDS = (
+    "activation_checkpointing",
+    "compile_blocks",
+    "progress",
+    "overwrite",
+    "allow_config_change",
+    "pack_documents",
+)
+
+
+def _check_context_parallel(config: TrainConfig) -> None:
+    """A row must cut into equal slices of whole MoBA blocks whose sliding windows reach back at most one
+    slice, and every layer must have a context-parallel path."""
+    cp = check_positive_int("context_parallel", config.context_parallel)
+    check_choice("context_parallel_scheme", config.context_parallel_scheme, CONTEXT_PARALLEL_SCHEMES)
+    if cp == 1:
+        return
+    model = config.model
+    if config.pack_documents:
+        raise ValueError(
+            "context_parallel > 1 needs pack_documents off (--no-pack-documents): a row is one sequence"
+        )
+    if model.kconv_size != 0 or model.global_attention != "moba":
+        raise ValueError(
+            "context_parallel > 1 needs model.global_attention 'moba' and model.kconv_size 0, got "
+            f"{model.global_attention!r} and {model.kconv_size}"
+        )
+    if config.seq_len % (cp * model.moba_block_size) != 0:
+        raise ValueError(
+            f"seq_len must be a multiple of context_parallel * model.moba_block_size ({cp} * "
+            f"{model.moba_block_size}), got {config.seq_len}"
+        )
+    has_sliding = any(not is_global_layer(i) for i in range(model.num_layers))
+    if has_sliding and model.window_size - 1 > config.seq_len // cp:
+        raise ValueError(
+            f"model.window_size - 1 ({model.window_size - 1}) must be at most seq_len / context_parallel "
+            f"({config.seq_len // cp}): the halo comes from the previous slice only"
+        )
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -320,6 +380,7 @@ def validate_config(config: TrainConfig) -> None:
     check_choice("distributed", config.distributed, DISTRIBUTED_STRATEGIES)
     for name in BOOL_FIELDS:
         check_bool(name, getattr(config, name))
+    _check_context_parallel(config)
     _check_path_setting("out", config.out)
     _check_path_setting("resume", config.resume, optional=True)
     _check_data(config)

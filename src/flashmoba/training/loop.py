@@ -13,11 +13,22 @@ stops the run (``FloatingPointError`` naming the step) before any checkpoint of 
 Distributed: under ``torchrun`` each process trains on its own batches; gradients are averaged by
 PyTorch's DDP (``distributed="ddp"``) or the model is sharded by FSDP2's ``fully_shard``
 (``distributed="fsdp"``). NCCL on GPUs, gloo on CPUs.
+
+Context parallelism (``context_parallel = N > 1``): the processes form a 2-D ``DeviceMesh``
+``(dp, cp)`` with ``cp = N`` innermost; the ``N`` processes of a ``cp`` group draw the batch of their
+``dp`` index and each takes its contiguous slice of every row (``ContextParallel``: MoBA layers through
+``moba_attn_context_parallel``, sliding-window layers with the previous slice's ``window_size - 1`` keys
+and values, RoPE at absolute positions). Each process's objective is its targets' loss sum divided by
+the whole rows' scored-target count (summed over the ``cp`` group), times ``N``: DDP and FSDP average
+gradients over all ``dp * cp`` processes, which then gives the mean over ``dp`` of each batch's gradient.
+FSDP2 runs as HSDP on the mesh (``fully_shard(mesh=...)``: replicated over ``dp``, sharded over
+``cp``). Blocks run eager (no torch.compile) under context parallelism.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +37,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from flashmoba.data import PackedBatch, TokenCorpus, batch_rng, load_corpus, sample_batch
 from flashmoba.models.checkpoint import apply_checkpoint, save_checkpoint
 from flashmoba.models.hybrid import HybridLM
+from flashmoba.parallel import ContextParallel
 from flashmoba.training.config import TrainConfig, validate_config
 from flashmoba.training.run_directory import RunPlan, apply_plan, plan_run
 from flashmoba.training.runtime import autocast, blocks_compile_mode, resolve_device, uses_cuda_graphs
@@ -74,16 +87,21 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     )
 
 
-def wrap_distributed(model: HybridLM, config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """DDP or FSDP2 when running under torchrun with more than one process; the model itself otherwise."""
+def wrap_distributed(
+    model: HybridLM, config: TrainConfig, device: torch.device, mesh=None
+) -> torch.nn.Module:
+    """DDP or FSDP2 when running under torchrun with more than one process; the model itself otherwise.
+    With a context-parallel ``mesh`` (``dp x cp``), FSDP2 shards over ``cp`` and replicates over ``dp``;
+    DDP averages over every process either way."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return model
     if config.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        options = {} if mesh is None else {"mesh": mesh}
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **options)
+        fully_shard(model, **options)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -105,11 +123,109 @@ def train_batch(
     )
 
 
+@dataclasses.dataclass
+class ParallelLayout:
+    """Where this process sits: ``data_rank`` / ``data_world`` index and count the processes that draw
+    their own batches (the ``dp`` axis; every process without context parallelism), ``context`` the
+    context-parallel hook and ``mesh`` the ``(dp, cp)`` DeviceMesh (both None without it)."""
+
+    rank: int
+    world: int
+    data_rank: int
+    data_world: int
+    context: ContextParallel | None = None
+    mesh: object = None
+
+
+def parallel_layout(config: TrainConfig, device: torch.device, rank: int, world: int) -> ParallelLayout:
+    """The layout of this run; with ``context_parallel > 1`` builds the ``(dp, cp)`` mesh (a collective)."""
+    cp = config.context_parallel
+    if cp == 1:
+        return ParallelLayout(rank, world, rank, world)
+    if world % cp != 0 or world < cp:
+        raise ValueError(
+            f"context_parallel ({cp}) must divide the number of processes ({world}; run under torchrun "
+            f"with a multiple of {cp} processes)"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
+    # The attention's collectives on groups of their own, not the mesh's "cp" groups that FSDP2 shards
+    # over: FSDP2 issues its collectives from other streams, and two streams must not interleave their
+    # collectives on one NCCL communicator (ranks could then meet in different orders).
+    group, _ = dist.new_subgroups_by_enumeration(mesh.mesh.tolist())
+    context = ContextParallel(group, scheme=config.context_parallel_scheme)
+    return ParallelLayout(rank, world, mesh.get_local_rank("dp"), world // cp, context, mesh)
+
+
+def _rows(tensor: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """A packed ``[batch * seq_len]`` tensor as its rows ``[batch, seq_len]``."""
+    return None if tensor is None else tensor.view(-1, seq_len)
+
+
+def _context_parallel_loss(model, batch: PackedBatch, config: TrainConfig, context: ContextParallel):
+    """(objective, loss) of this process's slice of the rows (see the module docstring): the objective is
+    ``cp *`` its targets' loss sum over the whole rows' scored-target count; the loss, the whole rows'
+    mean loss, is the same on every process of the group."""
+    width = config.seq_len // context.world_size
+    local = slice(context.rank * width, (context.rank + 1) * width)
+    input_ids = _rows(batch.input_ids, config.seq_len)[:, local]
+    targets = _rows(batch.targets, config.seq_len)[:, local]
+    logits, _ = model(input_ids, context_parallel=context)
+    per_token = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    if batch.loss_weights is not None:
+        per_token = per_token * _rows(batch.loss_weights, config.seq_len)[:, local].reshape(-1).float()
+    scored = (targets != -100).sum().to(per_token.dtype)
+    dist.all_reduce(scored, group=context.group)
+    loss = per_token.sum() / scored.clamp(min=1)
+    reported = loss.detach().clone()
+    dist.all_reduce(reported, group=context.group)
+    return loss * context.world_size, reported
+
+
+def batch_loss(model, batch: PackedBatch, host_batch: PackedBatch, config: TrainConfig, context=None):
+    """(the objective to backpropagate, the batch's loss to report) of one batch on the device."""
+    if context is not None:
+        return _context_parallel_loss(model, batch, config, context)
+    if not config.pack_documents:  # each row one sequence
+        rows = [_rows(t, config.seq_len) for t in (batch.input_ids, batch.targets, batch.loss_weights)]
+        _, loss = model(rows[0], rows[1], None, None, rows[2])
+        return loss, loss
+    # The offsets from the host copy: checking them there does not wait for the GPU.
+    _, loss = model(
+        batch.input_ids, batch.targets, host_batch.cu_seqlens, batch.max_seqlen, batch.loss_weights
+    )
+    return loss, loss
+
+
 @torch.no_grad()
-def validation_loss(model, corpus: TokenCorpus, config: TrainConfig, device, rank: int, world: int) -> float:
-    """Mean loss over ``eval_batches`` fixed validation batches per process, averaged over processes."""
+def validation_loss(
+    model, corpus: TokenCorpus, config: TrainConfig, device, rank: int, world: int, context=None
+) -> float:
+    """Mean loss over ``eval_batches`` fixed validation batches per process, averaged over processes
+    (``rank``: the data rank, which a context-parallel group shares).
+
+    The blocks run eagerly here (``torch.compiler.set_stance("force_eager")``): with blocks compiled in
+    "reduce-overhead" mode, the no-grad forward of ``train`` failed on an H200 with cudagraph trees'
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"
+    (tests/gpu/test_model_gpu.py), while training steps alone replay correctly. Eager validation records no
+    inference graphs at all; it is a few batches, so its speed matters little."""
     model.eval()
     total = torch.zeros((), device=device)
+    with torch.compiler.set_stance("force_eager"):
+        total = _validation_sum(model, corpus, config, device, rank, context, total)
+    model.train()
+    total /= config.eval_batches
+    if world > 1:
+        dist.all_reduce(total)
+        total /= world
+    return float(total)
+
+
+def _validation_sum(model, corpus, config, device, rank, context, total):
+    """``total`` plus the loss of each validation batch."""
     for index in range(config.eval_batches):
         drawn = sample_batch(
             corpus,
@@ -120,14 +236,9 @@ def validation_loss(model, corpus: TokenCorpus, config: TrainConfig, device, ran
         host_batch = host_batch_for(drawn, config, device)
         batch = host_batch.to(device)
         with autocast(device, config.precision):
-            _, loss = model(batch.input_ids, batch.targets, host_batch.cu_seqlens, batch.max_seqlen)
+            _, loss = batch_loss(model, batch, host_batch, config, context)
         total += loss.float()
-    model.train()
-    total /= config.eval_batches
-    if world > 1:
-        dist.all_reduce(total)
-        total /= world
-    return float(total)
+    return total
 
 
 def _sync_gradients(model, enabled: bool):
@@ -140,28 +251,26 @@ def _sync_gradients(model, enabled: bool):
 
 
 def train_step(
-    model, optimizer, corpus: TokenCorpus, config: TrainConfig, rank: int, step: int, device
+    model, optimizer, corpus: TokenCorpus, config: TrainConfig, rank: int, step: int, device, context=None
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """One optimizer step over ``grad_accum_steps`` micro-steps: (lr, mean loss, gradient norm). The
-    loss stays on the device; reading it waits for the step."""
+    loss stays on the device; reading it waits for the step. ``rank`` is the data rank."""
     lr = learning_rate(config, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     step_loss = torch.zeros((), device=device)
+    mode = compile_mode(config, device)
     for micro_step in range(config.grad_accum_steps):
+        if mode and uses_cuda_graphs(mode):
+            # Each micro-step is a new iteration of the blocks' CUDA graphs: the previous one's outputs
+            # are dead once its backward ran (PyTorch's advice for reduce-overhead training loops).
+            torch.compiler.cudagraph_mark_step_begin()
         host_batch = host_batch_for(train_batch(corpus, config, rank, step, micro_step), config, device)
         batch = host_batch.to(device)
         with _sync_gradients(model, micro_step == config.grad_accum_steps - 1):
             with autocast(device, config.precision):
-                # The offsets from the host copy: checking them there does not wait for the GPU.
-                _, loss = model(
-                    batch.input_ids,
-                    batch.targets,
-                    host_batch.cu_seqlens,
-                    batch.max_seqlen,
-                    batch.loss_weights,
-                )
-            (loss / config.grad_accum_steps).backward()
+                objective, loss = batch_loss(model, batch, host_batch, config, context)
+            (objective / config.grad_accum_steps).backward()
         step_loss += loss.detach() / config.grad_accum_steps
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; every process takes the same full value
@@ -228,7 +337,7 @@ def metrics_row(
 
 def compile_mode(config: TrainConfig, device: torch.device) -> str | None:
     """The torch.compile mode of the blocks in this run, None when they run eager."""
-    if not (config.compile_blocks and device.type == "cuda"):
+    if not (config.compile_blocks and device.type == "cuda") or config.context_parallel > 1:
         return None
     world = dist.get_world_size() if dist.is_initialized() else 1
     return blocks_compile_mode(config.compile_mode, config.activation_checkpointing, world)
@@ -241,15 +350,16 @@ def host_batch_for(batch: PackedBatch, config: TrainConfig, device: torch.device
     return batch.with_static_shapes(config.seq_len) if mode and uses_cuda_graphs(mode) else batch
 
 
-def build_model(config: TrainConfig, device: torch.device):
-    """(model, its distributed wrapper or itself, optimizer); the same initial weights on every process."""
+def build_model(config: TrainConfig, device: torch.device, mesh=None):
+    """(model, its distributed wrapper or itself, optimizer); the same initial weights on every process.
+    ``mesh``: the context-parallel ``(dp, cp)`` DeviceMesh FSDP2 shards on, if any."""
     torch.manual_seed(config.seed)
     model = HybridLM(config.model).to(device)
     model.activation_checkpointing = config.activation_checkpointing
     mode = compile_mode(config, device)
     if mode is not None:
         model.compile_blocks(mode=mode)
-    wrapped = wrap_distributed(model, config, device)
+    wrapped = wrap_distributed(model, config, device, mesh)
     return model, wrapped, make_optimizer(wrapped, config)
 
 
@@ -337,9 +447,11 @@ def append_metrics(metrics_path: Path, row: dict, progress=None) -> None:
 
 
 def _start_message(model, config: TrainConfig, world: int, device, corpus, resumed_from, start_step) -> str:
+    cp = config.context_parallel
+    layout = f" (dp {world // cp} x context parallel {cp})" if cp > 1 else ""
     return (
         f"flashmoba train: {model.num_parameters() / 1e6:.2f}M parameters, preset {config.preset}, "
-        f"global attention {config.model.global_attention}, {world} process(es) on {device}, "
+        f"global attention {config.model.global_attention}, {world} process(es){layout} on {device}, "
         f"corpus {config.data.corpus} ({corpus.num_tokens:,} training tokens)"
         + (f", resumed from {resumed_from} at step {start_step}" if resumed_from else "")
     )
@@ -371,19 +483,19 @@ def train(config: TrainConfig) -> list[dict]:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         started_process_group = True
     try:
-        return _train(config, device, rank, world)
+        return _train(config, device, parallel_layout(config, device, rank, world))
     finally:
         if started_process_group:
             dist.destroy_process_group()
 
 
-def prepare_run(config: TrainConfig, device, rank: int, world: int) -> tuple[RunPlan, ...]:
+def prepare_run(config: TrainConfig, device, rank: int, world: int, mesh=None) -> tuple[RunPlan, ...]:
     """Plan the run directory, load the data, build the model, then (rank 0) write the directory and load
     the checkpoint: (plan, model, wrapper, optimizer, train corpus, validation corpus)."""
     out = Path(config.out)
     plan = plan_run(config, out)
     train_corpus, val_corpus = load_data(config)
-    model, wrapped, optimizer = build_model(config, device)
+    model, wrapped, optimizer = build_model(config, device, mesh)
     if dist.is_initialized():
         dist.barrier()  # every process has read the checkpoints before rank 0 renames or deletes any
     if rank == 0:
@@ -395,10 +507,13 @@ def prepare_run(config: TrainConfig, device, rank: int, world: int) -> tuple[Run
     return plan, model, wrapped, optimizer, train_corpus, val_corpus
 
 
-def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> list[dict]:
+def _train(config: TrainConfig, device: torch.device, layout: ParallelLayout) -> list[dict]:
     out = Path(config.out)
+    rank, world = layout.rank, layout.world
     is_main = rank == 0
-    plan, model, wrapped, optimizer, train_corpus, val_corpus = prepare_run(config, device, rank, world)
+    plan, model, wrapped, optimizer, train_corpus, val_corpus = prepare_run(
+        config, device, rank, world, layout.mesh
+    )
     start_step = plan.start_step
     metrics_path = out / "metrics.jsonl"
     if is_main:
@@ -407,19 +522,25 @@ def _train(config: TrainConfig, device: torch.device, rank: int, world: int) -> 
 
     progress = _progress_bar(config, start_step) if is_main and config.progress else None
     logged: list[dict] = []
-    clock = ThroughputClock(start_step, config.batch_size * config.seq_len * config.grad_accum_steps * world)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum_steps * layout.data_world
+    clock = ThroughputClock(start_step, tokens_per_step)
     guard = FiniteGuard(device)
     last_saved = start_step if plan.checkpoint_path else None
     wrapped.train()
+    context = () if layout.context is None else (layout.context,)  # train_step's optional last argument
     for step in range(start_step + 1, config.max_steps + 1):
-        lr, step_loss, grad_norm = train_step(wrapped, optimizer, train_corpus, config, rank, step, device)
+        lr, step_loss, grad_norm = train_step(
+            wrapped, optimizer, train_corpus, config, layout.data_rank, step, device, *context
+        )
         guard.observe(step, step_loss, grad_norm)
         evaluate = is_eval_step(config, step)
         if is_log_step(config, step) or evaluate:
             guard.check(step, world, last_saved)
             row = metrics_row(step, lr, step_loss, grad_norm, clock, world, device)
             if evaluate:
-                row["val_loss"] = validation_loss(wrapped, val_corpus, config, device, rank, world)
+                row["val_loss"] = validation_loss(
+                    wrapped, val_corpus, config, device, layout.data_rank, world, layout.context
+                )
                 clock.restart()
             if is_main:
                 append_metrics(metrics_path, row, progress)

@@ -31,6 +31,8 @@ RESUMABLE_SETTINGS = (
     "model.use_flash_varlen",
     "device",
     "distributed",
+    "context_parallel",
+    "context_parallel_scheme",
     "activation_checkpointing",
     "compile_blocks",
     "compile_mode",
