@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from flashmoba.models import HybridLM, ModelConfig
-from flashmoba.models.generation import HybridCache, MoBALayerCache, SlidingWindowCache, generate, sample_next
+from flashmoba.models.generation import (
+    HybridCache,
+    MoBALayerCache,
+    SlidingWindowCache,
+    StaticDecoder,
+    generate,
+    sample_next,
+)
 
 PROMPT, NEW = 5, 20  # 25 tokens: 7 MoBA blocks of 4 (top-2: sparse), 4 windows of 6
 VOCAB = 40
@@ -75,6 +82,44 @@ def test_cached_logits_equal_the_forward_s_rows_in_float32(global_attention, kco
         assert kinds[1] is MoBALayerCache and cache[1].cache.seqlens.tolist() == [PROMPT + NEW] * 2
     if kconv_size:
         assert cache[1].keyconv_state.shape == (2, kconv_size - 1, 2 * 8)
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+@pytest.mark.parametrize("prompt_len", [1, 3, 9])  # shorter than the window (zero slots masked), longer
+def test_static_decode_equals_full_recomputation(global_attention, kconv_size, prompt_len):
+    """decode_mode="static" (StaticDecoder: fixed buffers, the position on the device; what a CUDA graph
+    replays) gives the recomputation's greedy tokens."""
+    model = tiny_model(global_attention, kconv_size, torch.float64)
+    input_ids = prompts(length=prompt_len)
+    generated = model.generate(input_ids, NEW, decode_mode="static")
+    assert torch.equal(generated, greedy_by_recomputation(model, input_ids, NEW))
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+def test_static_decoder_logits_equal_the_forward_s_rows_in_float32(global_attention, kconv_size):
+    model = tiny_model(global_attention, kconv_size, torch.float32)
+    sequence = prompts(length=PROMPT + NEW)
+    with torch.no_grad():
+        full, _ = model(sequence)
+        cache = HybridCache(model, 2, PROMPT + NEW)
+        rows = [model.forward_with_cache(sequence[:, :PROMPT], cache)[:, -1]]
+        decoder = StaticDecoder(model, cache, cuda_graph=False)
+        rows += [decoder.step(sequence[:, i]) for i in range(PROMPT, PROMPT + NEW - 1)]
+        assert decoder.length == PROMPT + NEW - 1 and decoder.position.tolist() == [PROMPT + NEW - 1]
+        decoder.step(sequence[:, -1])
+        with pytest.raises(ValueError, match="holds 25 tokens and is full"):
+            decoder.step(sequence[:, -1])
+    torch.testing.assert_close(torch.stack(rows, dim=1), full[:, PROMPT - 1 : -1], rtol=0, atol=1e-5)
+
+
+def test_static_decoder_refuses_an_empty_cache_and_a_cuda_graph_on_the_cpu():
+    model = tiny_model("moba", 0)
+    with pytest.raises(ValueError, match="prefilled cache"):
+        StaticDecoder(model, HybridCache(model, 2, 8), cuda_graph=False)
+    with pytest.raises(ValueError, match="needs input_ids on a CUDA device"):
+        model.generate(prompts(), 3, decode_mode="cuda_graph")
+    with pytest.raises(ValueError, match="decode_mode must be one of"):
+        model.generate(prompts(), 3, decode_mode="graph")
 
 
 def test_chunked_prefill_and_reorder_follow_the_forward():

@@ -4,10 +4,13 @@ A row is ``HybridLM.generate`` (``flashmoba.models.generation``) of a preset wit
 on CUDA (float32 on CPU), greedy, on ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens``
 tokens each: the prompt is one prefill call (MoBA layers: ``MoBAKVCache.prefill``, i.e. ``moba_attn``;
 dense layers: SDPA), then one call per token (MoBA: the Triton decode kernels; dense: SDPA against the
-whole cache, preallocated). A first generation of 2 tokens at the same prompt length warms up (Triton
-compilation, allocator growth) and is not counted. Tokens/s are summed over the batch; the decode rate
-leaves out the first new token, which comes with the prefill. Random weights decode as fast as trained
-ones: nothing here depends on what the tokens are.
+whole cache, preallocated), in ``decode_mode`` (``flashmoba.models.generation.DECODE_MODES``:
+"cuda_graph" replays each step as one CUDA graph, "eager" launches every kernel from Python). A first
+generation of 4 tokens at the same prompt length warms up (Triton compilation, allocator growth, a first
+capture) and is not counted; the measured one still captures its own graph, which its decode time
+includes. Tokens/s are summed over the batch; the decode rate leaves out the first new token, which comes
+with the prefill. Random weights decode as fast as trained ones: nothing here depends on what the tokens
+are.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from flashmoba.bench.timing import card_name
-from flashmoba.models.generation import generate
+from flashmoba.models.generation import DECODE_MODES, generate
 from flashmoba.models.hybrid import HybridLM, model_config_from_preset
 
 ATTENTIONS = ("dense", "moba")
@@ -26,6 +29,7 @@ ROW_FIELDS = (
     "block_size",
     "topk",
     "prompt_len",
+    "decode_mode",
     "batch",
     "new_tokens",
     "prefill_s",
@@ -46,12 +50,17 @@ def measure_generate(
     batch: int = 1,
     new_tokens: int = 32,
     device: torch.device | str = "cpu",
+    decode_mode: str = "auto",
 ) -> dict:
     """Time ``generate`` of preset ``preset`` with ``attention`` global layers ("dense", or "moba" with
     ``block_size`` and ``topk``); returns a results row."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     device = torch.device(device)
+    if decode_mode == "auto":
+        decode_mode = "cuda_graph" if device.type == "cuda" else "eager"
     overrides = dict(global_attention=attention)
     if attention == "moba":
         overrides.update(moba_block_size=block_size, moba_topk=topk)
@@ -60,12 +69,12 @@ def measure_generate(
     torch.manual_seed(0)
     model = HybridLM(config).to(device=device, dtype=dtype).eval()
     prompts = torch.randint(config.vocab_size, (batch, prompt_len), device=device)
-    generate(model, prompts, 2)  # warm-up at the measured shapes
+    generate(model, prompts, 4, decode_mode=decode_mode)  # warm-up at the measured shapes
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
-    generate(model, prompts, new_tokens, stats=stats)
+    generate(model, prompts, new_tokens, stats=stats, decode_mode=decode_mode)
     decode_steps = stats["decode_tokens"] // batch if batch else 0
     row = dict(
         card=card_name() if device.type == "cuda" else "cpu",
@@ -74,6 +83,7 @@ def measure_generate(
         block_size=block_size if attention == "moba" else None,
         topk=topk if attention == "moba" else None,
         prompt_len=prompt_len,
+        decode_mode=decode_mode,
         batch=batch,
         new_tokens=new_tokens,
         prefill_s=stats["prefill_seconds"],

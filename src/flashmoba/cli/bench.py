@@ -871,6 +871,7 @@ def decode_main(argv: list[str]) -> int:
 
 def _generate_parser() -> argparse.ArgumentParser:
     from flashmoba.bench.generate import ATTENTIONS
+    from flashmoba.models.generation import DECODE_MODES
     from flashmoba.models.hybrid import MODEL_PRESETS
 
     parser = argparse.ArgumentParser(
@@ -890,6 +891,12 @@ def _generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=int_at_least(1), default=1, help="prompts generated at once")
     parser.add_argument("--new-tokens", type=int_at_least(2), default=32, help="tokens generated per prompt")
+    parser.add_argument(
+        "--decode-modes",
+        type=_names(DECODE_MODES),
+        default=["auto"],
+        help=f"comma list from {DECODE_MODES} (auto: cuda_graph on CUDA, eager elsewhere)",
+    )
     parser.add_argument(
         "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
     )
@@ -911,25 +918,32 @@ GENERATE_TABLE_COLUMNS = (
 
 
 def generate_table(rows: list[dict]) -> str:
-    """The rows as a markdown table, with each MoBA row's decode speedup over dense at its prompt length."""
+    """The rows as a markdown table, with each MoBA row's decode speedup over dense at its prompt length
+    and decode mode."""
     first = rows[0] if rows else {}
-    dense = {row["prompt_len"]: row for row in rows if row["attention"] == "dense" and not row.get("error")}
+    dense = {
+        (row["prompt_len"], row.get("decode_mode")): row
+        for row in rows
+        if row["attention"] == "dense" and not row.get("error")
+    }
     lines = [
         f"Card: **{first.get('card', '?')}**, preset {first.get('preset', '?')}, "
         f"batch {first.get('batch', '?')}, {first.get('new_tokens', '?')} new tokens per prompt",
         "",
-        "| attention | prompt | "
+        "| attention | prompt | decode mode | "
         + " | ".join(t for t, _, _ in GENERATE_TABLE_COLUMNS)
         + " | decode vs dense |",
-        "|---|---:|" + "---:|" * (len(GENERATE_TABLE_COLUMNS) + 1),
+        "|---|---:|---|" + "---:|" * (len(GENERATE_TABLE_COLUMNS) + 1),
     ]
     for row in rows:
         label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
         if row.get("error"):
-            lines.append(f"| {label} | {row['prompt_len']} | failed: {row['error'][:60]} |")
+            lines.append(
+                f"| {label} | {row['prompt_len']} | {row.get('decode_mode')} | failed: {row['error'][:60]} |"
+            )
             continue
         cells = [_number(row.get(field), fmt) for _, field, fmt in GENERATE_TABLE_COLUMNS]
-        base = dense.get(row["prompt_len"])
+        base = dense.get((row["prompt_len"], row.get("decode_mode")))
         speedup = (
             f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.1f}x"
             if base
@@ -938,7 +952,11 @@ def generate_table(rows: list[dict]) -> str:
             and base["decode_tokens_per_s"]
             else ""
         )
-        lines.append(f"| {label} | {row['prompt_len']} | " + " | ".join(cells) + f" | {speedup} |")
+        lines.append(
+            f"| {label} | {row['prompt_len']} | {row.get('decode_mode')} | "
+            + " | ".join(cells)
+            + f" | {speedup} |"
+        )
     return "\n".join(lines)
 
 
@@ -950,25 +968,26 @@ def generate_main(argv: list[str]) -> int:
     _check_model_args(parser, args, stem="generate")
     rows = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for prompt_len in args.prompt_lens:
-        for attention in args.attentions:
-            pairs = zip(args.block_sizes, args.topks) if attention == "moba" else [(None, None)]
-            for block_size, topk in pairs:
-                job = dict(attention=attention, block_size=block_size, topk=topk, prompt_len=prompt_len)
-                try:
-                    row = measure_generate(
-                        args.preset, batch=args.batch, new_tokens=args.new_tokens, device=args.device, **job
-                    )
-                except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
-                    row = dict.fromkeys(ROW_FIELDS)
-                    row.update(job, preset=args.preset, batch=args.batch, new_tokens=args.new_tokens)
-                    row["error"] = (
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                    )
-                rows.append(row)
-                if args.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                args.out.write_text(json.dumps(rows, indent=1))  # a run that dies keeps the rows before it
+    jobs = [
+        dict(attention=attention, block_size=block_size, topk=topk, prompt_len=prompt_len, decode_mode=mode)
+        for prompt_len in args.prompt_lens
+        for mode in args.decode_modes
+        for attention in args.attentions
+        for block_size, topk in (zip(args.block_sizes, args.topks) if attention == "moba" else [(None, None)])
+    ]
+    for job in jobs:
+        try:
+            row = measure_generate(
+                args.preset, batch=args.batch, new_tokens=args.new_tokens, device=args.device, **job
+            )
+        except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+            row = dict.fromkeys(ROW_FIELDS)
+            row.update(job, preset=args.preset, batch=args.batch, new_tokens=args.new_tokens)
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        rows.append(row)
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+        args.out.write_text(json.dumps(rows, indent=1))  # a run that dies keeps the rows before it
     print(f"\nresults in {args.out}\n")
     print(generate_table(rows))
     return 0

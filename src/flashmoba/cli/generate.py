@@ -7,7 +7,8 @@ The prompt is encoded with the byte tokenizer (``flashmoba.data.ByteTokenizer``)
 training stores documents, so the run's vocabulary must be the byte tokenizer's; a generated BOS (the
 start of another document) ends the text. Prints the prompt and its continuation, then the prefill and
 decode speeds in tokens per second. Temperature 0 (the default) is greedy decoding. The model runs in
-float32; its MoBA layers decode through ``flashmoba.moba_attn_with_kvcache`` (reference backend for now).
+float32; its MoBA layers decode through ``flashmoba.moba_attn_with_kvcache`` (Triton on CUDA), and on
+CUDA each new token is one CUDA-graph replay (``--decode-mode``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from flashmoba.cli._flags import int_at_least, real
 from flashmoba.data import ByteTokenizer
 from flashmoba.models.checkpoint import find_checkpoint, load_model
-from flashmoba.models.generation import generate
+from flashmoba.models.generation import DECODE_MODES, generate
 from flashmoba.training.runtime import check_device_name, resolve_device
 
 
@@ -42,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--top-p", type=real(exclusive_minimum=0.0, maximum=1.0), default=1.0, help="nucleus sampling mass")
     add("--seed", type=int_at_least(0), default=0, help="seed of the sampling")
     add("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    add(
+        "--decode-mode",
+        choices=DECODE_MODES,
+        default="auto",
+        help="how each new token runs: auto (a CUDA-graph replay on CUDA, eager elsewhere), eager, static, "
+        "cuda_graph",
+    )
     return parser
 
 
@@ -72,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         eos_token_id=tokenizer.bos_id,
         generator=torch.Generator(device=device).manual_seed(args.seed),
         stats=stats,
+        decode_mode=args.decode_mode,
     )
     new_ids = generated[0].tolist()
     if tokenizer.bos_id in new_ids:

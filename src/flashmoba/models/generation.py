@@ -34,7 +34,21 @@ from flashmoba._checks import check_int, check_real
 from flashmoba.kvcache import MoBAKVCache
 from flashmoba.nn.functional import dense_causal_attention, sliding_window_attention
 
-__all__ = ["DenseCache", "HybridCache", "MoBALayerCache", "SlidingWindowCache", "generate", "sample_next"]
+__all__ = [
+    "DECODE_MODES",
+    "DenseCache",
+    "HybridCache",
+    "MoBALayerCache",
+    "SlidingWindowCache",
+    "StaticDecoder",
+    "generate",
+    "sample_next",
+]
+
+# How ``generate`` runs its one-token steps: "eager" (the growing caches), "static" (``StaticDecoder``:
+# fixed buffers, positions on the device), "cuda_graph" (static, each step one CUDA-graph replay), or
+# "auto" ("cuda_graph" on CUDA, "eager" elsewhere).
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -70,6 +84,10 @@ class _LayerCache:
     def __init__(self):
         self.length = 0
         self.keyconv_state: torch.Tensor | None = None
+
+    def positions(self, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+        """int64 ``[batch, seqlen]``: the absolute positions of the next ``seqlen`` tokens."""
+        return torch.arange(self.length, self.length + seqlen, device=device).expand(batch, -1)
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         raise NotImplementedError
@@ -149,7 +167,9 @@ class DenseCache(_LayerCache):
             raise ValueError(f"the dense cache holds {self.max_seqlen} tokens, got {end}")
         if self.k_buffer is None:
             shape = (k.shape[0], self.max_seqlen, *k.shape[2:])
-            self.k_buffer, self.v_buffer = k.new_empty(shape), v.new_empty(shape)
+            # Zeros, not empty: a static step reads the whole buffer, and a masked key's value still
+            # multiplies its zero weight (NaN garbage would make the row NaN).
+            self.k_buffer, self.v_buffer = k.new_zeros(shape), v.new_zeros(shape)
         self.k_buffer[:, start:end], self.v_buffer[:, start:end] = k, v
         keys, values = self.k_buffer[:, :end], self.v_buffer[:, :end]
         if start == 0:
@@ -191,6 +211,7 @@ class HybridCache(list):
 
     def __init__(self, model, batch: int, max_seqlen: int):
         super().__init__()
+        self.batch, self.max_seqlen = batch, max_seqlen
         parameter = model.embed.weight
         for block in model.blocks:
             attn = block.attn
@@ -223,6 +244,184 @@ class HybridCache(list):
     def reorder(self, index: torch.Tensor) -> None:
         for layer in self:
             layer.reorder(index)
+        self.batch = index.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Static decode: fixed buffers, the position on the device, one step capturable in a CUDA graph
+# ----------------------------------------------------------------------------------------------------
+
+
+class _StaticLayer:
+    """A layer cache for one-token decode steps in which every tensor keeps its shape and address: the
+    step's position is read from ``position`` (int64 ``[1]`` on the device, shared by every layer of the
+    model and advanced by ``StaticDecoder``), the key convolution's state is overwritten in place, and
+    ``length`` (host) is advanced by the decoder, not by ``attend``: a replayed CUDA graph runs no Python.
+    """
+
+    def __init__(self, layer: _LayerCache, position: torch.Tensor):
+        self.position = position
+        self.length = layer.length
+        self._keyconv_state = layer.keyconv_state
+
+    @property
+    def keyconv_state(self) -> torch.Tensor | None:
+        return self._keyconv_state
+
+    @keyconv_state.setter
+    def keyconv_state(self, state: torch.Tensor) -> None:
+        # In place: a replayed step reads the state where the captured one wrote it.
+        self._keyconv_state.copy_(state)
+
+    def positions(self, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+        if seqlen != 1:
+            raise ValueError(f"a static decode cache takes one token per step, got {seqlen}")
+        return self.position.expand(batch, 1)
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _sdpa(q, k, v, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """q ``[B, 1, Hq, D]`` against k/v ``[B, S, Hkv, D]`` where ``visible [S]`` (bool) is true."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=visible[None, :],
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+class StaticSlidingWindowCache(_StaticLayer):
+    """The last ``window_size`` keys and values in a shift register ``[batch, window_size, heads_kv,
+    head_dim]``: after a step at position p, slot j holds position ``p - (window_size - 1) + j`` (slots
+    before position 0 are zeros and masked)."""
+
+    def __init__(self, layer: SlidingWindowCache, position: torch.Tensor):
+        super().__init__(layer, position)
+        window, held = layer.window_size, layer.k.shape[1]
+        self.window_size = window
+        self.k_window = layer.k.new_zeros(layer.k.shape[0], window, *layer.k.shape[2:])
+        self.v_window = layer.v.new_zeros(layer.v.shape[0], window, *layer.v.shape[2:])
+        # Before a step at position p, slot window - 1 - i holds position p - 1 - i.
+        self.k_window[:, window - held :] = layer.k
+        self.v_window[:, window - held :] = layer.v
+        self.slots = torch.arange(window, device=layer.k.device)
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        self.k_window.copy_(torch.cat([self.k_window[:, 1:], k], dim=1))
+        self.v_window.copy_(torch.cat([self.v_window[:, 1:], v], dim=1))
+        visible = self.slots >= (self.window_size - 1) - self.position
+        return _sdpa(q, self.k_window, self.v_window, visible, scale)
+
+
+class StaticDenseCache(_StaticLayer):
+    """A dense layer's preallocated buffers; a step writes its key at the position and attends to every
+    slot up to it (the whole buffer is read, masked)."""
+
+    def __init__(self, layer: DenseCache, position: torch.Tensor):
+        super().__init__(layer, position)
+        self.k_buffer, self.v_buffer = layer.k_buffer, layer.v_buffer
+        self.slots = torch.arange(layer.max_seqlen, device=layer.k_buffer.device)
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        self.k_buffer.index_copy_(1, self.position, k)
+        self.v_buffer.index_copy_(1, self.position, v)
+        return _sdpa(q, self.k_buffer, self.v_buffer, self.slots <= self.position, scale)
+
+
+class StaticMoBALayerCache(_StaticLayer):
+    """A MoBA layer's ``MoBAKVCache``: ``moba_attn_with_kvcache`` already reads its lengths on the device
+    (``cache_seqlens``, advanced in place)."""
+
+    def __init__(self, layer: MoBALayerCache, position: torch.Tensor):
+        super().__init__(layer, position)
+        self.cache = layer.cache
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        self.cache.softmax_scale = scale
+        return self.cache.append_and_attend(q, k, v)
+
+
+_STATIC_LAYERS = (
+    (SlidingWindowCache, StaticSlidingWindowCache),
+    (DenseCache, StaticDenseCache),
+    (MoBALayerCache, StaticMoBALayerCache),
+)
+
+
+class StaticDecoder:
+    """One-token decode steps of ``model`` on a prefilled ``HybridCache``, every layer turned static
+    (``StaticSlidingWindowCache``, ``StaticDenseCache``, ``StaticMoBALayerCache``): a step has fixed
+    shapes, reads its position and lengths on the device and never waits for the host.
+
+    With ``cuda_graph`` (CUDA only) the first step runs eagerly on a side stream (it compiles the Triton
+    kernels and sets up cuBLAS), the second is captured in a ``torch.cuda.CUDAGraph``, and every step
+    from then on is one replay: the host launches one graph per token instead of hundreds of kernels. The
+    logits a replayed step returns live in the graph's buffer and are overwritten by the next step.
+    The eager cache's tensors are taken over, not copied: use the decoder, not ``cache``, from then on.
+    """
+
+    def __init__(self, model, cache: HybridCache, *, cuda_graph: bool):
+        device = model.embed.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the model on a CUDA device, got {device}")
+        if cache.length == 0:
+            raise ValueError("StaticDecoder needs a prefilled cache (at least one token)")
+        self.model, self.cuda_graph = model, cuda_graph
+        self.length, self.capacity = cache.length, cache.max_seqlen
+        self.position = torch.tensor([cache.length], dtype=torch.int64, device=device)
+        self.layers = [_static_layer(layer, self.position) for layer in cache]
+        self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+        self.steps = 0
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append ``token`` (int ``[batch]``) and return the logits ``[batch, vocab_size]`` after it."""
+        if self.length >= self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} tokens and is full")
+        self.token.copy_(token[:, None])
+        if not self.cuda_graph:
+            logits = self._forward()
+        elif self.steps == 0:
+            logits = self._warm_up()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.graph_logits
+        self.length += 1
+        self.steps += 1
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        logits = self.model.forward_with_cache(self.token, self.layers)[:, -1]
+        self.position += 1
+        return logits
+
+    def _warm_up(self) -> torch.Tensor:
+        side = torch.cuda.Stream(device=self.token.device)
+        side.wait_stream(torch.cuda.current_stream(self.token.device))
+        with torch.cuda.stream(side):
+            logits = self._forward()
+        torch.cuda.current_stream(self.token.device).wait_stream(side)
+        return logits
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_logits = self._forward()
+
+
+def _static_layer(layer: _LayerCache, position: torch.Tensor) -> _StaticLayer:
+    for eager, static in _STATIC_LAYERS:
+        if isinstance(layer, eager):
+            return static(layer, position)
+    raise TypeError(f"no static form of {type(layer).__name__}")
 
 
 def sample_next(
@@ -261,6 +460,7 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     stats: dict | None = None,
+    decode_mode: str = "auto",
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` after the prompts ``input_ids [batch, prompt_len]`` (equal lengths,
     prompt_len >= 1) with a ``HybridCache``: one prefill call over the prompts, then one token per step.
@@ -269,7 +469,9 @@ def generate(
     produced it continues with it, and generation stops once every row has (n may then be smaller than
     ``max_new_tokens``). ``generator`` drives the sampling (temperature > 0). ``stats``, when given a
     dict, receives ``prefill_tokens``, ``prefill_seconds``, ``decode_tokens`` and ``decode_seconds``
-    (tokens summed over the batch; the first new token comes with the prefill).
+    (tokens summed over the batch; the first new token comes with the prefill; with "cuda_graph" the
+    decode time includes the eager first step and the capture). ``decode_mode`` is one of
+    ``DECODE_MODES``: every mode gives the same function (tests/models/test_generation.py).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
@@ -282,8 +484,14 @@ def generate(
     top_p = check_real("top_p", top_p, exclusive_minimum=0.0, maximum=1.0)
     if eos_token_id is not None:
         eos_token_id = check_int("eos_token_id", eos_token_id, minimum=0)
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     batch, prompt_len = input_ids.shape
     device = input_ids.device
+    if decode_mode == "auto":
+        decode_mode = "cuda_graph" if device.type == "cuda" else "eager"
+    if decode_mode == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f'decode_mode="cuda_graph" needs input_ids on a CUDA device, got {device}')
     new_ids = torch.empty(batch, 0, dtype=torch.int64, device=device)
     timings = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
     if max_new_tokens > 0 and batch > 0:
@@ -297,6 +505,12 @@ def generate(
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens = []
         started = time.perf_counter()
+        if decode_mode == "eager":
+
+            def decode_step(token):
+                return model.forward_with_cache(token[:, None], cache)[:, -1]
+        else:
+            decode_step = StaticDecoder(model, cache, cuda_graph=decode_mode == "cuda_graph").step
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_p, generator)
             if eos_token_id is not None:
@@ -305,7 +519,7 @@ def generate(
             tokens.append(token)
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits = model.forward_with_cache(token[:, None], cache)[:, -1]
+            logits = decode_step(token)
             timings["decode_tokens"] += batch
         _synchronize(device)
         timings["decode_seconds"] = time.perf_counter() - started
