@@ -14,6 +14,10 @@ kernel setting), so the script runs unchanged against an older tree: run it once
     PYTHONPATH=/path/to/old/src python benchmarks/skewed_routing.py --out old.json
     PYTHONPATH=/path/to/new/src python benchmarks/skewed_routing.py --out new.json
     python benchmarks/skewed_routing.py --tiny --out tiny.json   # CPU, Triton's interpreter: a smoke test
+    python benchmarks/skewed_routing.py --rows-per-item 0,1024,2048,4096 --out items.json
+
+``--rows-per-item`` (this tree only) times the Triton op under ``KernelConfig(rows_per_item=R)`` for each
+R instead of the public API's defaults (0: never split a column).
 
 Times are CUDA-event milliseconds, the median of ``--repeats`` calls after ``--warmup`` calls; forward is
 one call under no_grad, forward+backward one call and ``backward`` of its output (routing included in both).
@@ -49,6 +53,11 @@ def parse_arguments(argv):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--hot-fraction", type=float, default=0.2, help="queries pulled to the hot blocks")
     parser.add_argument("--shapes", default="", help="comma-separated names of SHAPES to run (default: all)")
+    parser.add_argument(
+        "--rows-per-item",
+        default="",
+        help="comma-separated KernelConfig.rows_per_item values to time (default: the API's defaults)",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,6 +120,51 @@ def median_ms(measure, function, warmup, repeats):
     return statistics.median(measure(function) for _ in range(repeats))
 
 
+def attention_variants(flashmoba, leaves, cu_seqlens, seqlen, block_size, topk, extra, rows_per_item):
+    """(rows_per_item or None, a call returning the output) per variant: the public API with this tree's
+    defaults, or the Triton op under ``KernelConfig(rows_per_item=R)`` for each R in the comma list."""
+    if not rows_per_item:
+        yield (
+            None,
+            functools.partial(
+                flashmoba.moba_attn_varlen,
+                *leaves,
+                cu_seqlens,
+                cu_seqlens,
+                seqlen,
+                seqlen,
+                block_size,
+                topk,
+                causal=True,
+                backend="triton",
+                **extra,
+            ),
+        )
+        return
+    from flashmoba.ops.autograd import moba_attn_varlen_triton
+    from flashmoba.ops.config import KernelConfig
+
+    scale = leaves[0].shape[-1] ** -0.5
+    for value in (int(text) for text in rows_per_item.split(",")):
+        config = KernelConfig(rows_per_item=value)
+        yield (
+            value,
+            functools.partial(
+                lambda config, *arguments: moba_attn_varlen_triton(*arguments, config=config)[0],
+                config,
+                *leaves,
+                cu_seqlens,
+                cu_seqlens,
+                seqlen,
+                seqlen,
+                block_size,
+                topk,
+                True,
+                scale,
+            ),
+        )
+
+
 def main(argv=None) -> int:
     args = parse_arguments(argv)
     if args.tiny:
@@ -167,52 +221,44 @@ def main(argv=None) -> int:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             grad_out = torch.randn_like(q)
 
-            attention = functools.partial(
-                flashmoba.moba_attn_varlen,
-                *leaves,
-                cu_seqlens,
-                cu_seqlens,
-                seqlen,
-                seqlen,
-                block_size,
-                topk,
-                causal=True,
-                backend="triton",
-                **extra,
-            )
+            for rows_per_item, attention in attention_variants(
+                flashmoba, leaves, cu_seqlens, seqlen, block_size, topk, extra, args.rows_per_item
+            ):
 
-            def forward(attention=attention):
-                with torch.no_grad():
-                    attention()
+                def forward(attention=attention):
+                    with torch.no_grad():
+                        attention()
 
-            def forward_backward(attention=attention, leaves=leaves, grad_out=grad_out):
-                attention().backward(grad_out)
-                for leaf in leaves:
-                    leaf.grad = None
+                def forward_backward(attention=attention, leaves=leaves, grad_out=grad_out):
+                    attention().backward(grad_out)
+                    for leaf in leaves:
+                        leaf.grad = None
 
-            forward_ms = median_ms(measure, forward, warmup, repeats)
-            forward_backward_ms = median_ms(measure, forward_backward, warmup, repeats)
-            case = dict(
-                shape=name,
-                batch=batch,
-                seqlen=seqlen,
-                heads=heads,
-                head_dim=head_dim,
-                block_size=block_size,
-                topk=topk,
-                inputs=kind,
-                max_rows_per_column=max_rows,
-                mean_rows_per_column=round(mean_rows, 1),
-                forward_ms=round(forward_ms, 3),
-                forward_backward_ms=round(forward_backward_ms, 3),
-            )
-            results["cases"].append(case)
-            print(
-                f"{name:10s} {kind:7s} rows/column max {max_rows:6d} mean {mean_rows:7.1f} "
-                f"({max_rows / mean_rows:4.1f}x)  fwd {forward_ms:8.3f} ms  "
-                f"fwd+bwd {forward_backward_ms:8.3f} ms",
-                flush=True,
-            )
+                forward_ms = median_ms(measure, forward, warmup, repeats)
+                forward_backward_ms = median_ms(measure, forward_backward, warmup, repeats)
+                case = dict(
+                    shape=name,
+                    batch=batch,
+                    seqlen=seqlen,
+                    heads=heads,
+                    head_dim=head_dim,
+                    block_size=block_size,
+                    topk=topk,
+                    inputs=kind,
+                    rows_per_item=rows_per_item,
+                    max_rows_per_column=max_rows,
+                    mean_rows_per_column=round(mean_rows, 1),
+                    forward_ms=round(forward_ms, 3),
+                    forward_backward_ms=round(forward_backward_ms, 3),
+                )
+                results["cases"].append(case)
+                label = "default" if rows_per_item is None else f"R={rows_per_item}"
+                print(
+                    f"{name:10s} {kind:7s} {label:7s} rows/column max {max_rows:6d} mean {mean_rows:7.1f} "
+                    f"({max_rows / mean_rows:4.1f}x)  fwd {forward_ms:8.3f} ms  "
+                    f"fwd+bwd {forward_backward_ms:8.3f} ms",
+                    flush=True,
+                )
             del q, k, v, leaves, grad_out
             if cuda:
                 torch.cuda.empty_cache()

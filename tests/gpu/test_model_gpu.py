@@ -117,12 +117,17 @@ def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
 @pytest.mark.parametrize("global_attention", ["moba", "dense"])
 def test_compiled_training_follows_the_eager_loss_curve(global_attention):
     """The default training path (blocks compiled, fused AdamW, offsets on the host) against eager blocks
-    and the same optimizer: the same weights and batches give the same losses within bf16 noise."""
+    and the same optimizer: the same weights and batches give the same losses within bf16 noise.
+
+    The batch repeats 64 distinct tokens, so that 12 steps learn it (random tokens barely move the loss in
+    12 steps, which would leave the curve flat and the comparison weak); the first loss (same weights, same
+    batch) shows the forward's numerics alone, the rest the training's (bf16 noise grows along the curve)."""
     from flashmoba.training.config import TrainConfig
     from flashmoba.training.loop import build_model
 
     cu_seqlens = torch.tensor([0, 3000, 8192, 9000, 16384], dtype=torch.int32)  # on the host, as trained
-    ids = torch.randint(0, 256, (16384 + 1,), generator=torch.Generator().manual_seed(0)).cuda()
+    period = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64]
+    ids = period.repeat(16384 // 64 + 1)[: 16384 + 1].cuda()
     curves = {}
     for compiled in (True, False):
         config = TrainConfig(
@@ -144,9 +149,10 @@ def test_compiled_training_follows_the_eager_loss_curve(global_attention):
             losses.append(float(loss))
         curves[compiled] = torch.tensor(losses)
     difference = (curves[True] - curves[False]).abs()
-    print(f"\ncompiled - eager loss, {global_attention}: max {float(difference.max()):.2e}")
-    assert float(curves[True][-1]) < float(curves[True][0]) - 0.5  # it learns the fixed batch
-    assert float(difference.max()) < 2e-2
+    print(f"\ncompiled {curves[True].tolist()}\neager {curves[False].tolist()}")
+    assert float(curves[True][-1]) < float(curves[True][0]) - 1.0  # it learns the fixed batch
+    assert float(difference[0]) < 1e-2
+    assert bool((difference < 0.05 * curves[False]).all())
 
 
 def test_flashmoba_train_default_path_follows_the_eager_run(tmp_path):
@@ -175,3 +181,40 @@ def test_flashmoba_train_default_path_follows_the_eager_run(tmp_path):
     print(f"\ncompiled - eager loss over 12 steps: max {difference:.2e}")
     assert difference < 3e-2
     assert abs(runs[True][-1]["val_loss"] - runs[False][-1]["val_loss"]) < 3e-2
+
+
+@pytest.mark.parametrize("global_attention", ["moba", "dense"])
+def test_cuda_graph_generation_replays_the_static_steps(global_attention):
+    """generate(decode_mode="cuda_graph") captures one decode step and replays it: the same tokens as the
+    static steps run eagerly (the same kernels on the same buffers), and logits within bf16 noise of the
+    eager growing caches, on a bf16 model with GQA, the key convolution and a prompt that is not a multiple
+    of the block size; then a reused cache after the graph starts where it should."""
+    from flashmoba.models.generation import HybridCache, StaticDecoder
+
+    config = model_config_from_preset(
+        "tiny",
+        global_attention=global_attention,
+        moba_block_size=64,
+        moba_topk=3,
+        kconv_size=3,
+        num_kv_heads=2,
+    )
+    torch.manual_seed(0)
+    model = HybridLM(config).cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(config.vocab_size, (3, 1000), device="cuda")
+    static = model.generate(prompt, 40, decode_mode="static")
+    graphed = model.generate(prompt, 40, decode_mode="cuda_graph")
+    assert torch.equal(static, graphed)
+    sequence = torch.cat([prompt, graphed], dim=1)
+    with torch.no_grad():
+        eager_cache, graph_cache = HybridCache(model, 3, 1040), HybridCache(model, 3, 1040)
+        eager = [model.forward_with_cache(prompt, eager_cache)[:, -1].float()]
+        model.forward_with_cache(prompt, graph_cache)
+        decoder = StaticDecoder(model, graph_cache, cuda_graph=True)
+        replayed = [eager[0]]
+        for i in range(1000, 1039):
+            eager.append(model.forward_with_cache(sequence[:, i : i + 1], eager_cache)[:, -1].float())
+            replayed.append(decoder.step(sequence[:, i]).float().clone())
+    assert decoder.graph is not None and decoder.length == 1039
+    eager, replayed = torch.stack(eager), torch.stack(replayed)
+    assert (replayed - eager).abs().max() < 3e-2 * eager.abs().max()
