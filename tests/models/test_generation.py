@@ -180,6 +180,9 @@ def test_stats_and_zero_new_tokens():
     assert generated.shape == (2, 4)
     assert stats["prefill_tokens"] == 2 * PROMPT and stats["decode_tokens"] == 2 * 3
     assert stats["prefill_seconds"] > 0 and stats["decode_seconds"] > 0
+    # 3 decode steps: the first WARM_DECODE_STEPS (2) are left out of the steady state
+    assert stats["steady_decode_tokens"] == 2 * 1
+    assert 0 < stats["steady_decode_seconds"] < stats["decode_seconds"]
     assert model.generate(prompts(), 0).shape == (2, 0)
 
 

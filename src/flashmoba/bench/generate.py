@@ -8,9 +8,10 @@ whole cache, preallocated), in ``decode_mode`` (``flashmoba.models.generation.DE
 "cuda_graph" replays each step as one CUDA graph, "eager" launches every kernel from Python). A first
 generation of 4 tokens at the same prompt length warms up (Triton compilation, allocator growth, a first
 capture) and is not counted; the measured one still captures its own graph, which its decode time
-includes. Tokens/s are summed over the batch; the decode rate leaves out the first new token, which comes
-with the prefill. Random weights decode as fast as trained ones: nothing here depends on what the tokens
-are.
+includes; ``steady_decode_ms_per_step`` leaves out the first ``WARM_DECODE_STEPS`` decode steps (the
+eager one and the capture). Tokens/s are summed over the batch; the decode rate leaves out the first new
+token, which comes with the prefill. Random weights decode as fast as trained ones: nothing here depends
+on what the tokens are.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ROW_FIELDS = (
     "prefill_tokens_per_s",
     "decode_tokens_per_s",
     "decode_ms_per_step",
+    "steady_decode_ms_per_step",
     "peak_gib",
 )
 
@@ -90,6 +92,11 @@ def measure_generate(
         prefill_tokens_per_s=stats["prefill_tokens"] / stats["prefill_seconds"],
         decode_tokens_per_s=stats["decode_tokens"] / stats["decode_seconds"] if decode_steps else None,
         decode_ms_per_step=stats["decode_seconds"] * 1e3 / decode_steps if decode_steps else None,
+        steady_decode_ms_per_step=(
+            stats["steady_decode_seconds"] * 1e3 * batch / stats["steady_decode_tokens"]
+            if stats["steady_decode_tokens"]
+            else None
+        ),
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     )
     return {field: row[field] for field in ROW_FIELDS}

@@ -32,7 +32,7 @@ __all__ = ["SUBCOMMANDS", "USER_ERRORS", "main"]
 
 def _usage() -> str:
     lines = ["usage: flashmoba <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
     lines += ["", "Run 'flashmoba <command> --help' for the options of a command."]
     return "\n".join(lines)
 

@@ -913,6 +913,7 @@ GENERATE_TABLE_COLUMNS = (
     ("prefill tokens/s", "prefill_tokens_per_s", ",.0f"),
     ("decode tokens/s", "decode_tokens_per_s", ",.1f"),
     ("ms per step", "decode_ms_per_step", ".2f"),
+    ("steady ms per step", "steady_decode_ms_per_step", ".2f"),
     ("peak GiB", "peak_gib", ".1f"),
 )
 
