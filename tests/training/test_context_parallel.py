@@ -23,16 +23,6 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("corpus")
-    for index in range(12):
-        (directory / f"doc{index}.txt").write_text(
-            "".join(f"def function_{index}_{i}(x):\n    return x * {i} + {index}\n\n" for i in range(60))
-        )
-    return str(directory)
-
-
 def run_args(out: Path, corpus: str, *extra: str) -> list[str]:
     # tiny: window 64, MoBA blocks of 32; rows of 128 cut in 2 slices of 64 (2 blocks, halo 63).
     return [

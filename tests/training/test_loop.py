@@ -21,18 +21,6 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def small_corpus(tmp_path: Path) -> str:
-    """A few documents of text, quicker to load than the default corpus."""
-    directory = tmp_path / "corpus"
-    directory.mkdir()
-    for index in range(12):
-        (directory / f"doc{index}.txt").write_text(
-            "".join(f"def function_{index}_{i}(x):\n    return x * {i} + {index}\n\n" for i in range(60))
-        )
-    return str(directory)
-
-
 def small_run_args(out: Path, corpus: str, *extra: str) -> list[str]:
     return [
         "--preset",
@@ -102,16 +90,14 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
     assert (out / "niah.png").stat().st_size > 0 and "S-NIAH-1" in (out / "niah.md").read_text()
 
 
-def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, small_corpus):
+def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, corpus):
     full = tmp_path / "full"
-    train_command.main(
-        small_run_args(full, small_corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3")
-    )
+    train_command.main(small_run_args(full, corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3"))
     resumed = tmp_path / "resumed"
     train_command.main(
         small_run_args(
             resumed,
-            small_corpus,
+            corpus,
             "--max-steps",
             "5",
             "--kconv",
@@ -127,9 +113,7 @@ def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, small_corpus
         assert row["loss"] == pytest.approx(expected[row["step"]]["loss"], rel=1e-6, abs=1e-6)
         assert row["lr"] == expected[row["step"]]["lr"]
     # --resume auto in the same directory continues from the latest checkpoint.
-    train_command.main(
-        small_run_args(full, small_corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto")
-    )
+    train_command.main(small_run_args(full, corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto"))
     assert [row["step"] for row in read_metrics(full)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -143,7 +127,7 @@ def test_learning_rate_schedule():
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun_two_processes_on_cpu(tmp_path, small_corpus, strategy):
+def test_torchrun_two_processes_on_cpu(tmp_path, corpus, strategy):
     run = tmp_path / strategy
     command = [
         sys.executable,
@@ -155,7 +139,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_corpus, strategy):
         "-m",
         "flashmoba.train",
         *small_run_args(
-            run, small_corpus, "--max-steps", "3", "--distributed", strategy, "--activation-checkpointing"
+            run, corpus, "--max-steps", "3", "--distributed", strategy, "--activation-checkpointing"
         ),
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -24,16 +24,6 @@ from flashmoba.training.run_directory import plan_run, trim_metrics, write_run_c
 from flashmoba.training.runtime import resolve_device
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("corpus")
-    for index in range(12):
-        (directory / f"doc{index}.txt").write_text(
-            "".join(f"def function_{index}_{i}(x):\n    return x * {i} + {index}\n\n" for i in range(60))
-        )
-    return str(directory)
-
-
 def run_args(out: Path, corpus: str, *extra: str) -> list[str]:
     """The smallest run the tiny preset makes: rows of 64 tokens, one per step, one validation batch."""
     return [
