@@ -538,3 +538,50 @@ def test_meta_tensors_give_shapes_only():
     kwargs = {name: value.to("meta") for name, value in case.kwargs().items()}
     out, lse = flashmoba.moba_attn_with_kvcache(*args, **kwargs, return_lse=True)
     assert out.is_meta and out.shape == case.q.shape and lse.shape == (case.batch, 6, 2)
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_reference_is_one_opaque_op_under_torch_compile(compile_backend):
+    """The reference backend is the custom op flashmoba::moba_decode_reference: torch.compile traces a
+    caller whole (fullgraph=True; the op's host reads of the lengths stay inside it), compiles it once
+    although the lengths change every step, and gets the oracle's results."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+
+    def step(q, k, v, k_cache, v_cache, block_sums, cache_seqlens):
+        out = flashmoba.moba_attn_with_kvcache(
+            q * 1.0, k_cache, v_cache, block_sums, cache_seqlens, BLOCK, TOPK, k=k, v=v, backend="reference"
+        )
+        cache_seqlens += q.shape[1]
+        return out * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    case = Case(None, CACHE_LENGTHS, 1, HEADS["gqa"], True, seed=3)
+    twin = Case(None, CACHE_LENGTHS, 1, HEADS["gqa"], True, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(3):
+            q, k, v = (
+                torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in (case.q, case.k, case.v)
+            )
+            got = compiled(q, k, v, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens)
+            expected = step(q, k, v, twin.k_cache, twin.v_cache, twin.block_sums, twin.cache_seqlens)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert case.cache_seqlens.tolist() == [length + 3 for length in CACHE_LENGTHS]
+    torch.testing.assert_close(case.block_sums, twin.block_sums, rtol=0, atol=0)
+    for b, length in enumerate(CACHE_LENGTHS):  # the appended keys are in the caller's cache
+        assert torch.equal(case.read(b, length + 3)[0], twin.read(b, length + 3)[0])
+
+
+@pytest.mark.parametrize("new_kv", [True, False], ids=["new-kv", "cached"])
+def test_opcheck_reference_op(new_kv):
+    lengths = CACHE_LENGTHS if new_kv else no_kv_lengths(1)
+    case = Case(LAYOUTS["paged-3-shuffled"], lengths, 1, HEADS["gqa"], new_kv, seed=5)
+    # opcheck compares runs of the op with one another: finite caches (unused slots hold NaN, which never
+    # reach the output but make equal tensors compare unequal).
+    case.k_cache.nan_to_num_(0.0)
+    case.v_cache.nan_to_num_(0.0)
+    arguments = (*case.args(), case.k, case.v, case.block_table, 0.4)
+    torch.library.opcheck(torch.ops.flashmoba.moba_decode_reference.default, arguments)

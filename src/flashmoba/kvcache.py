@@ -34,7 +34,8 @@ host, so a decode step can be captured in a CUDA graph; float16, bfloat16 and fl
 lengths or page ids, which the caller keeps in range) and ``"auto"`` (Triton for CUDA tensors of 16-bit or
 float32 dtype, else the reference). There is no backward.
 
-``MoBAKVCache`` owns one layer's contiguous caches, centroid cache and lengths for a batch, and calls
+``MoBAKVCache`` owns one layer's caches (contiguous, or paged with ``page_size``: a page pool and a
+block table it fills as the sequences grow), centroid cache and lengths for a batch, and calls
 ``moba_attn_with_kvcache`` for you (``append_and_attend``).
 """
 
@@ -367,6 +368,32 @@ def kvcache_block_sums(
     return result
 
 
+# The reference as a custom op, opaque to torch.compile (as the Triton backend's flashmoba::moba_decode,
+# with the same schema): it reads lengths and page ids on the host, which traced would be a graph break
+# each, and its per-sequence loops would be traced and recompiled for every cache length. Its outputs'
+# shapes follow from the inputs' alone (the fake kernel). Registering it imports no Triton.
+@torch.library.custom_op(
+    "flashmoba::moba_decode_reference",
+    mutates_args=("k_cache", "v_cache", "block_sums"),
+    schema=(
+        "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_sums, Tensor cache_seqlens, "
+        "SymInt block_size, SymInt topk, Tensor? k, Tensor? v, Tensor? block_table, float softmax_scale) "
+        "-> (Tensor, Tensor)"
+    ),
+)
+def _reference_op(q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale):
+    out, lse = moba_attn_with_kvcache_reference(
+        q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
+    )
+    return out, lse.float()
+
+
+@_reference_op.register_fake
+def _(q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale):
+    batch, seqlen_q, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
 def moba_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -411,6 +438,10 @@ def moba_attn_with_kvcache(
         block_size, topk, causal=True)`` over the whole sequence; and lse if ``return_lse``.
 
     Raises RuntimeError where an input requires grad under grad mode: decode has no backward.
+
+    Both backends run as ``torch.library`` custom ops (``flashmoba::moba_decode_reference``,
+    ``flashmoba::moba_decode``) that declare the in-place writes to the caches, so
+    ``torch.compile(fullgraph=True)`` traces a caller whole (the checks above are skipped while tracing).
     """
     checks = _checks_enabled()
     if checks:
@@ -438,16 +469,17 @@ def moba_attn_with_kvcache(
                 "moba_attn_with_kvcache: backend='triton' supports float16, bfloat16 and float32; "
                 "use backend='reference' (or 'auto') for float64"
             )
+        # The custom op flashmoba::moba_decode (ops.autograd): opaque to torch.compile, which traces
+        # this branch with fullgraph=True (it reads no tensor value on the host).
         with torch.no_grad():
-            out, lse = _triton_ops().moba_decode_triton(
+            out, lse = _triton_ops().autograd.moba_decode_with_kvcache_triton(
                 q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
             )
     else:
         with torch.no_grad():
-            out, lse = moba_attn_with_kvcache_reference(
+            out, lse = _reference_op(
                 q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
             )
-        lse = lse.float()
     return (out, lse) if return_lse else out
 
 
@@ -457,18 +489,39 @@ def moba_attn_with_kvcache(
 
 
 class MoBAKVCache:
-    """One layer's contiguous KV cache for a batch: K, V, the centroid cache and the lengths.
+    """One layer's KV cache for a batch, contiguous or paged: K, V, the centroid cache and the lengths.
 
     Args:
-        batch, max_seqlen, heads_kv, head_dim: the cache ``[batch, max_seqlen, heads_kv, head_dim]``.
+        batch, max_seqlen, heads_kv, head_dim: ``batch`` sequences of up to ``max_seqlen`` keys and values
+            of ``heads_kv`` heads of ``head_dim``.
         block_size, topk: MoBA's block size and blocks per query (own block included).
         dtype, device: of the keys and values (the block sums are float32, float64 for float64 keys).
         backend: of ``moba_attn_with_kvcache``.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        page_size: None (the default): a contiguous cache, ``k_cache``, ``v_cache`` ``[batch, max_seqlen,
+            heads_kv, head_dim]``. An int >= 1: a paged cache (vLLM's layout), a pool ``k_cache``,
+            ``v_cache`` ``[num_pages, page_size, heads_kv, head_dim]`` and ``block_table`` int32 ``[batch,
+            ceil(max_seqlen / page_size)]``. Every page size works, on both backends: position p of a
+            sequence lives at slot ``p % page_size`` of its page ``p // page_size``, so a block may span
+            pages and a page may hold several blocks; ``page_size = block_size`` keeps one block a page.
+        num_pages: the pool's size (paged only). Default ``batch * ceil(max_seqlen / page_size)``, enough
+            for every sequence of the batch to reach ``max_seqlen`` (beam search shares full pages, see
+            ``reorder``, but a batch grown by ``reorder`` may need more).
 
-    Attributes ``k_cache``, ``v_cache``, ``block_sums`` and ``cache_seqlens`` (int32 ``[batch]``, also
-    ``seqlens``) are exactly the arguments of ``moba_attn_with_kvcache``: the object adds nothing but
-    their allocation and the bookkeeping of the lengths.
+    Attributes ``k_cache``, ``v_cache``, ``block_sums``, ``cache_seqlens`` (int32 ``[batch]``, also
+    ``seqlens``) and ``block_table`` (None for a contiguous cache) are exactly the arguments of
+    ``moba_attn_with_kvcache``: the object adds their allocation and the bookkeeping of lengths and pages.
+    Every sequence has the same length (each call appends ``seqlen_q`` keys to every one).
+
+    A paged cache hands out pages from a free list on the host as the sequences grow: a call taking the
+    length from L to L + T takes ``ceil((L + T) / page_size) - ceil(L / page_size)`` pages per sequence, so
+    the pool holds only pages with keys in them. A call that needs more pages than are free is refused
+    with a ValueError naming ``num_pages``, before anything is written. The object keeps the length
+    (``length``) and the page ids on the host, so planning reads nothing from the device; new page ids go
+    to ``block_table`` as one copy (from pinned memory, asynchronous, on CUDA) only in calls that cross
+    into new pages, and with the Triton backend ``append_and_attend`` never waits for the device. It is
+    not capturable in a CUDA graph (a replay would not take pages): capture the contiguous cache. Do not
+    change ``cache_seqlens`` or ``block_table`` by hand: the host's copies are the truth.
     """
 
     def __init__(
@@ -484,6 +537,8 @@ class MoBAKVCache:
         device: torch.device | str | None = None,
         backend: str = "auto",
         softmax_scale: float | None = None,
+        page_size: int | None = None,
+        num_pages: int | None = None,
     ):
         batch = check_int("batch", batch, minimum=0)
         max_seqlen = check_positive_int("max_seqlen", max_seqlen)
@@ -498,10 +553,32 @@ class MoBAKVCache:
         if softmax_scale is not None:
             softmax_scale = check_real("softmax_scale", softmax_scale)
         self.backend, self.softmax_scale = backend, softmax_scale
-        shape = (batch, max_seqlen, heads_kv, head_dim)
+        self._max_seqlen = max_seqlen
+        self.page_size: int | None = None
+        self.block_table: torch.Tensor | None = None
+        if page_size is None:
+            if num_pages is not None:
+                raise ValueError(
+                    f"num_pages (got {num_pages!r}) sizes a paged cache's pool: give page_size too, or leave "
+                    "num_pages None for a contiguous cache"
+                )
+            shape = (batch, max_seqlen, heads_kv, head_dim)
+            capacity = max_seqlen
+        else:
+            self.page_size = check_positive_int("page_size", page_size)
+            max_pages = -(-max_seqlen // self.page_size)
+            if num_pages is None:
+                num_pages = batch * max_pages
+            else:
+                num_pages = check_positive_int("num_pages", num_pages)
+            shape = (num_pages, self.page_size, heads_kv, head_dim)
+            capacity = max_pages * self.page_size  # what moba_attn_with_kvcache sizes block_sums by
+            # Entries past the pages a sequence uses are never read; zeros keep them valid page ids.
+            self.block_table = torch.zeros(batch, max_pages, dtype=torch.int32, device=device)
+            self._reset_pages(batch, num_pages)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        num_blocks = -(-max_seqlen // self.block_size)
+        num_blocks = -(-capacity // self.block_size)
         self.block_sums = torch.zeros(
             batch, num_blocks, heads_kv, head_dim, dtype=reference._compute_dtype(dtype), device=device
         )
@@ -514,40 +591,155 @@ class MoBAKVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.k_cache.shape[0]
+        return self.cache_seqlens.shape[0]
 
     @property
     def max_seqlen(self) -> int:
-        return self.k_cache.shape[1]
+        return self._max_seqlen
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def length(self) -> int | None:
+        """Paged: the host's copy of the length every sequence has (None for a contiguous cache, whose
+        lengths live on the device only, so that a CUDA-graph replay of a step may advance them)."""
+        return self._length if self.paged else None
+
+    @property
+    def num_pages(self) -> int | None:
+        """Paged: the pool's size (None for a contiguous cache)."""
+        return self.k_cache.shape[0] if self.paged else None
+
+    @property
+    def num_free_pages(self) -> int | None:
+        """Paged: pages no sequence holds (None for a contiguous cache)."""
+        return len(self._free) if self.paged else None
+
+    @property
+    def pages(self) -> list | None:
+        """Paged: the host's copy of each sequence's page ids, in position order (a copy; None for a
+        contiguous cache). Row b of ``block_table`` starts with ``pages[b]``."""
+        return [list(row) for row in self._pages] if self.paged else None
 
     def __repr__(self) -> str:
-        batch, max_seqlen, heads_kv, head_dim = self.k_cache.shape
+        heads_kv, head_dim = self.k_cache.shape[2:]
+        paging = f", page_size={self.page_size}, num_pages={self.num_pages}" if self.paged else ""
         return (
-            f"MoBAKVCache(batch={batch}, max_seqlen={max_seqlen}, heads_kv={heads_kv}, head_dim={head_dim}, "
-            f"block_size={self.block_size}, topk={self.topk}, dtype={self.k_cache.dtype})"
+            f"MoBAKVCache(batch={self.batch_size}, max_seqlen={self.max_seqlen}, heads_kv={heads_kv}, "
+            f"head_dim={head_dim}, block_size={self.block_size}, topk={self.topk}, "
+            f"dtype={self.k_cache.dtype}{paging})"
         )
+
+    @classmethod
+    def for_layers(cls, num_layers: int, *args, **kwargs) -> list[MoBAKVCache]:
+        """``num_layers`` caches, one per layer of a model, each ``MoBAKVCache(*args, **kwargs)``: they
+        share nothing (a paged one has its own pool of ``num_pages`` pages and its own free list)."""
+        num_layers = check_int("num_layers", num_layers, minimum=0)
+        return [cls(*args, **kwargs) for _ in range(num_layers)]
+
+    # Paged bookkeeping. Invariants: the free list and the pages the rows hold partition the pool; row b
+    # holds exactly ceil(length / page_size) pages; a page a row will write (its partly filled last one)
+    # is held by that row alone, while full pages, which nothing writes again, may be shared by rows
+    # (after reorder); block_table[b, :len(row)] equals the host's row b.
+
+    def _reset_pages(self, batch: int, num_pages: int) -> None:
+        self._length = 0
+        self._pages: list[list[int]] = [[] for _ in range(batch)]
+        # A stack: pages are handed out lowest id first, so a fresh cache fills the pool in order.
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+
+    def _exhausted(self, what: str, need: int, batch: int) -> ValueError:
+        return ValueError(
+            f"the page pool is exhausted: {what} takes {need} more pages of page_size={self.page_size}, but "
+            f"only {len(self._free)} of num_pages={self.num_pages} are free; allocate the cache with a "
+            f"larger num_pages (batch * ceil(max_seqlen / page_size) = "
+            f"{batch * self.block_table.shape[1]} hold {batch} sequences at full length)"
+        )
+
+    def _to_table(self, rows: list) -> torch.Tensor:
+        """Host page ids as an int32 tensor on the cache's device, without waiting for the device: on
+        CUDA the copy leaves pinned memory asynchronously (the caching host allocator keeps the buffer
+        alive until the copy is done)."""
+        host = torch.tensor(rows, dtype=torch.int32)
+        device = self.block_table.device
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+    def _grow(self, new_length: int) -> int:
+        """Give every row the pages positions < new_length need, from the free list, and write their ids
+        into block_table. Refused (nothing changed) when the pool is short. Returns the pages each row
+        held before, for ``_shrink``."""
+        have = -(-self._length // self.page_size)
+        want = -(-new_length // self.page_size)
+        need = (want - have) * self.batch_size
+        if need > len(self._free):
+            raise self._exhausted(
+                f"growing {self.batch_size} sequences from {self._length} to {new_length} keys",
+                need,
+                self.batch_size,
+            )
+        if need:
+            new = [[self._free.pop() for _ in range(want - have)] for _ in range(self.batch_size)]
+            for row, pages in zip(self._pages, new):
+                row.extend(pages)
+            self.block_table[:, have:want].copy_(self._to_table(new))
+        return have
+
+    def _shrink(self, have: int) -> None:
+        """Undo ``_grow``: the pages past the first ``have`` of every row go back on the free list in the
+        order they were taken (block_table's entries past them are not read)."""
+        for row in reversed(self._pages):
+            self._free.extend(reversed(row[have:]))
+            del row[have:]
 
     def append_and_attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False
     ):
         """Append ``k``, ``v`` ``[batch, seqlen_q, heads_kv, head_dim]`` and attend the new queries ``q``
         ``[batch, seqlen_q, heads_q, head_dim]`` (``moba_attn_with_kvcache`` with ``k=k, v=v``), then
-        advance the lengths by ``seqlen_q``. Returns o like q (and the lse if ``return_lse``)."""
-        result = moba_attn_with_kvcache(
-            q,
-            self.k_cache,
-            self.v_cache,
-            self.block_sums,
-            self.cache_seqlens,
-            self.block_size,
-            self.topk,
-            k=k,
-            v=v,
-            softmax_scale=self.softmax_scale,
-            backend=self.backend,
-            return_lse=return_lse,
-        )
+        advance the lengths by ``seqlen_q``. Returns o like q (and the lse if ``return_lse``).
+
+        Paged: the pages the new keys need are taken first (planned on the host; a ValueError naming
+        ``num_pages`` when the pool is short, ``max_seqlen`` past the capacity), and given back if the
+        call is then refused, so a refused call changes nothing."""
+        if k is None or v is None:  # without them the function appends nothing, yet the lengths advance
+            raise TypeError("append_and_attend needs k and v, the new keys and values [batch, seqlen_q, ...]")
+        have = None
+        if self.paged:
+            _check_tensor("q", q, 4, "[batch, seqlen_q, heads_q, head_dim]")
+            new_length = self._length + q.shape[1]
+            if new_length > self.max_seqlen:
+                raise ValueError(
+                    f"cache length {self._length} plus {q.shape[1]} new keys exceeds the cache's capacity of "
+                    f"max_seqlen={self.max_seqlen} positions per sequence"
+                )
+            have = self._grow(new_length)
+        try:
+            result = moba_attn_with_kvcache(
+                q,
+                self.k_cache,
+                self.v_cache,
+                self.block_sums,
+                self.cache_seqlens,
+                self.block_size,
+                self.topk,
+                k=k,
+                v=v,
+                block_table=self.block_table,
+                softmax_scale=self.softmax_scale,
+                backend=self.backend,
+                return_lse=return_lse,
+            )
+        except BaseException:
+            if have is not None:  # the function writes nothing before its checks pass
+                self._shrink(have)
+            raise
         self.cache_seqlens += q.shape[1]  # only reached once every check has passed and the keys are in
+        if self.paged:
+            self._length = new_length
         return result
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -555,8 +747,9 @@ class MoBAKVCache:
         kernels, which at a long prompt are far faster than routing each row as a decode step), then
         ``k``, ``v`` written at the start of every sequence, their block sums into ``block_sums`` and the
         lengths set to ``seqlen_q``. q, k, v as for ``append_and_attend``; the result is the same function
-        (``moba_attn_with_kvcache`` on an empty cache is ``moba_attn``). Checking that the cache is empty
-        reads the lengths on the host once."""
+        (``moba_attn_with_kvcache`` on an empty cache is ``moba_attn``). Checking that a contiguous cache
+        is empty reads the lengths on the host once; a paged one knows its length on the host, takes the
+        prompt's pages (a ValueError naming ``num_pages`` when the pool is short) and reads nothing back."""
         if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
             raise ValueError(
                 "q must be [batch, seqlen, heads_q, head_dim] and k, v [batch, seqlen, heads_kv, head_dim], "
@@ -568,8 +761,10 @@ class MoBAKVCache:
                 f"k must be [{self.batch_size}, <= {self.max_seqlen}, {self.k_cache.shape[2]}, "
                 f"{self.k_cache.shape[3]}] for this cache, got {tuple(k.shape)}"
             )
-        if bool((self.cache_seqlens != 0).any()):
+        if self._length != 0 if self.paged else bool((self.cache_seqlens != 0).any()):
             raise ValueError("prefill needs an empty cache (reset() it, or append_and_attend to continue)")
+        if self.paged:
+            return self._prefill_pages(q, k, v)
         out = moba_attn(
             q, k, v, self.block_size, self.topk, softmax_scale=self.softmax_scale, backend=self.backend
         )
@@ -580,22 +775,121 @@ class MoBAKVCache:
             self.block_sums.copy_(kvcache_block_sums(self.k_cache, self.cache_seqlens, self.block_size))
         return out
 
+    def _prefill_pages(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """prefill of a paged cache (checked by prefill): pages taken before any work, so a short pool
+        costs nothing; given back if moba_attn refuses the inputs."""
+        batch, seqlen = k.shape[:2]
+        have = self._grow(seqlen)
+        try:
+            out = moba_attn(
+                q, k, v, self.block_size, self.topk, softmax_scale=self.softmax_scale, backend=self.backend
+            )
+        except BaseException:
+            self._shrink(have)
+            raise
+        with torch.no_grad():
+            positions = torch.arange(seqlen, device=self.block_table.device)
+            # [batch, seqlen] page of every prompt position, gathered on the device from block_table.
+            pages = self.block_table[:, torch.div(positions, self.page_size, rounding_mode="floor")].long()
+            slots = positions % self.page_size
+            self.k_cache[pages, slots] = k
+            self.v_cache[pages, slots] = v
+            # The sums kvcache_block_sums takes of the filled cache (the same keys and the same function,
+            # with its block size clamped to the capacity likewise), taken from k without reading back.
+            capacity = self.block_table.shape[1] * self.page_size
+            block = min(self.block_size, capacity)
+            for b in range(batch):
+                sums, _ = reference._block_sums(k[b].to(self.k_cache.dtype), block)
+                self.block_sums[b, : sums.shape[0]] = sums
+            self.cache_seqlens.fill_(seqlen)
+        self._length = seqlen
+        return out
+
     def reset(self) -> None:
-        """Empty every sequence (the tensors stay allocated)."""
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        """Empty every sequence (the tensors stay allocated). A paged cache gives every page back to the
+        free list without zeroing the pool: a slot is read only after a call has written it."""
+        if self.paged:
+            self._reset_pages(self.batch_size, self.num_pages)
+            self.block_table.zero_()
+        else:
+            self.k_cache.zero_()
+            self.v_cache.zero_()
         self.block_sums.zero_()
         self.cache_seqlens.zero_()
 
     def reorder(self, index: torch.Tensor) -> None:
         """Gather the sequences along the batch: sequence i becomes old sequence ``index[i]`` (beam search;
-        ``index`` int64 ``[new_batch]`` may repeat or drop sequences, so the batch may change size)."""
-        if not isinstance(index, torch.Tensor) or index.ndim != 1 or index.is_floating_point():
+        ``index`` int64 ``[new_batch]`` may repeat or drop sequences, so the batch may change size).
+
+        Paged: the rows keeping a sequence share its full pages (nothing writes a full page again), and
+        its partly filled last page, the one the next call appends to, stays with the first row taking the
+        sequence and is copied to a fresh page for every other, so no two rows ever write one page. Pages
+        no row keeps go back to the free list. The plan reads ``index`` on the host (one synchronisation
+        where it lives on a device); a plan short of pages is refused (naming ``num_pages``) before any
+        change."""
+        if (
+            not isinstance(index, torch.Tensor)
+            or index.ndim != 1
+            or index.dtype.is_floating_point
+            or index.dtype.is_complex
+            or index.dtype == torch.bool
+        ):
             raise TypeError("index must be a 1-D integer torch.Tensor [new_batch]")
-        index = index.to(device=self.k_cache.device, dtype=torch.long)
-        if index.numel() and not bool(((index >= 0) & (index < self.batch_size)).all()):
-            raise ValueError(f"index must hold sequence ids in [0, {self.batch_size}), got {index.tolist()}")
-        self.k_cache = self.k_cache.index_select(0, index)
-        self.v_cache = self.v_cache.index_select(0, index)
+        if self.paged:
+            rows = index.tolist()
+            if any(not 0 <= row < self.batch_size for row in rows):
+                raise ValueError(f"index must hold sequence ids in [0, {self.batch_size}), got {rows}")
+            self._reorder_pages(rows)
+        index = index.to(device=self.block_sums.device, dtype=torch.long)
+        if not self.paged:
+            if index.numel() and not bool(((index >= 0) & (index < self.batch_size)).all()):
+                raise ValueError(
+                    f"index must hold sequence ids in [0, {self.batch_size}), got {index.tolist()}"
+                )
+            self.k_cache = self.k_cache.index_select(0, index)
+            self.v_cache = self.v_cache.index_select(0, index)
         self.block_sums = self.block_sums.index_select(0, index)
         self.cache_seqlens = self.cache_seqlens.index_select(0, index)
+
+    def _reorder_pages(self, rows: list) -> None:
+        """The page plan of ``reorder`` (rows checked): new host rows, copies of shared last pages, the
+        free list, and a new block_table."""
+        full, partial = divmod(self._length, self.page_size)
+        new_rows, copies, kept = [], [], set()
+        for old in rows:
+            pages = self._pages[old][:full]
+            if partial and old in kept:
+                copies.append((self._pages[old][full], len(new_rows)))  # its fresh page comes below
+            elif partial:
+                kept.add(old)
+                pages.append(self._pages[old][full])
+            new_rows.append(pages)
+        held = {page for row in new_rows for page in row}
+        # Copy sources are last pages some new row keeps, so none of them is freed here.
+        freed = {page for row in self._pages for page in row} - held
+        if len(copies) > len(self._free) + len(freed):
+            raise self._exhausted(
+                f"reordering to {len(rows)} sequences of {self._length} keys (copying {len(copies)} partly "
+                f"filled last pages, freeing {len(freed)})",
+                len(copies),
+                len(rows),
+            )
+        self._free.extend(sorted(freed, reverse=True))
+        sources, targets = [], []
+        for source, row in copies:
+            target = self._free.pop()
+            new_rows[row].append(target)
+            sources.append(source)
+            targets.append(target)
+        if copies:
+            device = self.k_cache.device
+            sources = torch.tensor(sources, dtype=torch.long, device=device)
+            targets = torch.tensor(targets, dtype=torch.long, device=device)
+            self.k_cache.index_copy_(0, targets, self.k_cache.index_select(0, sources))
+            self.v_cache.index_copy_(0, targets, self.v_cache.index_select(0, sources))
+        width = self.block_table.shape[1]
+        table = self.block_table.new_zeros(len(rows), width)
+        if rows and width:
+            table.copy_(self._to_table([row + [0] * (width - len(row)) for row in new_rows]))
+        self.block_table = table
+        self._pages = new_rows

@@ -265,6 +265,89 @@ def test_cuda_graph_capture_of_a_decode_step_replays_eager_steps():
     assert_mostly_close(out, expected)
 
 
+def test_inductor_compiled_decode_step_in_a_cuda_graph_equals_eager_steps():
+    """flashmoba::moba_decode under torch.compile(fullgraph=True) with Inductor: the caches are written
+    in place (no copy of them in the generated code), and the compiled step captured in a CUDA graph
+    replays what eager Triton steps compute, bit for bit (the same kernels on the same inputs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    state = DecodeState([30000, 12345, 127, 128], paged=True, seed=5)
+    twin = state.clone()
+    static_q = state.randn(state.batch, 1, HEADS_Q, HEAD_DIM)
+    static_k = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+    static_v = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+
+    def step(q, k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table):
+        out, lse = flashmoba.moba_attn_with_kvcache(
+            q,
+            k_cache,
+            v_cache,
+            block_sums,
+            cache_seqlens,
+            BLOCK,
+            TOPK,
+            k=k,
+            v=v,
+            block_table=block_table,
+            backend="triton",
+            return_lse=True,
+        )
+        cache_seqlens += 1
+        return out.float() * 2.0, lse
+
+    compiled = torch.compile(step, fullgraph=True, mode="max-autotune-no-cudagraphs")
+
+    def compiled_step():
+        return compiled(
+            static_q,
+            static_k,
+            static_v,
+            state.k_cache,
+            state.v_cache,
+            state.block_sums,
+            state.cache_seqlens,
+            state.block_table,
+        )
+
+    def eager_step(q, k, v):
+        return step(
+            q, k, v, twin.k_cache, twin.v_cache, twin.block_sums, twin.cache_seqlens, twin.block_table
+        )
+
+    with torch.no_grad():
+        (out, lse), codes = run_and_get_code(compiled_step)
+        expected_out, expected_lse = eager_step(static_q, static_k, static_v)
+    assert not any("clone" in line for code in codes for line in code.splitlines()), "a cache was copied"
+    torch.testing.assert_close(out, expected_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=0, rtol=0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        compiled_step()  # settle the allocator outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        eager_step(static_q, static_k, static_v)  # the twin takes the same warm-up step
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        captured_out, captured_lse = compiled_step()
+    for _ in range(4):
+        q = state.randn(state.batch, 1, HEADS_Q, HEAD_DIM)
+        k = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+        v = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+        static_q.copy_(q)
+        static_k.copy_(k)
+        static_v.copy_(v)
+        graph.replay()
+        with torch.no_grad():
+            expected_out, expected_lse = eager_step(q, k, v)
+        torch.testing.assert_close(captured_out, expected_out, atol=0, rtol=0)
+        torch.testing.assert_close(captured_lse, expected_lse, atol=0, rtol=0)
+    assert state.cache_seqlens.tolist() == twin.cache_seqlens.tolist() == [30006, 12351, 133, 134]
+    torch.testing.assert_close(state.block_sums, twin.block_sums, atol=0, rtol=0)
+    assert torch.equal(state.k_cache.nan_to_num(), twin.k_cache.nan_to_num())
+
+
 def test_cache_object_uses_the_triton_backend_by_default_on_cuda():
     cache = flashmoba.MoBAKVCache(
         2, 4096, HEADS_KV, HEAD_DIM, block_size=BLOCK, topk=TOPK, dtype=torch.bfloat16, device=DEVICE

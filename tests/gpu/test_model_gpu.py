@@ -218,3 +218,54 @@ def test_cuda_graph_generation_replays_the_static_steps(global_attention):
     assert decoder.graph is not None and decoder.length == 1039
     eager, replayed = torch.stack(eager), torch.stack(replayed)
     assert (replayed - eager).abs().max() < 3e-2 * eager.abs().max()
+
+
+@pytest.mark.parametrize("global_attention", ["moba", "dense"])
+def test_compiled_graph_generation_equals_the_static_steps(global_attention):
+    """generate(decode_mode="compiled_graph"): the static step's forward compiled by Inductor (the MoBA
+    layers' decode is the custom op flashmoba::moba_decode, so the forward is one graph), captured in a
+    CUDA graph and replayed. Replays give the tokens of the compiled step run without a graph (the same
+    kernels on the same buffers), bit for bit. Against the eager static steps, teacher-forced on their
+    tokens, the logits agree within bf16 noise (Inductor keeps fused intermediates in float32 where eager
+    rounds each op to bf16) and so does every greedy token whose top-2 margin is above that noise."""
+    from flashmoba.models.generation import HybridCache, StaticDecoder
+
+    torch._dynamo.reset()
+    config = model_config_from_preset(
+        "tiny",
+        global_attention=global_attention,
+        moba_block_size=64,
+        moba_topk=3,
+        kconv_size=3,
+        num_kv_heads=2,
+    )
+    torch.manual_seed(0)
+    model = HybridLM(config).cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(config.vocab_size, (3, 1000), device="cuda")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = model.generate(prompt, 40, decode_mode="compiled")
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the step is one graph
+    graphed = model.generate(prompt, 40, decode_mode="compiled_graph")
+    assert torch.equal(compiled, graphed)
+    static = model.generate(prompt, 40, decode_mode="static")
+    sequence = torch.cat([prompt, static], dim=1)
+    with torch.no_grad():
+        static_cache, graph_cache = HybridCache(model, 3, 1040), HybridCache(model, 3, 1040)
+        first = model.forward_with_cache(prompt, static_cache)[:, -1].float()
+        model.forward_with_cache(prompt, graph_cache)
+        static_decoder = StaticDecoder(model, static_cache, cuda_graph=False)
+        graph_decoder = StaticDecoder(model, graph_cache, cuda_graph=True, compile=True)
+        expected, replayed = [first], [first]
+        for i in range(1000, 1039):
+            expected.append(static_decoder.step(sequence[:, i]).float())
+            replayed.append(graph_decoder.step(sequence[:, i]).float().clone())
+    assert graph_decoder.graph is not None and graph_decoder.length == 1039
+    expected, replayed = torch.stack(expected), torch.stack(replayed)
+    noise = (replayed - expected).abs().max()
+    assert noise < 3e-2 * expected.abs().max()
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * noise
+    assert clear.any(), "no greedy choice clear of the noise to compare"
+    assert torch.equal(replayed.argmax(-1)[clear], expected.argmax(-1)[clear])
+    assert torch.equal(expected.argmax(-1).T, static)  # the teacher-forced path is static's own

@@ -14,6 +14,7 @@ from flashmoba.models.generation import (
     MoBALayerCache,
     SlidingWindowCache,
     StaticDecoder,
+    StaticMoBALayerCache,
     generate,
     sample_next,
 )
@@ -110,6 +111,72 @@ def test_static_decoder_logits_equal_the_forward_s_rows_in_float32(global_attent
         with pytest.raises(ValueError, match="holds 25 tokens and is full"):
             decoder.step(sequence[:, -1])
     torch.testing.assert_close(torch.stack(rows, dim=1), full[:, PROMPT - 1 : -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+@pytest.mark.parametrize("prompt_len", [1, 9])
+def test_compiled_static_decode_equals_full_recomputation(global_attention, kconv_size, prompt_len):
+    """decode_mode="compiled" (StaticDecoder(compile=True): the step's forward through torch.compile and
+    Inductor, which fuses its elementwise work) gives the recomputation's greedy tokens. The step is one
+    graph (the MoBA decode, here the reference backend, is one opaque custom op), compiled once."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model = tiny_model(global_attention, kconv_size, torch.float64)
+    input_ids = prompts(length=prompt_len)
+    generated = model.generate(input_ids, NEW, decode_mode="compiled")
+    assert torch.equal(generated, greedy_by_recomputation(model, input_ids, NEW))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+
+
+def _triton_moba_decoder(model, sequence, prompt_len, **options):
+    """A StaticDecoder after a prefill of ``sequence[:, :prompt_len]``, its MoBA layers on the Triton
+    decode (Triton's interpreter on CPU)."""
+    cache = HybridCache(model, sequence.shape[0], sequence.shape[1])
+    for layer in cache:
+        if isinstance(layer, MoBALayerCache):
+            layer.cache.backend = "triton"
+    with torch.no_grad():
+        model.forward_with_cache(sequence[:, :prompt_len], cache)
+    return StaticDecoder(model, cache, cuda_graph=False, **options)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kconv_size", [0, 3])
+def test_compiled_static_step_traces_whole_with_the_triton_decode(kconv_size):
+    """With moba_attn_with_kvcache on its Triton backend (the custom op flashmoba::moba_decode) the whole
+    one-token forward is one graph (fullgraph=True), compiled once for every step, and computes what the
+    eager static step computes."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model = tiny_model("moba", kconv_size, torch.float32)
+    sequence = prompts(length=12)
+    eager = _triton_moba_decoder(model, sequence, 5)
+    compiled = _triton_moba_decoder(
+        model, sequence, 5, compile=True, compile_options=dict(fullgraph=True, backend="aot_eager")
+    )
+    with torch.no_grad():
+        for i in range(5, 11):  # crosses MoBA blocks (of 4) and the sliding window (of 6)
+            expected, got = eager.step(sequence[:, i]), compiled.step(sequence[:, i])
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert compiled.position.tolist() == eager.position.tolist() == [11]
+    for layer, twin in zip(compiled.layers, eager.layers):
+        if isinstance(layer, StaticMoBALayerCache):
+            assert torch.equal(layer.cache.cache_seqlens, twin.cache.cache_seqlens)
+            torch.testing.assert_close(layer.cache.block_sums, twin.cache.block_sums, rtol=0, atol=1e-6)
+
+
+def test_compile_options_need_compile_and_no_graph_of_inductor_s_own():
+    model = tiny_model("moba", 0)
+    cache = HybridCache(model, 2, 8)
+    with torch.no_grad():
+        model.forward_with_cache(prompts(), cache)
+    with pytest.raises(ValueError, match="pass compile=True with them"):
+        StaticDecoder(model, cache, cuda_graph=False, compile_options=dict(backend="eager"))
+    with pytest.raises(ValueError, match="needs input_ids on a CUDA device"):
+        model.generate(prompts(), 3, decode_mode="compiled_graph")
 
 
 def test_static_decoder_refuses_an_empty_cache_and_a_cuda_graph_on_the_cpu():

@@ -5,13 +5,14 @@ on CUDA (float32 on CPU), greedy, on ``batch`` random prompts of ``prompt_len`` 
 tokens each: the prompt is one prefill call (MoBA layers: ``MoBAKVCache.prefill``, i.e. ``moba_attn``;
 dense layers: SDPA), then one call per token (MoBA: the Triton decode kernels; dense: SDPA against the
 whole cache, preallocated), in ``decode_mode`` (``flashmoba.models.generation.DECODE_MODES``:
-"cuda_graph" replays each step as one CUDA graph, "eager" launches every kernel from Python). A first
-generation of 4 tokens at the same prompt length warms up (Triton compilation, allocator growth, a first
-capture) and is not counted; the measured one still captures its own graph, which its decode time
-includes; ``steady_decode_ms_per_step`` leaves out the first ``WARM_DECODE_STEPS`` decode steps (the
-eager one and the capture). Tokens/s are summed over the batch; the decode rate leaves out the first new
-token, which comes with the prefill. Random weights decode as fast as trained ones: nothing here depends
-on what the tokens are.
+"cuda_graph" replays each step as one CUDA graph, "compiled_graph" replays the Inductor-compiled step as
+one, "eager" launches every kernel from Python). A first generation of 4 tokens at the same prompt length
+warms up (Triton and Inductor compilation, allocator growth, a first capture) and is not counted; the
+measured one still captures its own graph (and may recompile, for a new decoder's guards), which its
+decode time includes; ``steady_decode_ms_per_step`` leaves out the first ``WARM_DECODE_STEPS`` decode
+steps (the eager or compiling one and the capture). Tokens/s are summed over the batch; the decode rate
+leaves out the first new token, which comes with the prefill. Random weights decode as fast as trained
+ones: nothing here depends on what the tokens are.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def measure_generate(
     torch.manual_seed(0)
     model = HybridLM(config).to(device=device, dtype=dtype).eval()
     prompts = torch.randint(config.vocab_size, (batch, prompt_len), device=device)
+    if decode_mode in ("compiled", "compiled_graph"):
+        # Every row compiles its own step: torch.compile's recompile limit counts the rows' shapes and
+        # models together, and past it a step would silently run eagerly under the compiled label.
+        torch._dynamo.reset()
     generate(model, prompts, 4, decode_mode=decode_mode)  # warm-up at the measured shapes
     if device.type == "cuda":
         torch.cuda.synchronize(device)

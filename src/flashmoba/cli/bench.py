@@ -895,7 +895,10 @@ def _generate_parser() -> argparse.ArgumentParser:
         "--decode-modes",
         type=_names(DECODE_MODES),
         default=["auto"],
-        help=f"comma list from {DECODE_MODES} (auto: cuda_graph on CUDA, eager elsewhere)",
+        help=(
+            f"comma list from {DECODE_MODES} (auto: cuda_graph on CUDA, eager elsewhere; compiled_graph: "
+            "the step's forward compiled by Inductor, then replayed as a CUDA graph)"
+        ),
     )
     parser.add_argument(
         "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"

@@ -36,6 +36,8 @@ from flashmoba.nn.functional import dense_causal_attention, sliding_window_atten
 
 __all__ = [
     "DECODE_MODES",
+    "DEFAULT_COMPILE_OPTIONS",
+    "GRAPH_MODES",
     "WARM_DECODE_STEPS",
     "DenseCache",
     "HybridCache",
@@ -47,11 +49,20 @@ __all__ = [
 ]
 
 # How ``generate`` runs its one-token steps: "eager" (the growing caches), "static" (``StaticDecoder``:
-# fixed buffers, positions on the device), "cuda_graph" (static, each step one CUDA-graph replay), or
+# fixed buffers, positions on the device), "cuda_graph" (static, each step one CUDA-graph replay),
+# "compiled" (static, the step's forward ``torch.compile``d: Inductor fuses the small elementwise
+# kernels), "compiled_graph" (compiled, then each step one CUDA-graph replay of the compiled kernels), or
 # "auto" ("cuda_graph" on CUDA, "eager" elsewhere).
-DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph", "compiled", "compiled_graph")
+# The modes that need CUDA (a CUDA graph).
+GRAPH_MODES = ("cuda_graph", "compiled_graph")
+# torch.compile's options for a compiled static step. "default" (not "reduce-overhead" or "max-autotune",
+# which add Inductor's own CUDA graphs: StaticDecoder captures its own, around the compiled kernels).
+# dynamic=False: a decode step has one set of shapes.
+DEFAULT_COMPILE_OPTIONS = dict(mode="default", dynamic=False)
 # Decode steps before ``generate``'s steady-state timing starts: "cuda_graph"'s eager first step and its
-# capture (the other modes time from the same step, so that the numbers compare).
+# capture, "compiled"'s compilation (the other modes time from the same step, so that the numbers
+# compare).
 WARM_DECODE_STEPS = 2
 
 
@@ -357,10 +368,27 @@ _STATIC_LAYERS = (
 )
 
 
+def _static_step(model, token: torch.Tensor, layers: list, position: torch.Tensor) -> torch.Tensor:
+    """One static decode step: the logits ``[batch, vocab]`` after ``token`` ``[batch, 1]``, then the
+    position advanced on the device (what ``StaticDecoder`` compiles and captures)."""
+    logits = model.forward_with_cache(token, layers)[:, -1]
+    position += 1
+    return logits
+
+
 class StaticDecoder:
     """One-token decode steps of ``model`` on a prefilled ``HybridCache``, every layer turned static
     (``StaticSlidingWindowCache``, ``StaticDenseCache``, ``StaticMoBALayerCache``): a step has fixed
     shapes, reads its position and lengths on the device and never waits for the host.
+
+    With ``compile`` the step's forward is ``torch.compile``d (``compile_options`` on top of
+    ``DEFAULT_COMPILE_OPTIONS``). Both backends of ``moba_attn_with_kvcache`` are custom ops
+    (``flashmoba::moba_decode``, ``flashmoba::moba_decode_reference``) opaque to the compiler, so the
+    step traces as one graph (tests pass ``fullgraph=True``; the default does not insist, so a layer
+    that breaks the graph still runs). Inductor fuses the norms, rotary, SwiGLU and residual adds
+    around them, so a step launches far fewer kernels; the first step compiles. The compiled step
+    computes the same function (its fused kernels may round and order float sums differently from eager
+    PyTorch, so 16-bit logits differ by rounding noise).
 
     With ``cuda_graph`` (CUDA only) the first step runs eagerly on a side stream (it compiles the Triton
     kernels and sets up cuBLAS), the second is captured in a ``torch.cuda.CUDAGraph``, and every step
@@ -369,10 +397,26 @@ class StaticDecoder:
     The eager cache's tensors are taken over, not copied: use the decoder, not ``cache``, from then on.
     """
 
-    def __init__(self, model, cache: HybridCache, *, cuda_graph: bool):
+    def __init__(
+        self,
+        model,
+        cache: HybridCache,
+        *,
+        cuda_graph: bool,
+        compile: bool = False,
+        compile_options: dict | None = None,
+    ):
         device = model.embed.weight.device
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph needs the model on a CUDA device, got {device}")
+        if compile_options is not None and not compile:
+            raise ValueError("compile_options are torch.compile's: pass compile=True with them")
+        options = {**DEFAULT_COMPILE_OPTIONS, **(compile_options or {})}
+        if cuda_graph and options.get("mode") in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"compile mode {options['mode']!r} adds Inductor's own CUDA graphs, which cannot be captured "
+                "in the decoder's; use 'default' or 'max-autotune-no-cudagraphs' with cuda_graph"
+            )
         if cache.length == 0:
             raise ValueError("StaticDecoder needs a prefilled cache (at least one token)")
         self.model, self.cuda_graph = model, cuda_graph
@@ -380,6 +424,8 @@ class StaticDecoder:
         self.position = torch.tensor([cache.length], dtype=torch.int64, device=device)
         self.layers = [_static_layer(layer, self.position) for layer in cache]
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
+        self.compiled = compile
+        self._step_function = torch.compile(_static_step, **options) if compile else _static_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         self.steps = 0
@@ -403,9 +449,7 @@ class StaticDecoder:
         return logits
 
     def _forward(self) -> torch.Tensor:
-        logits = self.model.forward_with_cache(self.token, self.layers)[:, -1]
-        self.position += 1
-        return logits
+        return self._step_function(self.model, self.token, self.layers, self.position)
 
     def _warm_up(self) -> torch.Tensor:
         side = torch.cuda.Stream(device=self.token.device)
@@ -474,7 +518,8 @@ def generate(
     ``max_new_tokens``). ``generator`` drives the sampling (temperature > 0). ``stats``, when given a
     dict, receives ``prefill_tokens``, ``prefill_seconds``, ``decode_tokens`` and ``decode_seconds``
     (tokens summed over the batch; the first new token comes with the prefill; with "cuda_graph" the
-    decode time includes the eager first step and the capture), and ``steady_decode_tokens`` and
+    decode time includes the eager first step and the capture, with "compiled" and "compiled_graph" the
+    compilation too), and ``steady_decode_tokens`` and
     ``steady_decode_seconds``, the decode steps after the first ``WARM_DECODE_STEPS`` (one extra host
     synchronisation marks their start). ``decode_mode`` is one of
     ``DECODE_MODES``: every mode gives the same function (tests/models/test_generation.py).
@@ -496,8 +541,8 @@ def generate(
     device = input_ids.device
     if decode_mode == "auto":
         decode_mode = "cuda_graph" if device.type == "cuda" else "eager"
-    if decode_mode == "cuda_graph" and device.type != "cuda":
-        raise ValueError(f'decode_mode="cuda_graph" needs input_ids on a CUDA device, got {device}')
+    if decode_mode in GRAPH_MODES and device.type != "cuda":
+        raise ValueError(f'decode_mode="{decode_mode}" needs input_ids on a CUDA device, got {device}')
     new_ids = torch.empty(batch, 0, dtype=torch.int64, device=device)
     timings = dict.fromkeys(("prefill_tokens", "decode_tokens", "steady_decode_tokens"), 0)
     timings.update(dict.fromkeys(("prefill_seconds", "decode_seconds", "steady_decode_seconds"), 0.0))
@@ -517,7 +562,12 @@ def generate(
             def decode_step(token):
                 return model.forward_with_cache(token[:, None], cache)[:, -1]
         else:
-            decode_step = StaticDecoder(model, cache, cuda_graph=decode_mode == "cuda_graph").step
+            decode_step = StaticDecoder(
+                model,
+                cache,
+                cuda_graph=decode_mode in GRAPH_MODES,
+                compile=decode_mode in ("compiled", "compiled_graph"),
+            ).step
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_p, generator)
             if eos_token_id is not None:

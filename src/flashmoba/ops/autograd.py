@@ -8,6 +8,10 @@ through them and ``torch.library.opcheck`` passes:
   autograd formula (``register_autograd``, which torch turns into one ``autograd.Function``) saves the
   inputs, o, lse and the index, and calls
 - ``flashmoba::sparse_attn_bwd``: -> (dq, dk, dv).
+- ``flashmoba::moba_decode``: decode with a KV cache (``flashmoba.ops.decode``) -> (o, lse). With new
+  k, v it writes them into ``k_cache``, ``v_cache`` and adds them to ``block_sums`` in place, so the
+  schema declares those three as mutated (``Tensor(a!)``); torch.compile functionalizes the call and
+  Inductor re-inplaces it. No autograd formula: decode is inference only.
 
 Each op takes a ``KernelConfig`` as one trailing optional ``int[]`` (``KernelConfig.encode``): a
 dataclass cannot cross the dispatcher, a list of ints can, and left out it is the defaults.
@@ -23,6 +27,7 @@ import torch
 from flashmoba.ops import router
 from flashmoba.ops.backward import sparse_attention_backward
 from flashmoba.ops.config import DEFAULT_CONFIG, KernelConfig
+from flashmoba.ops.decode import check_decode_supported, moba_decode_triton
 from flashmoba.ops.forward import check_supported, sparse_attention_forward
 from flashmoba.ops.index import num_block_slots
 from flashmoba.ops.partials import chunking
@@ -212,9 +217,44 @@ def _backward(ctx, grad_out, grad_lse, _grad_entries, _grad_offsets):
 
 sparse_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+
+@torch.library.custom_op(
+    "flashmoba::moba_decode",
+    mutates_args=("k_cache", "v_cache", "block_sums"),  # as the schema's (a!), (b!), (c!)
+    schema=(
+        "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) block_sums, Tensor cache_seqlens, "
+        "SymInt block_size, SymInt topk, Tensor? k, Tensor? v, Tensor? block_table, float softmax_scale) "
+        "-> (Tensor, Tensor)"
+    ),
+)
+def moba_decode(q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale):
+    # Fresh outputs (a custom op may not return a view of its inputs); the caches change only with k, v.
+    return moba_decode_triton(
+        q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale
+    )
+
+
+@moba_decode.register_fake
+def _(q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, scale):
+    # The launcher's own shape checks, so that what the kernels do not run fails while tracing too.
+    check_decode_supported(q, block_size, topk, block_sums.shape[1], q.shape[0])
+    batch, seqlen_q, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Functions called by flashmoba.api
 # ----------------------------------------------------------------------------------------------------
+
+
+def moba_decode_with_kvcache_triton(
+    q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, softmax_scale
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moba_attn_with_kvcache``'s Triton backend through ``flashmoba::moba_decode`` (arguments checked
+    by the caller): o like q and the float32 lse ``[batch, Hq, T]``; k, v (if given) appended in place."""
+    return moba_decode(
+        q, k_cache, v_cache, block_sums, cache_seqlens, block_size, topk, k, v, block_table, softmax_scale
+    )
 
 
 def _padded_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
