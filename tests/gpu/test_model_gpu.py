@@ -183,14 +183,9 @@ def test_flashmoba_train_default_path_follows_the_eager_run(tmp_path):
     assert abs(runs[True][-1]["val_loss"] - runs[False][-1]["val_loss"]) < 3e-2
 
 
-@pytest.mark.parametrize("global_attention", ["moba", "dense"])
-def test_cuda_graph_generation_replays_the_static_steps(global_attention):
-    """generate(decode_mode="cuda_graph") captures one decode step and replays it: the same tokens as the
-    static steps run eagerly (the same kernels on the same buffers), and logits within bf16 noise of the
-    eager growing caches, on a bf16 model with GQA, the key convolution and a prompt that is not a multiple
-    of the block size; then a reused cache after the graph starts where it should."""
-    from flashmoba.models.generation import HybridCache, StaticDecoder
-
+def decode_model_and_prompt(global_attention: str):
+    """A bf16 tiny model with GQA and the key convolution, and 3 prompts of 1000 tokens (not a multiple of
+    its block size of 64), for the decode-mode tests."""
     config = model_config_from_preset(
         "tiny",
         global_attention=global_attention,
@@ -201,7 +196,18 @@ def test_cuda_graph_generation_replays_the_static_steps(global_attention):
     )
     torch.manual_seed(0)
     model = HybridLM(config).cuda().to(torch.bfloat16).eval()
-    prompt = torch.randint(config.vocab_size, (3, 1000), device="cuda")
+    return model, torch.randint(config.vocab_size, (3, 1000), device="cuda")
+
+
+@pytest.mark.parametrize("global_attention", ["moba", "dense"])
+def test_cuda_graph_generation_replays_the_static_steps(global_attention):
+    """generate(decode_mode="cuda_graph") captures one decode step and replays it: the same tokens as the
+    static steps run eagerly (the same kernels on the same buffers), and logits within bf16 noise of the
+    eager growing caches, on a bf16 model with GQA, the key convolution and a prompt that is not a multiple
+    of the block size; then a reused cache after the graph starts where it should."""
+    from flashmoba.models.generation import HybridCache, StaticDecoder
+
+    model, prompt = decode_model_and_prompt(global_attention)
     static = model.generate(prompt, 40, decode_mode="static")
     graphed = model.generate(prompt, 40, decode_mode="cuda_graph")
     assert torch.equal(static, graphed)
@@ -231,17 +237,7 @@ def test_compiled_graph_generation_equals_the_static_steps(global_attention):
     from flashmoba.models.generation import HybridCache, StaticDecoder
 
     torch._dynamo.reset()
-    config = model_config_from_preset(
-        "tiny",
-        global_attention=global_attention,
-        moba_block_size=64,
-        moba_topk=3,
-        kconv_size=3,
-        num_kv_heads=2,
-    )
-    torch.manual_seed(0)
-    model = HybridLM(config).cuda().to(torch.bfloat16).eval()
-    prompt = torch.randint(config.vocab_size, (3, 1000), device="cuda")
+    model, prompt = decode_model_and_prompt(global_attention)
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled = model.generate(prompt, 40, decode_mode="compiled")

@@ -4,7 +4,6 @@ that have no context-parallel path are refused before anything is written."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,35 +14,14 @@ import torch
 
 from flashmoba.cli import train as train_command
 from flashmoba.models.checkpoint import load_model
+from tests.training.helpers import read_metrics, tiny_run_args
 
 STEPS = 3
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def run_args(out: Path, corpus: str, *extra: str) -> list[str]:
     # tiny: window 64, MoBA blocks of 32; rows of 128 cut in 2 slices of 64 (2 blocks, halo 63).
-    return [
-        "--preset",
-        "tiny",
-        "--corpus",
-        corpus,
-        "--seq-len",
-        "128",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--max-steps",
-        str(STEPS),
-        "--no-pack-documents",
-        "--out",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
+    return tiny_run_args(out, corpus, "--max-steps", str(STEPS), "--no-pack-documents", *extra)
 
 
 def torchrun(processes: int, args: list[str]) -> None:

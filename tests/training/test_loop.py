@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,29 +14,7 @@ from flashmoba.cli import train as train_command
 from flashmoba.cli.train import parse_config
 from flashmoba.models.checkpoint import load_model
 from flashmoba.training.loop import learning_rate
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def small_run_args(out: Path, corpus: str, *extra: str) -> list[str]:
-    return [
-        "--preset",
-        "tiny",
-        "--corpus",
-        corpus,
-        "--seq-len",
-        "128",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
+from tests.training.helpers import read_metrics, tiny_run_args
 
 
 def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
@@ -92,10 +69,10 @@ def test_tiny_preset_trains_offline_on_cpu_and_eval_reads_it(tmp_path):
 
 def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, corpus):
     full = tmp_path / "full"
-    train_command.main(small_run_args(full, corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3"))
+    train_command.main(tiny_run_args(full, corpus, "--max-steps", "5", "--save-every", "3", "--kconv", "3"))
     resumed = tmp_path / "resumed"
     train_command.main(
-        small_run_args(
+        tiny_run_args(
             resumed,
             corpus,
             "--max-steps",
@@ -113,7 +90,7 @@ def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, corpus):
         assert row["loss"] == pytest.approx(expected[row["step"]]["loss"], rel=1e-6, abs=1e-6)
         assert row["lr"] == expected[row["step"]]["lr"]
     # --resume auto in the same directory continues from the latest checkpoint.
-    train_command.main(small_run_args(full, corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto"))
+    train_command.main(tiny_run_args(full, corpus, "--max-steps", "6", "--kconv", "3", "--resume", "auto"))
     assert [row["step"] for row in read_metrics(full)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -138,7 +115,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, corpus, strategy):
         "2",
         "-m",
         "flashmoba.train",
-        *small_run_args(
+        *tiny_run_args(
             run, corpus, "--max-steps", "3", "--distributed", strategy, "--activation-checkpointing"
         ),
     ]

@@ -380,6 +380,18 @@ def _device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error).strip()) from None
 
 
+def _add_run_flags(parser: argparse.ArgumentParser, stem: str) -> None:
+    """--device, --out (default ``benchmarks/results/<stem>_<card>.json``) and --overwrite, as the model,
+    decode and generate benchmarks take them."""
+    parser.add_argument(
+        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"default benchmarks/results/{stem}_<card>.json"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
 def _model_parser() -> argparse.ArgumentParser:
     from flashmoba.api import BACKENDS
     from flashmoba.bench.model import ATTENTIONS
@@ -408,9 +420,6 @@ def _model_parser() -> argparse.ArgumentParser:
         "--warmup", type=positive, default=3, help="untimed steps first (compilation, autotuning)"
     )
     parser.add_argument(
-        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
-    )
-    parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="flashmoba backend of MoBA layers"
     )
     parser.add_argument(
@@ -428,8 +437,7 @@ def _model_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in backward"
     )
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/model_<card>.json")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_run_flags(parser, stem="model")
     _add_replot_flag(parser)
     return parser
 
@@ -689,13 +697,7 @@ def _decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=positive, default=20, help="timed calls (their median)")
     parser.add_argument("--warmup", type=positive, default=3, help="untimed calls first")
     parser.add_argument("--no-graphs", action="store_true", help="time eager calls only (no CUDA graphs)")
-    parser.add_argument(
-        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default benchmarks/results/decode_<card>.json"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_run_flags(parser, stem="decode")
     _add_replot_flag(parser)
     return parser
 
@@ -900,13 +902,7 @@ def _generate_parser() -> argparse.ArgumentParser:
             "the step's forward compiled by Inductor, then replayed as a CUDA graph)"
         ),
     )
-    parser.add_argument(
-        "--device", type=_device_name, default="auto", help="auto (CUDA if present), cpu, cuda"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default benchmarks/results/generate_<card>.json"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_run_flags(parser, stem="generate")
     parser.set_defaults(replot=None)
     return parser
 

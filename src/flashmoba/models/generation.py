@@ -270,13 +270,13 @@ class HybridCache(list):
 class _StaticLayer:
     """A layer cache for one-token decode steps in which every tensor keeps its shape and address: the
     step's position is read from ``position`` (int64 ``[1]`` on the device, shared by every layer of the
-    model and advanced by ``StaticDecoder``), the key convolution's state is overwritten in place, and
-    ``length`` (host) is advanced by the decoder, not by ``attend``: a replayed CUDA graph runs no Python.
+    model and advanced by ``StaticDecoder``) and the key convolution's state is overwritten in place: a
+    replayed CUDA graph runs no Python, so no host-side count may be advanced here (``StaticDecoder``
+    keeps the one host length).
     """
 
     def __init__(self, layer: _LayerCache, position: torch.Tensor):
         self.position = position
-        self.length = layer.length
         self._keyconv_state = layer.keyconv_state
 
     @property

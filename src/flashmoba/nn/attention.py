@@ -196,8 +196,8 @@ class MoBAAttention(nn.Module):
     ):
         """q ``[..., Hq, D]``, k and v ``[..., Hkv, D]`` as attention sees them (after key conv and RoPE).
 
-        With a layer ``cache`` (``forward_with_cache``), x ``[batch, T, hidden]`` follows the
-        ``cache.length`` tokens already cached: positions are ``cache.positions(batch, T, device)``, and
+        With a layer ``cache`` (``forward_with_cache``), x ``[batch, T, hidden]`` follows the tokens
+        already cached: positions are ``cache.positions(batch, T, device)``, and
         the key convolution continues from ``cache.keyconv_state`` (which this replaces). Padded x
         without a cache starts at position ``position_offset`` (a context-parallel slice's start)."""
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
@@ -299,8 +299,8 @@ class MoBAAttention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
     def forward_with_cache(self, x: torch.Tensor, cache) -> torch.Tensor:
-        """Decode or prefill: x ``[batch, T, hidden]`` are the T tokens that follow the ``cache.length``
-        tokens already in ``cache`` (the same count for every row).
+        """Decode or prefill: x ``[batch, T, hidden]`` are the T tokens that follow the tokens already in
+        ``cache`` (the same count for every row).
 
         ``cache`` is a layer cache (see ``flashmoba.models.generation``): it has
         ``positions(batch, T, device)`` (the new tokens' absolute positions, for RoPE), ``keyconv_state``
