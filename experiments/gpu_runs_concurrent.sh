@@ -5,11 +5,16 @@
 # PROCS (default 8): runs at a time; a queue in the design's run order, the next run starting when one ends.
 # DEADLINE_MINUTES (default 8.6): every run stops by then (training at its last checkpoint, evaluation and
 # the router SNR only with the time they need), so that packing ends before a 9.5-minute command does. A run
-# that did not finish is listed, and calling the script again on the same (warm) machine resumes it.
-# Outputs without checkpoints: $OUT/runs-issue19.tar.gz (unpack from the repository root:
-# tar -xzf runs-issue19.tar.gz), a card sample every 20 s in $OUT/gpu_samples.csv (inside the archive too),
-# the script's own log on stdout (tee it into $OUT). PILOT=1: the shrunk CPU pipeline check (--pilot
-# --device cpu, experiments/pilot/runs-issue19); give it a stand-in `nvidia-smi` on PATH.
+# that did not finish is listed, and calling the script again on the same (warm) machine resumes it, with
+# RUNS_HOME set (below). Outputs without checkpoints: $OUT/runs-issue19.tar.gz (unpack from the repository
+# root: tar -xzf runs-issue19.tar.gz), a card sample every 20 s in the runs directory's
+# gpu_samples_<UTC start>.csv (one file per call), the script's own log on stdout (tee it into $OUT).
+# RUNS_HOME (set it on the device, e.g. RUNS_HOME=$HOME/flashmoba-runs): the runs directory lives there,
+# outside the working tree, and the tree's copy becomes a link to it. The device tool replaces a carried
+# ignored path, and removes one not carried, on every call, checkpoints included; a directory outside the
+# tree should survive while the machine stays warm (not yet tried), so that only with RUNS_HOME can a
+# second call resume. PILOT=1: the shrunk CPU pipeline check (--pilot --device cpu,
+# experiments/pilot/runs-issue19); give it a stand-in `nvidia-smi` on PATH.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -39,6 +44,16 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || { echo "
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 echo "${#runs[@]} runs of $design, $procs at a time on one card ($CUDA_VISIBLE_DEVICES), deadline ${deadline_minutes} min"
 mkdir -p "$runs_dir"
+if [ -n "${RUNS_HOME:-}" ]; then
+  store="$RUNS_HOME/$runs_dir"
+  if [ ! -d "$store" ]; then  # first call on this machine: start from the runs the tree holds
+    mkdir -p "$(dirname "$store")" && cp -a "$runs_dir" "$store"
+  fi
+  if [ ! -L "$runs_dir" ]; then
+    mv "$runs_dir" "$runs_dir.carried.$(date +%s)" && ln -s "$store" "$runs_dir"
+  fi
+  echo "runs in $store (resumable while this machine is up)"
+fi
 
 minutes_left() {
   python3 -c "import sys; print(f'{float(sys.argv[1]) - ($(date +%s) - $start) / 60:.2f}')" "$deadline_minutes"
@@ -52,7 +67,7 @@ minutes_left() {
     echo "$(( $(date +%s) - start )),${sample// /}"
     sleep 20
   done
-) > "$runs_dir/gpu_samples.csv" &
+) > "$runs_dir/gpu_samples_$(date -u +%Y%m%dT%H%M%S).csv" &
 sampler=$!
 
 run_one() {
@@ -88,7 +103,8 @@ kill "$sampler" 2>/dev/null
 # Per-run console output: each run's train.log / eval.log / snr.log hold it; keep the copies for failures.
 mkdir -p "$runs_dir/console"
 mv "$OUT"/*.out "$runs_dir/console/" 2>/dev/null
-tar -czf "$OUT/runs-issue19.tar.gz" --exclude=checkpoints "$runs_dir"
+# -h: through the RUNS_HOME link, so the archive holds the files under the tree's path.
+tar -czhf "$OUT/runs-issue19.tar.gz" --exclude=checkpoints "$runs_dir"
 ls -la "$OUT/runs-issue19.tar.gz"
 python3 - "$runs_dir" <<'EOF'
 import json, pathlib, sys

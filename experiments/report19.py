@@ -410,9 +410,14 @@ def claim_details(result: ClaimResult) -> list[str]:
 
 
 def card_samples(runs19: Path) -> list[str]:
-    path = runs19 / "gpu_samples.csv"
-    if not path.exists():
-        return []
+    """A line per call of experiments/gpu_runs_concurrent.sh (its gpu_samples_<call>.csv)."""
+    lines = []
+    for path in sorted(runs19.glob("gpu_samples_*.csv")):
+        lines += call_samples(path)
+    return lines
+
+
+def call_samples(path: Path) -> list[str]:
     with path.open() as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("utilization_gpu_percent", "").strip()]
     try:
@@ -423,7 +428,8 @@ def card_samples(runs19: Path) -> list[str]:
     if not rows:
         return []
     return [
-        f"- The card while the runs shared it ({len(rows)} samples, 20 s apart): utilisation mean "
+        f"- The card while the runs shared it, {path.stem.removeprefix('gpu_samples_')} "
+        f"({len(rows)} samples, 20 s apart): utilisation mean "
         f"{sum(utilisation) / len(utilisation):.0f}%, memory used at most {max(memory) / 1024:.1f} GiB."
     ]
 
