@@ -317,6 +317,10 @@ def test_router_split_heuristic_splits_long_caches_of_small_batches_only():
     short = decode.decode_tiles(128, 128, 8, 256, rows=32, group=4, seqlen_q=1, sm_count=132)
     assert (small["block_splits"], small["tiles_per_split"]) == (16, 8)
     assert large["block_splits"] == 1 and short["block_splits"] == 1
+    # Batch 8 (64 router programs): about two programs per SM, 4 tiles per split at least.
+    for max_blocks, expected in [(256, (1, 4)), (1024, (4, 4)), (4096, (5, 13))]:
+        tiles = decode.decode_tiles(128, 128, 8, max_blocks, rows=8 * 32, group=4, seqlen_q=1, sm_count=132)
+        assert (tiles["block_splits"], tiles["tiles_per_split"]) == expected, max_blocks
 
 
 def test_bfloat16_centroids_round_to_nearest():
@@ -367,6 +371,113 @@ def test_split_heuristic_splits_small_batches_only():
     assert large["num_splits"] == 1 and large["slots_per_split"] == 8
     odd = decode.decode_tiles(64, 128, 8, 256, rows=100, group=1, seqlen_q=1, sm_count=132)
     assert odd["num_splits"] * odd["slots_per_split"] >= 8 > (odd["num_splits"] - 1) * odd["slots_per_split"]
+
+
+@pytest.fixture
+def one_split(monkeypatch):
+    """Every decode call of the test takes one split (the partial kernel writes o and lse itself, as at
+    large batches), and launching the merge kernel fails the test."""
+    monkeypatch.setattr(decode, "DEFAULT_DECODE_CONFIG", decode.DecodeConfig(num_splits=1))
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the merge kernel is launched with one split")
+
+    monkeypatch.setattr(decode, "_decode_merge_kernel", NoLaunch(no_merge))
+
+
+class NoLaunch:
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        return self.launch
+
+
+def test_split_heuristic_takes_one_split_from_the_benchmark_s_batch_32():
+    # 32 heads: batch 8 takes 2 splits (partials and the merge), batch 32 and 64 one (no merge).
+    for batch, splits in [(1, 8), (8, 2), (32, 1), (64, 1)]:
+        tiles = decode.decode_tiles(128, 128, 8, 1024, rows=batch * 32, group=4, seqlen_q=1, sm_count=132)
+        assert tiles["num_splits"] == splits, batch
+    assert tiles["attention"]["NUM_STAGES"] == 2
+    config = decode.DecodeConfig(attn_num_stages=3)
+    assert decode.decode_tiles(128, 128, 8, 1024, 32, 4, 1, 132, config)["attention"]["NUM_STAGES"] == 3
+
+
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
+def test_one_split_writes_o_and_lse_without_the_merge(layout, heads, one_split, poison_empty):
+    check_float32(Case(CACHE_LENGTHS, 1, HEADS[heads], True, LAYOUTS[layout], seed=30))
+    check_float32(Case(cached_lengths(2), 2, HEADS[heads], False, LAYOUTS[layout], seed=31))
+
+
+def test_one_split_bfloat16_and_empty_sequences(one_split):
+    case = Case(
+        CACHE_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], dtype=torch.bfloat16, seed=32
+    )
+    twin = Case(
+        CACHE_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], dtype=torch.bfloat16, seed=32
+    )
+    out, lse = case.run()
+    expected_out, expected_lse = twin.run(backend="reference")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected_out.float(), **BF16_TOLERANCE)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-3, rtol=1e-3)
+    empty = Case([0, 0, 5], 1, HEADS["mqa"], False, None)
+    out, lse = empty.run()
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    assert torch.isneginf(lse[:2]).all() and torch.isfinite(lse[2]).all()
+
+
+def test_one_split_nan_rule(one_split, poison_empty):
+    lengths = cached_lengths(2 * BLOCK + 3)
+    args = (lengths, 2 * BLOCK + 3, HEADS["gqa"], False, LAYOUTS["paged-3-shuffled"])
+    case, clean = Case(*args, seed=20), Case(*args, seed=20)
+    set_cached(case, "v", 5, 29, 0, 3, math.nan)
+    set_cached(case, "v", 5, 10, 1, 0, math.inf)
+    set_cached(case, "k", 1, 5, 1, 7, math.inf)  # an inf key of sequence 1: +-inf logits
+    nan_rows = check_nan_rule(case, clean, bad_seqs=(1, 5))
+    assert not nan_rows[5, :2, :7].any() and nan_rows[5, :2, 7:10].all()
+
+
+@pytest.mark.parametrize(
+    "block_size, attn_block_n, stages",
+    [(5, 2, 1), (5, 2, 2), (5, 2, 3), (3, 16, 2), (BLOCK, 4, 2)],
+    ids=[
+        "block-5-tiles-of-2-no-pipelining",
+        "block-5-tiles-of-2",
+        "block-5-3-stages",
+        "tile-past-block",
+        "tile-is-block",
+    ],
+)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_key_tile_loop_over_slots_and_partial_tiles(
+    block_size, attn_block_n, stages, num_splits, poison_empty
+):
+    # The flat loop over (slot, tile): several tiles per block, a last tile past the block's end, one tile
+    # per block; lengths 0, 1, B - 1, B, B + 1 and a long one; both with partials and with one split.
+    lengths = (0, 1, block_size - 1, block_size, block_size + 1, 30)
+    case = Case(
+        lengths, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], block_size=block_size, topk=4, seed=33
+    )
+    config = decode.DecodeConfig(attn_block_n=attn_block_n, attn_num_stages=stages, num_splits=num_splits)
+    out, lse = decode.moba_decode_triton(
+        case.q.float(),
+        case.k_cache,
+        case.v_cache,
+        case.block_sums,
+        case.cache_seqlens,
+        block_size,
+        4,
+        case.k,
+        case.v,
+        case.block_table,
+        HEAD_DIM**-0.5,
+        config,
+    )
+    expected_out, expected_lse = case.expected()
+    assert_close(out, expected_out, "kernel_float32", "o")
+    assert_close(lse, expected_lse, "kernel_float32", "lse")
 
 
 # ----------------------------------------------------------------------------------------------------

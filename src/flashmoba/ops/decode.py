@@ -28,10 +28,15 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    partial output normalised by its own sum and its log2-sum-exp (-inf where it saw no key). The NaN
    rule of ``flashmoba.reference``: a visible logit that is not finite, or a visible value vector with
    a NaN or an inf, makes the split's partial output and lse NaN (values * 0 summed per key, an FMA per
-   logit); masked keys are never loaded (zeros), so NaN or inf there changes nothing.
+   logit); masked keys are never loaded (zeros), so NaN or inf there changes nothing. The key tiles of a
+   split are one flat loop whose K and V loads Triton software-pipelines (``tl.range(num_stages=...)``:
+   the next tile is in flight while the current one is reduced; without it nothing is prefetched, since
+   the launch option pipelines only loads that feed a ``tl.dot``). With one split (large batches) the
+   program writes o and lse itself, as the merge of one partial would: no scratch, no merge launch.
 4. ``_decode_merge_kernel``, program (query row and head): combines the splits' partials by their
    log-sum-exp into o (q's dtype) and the float32 natural-log lse; a row that saw no key (an empty
-   sequence) gets zeros and -inf, a row with a NaN partial lse gets NaN in o and lse.
+   sequence) gets zeros and -inf, a row with a NaN partial lse gets NaN in o and lse. Not launched with
+   one split.
 
 The Triton path reads no values on the host, so it cannot check them: lengths past the capacity and page
 ids out of range are the caller's to avoid (the reference backend checks them). Writes past the capacity
@@ -73,6 +78,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_DIM = 65535  # CUDA's limit on grid dimensions 1 and 2
 # Programs the split-K attention aims for when the device's SM count is unknown (an H100 has 132 SMs).
 DEFAULT_SM_COUNT = 132
+MAX_ROUTE_SPLITS = 16  # router block splits the heuristic takes at most (a config may ask for more)
 _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 
 
@@ -90,6 +96,8 @@ class DecodeConfig:
     # Attention: keys per tile, warps, and splits of a row's selected blocks (one split: no split-K).
     attn_block_n: int | None = None
     attn_num_warps: int | None = None
+    # Software-pipeline stages of the attention's key-tile loop (1: no pipelining).
+    attn_num_stages: int | None = None
     num_splits: int | None = None
 
     def __post_init__(self):
@@ -494,8 +502,10 @@ def _decode_attn_partial_kernel(
     Selected,
     CacheSeqlens,
     BlockTable,  # None for a contiguous cache (PAGED False)
-    PartialOut,  # float32 [batch * seqlen_q * heads_q, num_splits, head_dim]
-    PartialLse,  # float32 [batch * seqlen_q * heads_q, num_splits], log2 domain
+    PartialOut,  # float32 [batch * seqlen_q * heads_q, num_splits, head_dim] (None when FINAL)
+    PartialLse,  # float32 [batch * seqlen_q * heads_q, num_splits], log2 domain (None when FINAL)
+    Out,  # o like q, written here when FINAL (one split), else None
+    Lse,  # float32 [batch, heads_q, seqlen_q], written here when FINAL, else None
     stride_q_batch,
     stride_q_token,
     stride_q_head,
@@ -512,6 +522,13 @@ def _decode_attn_partial_kernel(
     stride_selected_batch,
     stride_selected_token,
     stride_selected_head,
+    stride_o_batch,
+    stride_o_token,
+    stride_o_head,
+    stride_o_dim,
+    stride_lse_batch,
+    stride_lse_head,
+    stride_lse_token,
     seqlen_q,
     heads_q,
     group,
@@ -526,6 +543,9 @@ def _decode_attn_partial_kernel(
     PAGED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software pipelining of the key-tile loop (tl.range), 1: none
+    FINAL: tl.constexpr,  # one split: write o and lse, no partials and no merge
+    ROUND_BF16: tl.constexpr,
 ):
     """Program (pair (b, t, head), split): partial softmax of query row t of head ``head`` over the keys of
     the blocks in selection slots ``[split * slots_per_split, ...)``."""
@@ -562,53 +582,74 @@ def _decode_attn_partial_kernel(
     acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
     first_slot = split * slots_per_split
     last_slot = tl.minimum(first_slot + slots_per_split, used_slots)
-    for slot in range(first_slot, last_slot):
+    # One flat loop over the key tiles of the split's slots (tiles_per_block per slot, in the same order
+    # as a loop over slots and then tiles): tl.range's num_stages makes Triton pipeline its K and V loads
+    # (the launch option num_stages pipelines only loads that feed a tl.dot), so each program keeps the
+    # next tiles in flight while it reduces the current one.
+    tiles_per_block = tl.cdiv(block_size, BLOCK_N)
+    for tile in tl.range(first_slot * tiles_per_block, last_slot * tiles_per_block, num_stages=NUM_STAGES):
+        slot = tile // tiles_per_block
         block = tl.load(selection + slot)  # -1: an unused slot, every key masked
-        for tile_start in range(0, block_size, BLOCK_N):
-            in_block = tile_start + key_offsets
-            key_positions = block * block_size + in_block
-            visible = (block >= 0) & (in_block < block_size) & (key_positions <= position)
-            if PAGED:
-                pages = tl.load(
-                    BlockTable + seq * stride_table_batch + key_positions // page_size, mask=visible, other=0
-                )
-                slots = key_positions % page_size
-            else:
-                pages = tl.zeros([BLOCK_N], dtype=tl.int32) + seq
-                slots = key_positions
-            # The NaN rule (flashmoba.reference): only visible keys are loaded, masked ones read as zeros,
-            # so a NaN or inf a row does not see (its own block's later keys, slots past the length, -1
-            # slots, unselected blocks, unwritten cache) never enters its arithmetic: not even 0 * NaN.
-            mask = visible[:, None] & dim_ok[None, :]
-            k_rows = pages.to(tl.int64) * stride_k_page + slots.to(tl.int64) * stride_k_slot
-            keys = tl.load(k_base + k_rows[:, None] + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
-            scores = tl.sum(keys.to(tl.float32) * query[None, :], axis=1) * qk_scale
-            # A visible logit that is not finite (NaN or inf in q or k, an overflow) poisons the row:
-            # x * 0 + x is NaN for +-inf and NaN (forward.py's nan_if_infinite); masked keys get -inf.
-            scores = tl.where(visible, tl.fma(scores, 0.0, scores), float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, axis=0))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: no NaN
-            # A NaN logit gives a NaN probability (whether the max ignores NaN, as on a GPU, or not, as in
-            # the interpreter), hence a NaN row_sum and acc in every column from then on.
-            probs = tl.exp2(scores - safe_max)
-            rescale = tl.exp2(row_max - safe_max)
-            v_rows = pages.to(tl.int64) * stride_v_page + slots.to(tl.int64) * stride_v_slot
-            values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
-            # A visible value vector with a NaN or an inf poisons the row the same way: the sum of its
-            # values * 0 is NaN there and 0 for a finite vector (the probability is then bitwise unchanged).
-            probs += tl.sum(values * 0.0, axis=1).to(tl.float32)
-            acc = acc * rescale + tl.sum(probs[:, None] * values.to(tl.float32), axis=0)
-            row_sum = row_sum * rescale + tl.sum(probs, axis=0)
-            row_max = new_max
+        in_block = (tile - slot * tiles_per_block) * BLOCK_N + key_offsets
+        key_positions = block * block_size + in_block
+        visible = (block >= 0) & (in_block < block_size) & (key_positions <= position)
+        if PAGED:
+            pages = tl.load(
+                BlockTable + seq * stride_table_batch + key_positions // page_size, mask=visible, other=0
+            )
+            slots = key_positions % page_size
+        else:
+            pages = tl.zeros([BLOCK_N], dtype=tl.int32) + seq
+            slots = key_positions
+        # The NaN rule (flashmoba.reference): only visible keys are loaded, masked ones read as zeros,
+        # so a NaN or inf a row does not see (its own block's later keys, slots past the length, -1
+        # slots, unselected blocks, unwritten cache) never enters its arithmetic: not even 0 * NaN.
+        mask = visible[:, None] & dim_ok[None, :]
+        k_rows = pages.to(tl.int64) * stride_k_page + slots.to(tl.int64) * stride_k_slot
+        keys = tl.load(k_base + k_rows[:, None] + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
+        scores = tl.sum(keys.to(tl.float32) * query[None, :], axis=1) * qk_scale
+        # A visible logit that is not finite (NaN or inf in q or k, an overflow) poisons the row:
+        # x * 0 + x is NaN for +-inf and NaN (forward.py's nan_if_infinite); masked keys get -inf.
+        scores = tl.where(visible, tl.fma(scores, 0.0, scores), float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=0))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: no NaN
+        # A NaN logit gives a NaN probability (whether the max ignores NaN, as on a GPU, or not, as in
+        # the interpreter), hence a NaN row_sum and acc in every column from then on.
+        probs = tl.exp2(scores - safe_max)
+        rescale = tl.exp2(row_max - safe_max)
+        v_rows = pages.to(tl.int64) * stride_v_page + slots.to(tl.int64) * stride_v_slot
+        values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
+        # A visible value vector with a NaN or an inf poisons the row the same way: the sum of its
+        # values * 0 is NaN there and 0 for a finite vector (the probability is then bitwise unchanged).
+        probs += tl.sum(values * 0.0, axis=1).to(tl.float32)
+        acc = acc * rescale + tl.sum(probs[:, None] * values.to(tl.float32), axis=0)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=0)
+        row_max = new_max
 
     # row_sum is 0 where the split saw no key (lse -inf), NaN where it is poisoned (lse NaN: the merge
     # must see it), positive otherwise.
     seen = row_sum != 0.0
-    partial = pair.to(tl.int64) * num_splits + split
-    tl.store(PartialOut + partial * head_dim + dims, acc / tl.where(seen, row_sum, 1.0), mask=dim_ok)
-    tl.store(
-        PartialLse + partial, tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("-inf"))
-    )
+    out = acc / tl.where(seen, row_sum, 1.0)
+    lse = tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    if FINAL:
+        # One split: the merge of one partial is the partial itself (weight exp2(0) = 1, total 1), so the
+        # program writes o (q's dtype) and the natural-log lse as _decode_merge_kernel would.
+        o_ptrs = (
+            Out
+            + seq.to(tl.int64) * stride_o_batch
+            + row.to(tl.int64) * stride_o_token
+            + head.to(tl.int64) * stride_o_head
+            + dims * stride_o_dim
+        )
+        if ROUND_BF16:
+            out = _bfloat16_nearest(out)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=dim_ok)
+        lse_ptr = Lse + seq.to(tl.int64) * stride_lse_batch + head * stride_lse_head + row * stride_lse_token
+        tl.store(lse_ptr, lse * _LN_2)
+    else:
+        partial = pair.to(tl.int64) * num_splits + split
+        tl.store(PartialOut + partial * head_dim + dims, out, mask=dim_ok)
+        tl.store(PartialLse + partial, lse)
 
 
 @triton.jit
@@ -718,14 +759,15 @@ def decode_tiles(
         num_stages=config.route_num_stages or 2,
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
-    # batches of long caches: one program per kv head would walk every centroid alone); each split
-    # keeps at least 4 tiles, and a merge kernel combines the splits' lists.
+    # batches of long caches: one program per kv head would walk every centroid alone), towards about
+    # two programs per SM, as the attention's splits; each split keeps at least 4 tiles, and a merge
+    # kernel combines the splits' lists, one after another (hence at most MAX_ROUTE_SPLITS of them).
     centroid_tiles = -(-max_blocks // route["BLOCK_N"])
     route_programs = -(-seqlen_q * group // route["BLOCK_M"]) * max(1, rows // max(1, seqlen_q * group))
     if route_programs >= sm_count or centroid_tiles < 8:
         block_splits = 1
     else:
-        block_splits = min(-(-sm_count // route_programs), centroid_tiles // 4)
+        block_splits = min(-(-2 * sm_count // route_programs), centroid_tiles // 4, MAX_ROUTE_SPLITS)
     block_splits = min(config.route_block_splits or block_splits, centroid_tiles)
     tiles_per_split = -(-centroid_tiles // block_splits)
     block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
@@ -739,6 +781,9 @@ def decode_tiles(
     attention = dict(
         BLOCK_N=attn_block_n,
         num_warps=config.attn_num_warps or (8 if attn_block_n * head_dim_pad >= 64 * 256 else 4),
+        # 2 stages: the next K and V tile in flight while one is reduced, 35 KB of shared memory at
+        # head_dim 128 (bf16), 5 programs per SM with 92 registers; 3 stages take 68 KB (3 per SM).
+        NUM_STAGES=config.attn_num_stages or 2,
     )
     return dict(
         picks=picks,
@@ -932,8 +977,11 @@ def decode_attend(
     if pairs == 0:
         return out, lse
     num_splits = tiles["num_splits"]
-    partial_out = torch.empty(pairs, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(pairs, num_splits, dtype=torch.float32, device=q.device)
+    final = num_splits == 1  # the partial kernel writes o and lse itself: no scratch, no merge launch
+    partial_out = partial_lse = None
+    if not final:
+        partial_out = torch.empty(pairs, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(pairs, num_splits, dtype=torch.float32, device=q.device)
     paged = block_table is not None
     head_dim_pad = next_power_of_2(head_dim)
     _decode_attn_partial_kernel[(pairs, num_splits)](
@@ -945,6 +993,8 @@ def decode_attend(
         BlockTable=block_table,
         PartialOut=partial_out,
         PartialLse=partial_lse,
+        Out=out if final else None,
+        Lse=lse if final else None,
         stride_q_batch=q.stride(0),
         stride_q_token=q.stride(1),
         stride_q_head=q.stride(2),
@@ -961,6 +1011,13 @@ def decode_attend(
         stride_selected_batch=selected.stride(0),
         stride_selected_token=selected.stride(1),
         stride_selected_head=selected.stride(2),
+        stride_o_batch=out.stride(0),
+        stride_o_token=out.stride(1),
+        stride_o_head=out.stride(2),
+        stride_o_dim=out.stride(3),
+        stride_lse_batch=lse.stride(0),
+        stride_lse_head=lse.stride(1),
+        stride_lse_token=lse.stride(2),
         seqlen_q=seqlen_q,
         heads_q=heads_q,
         group=heads_q // heads_kv,
@@ -974,8 +1031,12 @@ def decode_attend(
         qk_scale=scale * LOG2_E,
         PAGED=paged,
         HEAD_DIM_PAD=head_dim_pad,
+        FINAL=final,
+        ROUND_BF16=_round_bf16_by_bits(q.dtype),
         **tiles["attention"],
     )
+    if final:
+        return out, lse
     _decode_merge_kernel[(pairs,)](
         PartialOut=partial_out,
         PartialLse=partial_lse,
