@@ -137,6 +137,36 @@ def test_check_cu_seqlens_false_skips_only_the_value_read(backend, count_host_re
         flashmoba.moba_attn_varlen(q, k, v, cu, cu, 5, 5, 4, 2, check_cu_seqlens=None)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kernel_config_of_a_wrong_type_is_refused(backend):
+    # Refused on every backend, before any work; checked without importing flashmoba.ops (Triton).
+    q, k, v = _qkv()
+    packed_q, packed_k, packed_v, cu = _packed()
+    for wrong in ({"rows_per_item": 4096}, 4096, "default"):
+        message = f"kernel_config must be a flashmoba.ops.KernelConfig or None, got {type(wrong).__name__}"
+        with pytest.raises(TypeError, match=message):
+            flashmoba.moba_attn(q, k, v, 4, 2, backend=backend, kernel_config=wrong)
+        with pytest.raises(TypeError, match=message):
+            flashmoba.moba_attn_varlen(
+                packed_q, packed_k, packed_v, cu, cu, 5, 5, 4, 2, backend=backend, kernel_config=wrong
+            )
+
+
+def test_kernel_config_check_does_not_import_triton():
+    code = (
+        "import sys, torch, flashmoba\n"
+        "q = torch.randn(1, 8, 2, 16)\n"
+        "try:\n"
+        "    flashmoba.moba_attn(q, q, q, 4, 2, kernel_config={'rows_per_item': 1})\n"
+        "except TypeError as error:\n"
+        "    assert 'kernel_config' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('no TypeError')\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_varlen_wrong_ndim():
     q, k, v, cu = _packed()
     with pytest.raises(ValueError, match="3 dimensions"):

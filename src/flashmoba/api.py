@@ -22,6 +22,8 @@ An explicit backend never falls back silently.
 from __future__ import annotations
 
 import os
+import sys
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +36,9 @@ from flashmoba._checks import (
     check_positive_int,
     check_real,
 )
+
+if TYPE_CHECKING:  # for annotations only: importing flashmoba.ops imports Triton
+    from flashmoba.ops.config import KernelConfig
 
 BACKENDS = ("auto", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -113,6 +118,20 @@ def _check_options(block_size, topk, softmax_scale, backend, **flags) -> tuple[i
     for name, value in flags.items():
         check_bool(name, value)
     return block_size, topk
+
+
+def _check_kernel_config(kernel_config) -> None:
+    """None or a ``flashmoba.ops.KernelConfig``. The class is looked up among the loaded modules, not
+    imported: importing ``flashmoba.ops`` imports Triton, and a caller who holds a KernelConfig has loaded
+    it already (so anything else, checked without it, cannot be one)."""
+    if kernel_config is None:
+        return
+    config_module = sys.modules.get("flashmoba.ops.config")
+    if config_module is None or not isinstance(kernel_config, config_module.KernelConfig):
+        raise TypeError(
+            "kernel_config must be a flashmoba.ops.KernelConfig or None, got "
+            f"{type(kernel_config).__name__} {kernel_config!r}"
+        )
 
 
 def _check_select_width(q: torch.Tensor, topk: int) -> None:
@@ -222,6 +241,7 @@ def moba_attn(
     backend: str = "auto",
     return_lse: bool = False,
     deterministic: bool = False,
+    kernel_config: KernelConfig | None = None,
 ):
     """Mixture of Block Attention on a padded batch (flash-attn layout).
 
@@ -235,6 +255,8 @@ def moba_attn(
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, T]``.
         deterministic: bitwise reproducible gradients on the Triton backend (the reference always is).
+        kernel_config: the Triton kernels' launch settings (a ``flashmoba.ops.KernelConfig``; None: the
+            measured defaults); the reference backend ignores it.
 
     Returns:
         o ``[B, T, Hq, D]`` in q's dtype, and lse ``[B, Hq, T]`` if ``return_lse``.
@@ -252,6 +274,7 @@ def moba_attn(
             return_lse=return_lse,
             deterministic=deterministic,
         )
+        _check_kernel_config(kernel_config)
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
     block_size, topk = _within_sequence(block_size, topk, k.shape[1])
@@ -264,7 +287,9 @@ def moba_attn(
     elif q.numel() == 0 or k.numel() == 0:  # every query sees nothing: output 0, lse -inf
         out, lse = reference.sees_nothing(q, k, v, q.shape, lse_shape, torch.float32)
     elif backend == "triton":
-        out, lse = _triton_ops().moba_attn_triton(q, k, v, block_size, topk, causal, scale, deterministic)
+        out, lse = _triton_ops().moba_attn_triton(
+            q, k, v, block_size, topk, causal, scale, deterministic, config=kernel_config
+        )
     else:
         out, lse = reference.moba_attn_reference(q, k, v, block_size, topk, causal, scale)
         lse = lse.float()
@@ -288,6 +313,7 @@ def moba_attn_varlen(
     return_lse: bool = False,
     deterministic: bool = False,
     check_cu_seqlens: bool = True,
+    kernel_config: KernelConfig | None = None,
 ):
     """Mixture of Block Attention on packed sequences (flash-attn varlen layout).
 
@@ -316,6 +342,7 @@ def moba_attn_varlen(
             deterministic=deterministic,
             check_cu_seqlens=check_cu_seqlens,
         )
+        _check_kernel_config(kernel_config)
         read_values = check_cu_seqlens and not q.is_meta  # a meta tensor has no values to read
         max_seqlen_q, max_seqlen_k = _check_varlen(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, read_values
@@ -342,6 +369,7 @@ def moba_attn_varlen(
             causal,
             scale,
             deterministic,
+            config=kernel_config,
         )
     else:
         out, lse = reference.moba_attn_varlen_reference(

@@ -224,6 +224,47 @@ def test_measure_model_on_cpu(attention):
     assert row["peak_gib"] is None and row["mfu"] is None
     assert row["model_tflop_per_step"] > 0
     assert (row["block_size"], row["topk"]) == ((32, 2) if attention == "moba" else (None, None))
+    # The MoBA kernels' rows_per_item: KernelConfig's default unless given; none for dense.
+    from flashmoba.ops import KernelConfig  # imports Triton
+
+    assert row["rows_per_item"] == (KernelConfig().rows_per_item if attention == "moba" else None)
+
+
+def test_moba_row_and_its_kernel_benchmark_take_one_kernel_config(monkeypatch):
+    """rows_per_item reaches the model's MoBA layers, the row, and the kernel-only benchmark (CUDA only:
+    stood in for here, as is the profiled split that triggers it)."""
+    from flashmoba.ops import KernelConfig  # imports Triton
+
+    split = dict(
+        attention_ms=0.5,
+        matmul_ms=0.25,
+        other_ms=0.25,
+        idle_ms=0.0,
+        busy_ms=1.0,
+        profiled_step_ms=2.0,
+        flashmoba_ms=0.5,
+        top_kernels=[],
+    )
+    monkeypatch.setattr(bench_model, "profiled_split", lambda step, device: dict(split))
+    model_configs, bench_configs = [], []
+    set_kernel_config = HybridLM.set_kernel_config
+
+    def recording_set_kernel_config(model, config):
+        model_configs.append(config)
+        set_kernel_config(model, config)
+
+    def kernel_bench(config, seqlen, batch, kernel_config=None):
+        bench_configs.append(kernel_config)
+        return 1.5
+
+    monkeypatch.setattr(HybridLM, "set_kernel_config", recording_set_kernel_config)
+    monkeypatch.setattr(bench_model, "moba_kernel_bench_ms", kernel_bench)
+    row = bench_model.measure_model(
+        "tiny", 64, "moba", block_size=32, topk=2, rows_per_item=48, steps=1, warmup=1, backend="reference"
+    )
+    assert model_configs == bench_configs == [KernelConfig(rows_per_item=48)]
+    assert row["rows_per_item"] == 48 and row["kernel_bench_ms"] == 1.5
+    assert row["moba_layer_ms"] == pytest.approx(0.5 / 2)  # two MoBA layers in the tiny preset
 
 
 def test_idle_is_taken_against_the_unprofiled_step(monkeypatch):

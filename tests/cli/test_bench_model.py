@@ -23,6 +23,11 @@ def test_runs_and_writes_rows(tmp_path, capsys):
         ("moba", 32, 2),
         ("moba", 16, 3),
     ]
+    # Without --rows-per-item, MoBA rows run KernelConfig's default; dense rows record none.
+    from flashmoba.ops import KernelConfig  # imports Triton
+
+    default_rows_per_item = KernelConfig().rows_per_item
+    assert [r["rows_per_item"] for r in rows] == [None, default_rows_per_item, default_rows_per_item]
     for row in rows:
         assert tuple(row) == ROW_FIELDS
         assert row["card"] == "cpu" and row["seqlen"] == 64 and row["tokens_per_s"] > 0
@@ -46,6 +51,23 @@ def test_runs_and_writes_rows(tmp_path, capsys):
     assert out.with_suffix(".png").exists() and "| dense | 64 |" in capsys.readouterr().out
 
 
+def test_rows_per_item_gives_one_moba_row_per_value(tmp_path, capsys):
+    out = tmp_path / "model_cpu.json"
+    args = ["model", *TINY, "--block-sizes", "32", "--topks", "2", "--rows-per-item", "16,0"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["attention"], r["rows_per_item"]) for r in rows] == [
+        ("dense", None),
+        ("moba", 16),
+        ("moba", 0),
+    ]
+    assert all(tuple(row) == ROW_FIELDS for row in rows)
+    output = capsys.readouterr().out
+    assert "| attention | N | rows_per_item |" in output
+    assert "| dense | 64 | - |" in output
+    assert "| moba B=32 k=2 | 64 | 16 |" in output and "| moba B=32 k=2 | 64 | 0 |" in output
+
+
 def test_default_out_is_named_after_the_card(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bench.main(["model", *TINY, "--attentions", "dense", "--device", "cpu"]) == 0
@@ -66,6 +88,8 @@ def test_default_out_is_named_after_the_card(tmp_path, monkeypatch):
         (["--preset", "huge"], "--preset"),
         (["--backend", "cuda"], "--backend"),
         (["--device", "tpu"], "--device"),
+        (["--rows-per-item", "1024,-1"], "--rows-per-item"),
+        (["--rows-per-item", "many"], "--rows-per-item"),
         (["--replot", "no/such.json"], "--replot"),
     ],
 )

@@ -90,10 +90,10 @@ def cached_steps(monkeypatch):
     counter = {"calls": 0, "tokens": 0}
     real = HybridLM.forward_with_cache
 
-    def counted(self, input_ids, cache):
+    def counted(self, input_ids, cache, **options):  # options: generate's last_position_only
         counter["calls"] += 1
         counter["tokens"] += input_ids.shape[1]
-        return real(self, input_ids, cache)
+        return real(self, input_ids, cache, **options)
 
     monkeypatch.setattr(HybridLM, "forward_with_cache", counted)
     return counter

@@ -270,3 +270,54 @@ def test_bad_arguments_are_refused(kwargs, error, message):
     arguments = {"input_ids": prompts(), "max_new_tokens": 2, **kwargs}
     with pytest.raises(error, match=message):
         model.generate(arguments.pop("input_ids"), arguments.pop("max_new_tokens"), **arguments)
+
+
+@pytest.mark.parametrize("global_attention", ["moba", "dense"])
+def test_prefill_builds_the_last_position_s_logits_only(global_attention):
+    """generate's prefill asks for the last prompt position only: the head sees [batch, 1, hidden], not
+    [batch, prompt_len, hidden] (no full-sequence logits), and last_position_only gives exactly the full
+    call's last row."""
+    model = tiny_model(global_attention, 0, torch.float32)
+    input_ids = prompts(length=9)
+    with torch.no_grad():
+        full = model.forward_with_cache(input_ids, HybridCache(model, 2, 9))
+        last = model.forward_with_cache(input_ids, HybridCache(model, 2, 9), last_position_only=True)
+    assert last.shape == (2, 1, VOCAB) and torch.equal(last[:, 0], full[:, -1])
+    head_inputs = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_inputs.append(args[0].shape))
+    generated = model.generate(input_ids, 4, decode_mode="static")
+    assert head_inputs[0] == (2, 1, 32)  # the prefill
+    assert torch.equal(generated, greedy_by_recomputation(model, input_ids, 4))
+
+
+def test_after_decode_gets_the_loop_s_step_with_room_for_its_steps():
+    model = tiny_model("moba", 0, torch.float64)
+    input_ids = prompts(length=5)
+    seen = {}
+
+    def after_decode(step, token):
+        seen["token"] = token
+        seen["logits"] = [step(token) for _ in range(3)]
+
+    generated = generate(
+        model, input_ids, 4, decode_mode="static", after_decode=after_decode, after_decode_steps=3
+    )
+    assert torch.equal(generated, model.generate(input_ids, 4, decode_mode="static"))
+    assert torch.equal(seen["token"], generated[:, -1]) and seen["logits"][-1].shape == (2, VOCAB)
+
+
+def test_prefilled_caches_own_only_what_they_keep():
+    """After a prefill the sliding window's keys and values and the key convolution's state are copies,
+    not slices of the prompt's [batch, prompt_len, ...] tensors (which a slice would keep alive)."""
+    model = tiny_model("dense", 3, torch.float32)
+    prompt_len = 40
+    cache = HybridCache(model, 2, prompt_len)
+    with torch.no_grad():
+        model.forward_with_cache(prompts(length=prompt_len), cache, last_position_only=True)
+
+    def owns_only_itself(tensor):
+        return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+    sliding, dense = cache[0], cache[1]
+    assert sliding.k.shape[1] == 5 and owns_only_itself(sliding.k) and owns_only_itself(sliding.v)
+    assert dense.keyconv_state.shape == (2, 2, 16) and owns_only_itself(dense.keyconv_state)

@@ -72,6 +72,43 @@ def test_packed_forward_reads_cu_seqlens_once_for_all_layers(count_host_reads):
         model.blocks[1].attn(torch.zeros(44, model.config.hidden_size), cu_seqlens=offsets)
 
 
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_set_kernel_config_reaches_every_moba_layer():
+    # The Triton backend on CPU (interpreter). rows_per_item=1: one row tile per work item, so the hot
+    # columns split; the loss and gradients are those of the default launch settings up to rounding.
+    from flashmoba.ops import KernelConfig
+
+    config = model_config_from_preset("tiny", window_size=8, moba_block_size=4, moba_topk=2, backend="triton")
+    torch.manual_seed(3)
+    model = HybridLM(config)
+    ids = torch.randint(0, 257, (45,))
+    offsets = cu_seqlens([30, 15])
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(ids, ids, cu_seqlens=offsets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    default_loss, default_grads = loss_and_grads()
+    kernel_config = KernelConfig(rows_per_item=1)
+    model.set_kernel_config(kernel_config)
+    assert [attn.kernel_config for _, attn in model.moba_layers()] == [kernel_config] * 2
+    assert all(block.attn.kernel_config is None for block in model.blocks if not block.is_global)
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, default_loss, rtol=1e-5, atol=1e-6)
+    for grad, default_grad in zip(grads, default_grads):
+        torch.testing.assert_close(grad, default_grad, rtol=1e-4, atol=1e-6)
+    # A launch setting: neither the model's config nor its checkpoints hold it.
+    assert "kernel_config" not in model.config.to_dict()
+    assert not any("kernel_config" in name for name in model.state_dict())
+    model.set_kernel_config(None)
+    assert all(attn.kernel_config is None for _, attn in model.moba_layers())
+    with pytest.raises(TypeError, match="kernel_config"):
+        model.set_kernel_config(1024)
+
+
 def test_layer_pattern_and_gradients_reach_every_parameter():
     model = tiny_model().train()
     kinds = [block.attn.attention for block in model.blocks]

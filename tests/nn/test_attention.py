@@ -91,3 +91,38 @@ def test_packed_layer_equals_each_sequence_alone(attention):
     for start, length in zip(offsets[:-1].tolist(), lengths):
         alone = layer(x[start : start + length].unsqueeze(0))[0]
         torch.testing.assert_close(packed[start : start + length], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_moba_layer_passes_its_kernel_config_on(monkeypatch):
+    """The layer's kernel_config reaches moba_attn and moba_attn_varlen (MoBA only), and shows in its
+    repr once set."""
+    pytest.importorskip("triton")
+    from flashmoba.nn import attention as attention_module
+    from flashmoba.ops import KernelConfig
+
+    calls = []
+
+    def recording(function):
+        def record(*args, **kwargs):
+            calls.append((function.__name__, kwargs.get("kernel_config")))
+            return function(*args, **kwargs)
+
+        return record
+
+    for name in ("moba_attn", "moba_attn_varlen"):
+        monkeypatch.setattr(attention_module, name, recording(getattr(attention_module, name)))
+    config = KernelConfig(rows_per_item=16)
+    layer = MoBAAttention(32, 4, 2, block_size=4, topk=2, backend="reference", kernel_config=config)
+    assert layer.kernel_config is config and "kernel_config=KernelConfig(" in repr(layer)
+    layer(torch.randn(2, 9, 32))
+    layer(torch.randn(14, 32), cu_seqlens([5, 9]))
+    assert calls == [("moba_attn", config), ("moba_attn_varlen", config)]
+
+    calls.clear()
+    layer.kernel_config = None
+    layer(torch.randn(2, 9, 32))
+    assert calls == [("moba_attn", None)] and "kernel_config" not in repr(layer)
+    dense = MoBAAttention(32, 4, 2, attention="dense")
+    assert dense.kernel_config is None and "kernel_config" not in repr(dense)
+    with pytest.raises(TypeError, match="kernel_config must be a flashmoba.ops.KernelConfig or None"):
+        MoBAAttention(32, 4, 2, kernel_config=dict(rows_per_item=16))

@@ -16,6 +16,7 @@ import flashmoba
 from flashmoba import reference
 from flashmoba.ops import autograd as triton_autograd
 from flashmoba.ops.config import KernelConfig
+from flashmoba.ops.forward import forward_tiles
 from flashmoba.ops.partials import chunking
 from flashmoba.ops.utils import interpreting
 from tests.helpers import assert_close, cu_seqlens
@@ -339,6 +340,55 @@ def test_public_varlen_api():
         q.double(), k.double(), v.double(), cu, cu, 20, 20, B, 2, backend="reference"
     )
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_public_api_kernel_config_splits_columns_exactly(layout):
+    """kernel_config=KernelConfig(rows_per_item=1): every work item is one row tile (1 rounds up to a
+    tile), so each column with more routed rows than a tile splits. Outputs and gradients still match the
+    float64 reference, and the default launch settings, on odd lengths."""
+    topk, seqlen = 3, 77
+    if layout == "padded":
+        generator = torch.Generator().manual_seed(7)
+        q, k, v, grad_out = (
+            torch.randn(2, seqlen, heads, 32, generator=generator).to(DEVICE) for heads in (4, 2, 2, 4)
+        )
+        packing = {}
+
+        def attention(q, k, v, **options):
+            return flashmoba.moba_attn(q, k, v, B, topk, **options)
+
+    else:
+        lengths = [seqlen, 1, 45]
+        q, k, v, grad_out, _ = _make(lengths, lengths, 4, 2, 32, seed=7)
+        cu = _cu(lengths)
+        packing = dict(cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+        def attention(q, k, v, **options):
+            return flashmoba.moba_attn_varlen(q, k, v, cu, cu, seqlen, seqlen, B, topk, **options)
+
+    selected = flashmoba.moba_select(q, k, B, topk, backend="triton", **packing)
+    expected_selected = flashmoba.moba_select(q, k, B, topk, backend="reference", **packing)
+    assert torch.equal(selected, expected_selected)  # these seeds have no near-tie
+    # The first sequence's hottest (head, block) column holds more rows than a forward tile: it splits.
+    first = selected[0] if layout == "padded" else selected[:seqlen]
+    rows_per_column = [(first[:, head] == block).sum() for head in range(4) for block in range(5)]
+    assert max(rows_per_column) > forward_tiles(32, B)["BLOCK_M"]
+
+    def run(tensors, backend, **options):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = attention(*leaves, backend=backend, **options)
+        (out * grad_out.to(out.dtype)).sum().backward()
+        return out.detach(), *(leaf.grad for leaf in leaves)
+
+    config = KernelConfig(rows_per_item=1)
+    got = run((q, k, v), "triton", kernel_config=config)
+    with_defaults = run((q, k, v), "triton")
+    # The reference backend takes kernel_config and ignores it.
+    expected = run([t.double() for t in (q, k, v)], "reference", kernel_config=config)
+    for name, actual, default, wanted in zip(("out", "dq", "dk", "dv"), got, with_defaults, expected):
+        assert_close(actual, wanted, name=name)
+        assert_close(actual, default, name=f"{name} against the default launch settings")
 
 
 def test_opcheck_router_op():

@@ -13,6 +13,12 @@ decode time includes; ``steady_decode_ms_per_step`` leaves out the first ``WARM_
 steps (the eager or compiling one and the capture). Tokens/s are summed over the batch; the decode rate
 leaves out the first new token, which comes with the prefill. Random weights decode as fast as trained
 ones: nothing here depends on what the tokens are.
+
+With ``profile``, the measured generation then runs ``PROFILE_WARM_STEPS`` more steps and
+``PROFILE_STEPS`` steady ones under ``torch.profiler`` (the same decoder and cache, through
+``generate``'s ``after_decode``: the step the timing measured, not a second decode loop), and the row
+gets a ``profile`` field (``profile_decode_steps``). On CUDA it counts device activities (kernels,
+memcpys and memsets, CUPTI sees them inside CUDA-graph replays too); on the CPU, operators.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from flashmoba.bench.timing import card_name
-from flashmoba.models.generation import DECODE_MODES, generate
+from flashmoba.models.generation import DECODE_MODES, WARM_DECODE_STEPS, generate
 from flashmoba.models.hybrid import HybridLM, model_config_from_preset
 
 ATTENTIONS = ("dense", "moba")
@@ -41,6 +47,70 @@ ROW_FIELDS = (
     "steady_decode_ms_per_step",
     "peak_gib",
 )
+# --profile: steps run unprofiled first (a step that is still a first eager run or a capture would
+# count its Triton launches and capture work), then the profiled steady steps, the entries kept and the
+# characters of a name kept.
+PROFILE_WARM_STEPS = WARM_DECODE_STEPS
+PROFILE_STEPS = 8
+PROFILE_TOP = 15
+PROFILE_NAME_CHARS = 90
+# The keys of a row's ``profile`` field, and of each of its ``top`` entries.
+PROFILE_FIELDS = ("activity", "steps", "kernels_per_step", "device_us_per_step", "top")
+PROFILE_TOP_FIELDS = ("name", "calls_per_step", "us_per_step")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _self_device_us(event) -> float:
+    """An event's own device time in µs: ``self_device_time_total`` (PyTorch >= 2.4), else the older
+    ``self_cuda_time_total``."""
+    if hasattr(event, "self_device_time_total"):
+        return event.self_device_time_total
+    return event.self_cuda_time_total
+
+
+def profile_decode_steps(
+    step, token: torch.Tensor, device: torch.device, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP
+) -> dict:
+    """Profile ``steps`` calls of the decode ``step`` (``token [batch]`` -> logits) after
+    ``PROFILE_WARM_STEPS`` unprofiled ones; per step: the device kernels (CUDA: every device activity,
+    kernels, memcpys and memsets, each an entry of ``key_averages()``) and their total time, and the
+    ``top`` entries by time. On the CPU ("cpu_ops") the entries are the operators by self CPU time and
+    ``kernels_per_step`` counts operator calls; ``device_us_per_step`` is then their self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    for _ in range(PROFILE_WARM_STEPS):
+        step(token)
+    _synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step(token)
+        _synchronize(device)
+    entries = []  # (name, calls, total µs)
+    for event in profiler.key_averages():
+        if getattr(event, "is_user_annotation", False):
+            continue  # record_function ranges, not work
+        if on_cuda and event.device_type != DeviceType.CPU:
+            entries.append((event.key, event.count, _self_device_us(event)))
+        elif not on_cuda and event.device_type == DeviceType.CPU:
+            entries.append((event.key, event.count, event.self_cpu_time_total))
+    entries.sort(key=lambda entry: entry[2], reverse=True)
+    return dict(
+        activity="cuda_kernels" if on_cuda else "cpu_ops",
+        steps=steps,
+        kernels_per_step=sum(calls for _, calls, _ in entries) / steps,
+        device_us_per_step=sum(total for _, _, total in entries) / steps,
+        top=[
+            dict(name=name[:PROFILE_NAME_CHARS], calls_per_step=calls / steps, us_per_step=total / steps)
+            for name, calls, total in entries[:top]
+        ],
+    )
 
 
 def measure_generate(
@@ -54,9 +124,11 @@ def measure_generate(
     new_tokens: int = 32,
     device: torch.device | str = "cpu",
     decode_mode: str = "auto",
+    profile: bool = False,
 ) -> dict:
     """Time ``generate`` of preset ``preset`` with ``attention`` global layers ("dense", or "moba" with
-    ``block_size`` and ``topk``); returns a results row."""
+    ``block_size`` and ``topk``); returns a results row (with ``profile``: and its ``profile`` field,
+    ``profile_decode_steps`` of the measured generation's decoder after the timing)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if decode_mode not in DECODE_MODES:
@@ -81,7 +153,20 @@ def measure_generate(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
-    generate(model, prompts, new_tokens, stats=stats, decode_mode=decode_mode)
+    profiled: dict = {}
+
+    def profile_after_decode(step, token):
+        profiled.update(profile_decode_steps(step, token, device))
+
+    generate(
+        model,
+        prompts,
+        new_tokens,
+        stats=stats,
+        decode_mode=decode_mode,
+        after_decode=profile_after_decode if profile else None,
+        after_decode_steps=PROFILE_WARM_STEPS + PROFILE_STEPS if profile else 0,
+    )
     decode_steps = stats["decode_tokens"] // batch if batch else 0
     row = dict(
         card=card_name() if device.type == "cuda" else "cpu",
@@ -104,4 +189,7 @@ def measure_generate(
         ),
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     )
-    return {field: row[field] for field in ROW_FIELDS}
+    row = {field: row[field] for field in ROW_FIELDS}
+    if profile:
+        row["profile"] = profiled
+    return row

@@ -26,6 +26,10 @@ sliding-window layers take the same kernels as in training).
   alone on inputs of the layer's shape (bf16, the Triton backend), timed in the same run; their ratio is
   what the layer costs beyond the kernels. ``top_kernels`` lists the step's heaviest kernels
   ([name, class, launches, ms]), which also names the kernel dense attention ran on.
+- **Kernel settings.** ``rows_per_item``: ``KernelConfig.rows_per_item`` of the MoBA layers' Triton
+  kernels (``HybridLM.set_kernel_config``), the same in the model's step and in ``kernel_bench_ms``; the
+  other launch settings are ``KernelConfig``'s defaults. None for dense rows; the reference backend
+  ignores it.
 - **Settings.** ``compile_mode``: the ``torch.compile`` mode the blocks ran in
   (``HybridLM.compile_blocks``), None when eager; by default what ``flashmoba train`` takes
   (``TrainConfig.compile_mode`` on CUDA, through ``blocks_compile_mode``), eager on CPU. The optimizer is
@@ -59,6 +63,7 @@ ROW_FIELDS = (
     "attention",
     "block_size",
     "topk",
+    "rows_per_item",
     "tokens_per_s",
     "step_ms",
     "profiled_step_ms",
@@ -328,9 +333,20 @@ def time_steps_ms(step: Callable[[], None], steps: int, device: torch.device) ->
     return times
 
 
-def moba_kernel_bench_ms(config: ModelConfig, seqlen: int, batch: int, repeats: int = 10) -> float:
+def moba_kernel_config(rows_per_item: int | None):
+    """The ``KernelConfig`` of a MoBA row: the defaults with ``rows_per_item`` (None: its default). Imported
+    here, for MoBA rows only: ``flashmoba.ops`` imports Triton."""
+    from flashmoba.ops.config import KernelConfig
+
+    return KernelConfig() if rows_per_item is None else KernelConfig(rows_per_item=rows_per_item)
+
+
+def moba_kernel_bench_ms(
+    config: ModelConfig, seqlen: int, batch: int, kernel_config=None, repeats: int = 10
+) -> float:
     """``moba_attn_varlen`` forward + backward alone (median ms, CUDA events) on bf16 inputs of a MoBA
-    layer's shape in the model: ``batch`` packed documents of ``seqlen`` tokens, the config's heads."""
+    layer's shape in the model: ``batch`` packed documents of ``seqlen`` tokens, the config's heads,
+    the kernels launched with ``kernel_config`` (a ``KernelConfig``; None: the defaults)."""
     from flashmoba.api import moba_attn_varlen
 
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -359,6 +375,7 @@ def moba_kernel_bench_ms(config: ModelConfig, seqlen: int, batch: int, repeats: 
             softmax_scale=config.head_dim**-0.5,
             backend="triton",
             check_cu_seqlens=False,
+            kernel_config=kernel_config,
         )
         out.backward(grad_out)
 
@@ -372,6 +389,7 @@ def measure_model(
     *,
     block_size: int | None = None,
     topk: int | None = None,
+    rows_per_item: int | None = None,
     batch: int = 1,
     steps: int = 10,
     warmup: int = 3,
@@ -382,7 +400,8 @@ def measure_model(
     activation_checkpointing: bool = False,
 ) -> dict:
     """Measure training steps of preset ``preset`` with ``attention`` ("dense", or "moba" with
-    ``block_size`` and ``topk``) on ``batch`` documents of ``seqlen`` tokens; returns a results row.
+    ``block_size``, ``topk`` and the kernels' ``rows_per_item``, None: ``KernelConfig``'s default) on
+    ``batch`` documents of ``seqlen`` tokens; returns a results row.
     ``compile_blocks`` and ``compile_mode`` None: as ``flashmoba train`` on one process (compiled on CUDA
     in ``TrainConfig``'s default mode, eager on CPU)."""
     if attention not in ATTENTIONS:
@@ -399,11 +418,14 @@ def measure_model(
     if attention == "moba":
         overrides.update(moba_block_size=block_size, moba_topk=topk)
     config = model_config_from_preset(preset, **overrides)
+    # A launch setting, not part of the model: set on its MoBA layers, never in ModelConfig.
+    kernel_config = moba_kernel_config(rows_per_item) if attention == "moba" else None
     card = card_name() if device.type == "cuda" else "cpu"
     torch.manual_seed(0)
     model = HybridLM(config).to(device)
     model.train()
     model.activation_checkpointing = activation_checkpointing
+    model.set_kernel_config(kernel_config)  # before the first step: a change would recompile the blocks
     if compile_mode is not None:
         model.compile_blocks(mode=compile_mode)
     train_config = TrainConfig(preset=preset, model=config)
@@ -435,7 +457,7 @@ def measure_model(
             moba_layer_ms = flashmoba_ms / moba_layers
             del model, optimizer, step  # the kernel benchmark runs alone on the card
             torch.cuda.empty_cache()
-            kernel_bench_ms = moba_kernel_bench_ms(config, seqlen, batch)
+            kernel_bench_ms = moba_kernel_bench_ms(config, seqlen, batch, kernel_config)
 
     peak_flops = peak_bf16_flops(card) if device.type == "cuda" else None
     row = dict(
@@ -446,6 +468,7 @@ def measure_model(
         attention=attention,
         block_size=block_size if attention == "moba" else None,
         topk=topk if attention == "moba" else None,
+        rows_per_item=kernel_config.rows_per_item if kernel_config is not None else None,
         tokens_per_s=seqlen * batch / (step_ms / 1e3),
         step_ms=step_ms,
         **(split or dict.fromkeys(("profiled_step_ms", *SPLIT_FIELDS))),

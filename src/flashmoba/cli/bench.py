@@ -8,9 +8,10 @@ fwd_bwd_ms, peak_mem_gib) with a plot beside it. Without CUDA it says so and com
 the Triton interpreter on a small case.
 
 ``flashmoba bench model [flags]``: end-to-end training steps of the hybrid LM, dense against MoBA, by
-preset, sequence length and block size / topk pair (``flashmoba.bench.model``): tokens/s, the step split
-into attention, matrix products, other kernels and GPU idle, peak memory and MFU, to
-``benchmarks/results/model_<card>.json`` with a plot beside it and a markdown table on stdout.
+preset, sequence length, block size / topk pair and the MoBA kernels' ``rows_per_item``
+(``flashmoba.bench.model``): tokens/s, the step split into attention, matrix products, other kernels and
+GPU idle, peak memory and MFU, to ``benchmarks/results/model_<card>.json`` with a plot beside it and a
+markdown table on stdout.
 
 ``flashmoba bench decode [flags]``: one decode step (seqlen_q 1: append, route, attend) of MoBA with a KV
 cache against dense decode on the same cache (SDPA, FlexAttention), by cache length, batch and head
@@ -414,6 +415,14 @@ def _model_parser() -> argparse.ArgumentParser:
         default=list(ATTENTIONS),
         help=f"comma list from {ATTENTIONS}",
     )
+    parser.add_argument(
+        "--rows-per-item",
+        type=ints_at_least(0),
+        default=None,
+        metavar="R[,R,...]",
+        help="KernelConfig.rows_per_item of the MoBA kernels, one MoBA row per value (0: never split a "
+        "column; default: KernelConfig's default); dense rows run once",
+    )
     parser.add_argument("--batch", type=positive, default=1, help="documents (rows) per step")
     parser.add_argument("--steps", type=positive, default=10, help="measured steps (their median is timed)")
     parser.add_argument(
@@ -466,12 +475,20 @@ def _check_model_args(parser: argparse.ArgumentParser, args, stem: str = "model"
 
 def _model_jobs(args) -> list[dict]:
     """Keyword arguments of ``measure_model`` in run order: per sequence length, dense then each MoBA
-    (block size, topk) pair."""
+    (block size, topk) pair with each ``--rows-per-item`` value (None: KernelConfig's default)."""
+    rows_per_item_values = [None] if args.rows_per_item is None else args.rows_per_item
     jobs = []
     for seqlen in args.seqlens:
         for attention in args.attentions:
-            pairs = zip(args.block_sizes, args.topks) if attention == "moba" else [(None, None)]
-            for block_size, topk in pairs:
+            if attention == "moba":
+                settings = [
+                    (block_size, topk, rows_per_item)
+                    for block_size, topk in zip(args.block_sizes, args.topks)
+                    for rows_per_item in rows_per_item_values
+                ]
+            else:  # a kernel setting of MoBA: dense runs once
+                settings = [(None, None, None)]
+            for block_size, topk, rows_per_item in settings:
                 jobs.append(
                     dict(
                         preset=args.preset,
@@ -479,6 +496,7 @@ def _model_jobs(args) -> list[dict]:
                         attention=attention,
                         block_size=block_size,
                         topk=topk,
+                        rows_per_item=rows_per_item,
                         batch=args.batch,
                         steps=args.steps,
                         warmup=args.warmup,
@@ -504,7 +522,13 @@ def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
             row = measure_model(**job)
         except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as error:
             row = dict.fromkeys(ROW_FIELDS)
-            row.update({key: job[key] for key in ("preset", "seqlen", "attention", "block_size", "topk")})
+            # rows_per_item as asked (None for a MoBA row: KernelConfig's default)
+            row.update(
+                {
+                    key: job[key]
+                    for key in ("preset", "seqlen", "attention", "block_size", "topk", "rows_per_item")
+                }
+            )
             row.update(
                 card=card_name() if job["device"].type == "cuda" else "cpu",
                 batch=job["batch"],
@@ -527,6 +551,15 @@ def _model_label(row: dict) -> str:
         label += " eager" if mode is None else ("" if mode == "reduce-overhead" else f" {mode}")
     if row.get("activation_checkpointing"):
         label += " recompute"
+    return label
+
+
+def _model_series_label(row: dict) -> str:
+    """``_model_label`` with the MoBA kernels' rows_per_item, which tells apart rows of one attention
+    (the table gives rows_per_item a column of its own)."""
+    label = _model_label(row)
+    if row.get("rows_per_item") is not None:
+        label += f" rows_per_item={row['rows_per_item']}"
     return label
 
 
@@ -553,15 +586,21 @@ def model_table(rows: list[dict]) -> str:
         f"Card: **{first.get('card', '?')}**, preset {first.get('preset', '?')}, "
         f"batch {first.get('batch', '?')} document(s) per step",
         "",
-        "| attention | N | " + " | ".join(title for title, _, _ in MODEL_TABLE_COLUMNS) + " |",
-        "|---|---:|" + "---:|" * len(MODEL_TABLE_COLUMNS),
+        "| attention | N | rows_per_item | "
+        + " | ".join(title for title, _, _ in MODEL_TABLE_COLUMNS)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(MODEL_TABLE_COLUMNS),
     ]
     for row in rows:
         if row.get("error"):
             cells = [f"failed: {row['error'][:60]}"] + [""] * (len(MODEL_TABLE_COLUMNS) - 1)
         else:
             cells = [_number(row.get(field), fmt) for _, field, fmt in MODEL_TABLE_COLUMNS]
-        lines.append(f"| {_model_label(row)} | {row['seqlen']} | " + " | ".join(cells) + " |")
+        # rows_per_item: None for dense rows, absent from a results file that does not record it
+        rows_per_item = _number(row.get("rows_per_item"), "d")
+        lines.append(
+            f"| {_model_label(row)} | {row['seqlen']} | {rows_per_item} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -571,14 +610,15 @@ def heaviest_kernels(rows: list[dict], count: int = 6) -> str:
     for row in rows:
         if not row.get("top_kernels"):
             continue
-        lines.append(f"{_model_label(row)}, N = {row['seqlen']}:")
+        lines.append(f"{_model_series_label(row)}, N = {row['seqlen']}:")
         for name, kind, launches, ms in row["top_kernels"][:count]:
             lines.append(f"  {ms:8.2f} ms {launches:5d}x  {kind:9s} {name[:90]}")
     return "\n".join(lines)
 
 
 def model_plot(rows: list[dict], path: Path) -> None:
-    """Training tokens/s against sequence length, one line per attention (dense, each MoBA pair)."""
+    """Training tokens/s against sequence length, one line per attention (dense, each MoBA pair and
+    rows_per_item)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -588,7 +628,7 @@ def model_plot(rows: list[dict], path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for row in rows:
         if not row.get("error") and row.get("tokens_per_s") is not None:
-            series.setdefault(_model_label(row), []).append(row)
+            series.setdefault(_model_series_label(row), []).append(row)
     for label, points in series.items():
         points.sort(key=lambda r: r["seqlen"])
         axis.plot([r["seqlen"] for r in points], [r["tokens_per_s"] for r in points], marker="o", label=label)
@@ -902,6 +942,12 @@ def _generate_parser() -> argparse.ArgumentParser:
             "the step's forward compiled by Inductor, then replayed as a CUDA graph)"
         ),
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each row's timing, profile steady decode steps of the same decoder (torch.profiler): "
+        "kernels per step, device time per step and the top kernels, in the row's 'profile' field",
+    )
     _add_run_flags(parser, stem="generate")
     parser.set_defaults(replot=None)
     return parser
@@ -960,6 +1006,25 @@ def generate_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def generate_profile_table(row: dict) -> str:
+    """A row's ``profile`` field (``flashmoba.bench.generate.profile_decode_steps``) as a markdown table."""
+    profile = row["profile"]
+    label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
+    time_label = "device µs/step" if profile["activity"] == "cuda_kernels" else "self CPU µs/step"
+    lines = [
+        f"Profile of {label}, prompt {row['prompt_len']}, {row['decode_mode']}, batch {row['batch']}: "
+        f"{profile['kernels_per_step']:.0f} {profile['activity']} per step, "
+        f"{profile['device_us_per_step']:.0f} µs per step ({profile['steps']} steps)",
+        "",
+        f"| {profile['activity']} | calls/step | {time_label} |",
+        "|---|---:|---:|",
+    ]
+    for entry in profile["top"]:
+        name = entry["name"].replace("|", "/")
+        lines.append(f"| {name} | {entry['calls_per_step']:.1f} | {entry['us_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
 def generate_main(argv: list[str]) -> int:
     from flashmoba.bench.generate import ROW_FIELDS, measure_generate
 
@@ -978,7 +1043,12 @@ def generate_main(argv: list[str]) -> int:
     for job in jobs:
         try:
             row = measure_generate(
-                args.preset, batch=args.batch, new_tokens=args.new_tokens, device=args.device, **job
+                args.preset,
+                batch=args.batch,
+                new_tokens=args.new_tokens,
+                device=args.device,
+                profile=args.profile,
+                **job,
             )
         except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
             row = dict.fromkeys(ROW_FIELDS)
@@ -990,4 +1060,7 @@ def generate_main(argv: list[str]) -> int:
         args.out.write_text(json.dumps(rows, indent=1))  # a run that dies keeps the rows before it
     print(f"\nresults in {args.out}\n")
     print(generate_table(rows))
+    for row in rows:
+        if row.get("profile"):
+            print("\n" + generate_profile_table(row))
     return 0

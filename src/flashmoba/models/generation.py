@@ -26,6 +26,7 @@ autocast.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,17 @@ class _LayerCache:
 
     def __init__(self):
         self.length = 0
-        self.keyconv_state: torch.Tensor | None = None
+        self._keyconv_state: torch.Tensor | None = None
+
+    @property
+    def keyconv_state(self) -> torch.Tensor | None:
+        return self._keyconv_state
+
+    @keyconv_state.setter
+    def keyconv_state(self, state: torch.Tensor | None) -> None:
+        # A copy: ``KeyConv.step`` returns the state as a slice of the chunk's raw keys, which would keep
+        # [batch, T, channels] alive (after a prefill, the whole prompt's) for kernel_size - 1 of them.
+        self._keyconv_state = None if state is None else state.clone()
 
     def positions(self, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
         """int64 ``[batch, seqlen]``: the absolute positions of the next ``seqlen`` tokens."""
@@ -151,7 +162,10 @@ class SlidingWindowCache(_KeyValueCache):
                 q, keys, values, scale, self.length, self.length - self.k.shape[1], self.window_size
             )
         keep = self.window_size - 1
-        self.k, self.v = keys[:, keys.shape[1] - keep :], values[:, values.shape[1] - keep :]
+        # Copies, not slices: a slice would keep the whole chunk's keys and values alive (after a prefill,
+        # [batch, prompt_len, heads_kv, head_dim] each, per sliding layer) for window - 1 of them.
+        self.k = keys[:, keys.shape[1] - keep :].clone()
+        self.v = values[:, values.shape[1] - keep :].clone()
         self.length += q.shape[1]
         return out
 
@@ -509,6 +523,8 @@ def generate(
     generator: torch.Generator | None = None,
     stats: dict | None = None,
     decode_mode: str = "auto",
+    after_decode: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], None] | None = None,
+    after_decode_steps: int = 0,
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` after the prompts ``input_ids [batch, prompt_len]`` (equal lengths,
     prompt_len >= 1) with a ``HybridCache``: one prefill call over the prompts, then one token per step.
@@ -523,6 +539,15 @@ def generate(
     ``steady_decode_seconds``, the decode steps after the first ``WARM_DECODE_STEPS`` (one extra host
     synchronisation marks their start). ``decode_mode`` is one of
     ``DECODE_MODES``: every mode gives the same function (tests/models/test_generation.py).
+
+    ``after_decode(step, token)``, when given, is called once after the timed decode loop (outside every
+    timing) with the decode step function the loop used (``token [batch]`` -> logits ``[batch, vocab]``,
+    e.g. ``StaticDecoder.step``: a CUDA-graph replay in "cuda_graph" mode) and the last token it sampled;
+    the cache has room for ``after_decode_steps`` more steps for it (``flashmoba bench generate
+    --profile`` profiles steady steps so). The returned ids do not include what it decodes.
+
+    The prefill computes the logits of the last prompt position only (the norm and head over T positions
+    would be ``[batch, T, ...]`` float32 buffers for one row of logits).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
@@ -531,6 +556,7 @@ def generate(
             f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(input_ids.shape)}"
         )
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+    after_decode_steps = check_int("after_decode_steps", after_decode_steps, minimum=0)
     temperature = check_real("temperature", temperature, minimum=0.0)
     top_p = check_real("top_p", top_p, exclusive_minimum=0.0, maximum=1.0)
     if eos_token_id is not None:
@@ -547,10 +573,10 @@ def generate(
     timings = dict.fromkeys(("prefill_tokens", "decode_tokens", "steady_decode_tokens"), 0)
     timings.update(dict.fromkeys(("prefill_seconds", "decode_seconds", "steady_decode_seconds"), 0.0))
     if max_new_tokens > 0 and batch > 0:
-        cache = HybridCache(model, batch, prompt_len + max_new_tokens)
+        cache = HybridCache(model, batch, prompt_len + max_new_tokens + after_decode_steps)
         _synchronize(device)
         started = time.perf_counter()
-        logits = model.forward_with_cache(input_ids, cache)[:, -1]
+        logits = model.forward_with_cache(input_ids, cache, last_position_only=True)[:, -1]
         _synchronize(device)
         timings["prefill_seconds"] = time.perf_counter() - started
         timings["prefill_tokens"] = batch * prompt_len
@@ -589,6 +615,8 @@ def generate(
         if steady_started is not None:
             timings["steady_decode_seconds"] = ended - steady_started
         new_ids = torch.stack(tokens, dim=1)
+        if after_decode is not None:
+            after_decode(decode_step, tokens[-1])
     if stats is not None:
         stats.update(timings)
     return new_ids

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashmoba._checks import check_choice, check_int, check_positive_int
-from flashmoba.api import BACKENDS
+from flashmoba.api import BACKENDS, _check_kernel_config
 from flashmoba.nn.attention import MoBAAttention, PackedSequences
 from flashmoba.nn.keyconv import KeyConv
+
+if TYPE_CHECKING:  # for annotations only: importing flashmoba.ops imports Triton
+    from flashmoba.ops.config import KernelConfig
 
 GLOBAL_ATTENTION_KINDS = ("moba", "dense")
 # Key convolution widths the train command offers (0: none); ModelConfig itself takes any width >= 0.
@@ -303,10 +307,26 @@ class HybridLM(nn.Module):
         """(layer index, attention module) of every MoBA layer."""
         return [(i, block.attn) for i, block in enumerate(self.blocks) if block.attn.attention == "moba"]
 
-    def forward_with_cache(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    def set_kernel_config(self, config: KernelConfig | None) -> None:
+        """Launch every MoBA layer's Triton kernels with ``config`` (a ``flashmoba.ops.KernelConfig``; None:
+        the measured defaults). A launch setting, not part of the model: ``ModelConfig`` and checkpoints
+        do not hold it. Compiled blocks (``compile_blocks``) recompile when it changes: set it before the
+        first step."""
+        _check_kernel_config(config)
+        for _, attention in self.moba_layers():
+            attention.kernel_config = config
+
+    def forward_with_cache(
+        self, input_ids: torch.Tensor, cache, *, last_position_only: bool = False
+    ) -> torch.Tensor:
         """Logits ``[batch, T, vocab_size]`` of ``input_ids`` ``[batch, T]``, the tokens that follow those in
         ``cache`` (a ``flashmoba.models.generation.HybridCache``, one layer cache per block), which it
-        appends to. Prefill is one call with the prompt; decode one call per token."""
+        appends to. Prefill is one call with the prompt; decode one call per token.
+
+        ``last_position_only``: logits ``[batch, 1, vocab_size]`` of the last token only (a prefill needs
+        no more): the final norm and the head then run on one position per row instead of T, which at a
+        long prompt saves their ``[batch, T, ...]`` float32 and logits buffers (the norm and the head act
+        on each position alone, so the last row is the one the full call computes)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
         if input_ids.ndim != 2:
@@ -318,6 +338,8 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         for block, layer_cache in zip(self.blocks, cache):
             x = block.forward_with_cache(x, layer_cache)
+        if last_position_only:
+            x = x[:, -1:]
         return self.lm_head(self.final_norm(x))
 
     @torch.no_grad()

@@ -15,11 +15,13 @@ themselves are ``flashmoba.nn.functional``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from flashmoba._checks import check_bool, check_choice, check_cu_seqlens_values, check_int, check_positive_int
-from flashmoba.api import moba_attn, moba_attn_varlen, moba_select
+from flashmoba.api import _check_kernel_config, moba_attn, moba_attn_varlen, moba_select
 from flashmoba.nn.functional import _flash_varlen_function as _flash_varlen_function
 from flashmoba.nn.functional import (
     dense_causal_attention,
@@ -29,6 +31,9 @@ from flashmoba.nn.functional import (
     sliding_window_attention,
 )
 from flashmoba.nn.keyconv import KeyConv, positions_in_sequence
+
+if TYPE_CHECKING:  # for annotations only: importing flashmoba.ops imports Triton
+    from flashmoba.ops.config import KernelConfig
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -101,6 +106,9 @@ class MoBAAttention(nn.Module):
         rope: rotate q and k by their position inside the sequence (RoPE).
         rope_base: RoPE's base.
         backend: flashmoba backend for MoBA: ``"auto"``, ``"reference"`` or ``"triton"``.
+        kernel_config: the Triton kernels' launch settings for MoBA (a ``flashmoba.ops.KernelConfig``;
+            None: the measured defaults). A launch setting, not part of the layer's definition: it is
+            no parameter or buffer, so checkpoints do not hold it; set the attribute to change it.
 
     ``forward(x, cu_seqlens=None, max_seqlen=None)`` with x ``[batch, seqlen, hidden]`` or packed
     ``[total, hidden]`` + ``cu_seqlens`` (or a ``PackedSequences`` passed as ``packed``).
@@ -122,6 +130,7 @@ class MoBAAttention(nn.Module):
         rope_base: float = 10000.0,
         backend: str = "auto",
         use_flash_varlen: bool = True,
+        kernel_config: KernelConfig | None = None,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -152,6 +161,8 @@ class MoBAAttention(nn.Module):
             window_size,
         )
         self.rope, self.rope_base, self.backend = rope, float(rope_base), backend
+        _check_kernel_config(kernel_config)
+        self.kernel_config = kernel_config
         # Packed dense and sliding-window attention on PyTorch's flash varlen kernel where it runs
         # (flash_varlen_supported); False sends them through SDPA.
         self.use_flash_varlen = check_bool("use_flash_varlen", use_flash_varlen)
@@ -169,6 +180,8 @@ class MoBAAttention(nn.Module):
         )
         if self.attention == "moba":
             extra += f", block_size={self.block_size}, topk={self.topk}, backend={self.backend!r}"
+            if self.kernel_config is not None:
+                extra += f", kernel_config={self.kernel_config!r}"
         if self.attention == "sliding":
             extra += f", window_size={self.window_size}"
         return extra + f", rope={self.rope}"
@@ -239,7 +252,14 @@ class MoBAAttention(nn.Module):
         if self.attention == "moba":
             if packed is None:
                 out = moba_attn(
-                    q, k, v, self.block_size, self.topk, softmax_scale=scale, backend=self.backend
+                    q,
+                    k,
+                    v,
+                    self.block_size,
+                    self.topk,
+                    softmax_scale=scale,
+                    backend=self.backend,
+                    kernel_config=self.kernel_config,
                 )
             else:
                 out = moba_attn_varlen(
@@ -255,6 +275,7 @@ class MoBAAttention(nn.Module):
                     softmax_scale=scale,
                     backend=self.backend,
                     check_cu_seqlens=False,  # PackedSequences checked them once for every layer
+                    kernel_config=self.kernel_config,
                 )
         elif self.attention == "dense":
             if packed is not None and self.use_flash_varlen and flash_varlen_supported(q):
