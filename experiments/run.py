@@ -86,6 +86,21 @@ def evaluation_is_done(directory: Path, final_checkpoint: Path) -> bool:
     return Path(json.loads(results_path.read_text())["checkpoint"]).name == final_checkpoint.name
 
 
+def newest_checkpoint_step(directory: Path) -> int:
+    """The step of the run's newest checkpoint on this machine (0 when it has none)."""
+    steps = [int(path.stem.removeprefix("step_")) for path in (directory / "checkpoints").glob("step_*.pt")]
+    return max(steps, default=0)
+
+
+def outputs_are_complete(protocol: Protocol, directory: Path, final_checkpoint: Path) -> bool:
+    """Trained to the last step, evaluated on that checkpoint, and (issue 19) its router SNR measured."""
+    if last_logged_step(directory) != protocol.training.max_steps:
+        return False
+    if not evaluation_is_done(directory, final_checkpoint):
+        return False
+    return protocol.snr is None or snr_is_done(directory, final_checkpoint)
+
+
 def run_logged(command: list[str], log_path: Path, timeout_s: float | None) -> str:
     """Run ``command`` with its output appended to ``log_path``; 'finished', or 'stopped' at the timeout."""
     environment = dict(os.environ)
@@ -290,10 +305,18 @@ def make_run(
 ) -> dict:
     """Train and evaluate ``run`` as far as ``max_minutes`` allows; returns the run's cost record."""
     directory = run_directory(protocol, run)
+    final_checkpoint = checkpoint_path(directory, protocol.training.max_steps)
+    if not final_checkpoint.exists() and outputs_are_complete(protocol, directory, final_checkpoint):
+        # A complete run on a machine without its checkpoints (they never leave the machine that trained
+        # it): training again would replace its committed outputs.
+        print(
+            f"{run.name}: complete (evaluated at step {protocol.training.max_steps}); left as it is",
+            flush=True,
+        )
+        return json.loads((directory / "cost.json").read_text())
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "train_config.json"
     config_path.write_text(json.dumps(protocol.train_config(run), indent=2) + "\n")
-    final_checkpoint = checkpoint_path(directory, protocol.training.max_steps)
     started = time.perf_counter()
     entry = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -301,7 +324,7 @@ def make_run(
         "python": platform.python_version(),
         "train_minutes": 0.0,
         "eval_minutes": 0.0,
-        "steps_before": last_logged_step(directory),
+        "steps_before": newest_checkpoint_step(directory),  # where training resumes (0: from scratch)
     }
     training, entry["train_minutes"] = train_step(
         config_path, directory, device, final_checkpoint, minutes_left(started, max_minutes)
@@ -330,9 +353,7 @@ def make_run(
         snr=snr,
     )
     cost = record_cost(directory, entry)
-    done = final_checkpoint.exists() and evaluation_is_done(directory, final_checkpoint)
-    if protocol.snr is not None:
-        done = done and snr_is_done(directory, final_checkpoint)
+    done = final_checkpoint.exists() and outputs_are_complete(protocol, directory, final_checkpoint)
     print(
         f"{run.name}: training {training}, evaluation {evaluation}, router SNR {snr}; "
         f"step {cost['trained_steps']} of "

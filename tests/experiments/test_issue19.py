@@ -99,3 +99,15 @@ def test_a_tiny_issue19_run_measures_the_router_snr_and_resumes(tmp_path):
     assert [row["layer"] for row in snr["layers"]] == [1, 3] and snr["samples"] == 1
     again = run_module.make_run(tiny, run, "cpu", max_minutes=None)
     assert again["calls"][-1]["snr"].startswith("skipped")
+    assert again["calls"][-1]["steps_before"] == 2  # resumed from its checkpoint, nothing to train
+
+    # A fresh machine: the outputs arrive without checkpoints. The complete run is left as it is.
+    import shutil
+
+    directory = tmp_path / "runs" / "moba-32-seed4"
+    metrics_before = (directory / "metrics.jsonl").read_text()
+    shutil.rmtree(directory / "checkpoints")
+    elsewhere = run_module.make_run(tiny, run, "cpu", max_minutes=None)
+    assert elsewhere == again and len(elsewhere["calls"]) == 2
+    assert (directory / "metrics.jsonl").read_text() == metrics_before
+    assert not (directory / "checkpoints").exists()
