@@ -321,3 +321,188 @@ def test_prefilled_caches_own_only_what_they_keep():
     sliding, dense = cache[0], cache[1]
     assert sliding.k.shape[1] == 5 and owns_only_itself(sliding.k) and owns_only_itself(sliding.v)
     assert dense.keyconv_state.shape == (2, 2, 16) and owns_only_itself(dense.keyconv_state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts of unequal lengths (prompt_lengths, right-padded input_ids)
+# ----------------------------------------------------------------------------------------------------
+
+# Block size 4: one token, inside the first block, its end, just past it, past the sliding window (6) and
+# two blocks (11); two rows share a length (one prefill call for both).
+RAGGED_LENGTHS = [1, 3, 4, 5, 11, 4]
+
+
+def ragged_prompts(lengths=RAGGED_LENGTHS, width: int | None = None, seed: int = 2, pad_seed: int = 7):
+    """Right-padded prompts [batch, width]: row b's first lengths[b] ids, then padding (random ids from
+    ``pad_seed``, which generation never reads)."""
+    width = max(lengths) if width is None else width
+    ids = prompts(batch=len(lengths), length=width, seed=seed)
+    padding = prompts(batch=len(lengths), length=width, seed=pad_seed)
+    keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    return torch.where(keep, ids, padding)
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_ragged_greedy_generation_equals_each_row_alone(global_attention, kconv_size, decode_mode):
+    """Each row of a ragged batch gets, token for token, the greedy tokens of its own prompt generated
+    alone (and those of full recomputation): its own positions, MoBA blocks and caches."""
+    model = tiny_model(global_attention, kconv_size, torch.float64)
+    input_ids = ragged_prompts(width=13)  # wider than the longest prompt
+    lengths = torch.tensor(RAGGED_LENGTHS)
+    generated = model.generate(input_ids, NEW, decode_mode=decode_mode, prompt_lengths=lengths)
+    assert generated.shape == (len(RAGGED_LENGTHS), NEW) and generated.dtype == torch.int64
+    for row, length in enumerate(RAGGED_LENGTHS):
+        prompt = input_ids[row : row + 1, :length]
+        alone = model.generate(prompt, NEW, decode_mode="eager")
+        assert torch.equal(generated[row], alone[0]), (row, length)
+        assert torch.equal(alone, greedy_by_recomputation(model, prompt, NEW)), (row, length)
+    # The padding is never read: other padding, the same tokens; a list of ints is the same lengths.
+    repadded = ragged_prompts(width=13, pad_seed=8)
+    assert not torch.equal(repadded, input_ids)
+    again = model.generate(repadded, NEW, decode_mode=decode_mode, prompt_lengths=RAGGED_LENGTHS)
+    assert torch.equal(again, generated)
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", [("moba", 3), ("dense", 0)])
+def test_ragged_compiled_static_decode_equals_eager(global_attention, kconv_size):
+    """decode_mode="compiled" reads the per-row positions on the device like "static": the eager tokens."""
+    torch._dynamo.reset()
+    model = tiny_model(global_attention, kconv_size, torch.float64)
+    input_ids = ragged_prompts()
+    eager = model.generate(input_ids, 8, decode_mode="eager", prompt_lengths=RAGGED_LENGTHS)
+    compiled = model.generate(input_ids, 8, decode_mode="compiled", prompt_lengths=RAGGED_LENGTHS)
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("global_attention, kconv_size", VARIANTS)
+def test_ragged_cache_logits_equal_each_row_s_forward(global_attention, kconv_size):
+    """The logits of a ragged cache's prefill and of its eager and static decode steps are each row's
+    forward over its own sequence (so sampling draws from each row's own distribution), also after a
+    beam-search reorder that repeats and drops rows."""
+    model = tiny_model(global_attention, kconv_size, torch.float32)
+    steps = 8
+    lengths = RAGGED_LENGTHS
+    sequence = prompts(batch=len(lengths), length=max(lengths) + steps)
+    # Row b's prompt is sequence[b, :lengths[b]]; its next tokens, sequence[b, lengths[b] + t].
+    padded = ragged_prompts(lengths, seed=1)
+    padded = torch.where(
+        torch.arange(padded.shape[1]) < torch.tensor(lengths)[:, None], sequence[:, : max(lengths)], padded
+    )
+    rows = torch.arange(len(lengths))
+    next_token = lambda t: sequence[rows, torch.tensor(lengths) + t]  # noqa: E731
+    with torch.no_grad():
+        full, _ = model(sequence)
+        cache, logits = HybridCache.prefill_ragged(model, padded, lengths, max(lengths) + steps)
+        assert cache.lengths.tolist() == lengths and cache.length == max(lengths)
+        if global_attention == "moba":
+            assert cache[1].cache.seqlens.tolist() == lengths
+        expected = full[rows, torch.tensor(lengths) - 1]
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        for t in range(steps // 2):  # eager steps
+            logits = model.forward_with_cache(next_token(t)[:, None], cache)[:, -1]
+            torch.testing.assert_close(logits, full[rows, torch.tensor(lengths) + t], rtol=0, atol=1e-5)
+        assert cache.lengths.tolist() == [length + steps // 2 for length in lengths]
+        index = torch.tensor([4, 0, 0, 2, 1, 3])  # beam search: repeat row 0, drop row 5
+        cache.reorder(index)
+        decoder = StaticDecoder(model, cache, cuda_graph=False)
+        assert decoder.position.tolist() == [lengths[i] + steps // 2 for i in index.tolist()]
+        for t in range(steps // 2, steps):  # static steps
+            logits = decoder.step(next_token(t)[index])
+            at = torch.tensor(lengths)[index] + t
+            torch.testing.assert_close(logits, full[index, at], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_equal_prompt_lengths_are_the_equal_length_path(decode_mode):
+    model = tiny_model("moba", 3, torch.float64)
+    input_ids = prompts(batch=3, length=9)
+    plain = model.generate(input_ids, NEW, decode_mode=decode_mode)
+    assert torch.equal(model.generate(input_ids, NEW, decode_mode=decode_mode, prompt_lengths=[9] * 3), plain)
+    shorter = model.generate(input_ids, NEW, decode_mode=decode_mode, prompt_lengths=torch.tensor([6] * 3))
+    assert torch.equal(shorter, model.generate(input_ids[:, :6], NEW, decode_mode=decode_mode))
+
+
+def test_ragged_eos_stats_and_sampling():
+    model = tiny_model("dense", 0, torch.float64)
+    input_ids = ragged_prompts()
+    greedy = model.generate(input_ids, NEW, prompt_lengths=RAGGED_LENGTHS)
+    eos = int(greedy[0, 3])
+    stopped = model.generate(input_ids, NEW, eos_token_id=eos, prompt_lengths=RAGGED_LENGTHS)
+    for row, length in enumerate(RAGGED_LENGTHS):
+        alone = model.generate(input_ids[row : row + 1, :length], NEW, eos_token_id=eos)[0].tolist()
+        got = stopped[row].tolist()
+        assert got[: len(alone)] == alone and set(got[len(alone) :]) <= {eos}
+    stats = {}
+    generate(model, input_ids, 3, stats=stats, prompt_lengths=RAGGED_LENGTHS)
+    assert stats["prefill_tokens"] == sum(RAGGED_LENGTHS) and stats["decode_tokens"] == 2 * len(
+        RAGGED_LENGTHS
+    )
+
+    def sampled(seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(
+            input_ids, 8, temperature=1.0, generator=generator, prompt_lengths=RAGGED_LENGTHS, **kwargs
+        )
+
+    assert torch.equal(sampled(3), sampled(3)) and not torch.equal(sampled(3), sampled(4))
+    assert torch.equal(sampled(5, top_p=1e-6), greedy[:, :8])
+
+
+@pytest.mark.parametrize(
+    "prompt_lengths, error, message",
+    [
+        (torch.tensor([2.0, 3.0]), TypeError, "prompt_lengths must be an integer tensor"),
+        (torch.tensor([True, True]), TypeError, "prompt_lengths must be an integer tensor"),
+        ([2, 3.0], TypeError, "prompt_lengths must hold ints"),
+        (3, TypeError, "prompt_lengths must be an integer torch.Tensor"),
+        (torch.tensor([2, 3, 4]), ValueError, r"prompt_lengths must have shape \[batch\] = \(2,\)"),
+        (torch.tensor([[2, 3]]), ValueError, r"prompt_lengths must have shape \[batch\]"),
+        ([2], ValueError, r"prompt_lengths must have shape \[batch\]"),
+        (torch.tensor([0, 3]), ValueError, r"prompt_lengths must be in \[1, input_ids.shape\[1\] = 5\]"),
+        ([2, 6], ValueError, r"prompt_lengths must be in \[1, .* got 6 for row 1"),
+    ],
+)
+def test_bad_prompt_lengths_are_refused(prompt_lengths, error, message):
+    model = tiny_model("moba", 0)
+    with pytest.raises(error, match=message):
+        model.generate(prompts(), 2, prompt_lengths=prompt_lengths)
+
+
+def test_short_sequences_keep_every_key_of_their_sliding_window():
+    """A sequence shorter than window - 1 keeps all its keys (a negative slice start would drop the
+    oldest): eager generation from prompts of every length up to the window equals recomputation."""
+    model = tiny_model("dense", 0, torch.float64)
+    for length in range(1, 7):
+        input_ids = prompts(batch=1, length=length, seed=3)
+        cache = HybridCache(model, 1, length)
+        with torch.no_grad():
+            model.forward_with_cache(input_ids, cache)
+        assert cache[0].k.shape[1] == min(length, 5)
+        generated = model.generate(input_ids, 12, decode_mode="eager")
+        assert torch.equal(generated, greedy_by_recomputation(model, input_ids, 12)), length
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kconv_size", [0, 3])
+def test_ragged_static_decode_on_the_triton_moba_decode(kconv_size):
+    """A ragged cache's static steps with the MoBA layers on the Triton decode (the kernels a CUDA graph
+    replays; Triton's interpreter on CPU), which read the per-row lengths on the device: each row's
+    forward logits."""
+    model = tiny_model("moba", kconv_size, torch.float32)
+    lengths = [1, 4, 5, 11]
+    steps = 6
+    sequence = prompts(batch=len(lengths), length=max(lengths) + steps)
+    rows, at = torch.arange(len(lengths)), torch.tensor(lengths)
+    with torch.no_grad():
+        full, _ = model(sequence)
+        cache, logits = HybridCache.prefill_ragged(model, sequence, lengths, max(lengths) + steps)
+        for layer in cache:
+            if isinstance(layer, MoBALayerCache):
+                layer.cache.backend = "triton"
+        decoder = StaticDecoder(model, cache, cuda_graph=False)
+        for t in range(steps):
+            torch.testing.assert_close(logits, full[rows, at + t - 1], rtol=0, atol=1e-5)
+            logits = decoder.step(sequence[rows, at + t])
+    assert decoder.position.tolist() == [length + steps for length in lengths]
+    assert cache[1].cache.cache_seqlens.tolist() == [length + steps for length in lengths]

@@ -19,8 +19,13 @@ and greedy tokens against full recomputation).
 The prompt of a MoBA layer goes through ``MoBAKVCache.prefill`` (``moba_attn``, the training kernels),
 each new token through ``moba_attn_with_kvcache`` (the Triton decode kernels on CUDA).
 
-Limits: a batch of equal-length prompts (no padding, no per-row lengths); the model's own dtype, no
-autocast.
+Prompts of unequal lengths (``generate(..., prompt_lengths=...)``, right-padded ``input_ids``): the
+rows of each distinct length are prefilled together (the path above, one call per length), and their
+caches are merged into one *ragged* cache whose layers keep per-row lengths (``HybridCache.lengths``,
+int64 ``[batch]`` on the device): RoPE positions, the sliding window and dense masks and the MoBA blocks
+(``MoBAKVCache.cache_seqlens``) are then each row's own, so every row decodes as it would alone.
+
+Limits: the model's own dtype, no autocast.
 """
 
 from __future__ import annotations
@@ -71,6 +76,24 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+def _ragged_attention(q, k, v, scale: float, query_pos, key_pos, window: int | None = None):
+    """q ``[B, T, Hq, D]`` at per-row positions ``query_pos [B, T]``, k/v ``[B, S, Hkv, D]`` at ``key_pos
+    [B, S]`` (negative: an empty slot, never seen): causal (and within ``window``) attention per row."""
+    distance = query_pos[:, :, None] - key_pos[:, None, :]
+    mask = (distance >= 0) & (key_pos[:, None, :] >= 0)
+    if window is not None:
+        mask &= distance < window
+    groups = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        _repeat_kv(k, groups).transpose(1, 2),
+        _repeat_kv(v, groups).transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
 def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window: int | None = None):
     """q ``[B, T, Hq, D]`` at positions ``start ..``, k/v ``[B, S, Hkv, D]`` at positions ``key_start ..``:
     causal (and within ``window`` keys, the query's own included) softmax attention through SDPA."""
@@ -95,10 +118,15 @@ def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window:
 
 
 class _LayerCache:
-    """What ``MoBAAttention.forward_with_cache`` needs: ``length``, ``keyconv_state`` and ``attend``."""
+    """What ``MoBAAttention.forward_with_cache`` needs: ``length``, ``keyconv_state`` and ``attend``.
+
+    ``lengths`` is None while every row holds ``length`` tokens; a ragged cache (rows of unequal lengths,
+    see ``HybridCache.lengths``) holds int64 ``[batch]`` per-row lengths on the device there, and
+    ``length`` is then their maximum (the host's bound for the capacity)."""
 
     def __init__(self):
         self.length = 0
+        self.lengths: torch.Tensor | None = None
         self._keyconv_state: torch.Tensor | None = None
 
     @property
@@ -113,16 +141,27 @@ class _LayerCache:
 
     def positions(self, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
         """int64 ``[batch, seqlen]``: the absolute positions of the next ``seqlen`` tokens."""
+        if self.lengths is not None:
+            return self.lengths[:, None] + torch.arange(seqlen, device=device)
         return torch.arange(self.length, self.length + seqlen, device=device).expand(batch, -1)
+
+    def _advance(self, seqlen: int) -> None:
+        self.length += seqlen
+        if self.lengths is not None:
+            self.lengths = self.lengths + seqlen  # a new tensor: never one another layer holds
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
     def reset(self) -> None:
         self.length = 0
+        self.lengths = None
         self.keyconv_state = None
 
     def reorder(self, index: torch.Tensor) -> None:
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, index.to(self.lengths.device))
+            self.length = int(self.lengths.max()) if self.lengths.numel() else 0
         if self.keyconv_state is not None:
             self.keyconv_state = self.keyconv_state.index_select(0, index)
 
@@ -153,7 +192,13 @@ class SlidingWindowCache(_KeyValueCache):
         self.window_size = window_size
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
-        if self.k is None:  # empty: the model's own function over the chunk
+        if self.lengths is not None:  # ragged: self.k right-aligned, slot j at lengths - keep + j
+            keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+            slots = torch.arange(keys.shape[1], device=k.device)
+            key_pos = self.lengths[:, None] - self.k.shape[1] + slots
+            query_pos = self.lengths[:, None] + torch.arange(q.shape[1], device=q.device)
+            out = _ragged_attention(q, keys, values, scale, query_pos, key_pos, self.window_size)
+        elif self.k is None:  # empty: the model's own function over the chunk
             out = sliding_window_attention(q, k, v, self.window_size, scale)
             keys, values = k, v
         else:
@@ -161,12 +206,14 @@ class SlidingWindowCache(_KeyValueCache):
             out = _masked_attention(
                 q, keys, values, scale, self.length, self.length - self.k.shape[1], self.window_size
             )
-        keep = self.window_size - 1
+        # At most window - 1 (fewer while the sequence is shorter: a start of max(0, ..), never a negative
+        # one, which would count from the end and drop keys).
+        start = max(0, keys.shape[1] - (self.window_size - 1))
         # Copies, not slices: a slice would keep the whole chunk's keys and values alive (after a prefill,
         # [batch, prompt_len, heads_kv, head_dim] each, per sliding layer) for window - 1 of them.
-        self.k = keys[:, keys.shape[1] - keep :].clone()
-        self.v = values[:, values.shape[1] - keep :].clone()
-        self.length += q.shape[1]
+        self.k = keys[:, start:].clone()
+        self.v = values[:, start:].clone()
+        self._advance(q.shape[1])
         return out
 
 
@@ -194,6 +241,16 @@ class DenseCache(_LayerCache):
         start, end = self.length, self.length + q.shape[1]
         if end > self.max_seqlen:
             raise ValueError(f"the dense cache holds {self.max_seqlen} tokens, got {end}")
+        if self.lengths is not None:  # ragged: row b writes at lengths[b] .., attends up to its own
+            query_pos = self.lengths[:, None] + torch.arange(q.shape[1], device=q.device)
+            rows = torch.arange(q.shape[0], device=q.device)[:, None]
+            self.k_buffer[rows, query_pos], self.v_buffer[rows, query_pos] = k, v
+            key_pos = torch.arange(end, device=q.device).expand(q.shape[0], -1)
+            out = _ragged_attention(
+                q, self.k_buffer[:, :end], self.v_buffer[:, :end], scale, query_pos, key_pos
+            )
+            self._advance(q.shape[1])
+            return out
         if self.k_buffer is None:
             shape = (k.shape[0], self.max_seqlen, *k.shape[2:])
             # Zeros, not empty: a static step reads the whole buffer, and a masked key's value still
@@ -220,8 +277,8 @@ class MoBALayerCache(_LayerCache):
         self.cache.softmax_scale = scale
         # The prompt through moba_attn (MoBAKVCache.prefill): a long prefill on the training kernels.
         attend = self.cache.prefill if self.length == 0 else self.cache.append_and_attend
-        out = attend(q, k, v)
-        self.length += q.shape[1]
+        out = attend(q, k, v)  # a ragged cache is never empty: its lengths are in cache_seqlens
+        self._advance(q.shape[1])
         return out
 
     def reset(self) -> None:
@@ -236,7 +293,9 @@ class MoBALayerCache(_LayerCache):
 class HybridCache(list):
     """One layer cache per block of a ``HybridLM``, for ``batch`` sequences of up to ``max_seqlen`` tokens
     (the MoBA caches are allocated for it; the others grow). ``reorder(index)`` gathers every layer
-    along the batch (beam search), ``reset()`` empties them, ``length`` is the tokens cached."""
+    along the batch (beam search), ``reset()`` empties them, ``length`` is the tokens cached (of a ragged
+    cache, ``prefill_ragged``'s, the longest row's) and ``lengths`` None, or a ragged cache's per-row
+    lengths (int64 ``[batch]`` on the device)."""
 
     def __init__(self, model, batch: int, max_seqlen: int):
         super().__init__()
@@ -266,6 +325,69 @@ class HybridCache(list):
     def length(self) -> int:
         return self[0].length if self else 0
 
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        return self[0].lengths if self else None
+
+    @classmethod
+    def prefill_ragged(
+        cls, model, input_ids: torch.Tensor, prompt_lengths: list[int], max_seqlen: int
+    ) -> tuple[HybridCache, torch.Tensor]:
+        """A ragged cache holding row b's prompt ``input_ids[b, :prompt_lengths[b]]`` (lengths >= 1), and
+        the logits ``[batch, vocab]`` after each row's last prompt token. The rows of each length are
+        prefilled together, in one ``forward_with_cache`` call on a cache of their own (exactly the
+        equal-length prefill), which is then copied into the rows it prefilled and dropped (at most one
+        such cache lives beside the batch's): the sliding windows right-aligned (zeros, masked, before a
+        short row's start), the dense buffers, the MoBA caches (keys, values, block sums and lengths,
+        ``cache_seqlens``, per row already) and the key convolution states (zeros before a row's start)
+        row by row."""
+        batch = input_ids.shape[0]
+        device = input_ids.device
+        groups: dict[int, list[int]] = {}
+        for row, length in enumerate(prompt_lengths):
+            groups.setdefault(length, []).append(row)
+        cache = cls(model, batch, max_seqlen)
+        logits = None
+        for length, rows in groups.items():
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            part = cls(model, len(rows), max_seqlen)
+            chunk = input_ids.index_select(0, index)[:, :length]
+            part_logits = model.forward_with_cache(chunk, part, last_position_only=True)[:, -1]
+            if logits is None:
+                logits = part_logits.new_empty(batch, part_logits.shape[-1])
+            logits.index_copy_(0, index, part_logits)
+            for merged, layer in zip(cache, part):
+                pairs = []
+                if isinstance(merged, SlidingWindowCache):
+                    if merged.k is None:
+                        shape = (batch, merged.window_size - 1, *layer.k.shape[2:])
+                        merged.k, merged.v = layer.k.new_zeros(shape), layer.v.new_zeros(shape)
+                    held = layer.k.shape[1]  # right-aligned: the last held slots
+                    pairs = [(merged.k[:, merged.k.shape[1] - held :], layer.k)]
+                    pairs.append((merged.v[:, merged.v.shape[1] - held :], layer.v))
+                elif isinstance(merged, DenseCache):
+                    if merged.k_buffer is None:
+                        shape = (batch, *layer.k_buffer.shape[1:])
+                        merged.k_buffer = layer.k_buffer.new_zeros(shape)
+                        merged.v_buffer = layer.v_buffer.new_zeros(shape)
+                    pairs = [(merged.k_buffer, layer.k_buffer), (merged.v_buffer, layer.v_buffer)]
+                else:
+                    names = ("k_cache", "v_cache", "block_sums", "cache_seqlens")
+                    pairs = [(getattr(merged.cache, name), getattr(layer.cache, name)) for name in names]
+                if layer.keyconv_state is not None:
+                    if merged.keyconv_state is None:
+                        merged.keyconv_state = layer.keyconv_state.new_zeros(
+                            batch, *layer.keyconv_state.shape[1:]
+                        )
+                    pairs.append((merged.keyconv_state, layer.keyconv_state))
+                for target, source in pairs:
+                    target.index_copy_(0, index, source)
+            del part
+        lengths = torch.tensor(prompt_lengths, dtype=torch.int64, device=device)
+        for layer in cache:
+            layer.lengths, layer.length = lengths, max(prompt_lengths)
+        return cache, logits
+
     def reset(self) -> None:
         for layer in self:
             layer.reset()
@@ -283,10 +405,10 @@ class HybridCache(list):
 
 class _StaticLayer:
     """A layer cache for one-token decode steps in which every tensor keeps its shape and address: the
-    step's position is read from ``position`` (int64 ``[1]`` on the device, shared by every layer of the
-    model and advanced by ``StaticDecoder``) and the key convolution's state is overwritten in place: a
-    replayed CUDA graph runs no Python, so no host-side count may be advanced here (``StaticDecoder``
-    keeps the one host length).
+    step's position is read from ``position`` (int64 ``[1]`` on the device, or ``[batch]`` per row for a
+    ragged cache; shared by every layer of the model and advanced by ``StaticDecoder``) and the key
+    convolution's state is overwritten in place: a replayed CUDA graph runs no Python, so no host-side
+    count may be advanced here (``StaticDecoder`` keeps the one host length).
     """
 
     def __init__(self, layer: _LayerCache, position: torch.Tensor):
@@ -305,19 +427,20 @@ class _StaticLayer:
     def positions(self, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
         if seqlen != 1:
             raise ValueError(f"a static decode cache takes one token per step, got {seqlen}")
-        return self.position.expand(batch, 1)
+        return self.position.view(-1, 1).expand(batch, 1)
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
 
 def _sdpa(q, k, v, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """q ``[B, 1, Hq, D]`` against k/v ``[B, S, Hkv, D]`` where ``visible [S]`` (bool) is true."""
+    """q ``[B, 1, Hq, D]`` against k/v ``[B, S, Hkv, D]`` where ``visible`` (bool ``[S]``, or ``[B, S]``
+    per row) is true."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=visible[None, :],
+        attn_mask=visible[None, :] if visible.ndim == 1 else visible[:, None, None, :],
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )
@@ -343,7 +466,10 @@ class StaticSlidingWindowCache(_StaticLayer):
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         self.k_window.copy_(torch.cat([self.k_window[:, 1:], k], dim=1))
         self.v_window.copy_(torch.cat([self.v_window[:, 1:], v], dim=1))
-        visible = self.slots >= (self.window_size - 1) - self.position
+        if self.position.shape[0] == 1:
+            visible = self.slots >= (self.window_size - 1) - self.position
+        else:  # per row
+            visible = self.slots[None, :] >= (self.window_size - 1) - self.position[:, None]
         return _sdpa(q, self.k_window, self.v_window, visible, scale)
 
 
@@ -355,11 +481,18 @@ class StaticDenseCache(_StaticLayer):
         super().__init__(layer, position)
         self.k_buffer, self.v_buffer = layer.k_buffer, layer.v_buffer
         self.slots = torch.arange(layer.max_seqlen, device=layer.k_buffer.device)
+        self.rows = torch.arange(layer.k_buffer.shape[0], device=layer.k_buffer.device)
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
-        self.k_buffer.index_copy_(1, self.position, k)
-        self.v_buffer.index_copy_(1, self.position, v)
-        return _sdpa(q, self.k_buffer, self.v_buffer, self.slots <= self.position, scale)
+        if self.position.shape[0] == 1:
+            self.k_buffer.index_copy_(1, self.position, k)
+            self.v_buffer.index_copy_(1, self.position, v)
+            return _sdpa(q, self.k_buffer, self.v_buffer, self.slots <= self.position, scale)
+        # Per row: row b writes its key at position[b] and sees the slots up to it.
+        self.k_buffer.index_put_((self.rows, self.position), k[:, 0])
+        self.v_buffer.index_put_((self.rows, self.position), v[:, 0])
+        visible = self.slots[None, :] <= self.position[:, None]
+        return _sdpa(q, self.k_buffer, self.v_buffer, visible, scale)
 
 
 class StaticMoBALayerCache(_StaticLayer):
@@ -409,6 +542,9 @@ class StaticDecoder:
     from then on is one replay: the host launches one graph per token instead of hundreds of kernels. The
     logits a replayed step returns live in the graph's buffer and are overwritten by the next step.
     The eager cache's tensors are taken over, not copied: use the decoder, not ``cache``, from then on.
+
+    A ragged cache (``HybridCache.prefill_ragged``) gives a per-row ``position`` (int64 ``[batch]``, its
+    ``lengths``); ``length`` is then the longest row's, the bound the capacity is checked against.
     """
 
     def __init__(
@@ -435,7 +571,10 @@ class StaticDecoder:
             raise ValueError("StaticDecoder needs a prefilled cache (at least one token)")
         self.model, self.cuda_graph = model, cuda_graph
         self.length, self.capacity = cache.length, cache.max_seqlen
-        self.position = torch.tensor([cache.length], dtype=torch.int64, device=device)
+        if cache.lengths is not None:
+            self.position = cache.lengths.to(device=device, dtype=torch.int64, copy=True)
+        else:
+            self.position = torch.tensor([cache.length], dtype=torch.int64, device=device)
         self.layers = [_static_layer(layer, self.position) for layer in cache]
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
         self.compiled = compile
@@ -506,6 +645,41 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _check_prompt_lengths(prompt_lengths, input_ids: torch.Tensor) -> list[int]:
+    """``prompt_lengths`` as a list of ints, checked: an integer tensor or a list/tuple of ints, shape
+    ``[batch]``, each in ``[1, prompt_len]``."""
+    batch, prompt_len = input_ids.shape
+    if isinstance(prompt_lengths, torch.Tensor):
+        dtype = prompt_lengths.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(f"prompt_lengths must be an integer tensor, got dtype {prompt_lengths.dtype}")
+        if tuple(prompt_lengths.shape) != (batch,):
+            raise ValueError(
+                f"prompt_lengths must have shape [batch] = ({batch},), got {tuple(prompt_lengths.shape)}"
+            )
+        lengths = [int(length) for length in prompt_lengths.tolist()]
+    elif isinstance(prompt_lengths, (list, tuple)):
+        if any(isinstance(length, bool) or not isinstance(length, int) for length in prompt_lengths):
+            raise TypeError(f"prompt_lengths must hold ints, got {list(prompt_lengths)!r}")
+        if len(prompt_lengths) != batch:
+            raise ValueError(
+                f"prompt_lengths must have shape [batch] = ({batch},), got {len(prompt_lengths)} lengths"
+            )
+        lengths = list(prompt_lengths)
+    else:
+        raise TypeError(
+            "prompt_lengths must be an integer torch.Tensor [batch] or a list of ints, got "
+            f"{type(prompt_lengths).__name__}"
+        )
+    for row, length in enumerate(lengths):
+        if not 1 <= length <= prompt_len:
+            raise ValueError(
+                f"prompt_lengths must be in [1, input_ids.shape[1] = {prompt_len}], got {length} for "
+                f"row {row}"
+            )
+    return lengths
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -525,9 +699,18 @@ def generate(
     decode_mode: str = "auto",
     after_decode: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], None] | None = None,
     after_decode_steps: int = 0,
+    prompt_lengths: torch.Tensor | list[int] | None = None,
 ) -> torch.Tensor:
-    """Generate ``max_new_tokens`` after the prompts ``input_ids [batch, prompt_len]`` (equal lengths,
-    prompt_len >= 1) with a ``HybridCache``: one prefill call over the prompts, then one token per step.
+    """Generate ``max_new_tokens`` after the prompts ``input_ids [batch, prompt_len]`` (prompt_len >= 1)
+    with a ``HybridCache``: one prefill call over the prompts, then one token per step.
+
+    ``prompt_lengths`` (an integer tensor ``[batch]`` on any device, or a list of ints; None: every row
+    is ``prompt_len`` long) gives prompts of unequal lengths: ``input_ids`` is right-padded, row b's
+    prompt is ``input_ids[b, :prompt_lengths[b]]`` (1 <= length <= prompt_len; the padding is never
+    read) and row b is generated exactly as it would be alone from it (the same greedy tokens, the same
+    sampling distribution): its own RoPE positions, MoBA blocks and caches (see
+    ``HybridCache.prefill_ragged``: one prefill call per distinct length). Lengths that are all equal
+    take the equal-length path.
 
     Returns the new ids ``[batch, n]`` (int64, the prompt not included). With ``eos_token_id``, a row that
     produced it continues with it, and generation stops once every row has (n may then be smaller than
@@ -537,7 +720,8 @@ def generate(
     decode time includes the eager first step and the capture, with "compiled" and "compiled_graph" the
     compilation too), and ``steady_decode_tokens`` and
     ``steady_decode_seconds``, the decode steps after the first ``WARM_DECODE_STEPS`` (one extra host
-    synchronisation marks their start). ``decode_mode`` is one of
+    synchronisation marks their start); ``prefill_tokens`` counts each row's own prompt length.
+    ``decode_mode`` is one of
     ``DECODE_MODES``: every mode gives the same function (tests/models/test_generation.py).
 
     ``after_decode(step, token)``, when given, is called once after the timed decode loop (outside every
@@ -563,6 +747,9 @@ def generate(
         eos_token_id = check_int("eos_token_id", eos_token_id, minimum=0)
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+    lengths = None if prompt_lengths is None else _check_prompt_lengths(prompt_lengths, input_ids)
+    if lengths is not None and len(set(lengths)) <= 1:  # equal lengths (or no rows): the plain path
+        input_ids, lengths = input_ids[:, : lengths[0]] if lengths else input_ids, None
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     if decode_mode == "auto":
@@ -573,13 +760,18 @@ def generate(
     timings = dict.fromkeys(("prefill_tokens", "decode_tokens", "steady_decode_tokens"), 0)
     timings.update(dict.fromkeys(("prefill_seconds", "decode_seconds", "steady_decode_seconds"), 0.0))
     if max_new_tokens > 0 and batch > 0:
-        cache = HybridCache(model, batch, prompt_len + max_new_tokens + after_decode_steps)
+        longest = prompt_len if lengths is None else max(lengths)
+        max_seqlen = longest + max_new_tokens + after_decode_steps
         _synchronize(device)
         started = time.perf_counter()
-        logits = model.forward_with_cache(input_ids, cache, last_position_only=True)[:, -1]
+        if lengths is None:
+            cache = HybridCache(model, batch, max_seqlen)
+            logits = model.forward_with_cache(input_ids, cache, last_position_only=True)[:, -1]
+        else:
+            cache, logits = HybridCache.prefill_ragged(model, input_ids, lengths, max_seqlen)
         _synchronize(device)
         timings["prefill_seconds"] = time.perf_counter() - started
-        timings["prefill_tokens"] = batch * prompt_len
+        timings["prefill_tokens"] = batch * prompt_len if lengths is None else sum(lengths)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens = []
         started, steady_started = time.perf_counter(), None

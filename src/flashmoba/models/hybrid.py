@@ -353,10 +353,12 @@ class HybridLM(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         decode_mode: str = "auto",
+        prompt_lengths: torch.Tensor | list[int] | None = None,
     ) -> torch.Tensor:
         """Generate with a KV cache: the new ids ``[batch, <= max_new_tokens]`` after the prompts
-        ``input_ids [batch, prompt_len]`` (equal lengths). ``temperature`` 0 is greedy; ``decode_mode``
-        "auto" replays each step as a CUDA graph on CUDA; see ``flashmoba.models.generation.generate``."""
+        ``input_ids [batch, prompt_len]`` (right-padded to unequal lengths with ``prompt_lengths``
+        ``[batch]``). ``temperature`` 0 is greedy; ``decode_mode`` "auto" replays each step as a CUDA graph
+        on CUDA; see ``flashmoba.models.generation.generate``."""
         from flashmoba.models.generation import generate
 
         return generate(
@@ -368,6 +370,7 @@ class HybridLM(nn.Module):
             eos_token_id=eos_token_id,
             generator=generator,
             decode_mode=decode_mode,
+            prompt_lengths=prompt_lengths,
         )
 
     def forward(
