@@ -1,7 +1,9 @@
 """``flashmoba bench decode`` on CPU at tiny sizes: rows, file, plot, table, refusal to overwrite, replot,
-flag errors; the bytes floor's arithmetic; the Triton step under the interpreter; configurations that do
-not fit in memory are skipped with a row saying so."""
+flag errors; the bytes floor's arithmetic; the Triton step under the interpreter, one row per launch config
+(--decode-configs) with its profile (--profile); configurations that do not fit in memory are skipped with
+a row saying so."""
 
+import argparse
 import json
 import os
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from flashmoba.bench import decode
+from flashmoba.bench.timing import PROFILE_FIELDS, PROFILE_TOP_FIELDS
 from flashmoba.cli import bench
 from flashmoba.cli import main as flashmoba_main
 
@@ -90,6 +93,13 @@ def test_default_out_is_named_after_the_card(tmp_path, monkeypatch):
         (["--impls", "moba,dense"], "--impls"),
         (["--topks", "2"], "--topks"),  # two block sizes, one topk
         (["--backend", "cuda"], "--backend"),
+        (["--decode-configs", "num_split=2"], "--decode-configs"),  # not a DecodeConfig field
+        (["--decode-configs", "num_splits=0"], "--decode-configs"),
+        (["--decode-configs", "num_splits=two"], "--decode-configs"),
+        (["--decode-configs", "num_splits"], "--decode-configs"),
+        (["--decode-configs", "num_splits=1,num_splits=2"], "--decode-configs"),
+        (["--decode-configs", "num_splits=1;num_splits=1"], "--decode-configs"),
+        (["--decode-configs", "num_splits=2"], "--decode-configs"),  # TINY's backend is the reference
     ],
 )
 def test_bad_flags_are_named(flags, named, capsys, tmp_path):
@@ -137,10 +147,116 @@ def test_the_triton_step_runs_in_the_interpreter():
     assert row["error"] is None and row["backend"] == "triton" and row["step_ms"] > 0
 
 
+def test_decode_configs_parse_into_the_set_fields():
+    parse = bench._decode_configs
+    assert parse("default") == [{}] and parse("") == [{}]
+    assert parse(" default ; num_splits=1; num_splits = 2 , attn_num_stages=3") == [
+        {},
+        {"num_splits": 1},
+        {"num_splits": 2, "attn_num_stages": 3},
+    ]
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="unknown DecodeConfig field 'splits'; fields: route_block_m"
+    ):
+        parse("splits=2")
+    with pytest.raises(argparse.ArgumentTypeError, match="num_splits must be >= 1, got 0"):
+        parse("num_splits=0")
+    assert parse("fold_append=1;fold_append=0,num_splits=2") == [
+        {"fold_append": True},
+        {"fold_append": False, "num_splits": 2},
+    ]
+    with pytest.raises(argparse.ArgumentTypeError, match="fold_append must be 0 or 1, got '2'"):
+        parse("fold_append=2")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+def test_decode_configs_give_one_moba_row_each_with_its_profile(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    argv = ["decode", "--device", "cpu", "--cache-lens", "40", "--batches", "2", "--heads", "4/2/8"]
+    argv += ["--block-sizes", "8", "--topks", "3", "--impls", "moba,sdpa", "--dtype", "float32"]
+    argv += ["--backend", "triton", "--repeats", "1", "--warmup", "1", "--out", str(out), "--profile"]
+    argv += ["--decode-configs", "default;num_splits=1;num_splits=2,attn_num_stages=3,fold_append=1"]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["impl"], row["decode_config"]) for row in rows] == [
+        ("moba", {}),
+        ("moba", {"num_splits": 1}),
+        ("moba", {"num_splits": 2, "attn_num_stages": 3, "fold_append": True}),
+        ("sdpa", None),  # dense rows once, no config
+    ]
+    for row in rows:
+        assert tuple(row) == (*decode.ROW_FIELDS, "profile") and row["error"] is None
+        assert row["step_ms"] > 0 and row["floor_ratio"] > 0
+        profile = row["profile"]
+        assert tuple(profile) == PROFILE_FIELDS and profile["activity"] == "cpu_ops"
+        assert profile["steps"] == decode.PROFILE_STEPS and profile["kernels_per_step"] > 0
+        assert 0 < len(profile["top"]) <= decode.PROFILE_TOP
+        assert all(tuple(entry) == PROFILE_TOP_FIELDS for entry in profile["top"])
+        times = [entry["us_per_step"] for entry in profile["top"]]
+        assert times == sorted(times, reverse=True)
+    printed = capsys.readouterr().out
+    assert "| moba B=8 k=3 num_splits=2,attn_num_stages=3,fold_append=True | 4/2 d8 | 2 | 40 |" in printed
+    assert "| moba B=8 k=3 | 4/2 d8 | 2 | 40 |" in printed
+    assert "Profile of moba B=8 k=3 num_splits=1, 4/2 d8, batch 2, cache 40, perf_counter:" in printed
+    assert printed.count("| cpu_ops | calls/step | self CPU µs/step |") == 4
+    # a replot prints the tables again, profiles included
+    assert bench.main(["decode", "--replot", str(out)]) == 0
+    assert capsys.readouterr().out.count("| cpu_ops | calls/step |") == 4
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize(
+    "config", [{}, {"num_splits": 2, "attn_num_stages": 1, "route_block_splits": 2, "fold_append": True}]
+)
+def test_the_triton_step_is_the_public_decode_on_the_same_inputs(config):
+    """The benchmark's MoBA step calls the ops-level launcher with a launch config: the same output and
+    the same appended caches as ``moba_attn_with_kvcache``."""
+    from flashmoba.kvcache import moba_attn_with_kvcache
+
+    shape = decode.decode_shape(70, 2, 4, 2, 8, 8, 3, "float32", "cpu")
+    inputs = decode.make_inputs(shape, torch.device("cpu"))
+    public = {name: tensor.clone() for name, tensor in inputs.items()}
+    out = decode.moba_step(inputs, 8, 3, "triton", config)()
+    expected = moba_attn_with_kvcache(
+        public["q"],
+        public["k_cache"],
+        public["v_cache"],
+        public["block_sums"],
+        public["cache_seqlens"],
+        8,
+        3,
+        k=public["k"],
+        v=public["v"],
+        backend="triton",
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name in ("k_cache", "v_cache", "block_sums"):
+        torch.testing.assert_close(inputs[name], public[name], rtol=0, atol=1e-5)
+
+
+def test_a_decode_config_needs_the_triton_backend():
+    shape = decode.decode_shape(40, 1, 2, 1, 8, 8, 2, "float32", "cpu")
+    with pytest.raises(ValueError, match="decode configs need the triton backend"):
+        decode.measure_decode(shape, ["moba"], backend="reference", decode_configs=[{"num_splits": 1}])
+
+
 def test_a_configuration_that_does_not_fit_is_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**30))
     shape = decode.decode_shape(1 << 20, 64, 32, 8, 128, 128, 8, "bfloat16", "cuda")
-    rows = decode.measure_decode(shape, ["moba", "sdpa"], copy_gbps=1000.0)
-    assert [row["impl"] for row in rows] == ["moba", "sdpa"]
+    configs = [{}, {"num_splits": 1}]
+    rows = decode.measure_decode(shape, ["moba", "sdpa"], copy_gbps=1000.0, decode_configs=configs)
+    assert [(row["impl"], row["decode_config"]) for row in rows] == [
+        ("moba", {}),
+        ("moba", configs[1]),
+        ("sdpa", None),
+    ]
     # 256 GiB of K and V, 2 GiB of centroids
     assert all(row["error"] == "skipped: the caches need 258.0 GiB, 1.0 GiB free" for row in rows)

@@ -776,3 +776,106 @@ def test_router_ranks_nan_and_inf_scores_as_the_reference(splits):
         assert torch.equal(selected[b], expected[0]), f"sequence {b}: {selected[b]} {expected[0]}"
     nan_first = (selected[4, :, :2] == 7).any(-1) & (selected[4, :, :2] == 30).any(-1)  # NaN centroids
     assert nan_first.sum() == 5 and not nan_first[1, 1]  # every kv head 0 row but the NaN q's
+
+
+# ----------------------------------------------------------------------------------------------------
+# The append folded into the route kernel (DecodeConfig.fold_append)
+# ----------------------------------------------------------------------------------------------------
+
+# Ragged around one block: empty, one key, B - 1, B (the token opens a block), B + 1, and a long one.
+FOLD_LENGTHS = (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 33)
+
+
+@pytest.fixture
+def folded(monkeypatch):
+    """Every decode call of the test folds one-token appends into the route kernel, and launching the
+    append kernel for one fails the test (chunks of several tokens still launch it)."""
+    monkeypatch.setattr(decode, "DEFAULT_DECODE_CONFIG", decode.DecodeConfig(fold_append=True))
+    append_kernel = decode._decode_append_kernel
+
+    class OneTokenRefused:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert kwargs["seqlen_q"] > 1, "the append kernel is launched for a one-token step"
+                return append_kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_append_kernel", OneTokenRefused())
+
+
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_folded_append_one_token_steps(layout, heads, folded, poison_empty):
+    check_float32(Case(FOLD_LENGTHS, 1, HEADS[heads], True, LAYOUTS[layout], seed=40))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        decode.DecodeConfig(fold_append=True, num_splits=1),
+        decode.DecodeConfig(fold_append=True, route_block_splits=2, route_block_n=16, num_splits=2),
+    ],
+    ids=["one-split", "split-router"],
+)
+def test_folded_append_with_other_launch_settings(config, monkeypatch, poison_empty):
+    """The folded append under a split router (only split 0 appends) and one attention split; the append
+    kernel never launches."""
+    monkeypatch.setattr(decode, "_decode_append_kernel", NoLaunch(_refuse_append))
+    # 70 keys: 18 blocks, two centroid tiles of 16 for the split router.
+    lengths = (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 70)
+    case = Case(lengths, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], capacity=80, seed=41)
+    out, lse = _triton_step(case, config)
+    expected_out, expected_lse = case.expected()
+    assert_close(out, expected_out, "kernel_float32", "o")
+    assert_close(lse, expected_lse, "kernel_float32", "lse")
+    case.check_appended()
+
+
+def _refuse_append(*args, **kwargs):
+    raise AssertionError("the append kernel is launched with the folded append")
+
+
+def _triton_step(case, config):
+    return decode.moba_decode_triton(
+        case.q.to(case.dtype),
+        case.k_cache,
+        case.v_cache,
+        case.block_sums,
+        case.cache_seqlens,
+        case.block_size,
+        case.topk,
+        case.k,
+        case.v,
+        case.block_table,
+        HEAD_DIM**-0.5,
+        config,
+    )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged-B-shuffled"])
+def test_folded_append_bfloat16_equals_the_append_kernel(layout, monkeypatch):
+    """bfloat16: the folded step writes the same caches and block_sums and returns the same o and lse as
+    the step through the append kernel (the same code, bit for bit)."""
+    case = Case(FOLD_LENGTHS, 1, HEADS["mqa"], True, LAYOUTS[layout], dtype=torch.bfloat16, seed=42)
+    twin = Case(FOLD_LENGTHS, 1, HEADS["mqa"], True, LAYOUTS[layout], dtype=torch.bfloat16, seed=42)
+    expected_out, expected_lse = _triton_step(twin, decode.DecodeConfig(fold_append=False))
+    monkeypatch.setattr(decode, "_decode_append_kernel", NoLaunch(_refuse_append))
+    out, lse = _triton_step(case, decode.DecodeConfig(fold_append=True))
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    for name in ("k_cache", "v_cache", "block_sums"):
+        torch.testing.assert_close(getattr(case, name), getattr(twin, name), rtol=0, atol=0, equal_nan=True)
+    case.check_appended()
+
+
+def test_chunks_keep_the_append_kernel(folded, poison_empty):
+    """seqlen_q > 1 appends through the append kernel (the fixture lets it launch for chunks only)."""
+    check_float32(Case(FOLD_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], seed=43))
+
+
+def test_fold_append_is_a_bool_of_the_config():
+    assert decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132)["fold_append"] is decode.DEFAULT_FOLD_APPEND
+    config = decode.DecodeConfig(fold_append=True)
+    assert decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, config)["fold_append"] is True
+    with pytest.raises(TypeError, match="fold_append must be a bool"):
+        decode.DecodeConfig(fold_append=1)

@@ -5,8 +5,11 @@ after the step, in one layer: the new key and value are appended to the cache, t
 
 Implementations (field ``impl``):
 
-- ``moba``: ``moba_attn_with_kvcache`` with ``k``, ``v`` (append, centroid update, router, split-K
-  attention; the Triton backend unless ``backend`` says otherwise);
+- ``moba``: with ``k``, ``v`` (append, centroid update, router, split-K attention): on the Triton backend
+  ``flashmoba.ops.decode.moba_decode_triton`` itself (the launcher behind ``moba_attn_with_kvcache``'s
+  custom op, the one entry point that takes a ``DecodeConfig``), on the same inputs, once per launch
+  config of ``decode_configs`` (field ``decode_config``: the config's set fields, ``{}`` for the
+  default); other backends: ``moba_attn_with_kvcache``;
 - ``sdpa``: the new key and value written into the cache, then ``F.scaled_dot_product_attention`` of the
   query over the whole cache (every sequence is ``cache_len`` long and the query is its last position, so
   no mask is needed), ``enable_gqa``, PyTorch's own choice of SDPA backend;
@@ -17,6 +20,10 @@ Timing: warm-up calls first (compilation, autotuning, the allocator), then, on C
 in a CUDA graph and its replays are timed with CUDA events (``timing`` "cuda_graph"; "eager" where the
 capture fails, with the reason in ``note``, and for FlexAttention, whose compiled step is timed as it
 runs); ``eager_ms`` times the plain calls. On CPU: perf_counter.
+
+With ``profile``, each row then gets a ``profile`` field: ``PROFILE_STEPS`` more steps as timed (CUDA-graph
+replays, or the eager calls) under ``torch.profiler`` (``flashmoba.bench.timing.profile_steps``): kernels
+per step, device µs per step, the ``PROFILE_TOP`` heaviest kernels by name; on the CPU, operators.
 
 Bytes floor: the bytes a step must move, divided by the card's copy rate (``copy_gbps``: read + write bytes
 per second of a large device-to-device copy measured in the same run). MoBA reads the centroids of the
@@ -29,6 +36,7 @@ select, so MoBA's ratio also measures that reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -37,7 +45,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flashmoba.bench.timing import card_name
+from flashmoba.bench.timing import card_name, profile_steps
 from flashmoba.kvcache import moba_attn_with_kvcache
 
 IMPLEMENTATIONS = ("moba", "sdpa", "flex")
@@ -56,6 +64,7 @@ ROW_FIELDS = (
     "block_size",
     "topk",
     "dtype",
+    "decode_config",
     "step_ms",
     "eager_ms",
     "timing",
@@ -66,6 +75,8 @@ ROW_FIELDS = (
     "note",
     "error",
 )
+PROFILE_STEPS = 8  # --profile: steps profiled per row (after the timing's warm-up)
+PROFILE_TOP = 10  # kernels kept per row, the heaviest first
 MEMORY_FRACTION = 0.8  # of the free device memory a configuration's caches may take
 _SUMS_CHUNK_BYTES = 1 << 30  # float32 keys summed at once when filling the centroid cache
 
@@ -197,9 +208,45 @@ def make_inputs(shape: dict, device: torch.device, seed: int = 0) -> dict:
     )
 
 
-def moba_step(inputs: dict, block_size: int, topk: int, backend: str):
+def decode_config_fields() -> tuple[str, ...]:
+    """The fields of ``flashmoba.ops.decode.DecodeConfig`` (the launch settings a row may set)."""
+    from flashmoba.ops.decode import DecodeConfig
+
+    return tuple(field.name for field in dataclasses.fields(DecodeConfig))
+
+
+def moba_step(inputs: dict, block_size: int, topk: int, backend: str, decode_config: dict | None = None):
     """The MoBA step: append (in place at ``cache_len - 1``, the lengths not advanced: every call is the
-    same step) and attend."""
+    same step) and attend. Triton: ``moba_decode_triton`` with ``DecodeConfig(**decode_config)``; other
+    backends take no config."""
+    if backend == "triton":
+        from flashmoba.ops.decode import DecodeConfig, moba_decode_triton
+
+        config = DecodeConfig(**(decode_config or {}))
+        k_cache = inputs["k_cache"]
+        block = min(block_size, k_cache.shape[1])  # as moba_attn_with_kvcache: at most the capacity
+        scale = inputs["q"].shape[-1] ** -0.5
+
+        def triton_step():
+            out, _ = moba_decode_triton(
+                inputs["q"],
+                k_cache,
+                inputs["v_cache"],
+                inputs["block_sums"],
+                inputs["cache_seqlens"],
+                block,
+                topk,
+                inputs["k"],
+                inputs["v"],
+                None,
+                scale,
+                config,
+            )
+            return out
+
+        return triton_step
+    if decode_config:
+        raise ValueError(f"a decode config needs the triton backend, got backend {backend!r}")
 
     def step():
         return moba_attn_with_kvcache(
@@ -277,16 +324,25 @@ def _median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def time_step(step, device: torch.device, repeats: int, warmup: int, graphs: bool) -> dict:
+def time_step(
+    step, device: torch.device, repeats: int, warmup: int, graphs: bool, profile: bool = False
+) -> dict:
     """``eager_ms``; on CUDA with ``graphs`` also ``step_ms`` of CUDA-graph replays (else the eager
-    time), ``timing`` and ``note`` (why a capture failed)."""
+    time), ``timing`` and ``note`` (why a capture failed). With ``profile`` also ``profile``: what was
+    timed last (the replays, else the eager calls) profiled for ``PROFILE_STEPS`` steps."""
+
+    def profiled(result: dict, timed) -> dict:
+        if profile:
+            result["profile"] = profile_steps(timed, device, PROFILE_STEPS, PROFILE_TOP)
+        return result
+
     with torch.no_grad():
         eager_ms = _median_ms(step, device, repeats, warmup)
         result = dict(eager_ms=eager_ms, step_ms=eager_ms, note=None)
         if device.type != "cuda":
-            return dict(result, timing="perf_counter")
+            return profiled(dict(result, timing="perf_counter"), step)
         if not graphs:
-            return dict(result, timing="eager")
+            return profiled(dict(result, timing="eager"), step)
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -298,10 +354,12 @@ def time_step(step, device: torch.device, repeats: int, warmup: int, graphs: boo
                 step()
         except RuntimeError as error:
             torch.cuda.synchronize(device)
-            return dict(result, timing="eager", note=f"graph capture failed: {_first_line(error)}")
+            failed = dict(result, timing="eager", note=f"graph capture failed: {_first_line(error)}")
+            return profiled(failed, step)
         result["step_ms"] = _median_ms(graph.replay, device, repeats, warmup=2)
+        result = profiled(dict(result, timing="cuda_graph"), graph.replay)
         del graph
-        return dict(result, timing="cuda_graph")
+        return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,7 +372,8 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
-def _row(shape: dict, impl: str, backend: str | None, copy_gbps: float, **fields) -> dict:
+def _row(shape: dict, impl: str, backend: str | None, copy_gbps: float, decode_config=None, **fields) -> dict:
+    """A row of ``ROW_FIELDS`` (``decode_config``: MoBA rows only), then ``profile`` where given."""
     row = dict.fromkeys(ROW_FIELDS)
     sparse = impl == "moba"
     row.update(
@@ -329,6 +388,7 @@ def _row(shape: dict, impl: str, backend: str | None, copy_gbps: float, **fields
         block_size=shape["block_size"] if sparse else None,
         topk=shape["topk"] if sparse else None,
         dtype=str(shape["dtype"]).removeprefix("torch."),
+        decode_config=dict(decode_config or {}) if sparse else None,
         copy_gbps=copy_gbps,
     )
     row.update(fields)
@@ -371,36 +431,50 @@ def measure_decode(
     warmup: int = 3,
     graphs: bool = True,
     copy_gbps: float | None = None,
+    decode_configs=({},),
+    profile: bool = False,
 ) -> list[dict]:
-    """Time each of ``impls`` on one configuration (one set of caches shared by all); returns their rows.
-    A configuration that does not fit, or an implementation that fails, gives rows with ``error``."""
+    """Time each of ``impls`` on one configuration (one set of caches shared by all); returns their rows,
+    ``moba`` once per launch config of ``decode_configs`` (dicts of ``DecodeConfig`` fields; ``{}``: the
+    default; non-default ones need the triton backend), with ``profile`` a ``profile`` field each. A
+    configuration that does not fit, or an implementation that fails, gives rows with ``error``."""
+    decode_configs = [dict(config) for config in decode_configs]
+    if backend != "triton" and any(decode_configs):
+        raise ValueError(f"decode configs need the triton backend, got backend {backend!r}")
+    runs = [(impl, config) for impl in impls for config in (decode_configs if impl == "moba" else [None])]
     device = shape["device"]
     copy_gbps = copy_gbps if copy_gbps is not None else copy_rate_gbps(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the previous configuration's caches: _fits reads the free memory
     reason = _fits(shape)
     if reason is not None:
-        return [_row(shape, impl, backend, copy_gbps, error=reason) for impl in impls]
+        return [_row(shape, impl, backend, copy_gbps, config, error=reason) for impl, config in runs]
     inputs = make_inputs(shape, device)
     rows = []
-    for impl in impls:
+    for impl, config in runs:
         try:
-            rows.append(_measure_one(shape, inputs, impl, backend, repeats, warmup, graphs, copy_gbps))
+            rows.append(
+                _measure_one(
+                    shape, inputs, impl, backend, repeats, warmup, graphs, copy_gbps, config, profile
+                )
+            )
         except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError, ImportError) as error:
-            rows.append(_row(shape, impl, backend, copy_gbps, error=_first_line(error)))
+            rows.append(_row(shape, impl, backend, copy_gbps, config, error=_first_line(error)))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def _measure_one(shape, inputs, impl, backend, repeats, warmup, graphs, copy_gbps) -> dict:
+def _measure_one(
+    shape, inputs, impl, backend, repeats, warmup, graphs, copy_gbps, decode_config=None, profile=False
+) -> dict:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     device = shape["device"]
     if impl == "flex" and device.type != "cuda":
         return _row(shape, impl, backend, copy_gbps, error="FlexAttention's decoding kernel needs CUDA")
     if impl == "moba":
-        step = moba_step(inputs, shape["block_size"], shape["topk"], backend)
+        step = moba_step(inputs, shape["block_size"], shape["topk"], backend, decode_config)
         distinct = distinct_selected_blocks(
             inputs["q"], inputs["block_sums"], shape["cache_len"], shape["block_size"], shape["topk"]
         )
@@ -410,7 +484,7 @@ def _measure_one(shape, inputs, impl, backend, repeats, warmup, graphs, copy_gbp
         bytes_read = dense_bytes(shape)
     # Compiled FlexAttention runs eagerly: a capture that fails inside its generated code could leave the
     # stream capturing and fail every later row.
-    timed = time_step(step, device, repeats, warmup, graphs and impl != "flex")
+    timed = time_step(step, device, repeats, warmup, graphs and impl != "flex", profile)
     if impl == "flex" and graphs and device.type == "cuda":
         timed["note"] = "compiled, not captured in a CUDA graph"
     floor_ms = bytes_read / (copy_gbps * 1e9) * 1e3
@@ -419,6 +493,7 @@ def _measure_one(shape, inputs, impl, backend, repeats, warmup, graphs, copy_gbp
         impl,
         backend,
         copy_gbps,
+        decode_config,
         bytes_read=bytes_read,
         floor_ms=floor_ms,
         floor_ratio=timed["step_ms"] / floor_ms,

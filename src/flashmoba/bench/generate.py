@@ -25,7 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from flashmoba.bench.timing import card_name
+from flashmoba.bench.timing import (  # noqa: F401 (PROFILE_*: re-exported, bench generate's names)
+    PROFILE_FIELDS,
+    PROFILE_NAME_CHARS,
+    PROFILE_TOP_FIELDS,
+    card_name,
+    profile_steps,
+)
 from flashmoba.models.generation import DECODE_MODES, WARM_DECODE_STEPS, generate
 from flashmoba.models.hybrid import HybridLM, model_config_from_preset
 
@@ -48,69 +54,21 @@ ROW_FIELDS = (
     "peak_gib",
 )
 # --profile: steps run unprofiled first (a step that is still a first eager run or a capture would
-# count its Triton launches and capture work), then the profiled steady steps, the entries kept and the
-# characters of a name kept.
+# count its Triton launches and capture work), then the profiled steady steps and the entries kept.
 PROFILE_WARM_STEPS = WARM_DECODE_STEPS
 PROFILE_STEPS = 8
 PROFILE_TOP = 15
-PROFILE_NAME_CHARS = 90
-# The keys of a row's ``profile`` field, and of each of its ``top`` entries.
-PROFILE_FIELDS = ("activity", "steps", "kernels_per_step", "device_us_per_step", "top")
-PROFILE_TOP_FIELDS = ("name", "calls_per_step", "us_per_step")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _self_device_us(event) -> float:
-    """An event's own device time in µs: ``self_device_time_total`` (PyTorch >= 2.4), else the older
-    ``self_cuda_time_total``."""
-    if hasattr(event, "self_device_time_total"):
-        return event.self_device_time_total
-    return event.self_cuda_time_total
 
 
 def profile_decode_steps(
     step, token: torch.Tensor, device: torch.device, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP
 ) -> dict:
     """Profile ``steps`` calls of the decode ``step`` (``token [batch]`` -> logits) after
-    ``PROFILE_WARM_STEPS`` unprofiled ones; per step: the device kernels (CUDA: every device activity,
-    kernels, memcpys and memsets, each an entry of ``key_averages()``) and their total time, and the
-    ``top`` entries by time. On the CPU ("cpu_ops") the entries are the operators by self CPU time and
-    ``kernels_per_step`` counts operator calls; ``device_us_per_step`` is then their self CPU time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    on_cuda = device.type == "cuda"
+    ``PROFILE_WARM_STEPS`` unprofiled ones: ``flashmoba.bench.timing.profile_steps`` (per step: the device
+    kernels and their time, the ``top`` entries; CPU operators on the CPU)."""
     for _ in range(PROFILE_WARM_STEPS):
         step(token)
-    _synchronize(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step(token)
-        _synchronize(device)
-    entries = []  # (name, calls, total µs)
-    for event in profiler.key_averages():
-        if getattr(event, "is_user_annotation", False):
-            continue  # record_function ranges, not work
-        if on_cuda and event.device_type != DeviceType.CPU:
-            entries.append((event.key, event.count, _self_device_us(event)))
-        elif not on_cuda and event.device_type == DeviceType.CPU:
-            entries.append((event.key, event.count, event.self_cpu_time_total))
-    entries.sort(key=lambda entry: entry[2], reverse=True)
-    return dict(
-        activity="cuda_kernels" if on_cuda else "cpu_ops",
-        steps=steps,
-        kernels_per_step=sum(calls for _, calls, _ in entries) / steps,
-        device_us_per_step=sum(total for _, _, total in entries) / steps,
-        top=[
-            dict(name=name[:PROFILE_NAME_CHARS], calls_per_step=calls / steps, us_per_step=total / steps)
-            for name, calls, total in entries[:top]
-        ],
-    )
+    return profile_steps(lambda: step(token), device, steps, top)
 
 
 def measure_generate(

@@ -17,7 +17,8 @@ markdown table on stdout.
 cache against dense decode on the same cache (SDPA, FlexAttention), by cache length, batch and head
 configuration (``flashmoba.bench.decode``): latency (CUDA-graph replays), the bytes floor at the copy
 rate measured in the same run and the ratio to it, to ``benchmarks/results/decode_<card>.json`` with a
-plot beside it and a markdown table on stdout.
+plot beside it and a markdown table on stdout; ``--decode-configs`` sweeps the Triton kernels' launch
+settings (``DecodeConfig``, one MoBA row per config), ``--profile`` adds each row's kernels per step.
 
 ``flashmoba bench generate [flags]``: ``HybridLM.generate`` end to end, dense against MoBA global layers,
 by prompt length (``flashmoba.bench.generate``): prefill and decode tokens/s, to
@@ -700,6 +701,50 @@ def _head_configs(text: str) -> list[tuple[int, int, int]]:
     return configs
 
 
+def _decode_configs(text: str) -> list[dict]:
+    """An argparse ``type``: a ``;``-separated list of launch configs, each a ``,``-separated list of
+    ``field=int`` of ``flashmoba.ops.decode.DecodeConfig`` (``default`` or nothing: the default config;
+    a bool field such as ``fold_append`` takes 0 or 1), each config once; returns the configs' set
+    fields as dicts."""
+    from flashmoba.bench.decode import decode_config_fields
+    from flashmoba.ops.decode import BOOL_FIELDS, DecodeConfig
+
+    fields = decode_config_fields()
+    configs = []
+    for item in (item.strip() for item in text.split(";")):
+        config = {}
+        for part in (part.strip() for part in item.split(",")):
+            if part in ("", "default"):
+                continue
+            name, equals, value = (piece.strip() for piece in part.partition("="))
+            if not equals:
+                raise argparse.ArgumentTypeError(
+                    f"expected field=int pairs such as num_splits=2, got {part!r}"
+                )
+            if name not in fields:
+                raise argparse.ArgumentTypeError(
+                    f"unknown DecodeConfig field {name!r}; fields: {', '.join(fields)}"
+                )
+            if name in config:
+                raise argparse.ArgumentTypeError(f"field {name!r} set twice in {item!r}")
+            try:
+                config[name] = int(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
+            if name in BOOL_FIELDS:
+                if config[name] not in (0, 1):
+                    raise argparse.ArgumentTypeError(f"{name} must be 0 or 1, got {value!r}")
+                config[name] = bool(config[name])
+        try:
+            DecodeConfig(**config)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
+        if config in configs:
+            raise argparse.ArgumentTypeError(f"config {item!r} more than once, got {text!r}")
+        configs.append(config)
+    return configs
+
+
 def _decode_parser() -> argparse.ArgumentParser:
     from flashmoba.bench import decode
 
@@ -737,13 +782,32 @@ def _decode_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=positive, default=20, help="timed calls (their median)")
     parser.add_argument("--warmup", type=positive, default=3, help="untimed calls first")
     parser.add_argument("--no-graphs", action="store_true", help="time eager calls only (no CUDA graphs)")
+    parser.add_argument(
+        "--decode-configs",
+        type=_decode_configs,
+        default=[{}],
+        help="launch configs of the Triton decode kernels, one MoBA row each: ';'-separated configs, each "
+        "a ','-separated list of field=int of flashmoba.ops.decode.DecodeConfig ('default': the default "
+        "config; fold_append=0/1), e.g. 'default;num_splits=1;num_splits=2,attn_num_stages=3,fold_append=1' "
+        "(default: the default config only; needs --backend triton)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each row's timing, profile a few more steps as timed (CUDA-graph replays) under "
+        "torch.profiler: kernels per step, device µs per step per kernel (top 10), in the row's "
+        "'profile' field, and printed",
+    )
     _add_run_flags(parser, stem="decode")
     _add_replot_flag(parser)
     return parser
 
 
 def _check_decode_args(parser: argparse.ArgumentParser, args) -> None:
-    """As ``_check_model_args``: resolves ``args.device`` and ``args.out``; refuses to overwrite."""
+    """As ``_check_model_args``: resolves ``args.device`` and ``args.out``; refuses to overwrite. Launch
+    configs other than the default need the Triton backend."""
+    if args.replot is None and args.backend != "triton" and any(args.decode_configs):
+        parser.error(f"argument --decode-configs: launch configs need --backend triton, got {args.backend!r}")
     _check_model_args(parser, args, stem="decode")
 
 
@@ -793,14 +857,22 @@ def _run_decode_jobs(args, jobs: list[dict]) -> list[dict]:
             warmup=args.warmup,
             graphs=not args.no_graphs,
             copy_gbps=copy_gbps,
+            decode_configs=args.decode_configs,
+            profile=args.profile,
         )
         args.out.write_text(json.dumps(rows, indent=1))
     return rows
 
 
+def _config_label(config: dict | None) -> str:
+    """A launch config as ``field=value,..`` ("" for the default, and for rows from before configs)."""
+    return ",".join(f"{name}={value}" for name, value in (config or {}).items())
+
+
 def _decode_label(row: dict) -> str:
     if row["impl"] == "moba":
-        return f"moba B={row['block_size']} k={row['topk']}"
+        config = _config_label(row.get("decode_config"))
+        return f"moba B={row['block_size']} k={row['topk']}" + (f" {config}" if config else "")
     return row["impl"]
 
 
@@ -853,6 +925,37 @@ def decode_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(profile: dict, title: str) -> str:
+    """A ``profile`` field (``flashmoba.bench.timing.profile_steps``) as a markdown table under ``title``
+    and its totals."""
+    time_label = "device µs/step" if profile["activity"] == "cuda_kernels" else "self CPU µs/step"
+    lines = [
+        f"{title}: {profile['kernels_per_step']:.0f} {profile['activity']} per step, "
+        f"{profile['device_us_per_step']:.0f} µs per step ({profile['steps']} steps)",
+        "",
+        f"| {profile['activity']} | calls/step | {time_label} |",
+        "|---|---:|---:|",
+    ]
+    for entry in profile["top"]:
+        name = entry["name"].replace("|", "/")
+        lines.append(f"| {name} | {entry['calls_per_step']:.1f} | {entry['us_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
+def decode_profile_tables(rows: list[dict]) -> str:
+    """Each profiled row's kernels (``bench decode --profile``), one table per row."""
+    tables = [
+        profile_table(
+            row["profile"],
+            f"Profile of {_decode_label(row)}, {_heads_label(row)}, batch {row['batch']}, cache "
+            f"{row['cache_len']}, {row.get('timing')}",
+        )
+        for row in rows
+        if row.get("profile")
+    ]
+    return "\n\n".join(tables)
+
+
 def decode_plot(rows: list[dict], path: Path) -> None:
     """Step latency against cache length, one panel per head configuration, one line per impl and batch;
     MoBA's bytes floor dashed."""
@@ -898,12 +1001,20 @@ def decode_main(argv: list[str]) -> int:
         rows = _read_rows(parser, args.replot)
         _plot_or_say(decode_plot, rows, args.replot, "decode")
         print(decode_table(rows))
+        _print_profiles(rows)
         return 0
     rows = _run_decode_jobs(args, _decode_jobs(args))
     _plot_or_say(decode_plot, rows, args.out, "decode")
     print(f"\nresults in {args.out}\n")
     print(decode_table(rows))
+    _print_profiles(rows)
     return 0
+
+
+def _print_profiles(rows: list[dict]) -> None:
+    tables = decode_profile_tables(rows)
+    if tables:
+        print("\n" + tables)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1008,21 +1119,9 @@ def generate_table(rows: list[dict]) -> str:
 
 def generate_profile_table(row: dict) -> str:
     """A row's ``profile`` field (``flashmoba.bench.generate.profile_decode_steps``) as a markdown table."""
-    profile = row["profile"]
     label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
-    time_label = "device µs/step" if profile["activity"] == "cuda_kernels" else "self CPU µs/step"
-    lines = [
-        f"Profile of {label}, prompt {row['prompt_len']}, {row['decode_mode']}, batch {row['batch']}: "
-        f"{profile['kernels_per_step']:.0f} {profile['activity']} per step, "
-        f"{profile['device_us_per_step']:.0f} µs per step ({profile['steps']} steps)",
-        "",
-        f"| {profile['activity']} | calls/step | {time_label} |",
-        "|---|---:|---:|",
-    ]
-    for entry in profile["top"]:
-        name = entry["name"].replace("|", "/")
-        lines.append(f"| {name} | {entry['calls_per_step']:.1f} | {entry['us_per_step']:.1f} |")
-    return "\n".join(lines)
+    title = f"Profile of {label}, prompt {row['prompt_len']}, {row['decode_mode']}, batch {row['batch']}"
+    return profile_table(row["profile"], title)
 
 
 def generate_main(argv: list[str]) -> int:

@@ -20,6 +20,13 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    block, then -1. Where that grid is small against the device (a few long sequences), the centroid tiles
    of each (row tile, sequence, kv head) are split over ``block_splits`` programs, each storing its
    running lists, and ``_decode_route_merge_kernel`` merges them (the keys order globally).
+   With ``DecodeConfig.fold_append`` (default ``DEFAULT_FOLD_APPEND``), a step of one new token per
+   sequence (seqlen_q 1 with k, v) launches no append kernel: the route program of row tile 0 and block
+   split 0 of (b, h) writes the token's key and value and updates its block's ``block_sums`` row itself
+   (``_append_block``, the append kernel's code), after its routing. No router program reads that row:
+   the token's block is the own block, and candidates end before it. One program still owns each
+   (sequence, block, head) row, so the result is the same, bit for bit. Chunks (seqlen_q > 1) always
+   launch the append kernel.
 3. ``_decode_attn_partial_kernel``, program (query row and head, split): one query row of one head
    against the keys of the selected blocks of slots ``[split * S, (split + 1) * S)`` of its selection,
    in tiles of BLOCK_N keys of a block, as a matrix-vector product on CUDA cores (a decode row is one row:
@@ -51,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmoba._checks import check_positive_int
+from flashmoba._checks import check_bool, check_positive_int
 from flashmoba.ops.router import (
     EMPTY_KEY,
     MAX_RUNNING_TOPK,
@@ -82,6 +89,10 @@ MAX_ROUTE_SPLITS = 16  # router block splits the heuristic takes at most (a conf
 _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 
 
+BOOL_FIELDS = ("fold_append",)  # DecodeConfig's bool fields (the others are ints >= 1)
+DEFAULT_FOLD_APPEND = False
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Launch settings of the decode kernels (None: the launcher's heuristic decides for the shapes)."""
@@ -99,11 +110,18 @@ class DecodeConfig:
     # Software-pipeline stages of the attention's key-tile loop (1: no pipelining).
     attn_num_stages: int | None = None
     num_splits: int | None = None
+    # One-token steps with new k, v (seqlen_q 1): the route kernel's programs write the new key and value
+    # and update block_sums themselves, and the append kernel is not launched (None: DEFAULT_FOLD_APPEND).
+    fold_append: bool | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is not None:
+            if value is None:
+                continue
+            if field.name in BOOL_FIELDS:
+                check_bool(field.name, value)
+            else:
                 check_positive_int(field.name, value)
 
 
@@ -127,14 +145,13 @@ def _bfloat16_nearest(values):
 
 
 @triton.jit
-def _decode_append_kernel(
+def _append_block(
     KNew,
     VNew,
     KCache,
     VCache,
     BlockSums,
-    CacheSeqlens,
-    BlockTable,  # None for a contiguous cache (PAGED False)
+    BlockTable,
     stride_new_batch,
     stride_new_token,
     stride_new_head,
@@ -143,7 +160,7 @@ def _decode_append_kernel(
     stride_vnew_token,
     stride_vnew_head,
     stride_vnew_dim,
-    stride_k_page,  # contiguous: the batch stride, and a sequence is one page of `capacity` slots
+    stride_k_page,
     stride_k_slot,
     stride_k_head,
     stride_k_dim,
@@ -156,6 +173,10 @@ def _decode_append_kernel(
     stride_sums_head,
     stride_sums_dim,
     stride_table_batch,
+    start,
+    touched,
+    seq,
+    head,
     seqlen_q,
     block_size,
     page_size,
@@ -166,11 +187,9 @@ def _decode_append_kernel(
     TOKEN_TILE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Program (touched block j, sequence b, kv head h): the new keys of block ``start // B + j``."""
-    touched = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start = tl.load(CacheSeqlens + seq)
+    """The new keys and values of sequence ``seq`` (``start`` keys cached) that fall into its touched block
+    ``start // B + touched``, kv head ``head``: written into the caches, their float32 sum added to the
+    block's ``block_sums`` row (one caller owns the row: a load-add-store)."""
     block = start // block_size + touched
     # The chunk's tokens [first, last) that fall into this block (empty for the last j of some chunks).
     first = tl.maximum(block * block_size - start, 0)
@@ -221,6 +240,113 @@ def _decode_append_kernel(
     sums_mask = dim_ok & (first < last) & (block < max_blocks)
     old_sum = tl.load(sums_ptrs, mask=sums_mask, other=0.0)
     tl.store(sums_ptrs, old_sum + block_sum, mask=sums_mask)
+
+
+_APPEND_STRIDES = (
+    "stride_new_batch",
+    "stride_new_token",
+    "stride_new_head",
+    "stride_new_dim",
+    "stride_vnew_batch",
+    "stride_vnew_token",
+    "stride_vnew_head",
+    "stride_vnew_dim",
+    "stride_k_page",
+    "stride_k_slot",
+    "stride_k_head",
+    "stride_k_dim",
+    "stride_v_page",
+    "stride_v_slot",
+    "stride_v_head",
+    "stride_v_dim",
+    "stride_table_batch",
+)
+
+
+@triton.jit
+def _decode_append_kernel(
+    KNew,
+    VNew,
+    KCache,
+    VCache,
+    BlockSums,
+    CacheSeqlens,
+    BlockTable,  # None for a contiguous cache (PAGED False)
+    stride_new_batch,
+    stride_new_token,
+    stride_new_head,
+    stride_new_dim,
+    stride_vnew_batch,
+    stride_vnew_token,
+    stride_vnew_head,
+    stride_vnew_dim,
+    stride_k_page,  # contiguous: the batch stride, and a sequence is one page of `capacity` slots
+    stride_k_slot,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_head,
+    stride_v_dim,
+    stride_sums_batch,
+    stride_sums_block,
+    stride_sums_head,
+    stride_sums_dim,
+    stride_table_batch,
+    seqlen_q,
+    block_size,
+    page_size,
+    capacity,
+    max_blocks,
+    head_dim,
+    PAGED: tl.constexpr,
+    TOKEN_TILE: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Program (touched block j, sequence b, kv head h): the new keys of block ``start // B + j``."""
+    seq = tl.program_id(1)
+    _append_block(
+        KNew,
+        VNew,
+        KCache,
+        VCache,
+        BlockSums,
+        BlockTable,
+        stride_new_batch,
+        stride_new_token,
+        stride_new_head,
+        stride_new_dim,
+        stride_vnew_batch,
+        stride_vnew_token,
+        stride_vnew_head,
+        stride_vnew_dim,
+        stride_k_page,
+        stride_k_slot,
+        stride_k_head,
+        stride_k_dim,
+        stride_v_page,
+        stride_v_slot,
+        stride_v_head,
+        stride_v_dim,
+        stride_sums_batch,
+        stride_sums_block,
+        stride_sums_head,
+        stride_sums_dim,
+        stride_table_batch,
+        tl.load(CacheSeqlens + seq),
+        tl.program_id(0),
+        seq,
+        tl.program_id(2),
+        seqlen_q,
+        block_size,
+        page_size,
+        capacity,
+        max_blocks,
+        head_dim,
+        PAGED,
+        TOKEN_TILE,
+        HEAD_DIM_PAD,
+    )
 
 
 @triton.jit
@@ -315,6 +441,31 @@ def _decode_route_kernel(
     CacheSeqlens,
     Selected,
     SplitKeys,  # int64 running lists of each block split (SPLIT_BLOCKS), else None
+    KNew,  # FOLD_APPEND: the step's new keys and values, the caches and the block table; else None
+    VNew,
+    KCache,
+    VCache,
+    BlockTable,
+    stride_new_batch,
+    stride_new_token,
+    stride_new_head,
+    stride_new_dim,
+    stride_vnew_batch,
+    stride_vnew_token,
+    stride_vnew_head,
+    stride_vnew_dim,
+    stride_k_page,
+    stride_k_slot,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_head,
+    stride_v_dim,
+    stride_table_batch,
+    page_size,
+    capacity,
+    max_blocks,
     stride_q_batch,
     stride_q_token,
     stride_q_head,
@@ -347,11 +498,18 @@ def _decode_route_kernel(
     SUMS_ROUTE: tl.constexpr,  # float32: score q . sum / B; 16-bit: q . (sum / B rounded to q's dtype)
     INSERT_ROUNDS: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # round to bfloat16 by the bits (the interpreter truncates in .to)
+    FOLD_APPEND: tl.constexpr,  # seqlen_q 1 with new k, v: program (0, b, h, split 0) appends them
+    PAGED: tl.constexpr,
+    APPEND_TILE: tl.constexpr,
 ):
     """Program (row tile, sequence b, kv head h and block split): selections of the (query row t, query
     head of h's group) pairs ``t * group + g`` of the tile, from the split's centroid tiles
     ``[split * tiles_per_split, ...)``. With one split it writes the selections; with several it stores
-    its running lists and ``_decode_route_merge_kernel`` merges them."""
+    its running lists and ``_decode_route_merge_kernel`` merges them. With FOLD_APPEND (one new token per
+    sequence) the program of row tile 0 and split 0 also writes the token's key and value of kv head h
+    into the caches and adds the key to its block's block_sums row, as ``_decode_append_kernel`` would:
+    no program reads that row (candidates end before the own block, the token's), and one program owns
+    it."""
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2) // block_splits
@@ -440,6 +598,51 @@ def _decode_route_kernel(
             RUNNING_TOPK,
             TAIL_TILE,
         )
+    # Last: the router's lists and queries are dead by now (fewer registers live across the append).
+    if FOLD_APPEND:
+        if (tile == 0) & (split == 0):
+            _append_block(
+                KNew,
+                VNew,
+                KCache,
+                VCache,
+                BlockSums,
+                BlockTable,
+                stride_new_batch,
+                stride_new_token,
+                stride_new_head,
+                stride_new_dim,
+                stride_vnew_batch,
+                stride_vnew_token,
+                stride_vnew_head,
+                stride_vnew_dim,
+                stride_k_page,
+                stride_k_slot,
+                stride_k_head,
+                stride_k_dim,
+                stride_v_page,
+                stride_v_slot,
+                stride_v_head,
+                stride_v_dim,
+                stride_sums_batch,
+                stride_sums_block,
+                stride_sums_head,
+                stride_sums_dim,
+                stride_table_batch,
+                tl.load(CacheSeqlens + seq),
+                0,
+                seq,
+                kv_head,
+                1,
+                block_size,
+                page_size,
+                capacity,
+                max_blocks,
+                head_dim,
+                PAGED,
+                APPEND_TILE,
+                HEAD_DIM_PAD,
+            )
 
 
 @triton.jit
@@ -786,6 +989,7 @@ def decode_tiles(
         NUM_STAGES=config.attn_num_stages or 2,
     )
     return dict(
+        fold_append=DEFAULT_FOLD_APPEND if config.fold_append is None else bool(config.fold_append),
         picks=picks,
         running_topk=running_topk,
         head_dim_pad=head_dim_pad,
@@ -818,6 +1022,14 @@ def check_decode_supported(q: torch.Tensor, block_size: int, topk: int, max_bloc
         )
     if batch > MAX_GRID_DIM:
         raise ValueError(f"the Triton decode kernels support at most {MAX_GRID_DIM} sequences, got {batch}")
+
+
+def _append_strides(k, v, k_cache, v_cache, block_table) -> dict:
+    """The strides ``_append_block`` takes (``_APPEND_STRIDES``), of the new k, v, the caches and the
+    block table (0 for a contiguous cache)."""
+    values = (*k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride())
+    values += (block_table.stride(0) if block_table is not None else 0,)
+    return dict(zip(_APPEND_STRIDES, values, strict=True))
 
 
 def decode_append(
@@ -874,9 +1086,13 @@ def decode_append(
     )
 
 
-def decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles, out=None) -> torch.Tensor:
+def decode_route(
+    q, block_sums, cache_seqlens, block_size, topk, appended, tiles, out=None, fold=None
+) -> torch.Tensor:
     """Selections int32 ``[batch, T, Hq, topk]`` of the queries against block_sums (after the append):
-    candidates ascending, then the own block, then -1."""
+    candidates ascending, then the own block, then -1. ``fold``: None, or for one new token per sequence
+    (T 1) ``(k, v, k_cache, v_cache, block_table, capacity)``, which the route kernel appends itself
+    (``appended`` must then be 1)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = block_sums.shape[2]
     group = heads_q // heads_kv
@@ -903,12 +1119,47 @@ def decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles
             device=q.device,
         )
     tail_tile = min(64, max(16, next_power_of_2(max(1, topk - running_topk))))
+    if fold is not None:
+        if seqlen_q != 1 or appended != 1:
+            raise ValueError(f"the folded append takes one new token per sequence, got seqlen_q {seqlen_q}")
+        k, v, k_cache, v_cache, block_table, capacity = fold
+        paged = block_table is not None
+        append = dict(
+            KNew=k,
+            VNew=v,
+            KCache=k_cache,
+            VCache=v_cache,
+            BlockTable=block_table,
+            **_append_strides(k, v, k_cache, v_cache, block_table),
+            page_size=k_cache.shape[1],
+            capacity=capacity,
+            max_blocks=block_sums.shape[1],
+            FOLD_APPEND=True,
+            PAGED=paged,
+            APPEND_TILE=2,  # one token (TOKEN_TILE's floor in decode_append)
+        )
+    else:
+        append = dict(
+            KNew=None,
+            VNew=None,
+            KCache=None,
+            VCache=None,
+            BlockTable=None,
+            **dict.fromkeys(_APPEND_STRIDES, 0),
+            page_size=1,
+            capacity=0,
+            max_blocks=0,
+            FOLD_APPEND=False,
+            PAGED=False,
+            APPEND_TILE=2,
+        )
     _decode_route_kernel[(row_tiles, batch, heads_kv * block_splits)](
         Q=q,
         BlockSums=block_sums,
         CacheSeqlens=cache_seqlens,
         Selected=selected,
         SplitKeys=split_keys,
+        **append,
         stride_q_batch=q.stride(0),
         stride_q_token=q.stride(1),
         stride_q_head=q.stride(2),
@@ -1098,11 +1349,14 @@ def moba_decode_triton(
         _sm_count(q.device),
         config,
     )
-    appended = 0
-    if k is not None:
+    appended = 0 if k is None else seqlen_q
+    # One new token per sequence: the route kernel appends it (DecodeConfig.fold_append), no append launch.
+    fold = None
+    if k is not None and seqlen_q == 1 and tiles["fold_append"] and batch > 0:
+        fold = (k, v, k_cache, v_cache, block_table, capacity)
+    elif k is not None:
         decode_append(k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table, block_size, capacity)
-        appended = seqlen_q
-    selected = decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles)
+    selected = decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles, fold=fold)
     return decode_attend(
         q, k_cache, v_cache, selected, cache_seqlens, block_table, block_size, appended, softmax_scale, tiles
     )
