@@ -511,7 +511,8 @@ class MoBAKVCache:
     Attributes ``k_cache``, ``v_cache``, ``block_sums``, ``cache_seqlens`` (int32 ``[batch]``, also
     ``seqlens``) and ``block_table`` (None for a contiguous cache) are exactly the arguments of
     ``moba_attn_with_kvcache``: the object adds their allocation and the bookkeeping of lengths and pages.
-    Every sequence has the same length (each call appends ``seqlen_q`` keys to every one).
+    Each call appends ``seqlen_q`` keys to every sequence; the sequences may still differ in length
+    when a contiguous cache's ``cache_seqlens`` are set per row (``HybridCache.prefill_ragged`` does).
 
     A paged cache hands out pages from a free list on the host as the sequences grow: a call taking the
     length from L to L + T takes ``ceil((L + T) / page_size) - ceil(L / page_size)`` pages per sequence, so

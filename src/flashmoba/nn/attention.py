@@ -321,7 +321,7 @@ class MoBAAttention(nn.Module):
 
     def forward_with_cache(self, x: torch.Tensor, cache) -> torch.Tensor:
         """Decode or prefill: x ``[batch, T, hidden]`` are the T tokens that follow the tokens already in
-        ``cache`` (the same count for every row).
+        ``cache`` (T new tokens in every row; the rows' cached lengths may differ, see ``positions``).
 
         ``cache`` is a layer cache (see ``flashmoba.models.generation``): it has
         ``positions(batch, T, device)`` (the new tokens' absolute positions, for RoPE), ``keyconv_state``
