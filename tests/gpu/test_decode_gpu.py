@@ -173,6 +173,17 @@ def assert_mostly_close(actual, expected, fraction=0.99):
     assert close.float().mean() >= fraction, f"{(~close).sum()} of {close.numel()} (row, head) pairs differ"
 
 
+def next_step_inputs(state, static_q, static_k, static_v):
+    """A new token's q, k, v for every sequence of ``state``, also copied into a captured graph's inputs."""
+    q = state.randn(state.batch, 1, HEADS_Q, HEAD_DIM)
+    k = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+    v = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+    static_q.copy_(q)
+    static_k.copy_(k)
+    static_v.copy_(v)
+    return q, k, v
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_decode_step_at_32k_against_the_reference(paged):
@@ -237,12 +248,7 @@ def test_cuda_graph_capture_of_a_decode_step_replays_eager_steps():
         getattr(state, name).copy_(getattr(saved, name))
     twin = saved.clone()
     for _ in range(4):  # steps cross the block boundary of sequences 2 and 3
-        q = state.randn(state.batch, 1, HEADS_Q, HEAD_DIM)
-        k = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
-        v = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
-        static_q.copy_(q)
-        static_k.copy_(k)
-        static_v.copy_(v)
+        q, k, v = next_step_inputs(state, static_q, static_k, static_v)
         graph.replay()
         with torch.no_grad():
             expected_out, expected_lse = twin.step(q, k, v, "triton")
@@ -332,12 +338,7 @@ def test_inductor_compiled_decode_step_in_a_cuda_graph_equals_eager_steps():
     with torch.no_grad(), torch.cuda.graph(graph):
         captured_out, captured_lse = compiled_step()
     for _ in range(4):
-        q = state.randn(state.batch, 1, HEADS_Q, HEAD_DIM)
-        k = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
-        v = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
-        static_q.copy_(q)
-        static_k.copy_(k)
-        static_v.copy_(v)
+        q, k, v = next_step_inputs(state, static_q, static_k, static_v)
         graph.replay()
         with torch.no_grad():
             expected_out, expected_lse = eager_step(q, k, v)

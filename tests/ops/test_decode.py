@@ -115,6 +115,23 @@ class Case:
             **overrides,
         )
 
+    def triton_arguments(self, scale: float) -> tuple:
+        """The positional arguments of ``moba_decode_triton`` (and of the ``flashmoba::moba_decode`` op)
+        for this case, the config left out."""
+        return (
+            self.q.to(self.dtype),
+            self.k_cache,
+            self.v_cache,
+            self.block_sums,
+            self.cache_seqlens,
+            self.block_size,
+            self.topk,
+            self.k,
+            self.v,
+            self.block_table,
+            scale,
+        )
+
     def expected(self):
         """moba_attn of each whole sequence in float64, its last seqlen_q rows (bottom-right causal)."""
         outs, lses = [], []
@@ -345,20 +362,7 @@ def test_bfloat16_centroids_round_to_nearest():
 )
 def test_launch_settings_do_not_change_the_result(config, poison_empty):
     case = Case(CACHE_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], topk=4, seed=9)
-    out, lse = decode.moba_decode_triton(
-        case.q.float(),
-        case.k_cache,
-        case.v_cache,
-        case.block_sums,
-        case.cache_seqlens,
-        BLOCK,
-        4,
-        case.k,
-        case.v,
-        case.block_table,
-        HEAD_DIM**-0.5,
-        config,
-    )
+    out, lse = decode.moba_decode_triton(*case.triton_arguments(HEAD_DIM**-0.5), config)
     expected_out, expected_lse = case.expected()
     assert_close(out, expected_out, "kernel_float32", "o")
     assert_close(lse, expected_lse, "kernel_float32", "lse")
@@ -461,20 +465,7 @@ def test_key_tile_loop_over_slots_and_partial_tiles(
         lengths, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], block_size=block_size, topk=4, seed=33
     )
     config = decode.DecodeConfig(attn_block_n=attn_block_n, attn_num_stages=stages, num_splits=num_splits)
-    out, lse = decode.moba_decode_triton(
-        case.q.float(),
-        case.k_cache,
-        case.v_cache,
-        case.block_sums,
-        case.cache_seqlens,
-        block_size,
-        4,
-        case.k,
-        case.v,
-        case.block_table,
-        HEAD_DIM**-0.5,
-        config,
-    )
+    out, lse = decode.moba_decode_triton(*case.triton_arguments(HEAD_DIM**-0.5), config)
     expected_out, expected_lse = case.expected()
     assert_close(out, expected_out, "kernel_float32", "o")
     assert_close(lse, expected_lse, "kernel_float32", "lse")
@@ -837,20 +828,7 @@ def _refuse_append(*args, **kwargs):
 
 
 def _triton_step(case, config):
-    return decode.moba_decode_triton(
-        case.q.to(case.dtype),
-        case.k_cache,
-        case.v_cache,
-        case.block_sums,
-        case.cache_seqlens,
-        case.block_size,
-        case.topk,
-        case.k,
-        case.v,
-        case.block_table,
-        HEAD_DIM**-0.5,
-        config,
-    )
+    return decode.moba_decode_triton(*case.triton_arguments(HEAD_DIM**-0.5), config)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged-B-shuffled"])

@@ -18,19 +18,7 @@ pytestmark = pytest.mark.triton
 
 
 def _op_arguments(case: Case, scale: float = 0.3) -> tuple:
-    return (
-        case.q.to(case.dtype),
-        case.k_cache,
-        case.v_cache,
-        case.block_sums,
-        case.cache_seqlens,
-        case.block_size,
-        case.topk,
-        case.k,
-        case.v,
-        case.block_table,
-        scale,
-    )
+    return case.triton_arguments(scale)
 
 
 @pytest.mark.parametrize("new_kv", [True, False], ids=["new-kv", "cached"])

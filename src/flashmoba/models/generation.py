@@ -76,6 +76,20 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+def _attention_under_mask(q, k, v, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """q ``[B, T, Hq, D]`` against k/v ``[B, S, Hkv, D]`` through SDPA where ``mask`` (bool, broadcast to
+    ``[B, Hq, T, S]``; None: every key) is true."""
+    groups = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        _repeat_kv(k, groups).transpose(1, 2),
+        _repeat_kv(v, groups).transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
 def _ragged_attention(q, k, v, scale: float, query_pos, key_pos, window: int | None = None):
     """q ``[B, T, Hq, D]`` at per-row positions ``query_pos [B, T]``, k/v ``[B, S, Hkv, D]`` at ``key_pos
     [B, S]`` (negative: an empty slot, never seen): causal (and within ``window``) attention per row."""
@@ -83,15 +97,7 @@ def _ragged_attention(q, k, v, scale: float, query_pos, key_pos, window: int | N
     mask = (distance >= 0) & (key_pos[:, None, :] >= 0)
     if window is not None:
         mask &= distance < window
-    groups = q.shape[2] // k.shape[2]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        _repeat_kv(k, groups).transpose(1, 2),
-        _repeat_kv(v, groups).transpose(1, 2),
-        attn_mask=mask[:, None],
-        scale=scale,
-    )
-    return out.transpose(1, 2)
+    return _attention_under_mask(q, k, v, scale, mask[:, None])
 
 
 def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window: int | None = None):
@@ -106,15 +112,7 @@ def _masked_attention(q, k, v, scale: float, start: int, key_start: int, window:
         mask = distance >= 0
         if window is not None:
             mask &= distance < window
-    groups = q.shape[2] // k.shape[2]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        _repeat_kv(k, groups).transpose(1, 2),
-        _repeat_kv(v, groups).transpose(1, 2),
-        attn_mask=mask,
-        scale=scale,
-    )
-    return out.transpose(1, 2)
+    return _attention_under_mask(q, k, v, scale, mask)
 
 
 class _LayerCache:
