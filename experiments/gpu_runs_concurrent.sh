@@ -8,7 +8,7 @@
 # that did not finish is listed, and calling the script again on the same (warm) machine resumes it, with
 # RUNS_HOME set (below). Outputs without checkpoints: $OUT/runs-issue19.tar.gz (unpack from the repository
 # root: tar -xzf runs-issue19.tar.gz), a card sample every 20 s in the runs directory's
-# gpu_samples_<UTC start>.csv (one file per call), the script's own log on stdout (tee it into $OUT).
+# gpu_samples_<UTC start>.csv (one file per call), the runs' console output in console/NAME_<UTC start>.out, the script's own log on stdout (tee it into $OUT).
 # RUNS_HOME (set it on the device, e.g. RUNS_HOME=$HOME/flashmoba-runs): the runs directory lives there,
 # outside the working tree, and the tree's copy becomes a link to it. The device tool replaces a carried
 # ignored path, and removes one not carried, on every call, checkpoints included; a directory outside the
@@ -25,6 +25,7 @@ deadline_minutes=${DEADLINE_MINUTES:-8.6}
 # 16 CPU cores for 8 processes: two threads each (a 6.6M model needs little CPU beyond kernel launches).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-2}
 start=$(date +%s)
+call_stamp=$(date -u +%Y%m%dT%H%M%S)  # names this call's card samples and console copies
 if [ "${PILOT:-0}" = 1 ]; then
   protocol_flags=(--pilot --design "$design") device=cpu
 else
@@ -67,7 +68,7 @@ minutes_left() {
     echo "$(( $(date +%s) - start )),${sample// /}"
     sleep 20
   done
-) > "$runs_dir/gpu_samples_$(date -u +%Y%m%dT%H%M%S).csv" &
+) > "$runs_dir/gpu_samples_$call_stamp.csv" &
 sampler=$!
 
 run_one() {
@@ -100,9 +101,12 @@ for pid in $(jobs -rp); do
 done
 kill "$sampler" 2>/dev/null
 
-# Per-run console output: each run's train.log / eval.log / snr.log hold it; keep the copies for failures.
+# Per-run console output: each run's train.log / eval.log / snr.log hold it; keep the copies for failures,
+# one per run and call (a later call must not replace an earlier one's).
 mkdir -p "$runs_dir/console"
-mv "$OUT"/*.out "$runs_dir/console/" 2>/dev/null
+for out_file in "$OUT"/*.out; do
+  [ -e "$out_file" ] && mv "$out_file" "$runs_dir/console/$(basename "$out_file" .out)_$call_stamp.out"
+done
 # -h: through the RUNS_HOME link, so the archive holds the files under the tree's path.
 tar -czhf "$OUT/runs-issue19.tar.gz" --exclude=checkpoints "$runs_dir"
 ls -la "$OUT/runs-issue19.tar.gz"

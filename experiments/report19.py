@@ -165,10 +165,12 @@ class CheckResult:
     high: float | None = None  # one-sided 95% upper bound
 
 
-def judge(check: PairedCheck, values: dict[int, float]) -> CheckResult:
+def judge(check: PairedCheck, values: dict[int, float], runs_missing: bool = False) -> CheckResult:
+    """The paired rule on one check; with no value at all it is pending while runs are still missing,
+    and unresolved once they are all made (e.g. no seed learned the task a retention check needs)."""
     n = len(values)
     if n < MIN_PAIRS:
-        return CheckResult(check, values, base.UNRESOLVED if n else PENDING)
+        return CheckResult(check, values, PENDING if n == 0 and runs_missing else base.UNRESOLVED)
     data = list(values.values())
     mean = sum(data) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in data) / (n - 1))
@@ -210,7 +212,7 @@ def evaluate(claim: PairedClaim, pool: Pool, fresh_only: bool = False) -> ClaimR
         for name in pool.expected_new(configuration)
         if not (name in pool.new and pool.new[name].complete)
     ]
-    checks = [judge(check, paired_values(check, pool, fresh_only)) for check in claim.checks]
+    checks = [judge(check, paired_values(check, pool, fresh_only), bool(missing)) for check in claim.checks]
     verdicts = [c.verdict for c in checks]
     if missing:
         verdict = PENDING
@@ -249,6 +251,19 @@ def snr_rows(pool: Pool, runs19: Path) -> list[dict]:
         for row in data["layers"]:
             rows.append({**row, "run": name, "configuration": output.run.configuration.name})
     return rows
+
+
+def snr_from_earlier_training(cost: dict) -> bool:
+    """Whether a run's router SNR was measured on an earlier training than the one it was evaluated on:
+    a call after the SNR's trained the run again from step 0 (its checkpoints lost with a machine).
+    Runs made by today's run.py set such outputs aside instead; this reads the cost records of those
+    made before."""
+    calls = cost.get("calls", [])
+    snr_calls = [i for i, call in enumerate(calls) if call.get("snr") == "finished"]
+    restarts = [
+        i for i, call in enumerate(calls) if call.get("steps_before") == 0 and call.get("steps_after", 0) > 0
+    ]
+    return bool(snr_calls and restarts) and restarts[-1] > snr_calls[-1]
 
 
 def _mean(values):
@@ -359,7 +374,7 @@ def snr_figure(pool: Pool, rows: list[dict], figures_dir: Path) -> Path | None:
 
 
 def _format_values(values: dict[int, float], digits: int = 2) -> str:
-    return ", ".join(f"seed {s}: {v:+.{digits}f}" for s, v in sorted(values.items())) or "none yet"
+    return ", ".join(f"seed {s}: {v:+.{digits}f}" for s, v in sorted(values.items())) or "none"
 
 
 def claim_label(claim: PairedClaim) -> str:
@@ -382,7 +397,7 @@ def verdict_table(pooled: list[ClaimResult], fresh: list[ClaimResult], pool: Poo
     return lines
 
 
-def claim_details(result: ClaimResult) -> list[str]:
+def claim_details(result: ClaimResult, pool: Pool) -> list[str]:
     lines = [
         f"### Claim {claim_label(result.claim)}: {result.verdict}",
         "",
@@ -405,8 +420,23 @@ def claim_details(result: ClaimResult) -> list[str]:
             f"- Check {c.label} (claimed {c.claimed} than {c.threshold:g}{paper}): **{check.verdict}**. "
             f"{bounds}. Values: {_format_values(check.values)}"
         )
+        if c.measure == "niah1_retention" and len(check.values) < MIN_PAIRS and not result.missing:
+            lines.append(f"  {_unlearned_seeds(c, pool)}")
     lines.append("")
     return lines
+
+
+def _unlearned_seeds(check: PairedCheck, pool: Pool) -> str:
+    """Why a retention check has too few seeds: each seed's S-NIAH-1 at the training length."""
+    at_length = {
+        seed: _measure("niah1_at_length", pool.output(check.first, seed).results, pool.protocol19)
+        for seed in pool.seeds(check.first)
+    }
+    shown = ", ".join(f"seed {s}: {v:.1f}%" for s, v in sorted(at_length.items()) if v is not None)
+    return (
+        f"Retention is judged only on seeds that learned the task (S-NIAH-1 at the training length >= "
+        f"{LEARNED_ACCURACY:g}%); {check.first}'s: {shown or 'none measured'}."
+    )
 
 
 def card_samples(runs19: Path) -> list[str]:
@@ -522,7 +552,7 @@ def issue19_sections(pool: Pool, runs19: Path, figures_dir: Path, report_dir: Pa
     ]
     lines += ["", "## Claims in detail (issue 19)", ""]
     for result in pooled:
-        lines += claim_details(result)
+        lines += claim_details(result, pool)
     lines += [
         "## Router SNR inside the trained MoBA layers",
         "",
@@ -537,7 +567,24 @@ def issue19_sections(pool: Pool, runs19: Path, figures_dir: Path, report_dir: Pa
         "",
     ]
     lines += snr_table(pool, rows) if rows else ["Pending: no issue-19 run has measured it yet."]
-    lines += ["", *snr_ordering(pool, rows), ""]
+    lines += ["", *snr_ordering(pool, rows)]
+    earlier = sorted(
+        {row["run"] for row in rows}
+        & {
+            name
+            for name in pool.new
+            if snr_from_earlier_training(base.read_json(runs19 / name / "cost.json") or {})
+        }
+    )
+    if earlier:
+        lines.append(
+            f"- Measured on an earlier training of the same run: {', '.join(earlier)}. Their checkpoints "
+            "were lost with the machine before the evaluation; each was trained again from step 0 (same "
+            "configuration, seed and batches) and evaluated on that training. GPU training is not bitwise "
+            "repeatable, so for these runs the SNR rows and the S-NIAH scores come from two trainings "
+            "(cost.json lists the calls; the earlier training's metrics are in the git history)."
+        )
+    lines += [""]
     if figure is not None:
         lines += [f"![snr_predicted_vs_measured]({figure.relative_to(report_dir).as_posix()})", ""]
     lines += ["## Cost of every issue-19 run", ""]

@@ -12,7 +12,10 @@ Run from the repository root; ``python experiments/run.py`` does the same. A run
 - what ``flashmoba eval`` writes: ``eval/results.json``, ``eval/niah.md``, ``eval/niah.png``;
 - ``train.log``, ``eval.log``: the two commands' output;
 - ``cost.json``: one entry per call of this command (card, minutes of training and evaluation, steps),
-  and the totals (minutes, trained tokens).
+  and the totals (minutes, trained tokens);
+- ``earlier_training/<UTC>/``: the outputs of a training that had to start again from step 0 (its
+  checkpoints lost with the machine that made them), set aside so that the new training's evaluation is
+  made on the new weights.
 
 Calling it again resumes: training continues from the latest checkpoint (``--resume auto``) and is
 skipped once the last step's checkpoint exists; evaluation is skipped once ``eval/results.json`` belongs
@@ -296,6 +299,28 @@ def evaluate_step(
     return evaluation, round((time.perf_counter() - start) / 60, 3)
 
 
+# What one training of a run produced; a run trained again from scratch sets these aside first.
+TRAINING_OUTPUTS = ("metrics.jsonl", "config.json", "train.log", "eval.log", "snr.log", "eval")
+
+
+def set_aside_earlier_training(directory: Path) -> Path | None:
+    """Move the outputs of an earlier training of this run into ``earlier_training/<UTC start>/``.
+
+    Called when training starts from step 0 over existing outputs: the checkpoints of that earlier
+    training are gone (a fresh machine), so its evaluation and router SNR belong to another set of
+    weights than the training about to start, and must be measured again rather than counted as done.
+    Nothing is deleted; the report reads the run's top level only."""
+    present = [name for name in TRAINING_OUTPUTS if (directory / name).exists()]
+    if not present:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    destination = directory / "earlier_training" / stamp
+    destination.mkdir(parents=True)
+    for name in present:
+        (directory / name).rename(destination / name)
+    return destination
+
+
 def make_run(
     protocol: Protocol,
     run: Run,
@@ -315,6 +340,10 @@ def make_run(
         )
         return json.loads((directory / "cost.json").read_text())
     directory.mkdir(parents=True, exist_ok=True)
+    if newest_checkpoint_step(directory) == 0:
+        earlier = set_aside_earlier_training(directory)
+        if earlier is not None:
+            print(f"{run.name}: training from scratch; the earlier training's outputs are in {earlier}")
     config_path = directory / "train_config.json"
     config_path.write_text(json.dumps(protocol.train_config(run), indent=2) + "\n")
     started = time.perf_counter()

@@ -55,12 +55,30 @@ def test_paired_rule():
     assert report19.judge(check(paper=30.0), {0: -5.0, 1: 6.0, 2: 1.0}).verdict == report19.BELOW_PAPER
     assert report19.judge(check(paper=3.0), {0: -5.0, 1: 6.0, 2: 1.0}).verdict == "unresolved"
     assert report19.judge(check(), {0: 10.0, 1: 12.0}).verdict == "unresolved"  # fewer than MIN_PAIRS
-    assert report19.judge(check(), {}).verdict == report19.PENDING
+    # No value at all: pending while runs are missing, unresolved once every run is made (e.g. no seed
+    # learned the task that a retention check needs).
+    assert report19.judge(check(), {}, runs_missing=True).verdict == report19.PENDING
+    assert report19.judge(check(), {}).verdict == "unresolved"
     lower = check("lower", 1.0)
     assert report19.judge(lower, {0: 7.5, 1: 5.8, 2: 6.0, 3: 8.8}).verdict == "reversed"
     assert report19.judge(lower, {0: 0.1, 1: -0.2, 2: 0.0}).verdict == "holds"
     result = report19.judge(check(), {0: 1.0, 1: 2.0, 2: 3.0})
     assert result.mean == 2.0 and result.low == pytest.approx(2.0 - 2.920 / 3**0.5)
+
+
+def test_snr_of_an_earlier_training_is_recognised_from_the_cost_records():
+    def call(before, after, snr):
+        return {"steps_before": before, "steps_after": after, "snr": snr}
+
+    one_training = {"calls": [call(0, 600, "skipped"), call(600, 1000, "finished")]}
+    assert not report19.snr_from_earlier_training(one_training)
+    # Measured, then the checkpoints were lost and the run was trained again from step 0.
+    retrained = {"calls": [call(0, 1000, "finished"), call(0, 990, "skipped"), call(900, 1000, "skipped")]}
+    assert report19.snr_from_earlier_training(retrained)
+    # Trained again and measured again: the SNR belongs to the last training.
+    remeasured = {"calls": [call(0, 1000, "finished"), call(0, 1000, "finished")]}
+    assert not report19.snr_from_earlier_training(remeasured)
+    assert not report19.snr_from_earlier_training({"calls": [call(0, 1000, "skipped")]})
 
 
 def test_report_is_pending_without_issue19_runs(tmp_path):
@@ -111,3 +129,17 @@ def test_a_tiny_issue19_run_measures_the_router_snr_and_resumes(tmp_path):
     assert elsewhere == again and len(elsewhere["calls"]) == 2
     assert (directory / "metrics.jsonl").read_text() == metrics_before
     assert not (directory / "checkpoints").exists()
+
+    # A fresh machine again, now with a run whose earlier training was measured (router SNR) but not
+    # finished evaluating when its checkpoints were lost: it trains again from step 0, and the earlier
+    # training's outputs move aside instead of counting as this training's measurements.
+    snr_before = (directory / "eval" / "snr.json").read_text()
+    (directory / "eval" / "results.json").unlink()
+    retrained = run_module.make_run(tiny, run, "cpu", max_minutes=None)
+    assert retrained["calls"][-1]["steps_before"] == 0
+    assert retrained["calls"][-1]["snr"] == "finished" and retrained["calls"][-1]["evaluation"] == "finished"
+    (earlier,) = (directory / "earlier_training").iterdir()
+    assert (earlier / "metrics.jsonl").read_text() == metrics_before
+    assert (earlier / "eval" / "snr.json").read_text() == snr_before
+    assert not (earlier / "eval" / "results.json").exists()
+    assert (directory / "eval" / "results.json").exists() and (directory / "checkpoints").exists()
