@@ -1015,11 +1015,14 @@ def verdicts_section(
     return titled("Verdicts", table + ["", rule])
 
 
-def discussion_section(discussion_path: Path) -> list[str]:
-    """``DISCUSSION.md`` beside the report, written by hand after the runs; nothing without it."""
+def discussion_section(
+    discussion_path: Path, heading: str = "Discussion (written after the runs)"
+) -> list[str]:
+    """A discussion beside the report (``DISCUSSION.md``), written by hand after the runs; nothing
+    without it."""
     if not discussion_path.exists():
         return []
-    return titled("Discussion (written after the runs)", [discussion_path.read_text().strip()])
+    return titled(heading, [discussion_path.read_text().strip()])
 
 
 def results_sections(protocol: Protocol, outputs: dict[str, RunOutputs]) -> list[str]:

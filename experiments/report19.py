@@ -524,6 +524,11 @@ def issue19_sections(pool: Pool, runs19: Path, figures_dir: Path, report_dir: Pa
             "issue 19's for the others (and for dense-rope)."
         ),
         "",
+    ]
+    lines += base.discussion_section(
+        report_dir / "DISCUSSION19.md", heading="Discussion (issue 19, written after the runs)"
+    )
+    lines += [
         "## Design (issue 19)",
         "",
     ]
