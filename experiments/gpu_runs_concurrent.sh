@@ -8,7 +8,8 @@
 # that did not finish is listed, and calling the script again on the same (warm) machine resumes it, with
 # RUNS_HOME set (below). Outputs without checkpoints: $OUT/runs-issue19.tar.gz (unpack from the repository
 # root: tar -xzf runs-issue19.tar.gz), a card sample every 20 s in the runs directory's
-# gpu_samples_<UTC start>.csv (one file per call), the runs' console output in console/NAME_<UTC start>.out, the script's own log on stdout (tee it into $OUT).
+# gpu_samples_<UTC start>.csv (one file per call), each run's console output in
+# console/NAME_<UTC start>.out, the script's own log on stdout (tee it into $OUT).
 # RUNS_HOME (set it on the device, e.g. RUNS_HOME=$HOME/flashmoba-runs): the runs directory lives there,
 # outside the working tree, and the tree's copy becomes a link to it. The device tool replaces a carried
 # ignored path, and removes one not carried, on every call, checkpoints included; a directory outside the
