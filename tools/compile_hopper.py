@@ -94,6 +94,23 @@ DECODE_CASES = {
     "decode float32 d64": dict(
         batch=2, capacity=4096, heads_q=8, heads_kv=2, head_dim=64, dtype=torch.float32
     ),
+    # Launch settings off by default, for the benchmark's --decode-configs sweeps.
+    "decode 32/8 d128 folded append": dict(
+        batch=4,
+        capacity=32768,
+        heads_q=32,
+        heads_kv=8,
+        head_dim=128,
+        config=decode.DecodeConfig(fold_append=True),
+    ),
+    "decode 32/8 d128 preloaded slots": dict(
+        batch=4,
+        capacity=32768,
+        heads_q=32,
+        heads_kv=8,
+        head_dim=128,
+        config=decode.DecodeConfig(attn_preload_slots=True),
+    ),
 }
 
 
@@ -180,6 +197,7 @@ def run_decode_case(
     topk=8,
     dtype=torch.bfloat16,
     paged=False,
+    config=decode.DEFAULT_DECODE_CONFIG,
 ) -> None:
     """One append + route + attend through the decode launchers on CPU tensors (nothing runs)."""
     q = torch.zeros(batch, seqlen_q, heads_q, head_dim, dtype=dtype)
@@ -205,6 +223,7 @@ def run_decode_case(
         k.clone(),
         block_table,
         head_dim**-0.5,
+        config,
     )
 
 

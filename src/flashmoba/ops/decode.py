@@ -89,8 +89,9 @@ MAX_ROUTE_SPLITS = 16  # router block splits the heuristic takes at most (a conf
 _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 
 
-BOOL_FIELDS = ("fold_append",)  # DecodeConfig's bool fields (the others are ints >= 1)
+BOOL_FIELDS = ("fold_append", "attn_preload_slots")  # DecodeConfig's bool fields (the others: ints >= 1)
 DEFAULT_FOLD_APPEND = False
+DEFAULT_ATTN_PRELOAD_SLOTS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,9 @@ class DecodeConfig:
     # Software-pipeline stages of the attention's key-tile loop (1: no pipelining).
     attn_num_stages: int | None = None
     num_splits: int | None = None
+    # The attention reads its split's selection slots once, before the key-tile loop, instead of one
+    # slot per tile inside it (None: DEFAULT_ATTN_PRELOAD_SLOTS).
+    attn_preload_slots: bool | None = None
     # One-token steps with new k, v (seqlen_q 1): the route kernel's programs write the new key and value
     # and update block_sums themselves, and the append kernel is not launched (None: DEFAULT_FOLD_APPEND).
     fold_append: bool | None = None
@@ -747,6 +751,7 @@ def _decode_attn_partial_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software pipelining of the key-tile loop (tl.range), 1: none
+    SLOTS_PAD: tl.constexpr,  # > 0: the split's slots loaded before the loop (a power of 2 >= its slots)
     FINAL: tl.constexpr,  # one split: write o and lse, no partials and no merge
     ROUND_BF16: tl.constexpr,
 ):
@@ -790,9 +795,19 @@ def _decode_attn_partial_kernel(
     # (the launch option num_stages pipelines only loads that feed a tl.dot), so each program keeps the
     # next tiles in flight while it reduces the current one.
     tiles_per_block = tl.cdiv(block_size, BLOCK_N)
+    if SLOTS_PAD > 0:
+        # The split's blocks read once: the loop's K and V addresses then depend on registers only, not
+        # on a load made in the same iteration, which the pipeliner would have to wait for first.
+        split_slots = tl.arange(0, SLOTS_PAD)
+        split_blocks = tl.load(
+            selection + first_slot + split_slots, mask=first_slot + split_slots < last_slot, other=-1
+        )
     for tile in tl.range(first_slot * tiles_per_block, last_slot * tiles_per_block, num_stages=NUM_STAGES):
         slot = tile // tiles_per_block
-        block = tl.load(selection + slot)  # -1: an unused slot, every key masked
+        if SLOTS_PAD > 0:
+            block = tl.sum(tl.where(split_slots == slot - first_slot, split_blocks, 0), axis=0)
+        else:
+            block = tl.load(selection + slot)  # -1: an unused slot, every key masked
         in_block = (tile - slot * tiles_per_block) * BLOCK_N + key_offsets
         key_positions = block * block_size + in_block
         visible = (block >= 0) & (in_block < block_size) & (key_positions <= position)
@@ -988,6 +1003,8 @@ def decode_tiles(
         # head_dim 128 (bf16), 5 programs per SM with 92 registers; 3 stages take 68 KB (3 per SM).
         NUM_STAGES=config.attn_num_stages or 2,
     )
+    preload = DEFAULT_ATTN_PRELOAD_SLOTS if config.attn_preload_slots is None else config.attn_preload_slots
+    attention["SLOTS_PAD"] = next_power_of_2(slots_per_split) if preload else 0
     return dict(
         fold_append=DEFAULT_FOLD_APPEND if config.fold_append is None else bool(config.fold_append),
         picks=picks,
