@@ -94,7 +94,7 @@ DECODE_CASES = {
     "decode float32 d64": dict(
         batch=2, capacity=4096, heads_q=8, heads_kv=2, head_dim=64, dtype=torch.float32
     ),
-    # Launch settings off by default, for the benchmark's --decode-configs sweeps.
+    # A launch setting off by default, for the benchmark's --decode-configs sweeps.
     "decode 32/8 d128 folded append": dict(
         batch=4,
         capacity=32768,
@@ -102,14 +102,6 @@ DECODE_CASES = {
         heads_kv=8,
         head_dim=128,
         config=decode.DecodeConfig(fold_append=True),
-    ),
-    "decode 32/8 d128 preloaded slots": dict(
-        batch=4,
-        capacity=32768,
-        heads_q=32,
-        heads_kv=8,
-        head_dim=128,
-        config=decode.DecodeConfig(attn_preload_slots=True),
     ),
 }
 

@@ -327,15 +327,17 @@ def test_router_block_splits_equal_moba_select(splits, poison_empty):
         assert torch.equal(selected[b], expected[0]), f"sequence {b}"
 
 
-def test_router_split_heuristic_splits_long_caches_of_small_batches_only():
+def test_router_split_heuristic_splits_the_centroids_of_small_batches_only():
     # 1M keys in blocks of 128: 8192 centroids, 128 tiles of 64 per (sequence, kv head).
     small = decode.decode_tiles(128, 128, 8, 8192, rows=32, group=4, seqlen_q=1, sm_count=132)
     large = decode.decode_tiles(128, 128, 8, 8192, rows=64 * 32, group=4, seqlen_q=1, sm_count=132)
     short = decode.decode_tiles(128, 128, 8, 256, rows=32, group=4, seqlen_q=1, sm_count=132)
+    single = decode.decode_tiles(128, 128, 8, 64, rows=32, group=4, seqlen_q=1, sm_count=132)
     assert (small["block_splits"], small["tiles_per_split"]) == (16, 8)
-    assert large["block_splits"] == 1 and short["block_splits"] == 1
-    # Batch 8 (64 router programs): about two programs per SM, 4 tiles per split at least.
-    for max_blocks, expected in [(256, (1, 4)), (1024, (4, 4)), (4096, (5, 13))]:
+    assert large["block_splits"] == 1 and single["block_splits"] == 1  # enough programs; one tile
+    assert (short["block_splits"], short["tiles_per_split"]) == (4, 1)
+    # Batch 8 (64 router programs): about two programs per SM, a quarter of the tiles per split (1-4).
+    for max_blocks, expected in [(256, (4, 1)), (512, (4, 2)), (1024, (4, 4)), (4096, (5, 13))]:
         tiles = decode.decode_tiles(128, 128, 8, max_blocks, rows=8 * 32, group=4, seqlen_q=1, sm_count=132)
         assert (tiles["block_splits"], tiles["tiles_per_split"]) == expected, max_blocks
 
@@ -857,44 +859,3 @@ def test_fold_append_is_a_bool_of_the_config():
     assert decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, config)["fold_append"] is True
     with pytest.raises(TypeError, match="fold_append must be a bool"):
         decode.DecodeConfig(fold_append=1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The split's selection slots read before the key-tile loop (DecodeConfig.attn_preload_slots)
-# ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_splits", [1, 2, 3])
-@pytest.mark.parametrize("attn_block_n", [2, 8])
-def test_preloaded_slots_equal_moba_attn(attn_block_n, num_splits, poison_empty):
-    # Several tiles per block and one tile past the block's end; splits of 1-3 slots with the last split
-    # shorter (topk 5 over 3 splits: 2, 2, 1); -1 slots of short sequences; a paged cache.
-    block_size = 6
-    lengths = (0, 1, block_size - 1, block_size, block_size + 1, 40)
-    case = Case(
-        lengths, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], block_size=block_size, topk=5, seed=34
-    )
-    config = decode.DecodeConfig(attn_block_n=attn_block_n, num_splits=num_splits, attn_preload_slots=True)
-    out, lse = decode.moba_decode_triton(*case.triton_arguments(HEAD_DIM**-0.5), config)
-    expected_out, expected_lse = case.expected()
-    assert_close(out, expected_out, "kernel_float32", "o")
-    assert_close(lse, expected_lse, "kernel_float32", "lse")
-
-
-@pytest.mark.parametrize("num_splits", [1, 2])
-def test_preloaded_slots_bfloat16_equal_the_loop_loads(num_splits):
-    """The same blocks in the same order: bit for bit the outputs of the per-tile slot loads."""
-    case = Case(FOLD_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["contiguous"], dtype=torch.bfloat16, seed=44)
-    twin = Case(FOLD_LENGTHS, 1, HEADS["gqa"], True, LAYOUTS["contiguous"], dtype=torch.bfloat16, seed=44)
-    expected = _triton_step(twin, decode.DecodeConfig(num_splits=num_splits, attn_preload_slots=False))
-    got = _triton_step(case, decode.DecodeConfig(num_splits=num_splits, attn_preload_slots=True))
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-
-
-def test_attn_preload_slots_is_a_bool_of_the_config():
-    default = decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132)["attention"]["SLOTS_PAD"]
-    assert default == (4 if decode.DEFAULT_ATTN_PRELOAD_SLOTS else 0)  # 8 slots over 2 splits
-    config = decode.DecodeConfig(attn_preload_slots=True, num_splits=3)  # 3, 3, 2 slots
-    assert decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, config)["attention"]["SLOTS_PAD"] == 4
-    with pytest.raises(TypeError, match="attn_preload_slots must be a bool"):
-        decode.DecodeConfig(attn_preload_slots=1)

@@ -89,9 +89,8 @@ MAX_ROUTE_SPLITS = 16  # router block splits the heuristic takes at most (a conf
 _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 
 
-BOOL_FIELDS = ("fold_append", "attn_preload_slots")  # DecodeConfig's bool fields (the others: ints >= 1)
+BOOL_FIELDS = ("fold_append",)  # DecodeConfig's bool fields (the others are ints >= 1)
 DEFAULT_FOLD_APPEND = False
-DEFAULT_ATTN_PRELOAD_SLOTS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +110,6 @@ class DecodeConfig:
     # Software-pipeline stages of the attention's key-tile loop (1: no pipelining).
     attn_num_stages: int | None = None
     num_splits: int | None = None
-    # The attention reads its split's selection slots once, before the key-tile loop, instead of one
-    # slot per tile inside it (None: DEFAULT_ATTN_PRELOAD_SLOTS).
-    attn_preload_slots: bool | None = None
     # One-token steps with new k, v (seqlen_q 1): the route kernel's programs write the new key and value
     # and update block_sums themselves, and the append kernel is not launched (None: DEFAULT_FOLD_APPEND).
     fold_append: bool | None = None
@@ -751,7 +747,6 @@ def _decode_attn_partial_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software pipelining of the key-tile loop (tl.range), 1: none
-    SLOTS_PAD: tl.constexpr,  # > 0: the split's slots loaded before the loop (a power of 2 >= its slots)
     FINAL: tl.constexpr,  # one split: write o and lse, no partials and no merge
     ROUND_BF16: tl.constexpr,
 ):
@@ -795,19 +790,9 @@ def _decode_attn_partial_kernel(
     # (the launch option num_stages pipelines only loads that feed a tl.dot), so each program keeps the
     # next tiles in flight while it reduces the current one.
     tiles_per_block = tl.cdiv(block_size, BLOCK_N)
-    if SLOTS_PAD > 0:
-        # The split's blocks read once: the loop's K and V addresses then depend on registers only, not
-        # on a load made in the same iteration, which the pipeliner would have to wait for first.
-        split_slots = tl.arange(0, SLOTS_PAD)
-        split_blocks = tl.load(
-            selection + first_slot + split_slots, mask=first_slot + split_slots < last_slot, other=-1
-        )
     for tile in tl.range(first_slot * tiles_per_block, last_slot * tiles_per_block, num_stages=NUM_STAGES):
         slot = tile // tiles_per_block
-        if SLOTS_PAD > 0:
-            block = tl.sum(tl.where(split_slots == slot - first_slot, split_blocks, 0), axis=0)
-        else:
-            block = tl.load(selection + slot)  # -1: an unused slot, every key masked
+        block = tl.load(selection + slot)  # -1: an unused slot, every key masked
         in_block = (tile - slot * tiles_per_block) * BLOCK_N + key_offsets
         key_positions = block * block_size + in_block
         visible = (block >= 0) & (in_block < block_size) & (key_positions <= position)
@@ -978,14 +963,20 @@ def decode_tiles(
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
     # batches of long caches: one program per kv head would walk every centroid alone), towards about
-    # two programs per SM, as the attention's splits; each split keeps at least 4 tiles, and a merge
-    # kernel combines the splits' lists, one after another (hence at most MAX_ROUTE_SPLITS of them).
+    # two programs per SM, as the attention's splits; each split keeps a quarter of the tiles, 1 to 4 of
+    # them, and a merge kernel combines the splits' lists, one after another (hence at most
+    # MAX_ROUTE_SPLITS of them). Measured (benchmarks/NOTES.md, "Decode launch settings swept"): at 4
+    # tiles (32K, batch 8) one tile per split took the router from 23.7 to 10.4 us; at 16 tiles, splits
+    # of 4 or 2 tiles route alike.
     centroid_tiles = -(-max_blocks // route["BLOCK_N"])
     route_programs = -(-seqlen_q * group // route["BLOCK_M"]) * max(1, rows // max(1, seqlen_q * group))
-    if route_programs >= sm_count or centroid_tiles < 8:
+    if route_programs >= sm_count or centroid_tiles < 2:
         block_splits = 1
     else:
-        block_splits = min(-(-2 * sm_count // route_programs), centroid_tiles // 4, MAX_ROUTE_SPLITS)
+        least_tiles = min(4, max(1, centroid_tiles // 4))
+        block_splits = min(
+            -(-2 * sm_count // route_programs), centroid_tiles // least_tiles, MAX_ROUTE_SPLITS
+        )
     block_splits = min(config.route_block_splits or block_splits, centroid_tiles)
     tiles_per_split = -(-centroid_tiles // block_splits)
     block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
@@ -1003,8 +994,6 @@ def decode_tiles(
         # head_dim 128 (bf16), 5 programs per SM with 92 registers; 3 stages take 68 KB (3 per SM).
         NUM_STAGES=config.attn_num_stages or 2,
     )
-    preload = DEFAULT_ATTN_PRELOAD_SLOTS if config.attn_preload_slots is None else config.attn_preload_slots
-    attention["SLOTS_PAD"] = next_power_of_2(slots_per_split) if preload else 0
     return dict(
         fold_append=DEFAULT_FOLD_APPEND if config.fold_append is None else bool(config.fold_append),
         picks=picks,
