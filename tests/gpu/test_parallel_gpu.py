@@ -9,6 +9,8 @@ summation order before one bf16 rounding.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -46,17 +48,13 @@ def _output_and_gradients(function, q, k, v, grad_out) -> list[torch.Tensor]:
 
 
 def _context_parallel(scheme: str, causal: bool, log: CommunicationLog | None = None):
-    def function(q, k, v):
-        return moba_attn_context_parallel(q, k, v, BLOCK, TOPK, causal=causal, scheme=scheme, comm_log=log)
-
-    return function
+    return functools.partial(
+        moba_attn_context_parallel, block_size=BLOCK, topk=TOPK, causal=causal, scheme=scheme, comm_log=log
+    )
 
 
 def _whole(causal: bool):
-    def function(q, k, v):
-        return moba_attn(q, k, v, BLOCK, TOPK, causal=causal)
-
-    return function
+    return functools.partial(moba_attn, block_size=BLOCK, topk=TOPK, causal=causal)
 
 
 @pytest.fixture

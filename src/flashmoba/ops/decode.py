@@ -970,7 +970,7 @@ def decode_tiles(
     # of 4 or 2 tiles route alike.
     centroid_tiles = -(-max_blocks // route["BLOCK_N"])
     route_programs = -(-seqlen_q * group // route["BLOCK_M"]) * max(1, rows // max(1, seqlen_q * group))
-    if route_programs >= sm_count or centroid_tiles < 2:
+    if route_programs >= sm_count or centroid_tiles < 2:  # (also: no queries, route_programs 0)
         block_splits = 1
     else:
         least_tiles = min(4, max(1, centroid_tiles // 4))
