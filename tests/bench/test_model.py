@@ -230,6 +230,24 @@ def test_measure_model_on_cpu(attention):
     assert row["rows_per_item"] == (KernelConfig().rows_per_item if attention == "moba" else None)
 
 
+def test_head_is_compiled_where_the_blocks_are(monkeypatch):
+    """As in training: blocks compiled in reduce-overhead give a head compiled in default mode (no CUDA
+    graphs); ``compile_head=False`` keeps it eager; on CPU, with eager blocks, it stays eager."""
+    compiled = []
+    monkeypatch.setattr(HybridLM, "compile_blocks", lambda self, **options: None)
+    monkeypatch.setattr(HybridLM, "compile_head", lambda self, **options: compiled.append(options))
+    run = dict(steps=1, warmup=1, device="cpu", backend="reference")
+    row = bench_model.measure_model("tiny", 32, "dense", compile_blocks=True, **run)
+    assert row["compile_mode"] == "reduce-overhead" and row["head_compile_mode"] == "default"
+    assert compiled == [dict(mode="default")]
+    row = bench_model.measure_model("tiny", 32, "dense", compile_blocks=True, compile_head=False, **run)
+    assert row["head_compile_mode"] is None and len(compiled) == 1
+    row = bench_model.measure_model("tiny", 32, "dense", **run)
+    assert row["compile_mode"] is None and row["head_compile_mode"] is None and len(compiled) == 1
+    with pytest.raises(ValueError, match="compile_head needs compiled blocks"):
+        bench_model.measure_model("tiny", 32, "dense", compile_head=True, **run)
+
+
 def test_moba_row_and_its_kernel_benchmark_take_one_kernel_config(monkeypatch):
     """rows_per_item reaches the model's MoBA layers, the row, and the kernel-only benchmark (CUDA only:
     stood in for here, as is the profiled split that triggers it)."""

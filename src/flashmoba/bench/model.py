@@ -51,7 +51,7 @@ from flashmoba.bench.timing import card_name, time_cuda_ms
 from flashmoba.models.hybrid import HybridLM, ModelConfig, is_global_layer, model_config_from_preset
 from flashmoba.training.config import TrainConfig
 from flashmoba.training.loop import make_optimizer
-from flashmoba.training.runtime import autocast, blocks_compile_mode
+from flashmoba.training.runtime import autocast, blocks_compile_mode, head_compile_mode
 
 ATTENTIONS = ("dense", "moba")
 SPLIT_FIELDS = ("attention_ms", "matmul_ms", "other_ms", "idle_ms")
@@ -74,6 +74,7 @@ ROW_FIELDS = (
     "moba_layer_ms",
     "kernel_bench_ms",
     "compile_mode",
+    "head_compile_mode",
     "activation_checkpointing",
     "steps",
     "warmup",
@@ -306,7 +307,13 @@ def make_train_step(model: HybridLM, optimizer, batch: dict, device: torch.devic
 
     def step() -> None:
         with autocast(device):
-            _, loss = model(batch["input_ids"], batch["targets"], batch["cu_seqlens"], batch["max_seqlen"])
+            _, loss = model(
+                batch["input_ids"],
+                targets=batch["targets"],
+                cu_seqlens=batch["cu_seqlens"],
+                max_seqlen=batch["max_seqlen"],
+                return_logits=False,  # as training's batch_loss: the loss alone, no float32 logits
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -397,13 +404,16 @@ def measure_model(
     backend: str = "auto",
     compile_blocks: bool | None = None,
     compile_mode: str | None = None,
+    compile_head: bool | None = None,
     activation_checkpointing: bool = False,
 ) -> dict:
     """Measure training steps of preset ``preset`` with ``attention`` ("dense", or "moba" with
     ``block_size``, ``topk`` and the kernels' ``rows_per_item``, None: ``KernelConfig``'s default) on
     ``batch`` documents of ``seqlen`` tokens; returns a results row.
     ``compile_blocks`` and ``compile_mode`` None: as ``flashmoba train`` on one process (compiled on CUDA
-    in ``TrainConfig``'s default mode, eager on CPU)."""
+    in ``TrainConfig``'s default mode, eager on CPU). ``compile_head`` None: the head and loss compiled
+    where the blocks are (``head_compile_mode``), as in training; False: eager (the step before they
+    were compiled)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     device = torch.device(device)
@@ -414,6 +424,11 @@ def measure_model(
         compile_mode = blocks_compile_mode(requested, activation_checkpointing, world=1)
     else:
         compile_mode = None
+    if compile_head is None:
+        compile_head = compile_mode is not None
+    if compile_head and compile_mode is None:
+        raise ValueError("compile_head needs compiled blocks (compile_blocks on a CUDA device)")
+    head_mode = head_compile_mode(compile_mode) if compile_head else None
     overrides = dict(global_attention=attention, backend=backend)
     if attention == "moba":
         overrides.update(moba_block_size=block_size, moba_topk=topk)
@@ -428,6 +443,8 @@ def measure_model(
     model.set_kernel_config(kernel_config)  # before the first step: a change would recompile the blocks
     if compile_mode is not None:
         model.compile_blocks(mode=compile_mode)
+    if head_mode is not None:
+        model.compile_head(mode=head_mode)
     train_config = TrainConfig(preset=preset, model=config)
     optimizer = make_optimizer(model, train_config)
     step = make_train_step(
@@ -478,6 +495,7 @@ def measure_model(
         moba_layer_ms=moba_layer_ms,
         kernel_bench_ms=kernel_bench_ms,
         compile_mode=compile_mode,
+        head_compile_mode=head_mode,
         activation_checkpointing=activation_checkpointing,
         steps=steps,
         warmup=warmup,

@@ -445,6 +445,12 @@ def _model_parser() -> argparse.ArgumentParser:
         help="torch.compile mode of the blocks (default: flashmoba train's, reduce-overhead)",
     )
     parser.add_argument(
+        "--compile-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the head and loss (default: where the blocks are compiled, as flashmoba train)",
+    )
+    parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in backward"
     )
     _add_run_flags(parser, stem="model")
@@ -505,6 +511,7 @@ def _model_jobs(args) -> list[dict]:
                         backend=args.backend,
                         compile_blocks=args.compile_blocks,
                         compile_mode=args.compile_mode,
+                        compile_head=args.compile_head,
                         activation_checkpointing=args.activation_checkpointing,
                     )
                 )
@@ -550,6 +557,8 @@ def _model_label(row: dict) -> str:
     if row.get("card") != "cpu" and "compile_mode" in row:
         mode = row["compile_mode"]
         label += " eager" if mode is None else ("" if mode == "reduce-overhead" else f" {mode}")
+        if mode is not None and "head_compile_mode" in row and row["head_compile_mode"] is None:
+            label += " eager-head"
     if row.get("activation_checkpointing"):
         label += " recompute"
     return label

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flashmoba._checks import check_choice, check_int, check_positive_int
+from flashmoba._checks import check_bool, check_choice, check_int, check_positive_int
 from flashmoba.api import BACKENDS, _check_kernel_config
 from flashmoba.nn.attention import MoBAAttention, PackedSequences
 from flashmoba.nn.keyconv import KeyConv
@@ -199,6 +199,36 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def cross_entropy_loss(
+    logits: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The loss of ``logits [..., vocab_size]`` (in the dtype the loss is computed in: the model passes
+    float32) at ``targets`` (the shape of ``logits`` without its last axis; -100: not scored).
+
+    Without ``loss_weights``: the mean cross-entropy over the scored targets. With ``loss_weights`` (float,
+    the shape of ``targets``): the weighted sum over the scored targets, divided by their count (not by
+    the weights' sum), so that weight 1 everywhere gives the plain mean and extra weight adds to the
+    objective."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    if loss_weights is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+    per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
+    scored = flat_targets != -100
+    return (per_token * loss_weights.reshape(-1).float()).sum() / scored.sum().clamp(min=1)
+
+
+def _head_loss(
+    model: HybridLM, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``model``'s final norm, head, float32 upcast and loss of the last block's output ``x``: the function
+    ``HybridLM.compile_head`` compiles. A module-level function taking the model rather than a bound
+    method, so that a compiled copy held by the model holds no reference to it (a deep copy of the model
+    then runs its own weights)."""
+    logits = model.lm_head(model.final_norm(x)).float()
+    return cross_entropy_loss(logits, targets, loss_weights)
+
+
 def is_global_layer(layer_index: int) -> bool:
     """Global (MoBA or dense, NoPE) layers are the odd 0-based ones; the even ones use sliding windows."""
     return layer_index % 2 == 1
@@ -257,7 +287,13 @@ class HybridLM(nn.Module):
     Returns ``(logits, loss)``: logits ``[..., vocab_size]`` (float32 when ``targets`` is given), loss the
     mean cross-entropy over targets that are not -100 (None without targets). ``loss_weights`` (float, the
     shape of ``targets``) scales each target's cross-entropy; the sum is still divided by the number of
-    scored targets.
+    scored targets (``cross_entropy_loss``).
+
+    ``return_logits=False`` (needs ``targets``) returns ``(None, loss)``: the loss then comes from
+    ``head_loss``, which returns no logits. Eager, it runs the same operations as the logits path, so the
+    loss and gradients are bitwise those of ``return_logits=True``; compiled (``compile_head``, which
+    training does where it compiles the blocks), it never stores the float32 logits either (at 32K
+    tokens and vocabulary 32000 they are 4 GB).
     """
 
     def __init__(self, config: ModelConfig):
@@ -270,6 +306,8 @@ class HybridLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
+        # _head_loss compiled by compile_head; None: head_loss runs eager.
+        self._compiled_head_loss = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -302,6 +340,25 @@ class HybridLM(nn.Module):
         ops (flashmoba's ``torch.library`` ops, PyTorch's flash attention)."""
         for block in self.blocks:
             block.compile(**options)
+
+    def compile_head(self, **options) -> None:
+        """``torch.compile`` ``head_loss`` (final norm, head, float32 upcast, cross-entropy) as one graph,
+        ``options`` passed on; parameters and checkpoints unchanged. Compiled, the float32 logits are
+        never stored: Inductor fuses the upcast into the log-softmax reductions and the loss's backward
+        into one pass that writes the logits' gradient in the head's dtype, where eager PyTorch makes
+        several passes over a float32 ``[tokens, vocab_size]`` tensor each way. Only the
+        ``return_logits=False`` path of ``forward`` takes it (a caller that wants the logits gets them
+        eagerly)."""
+        self._compiled_head_loss = torch.compile(_head_loss, **options)
+
+    def head_loss(
+        self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss (``cross_entropy_loss``) of the last block's output ``x [..., hidden_size]`` at
+        ``targets`` (``x``'s shape without its last axis), through the final norm and the head; compiled
+        after ``compile_head``."""
+        head_loss = _head_loss if self._compiled_head_loss is None else self._compiled_head_loss
+        return head_loss(self, x, targets, loss_weights)
 
     def moba_layers(self) -> list[tuple[int, MoBAAttention]]:
         """(layer index, attention module) of every MoBA layer."""
@@ -381,9 +438,14 @@ class HybridLM(nn.Module):
         max_seqlen: int | None = None,
         loss_weights: torch.Tensor | None = None,
         context_parallel=None,
+        *,
+        return_logits: bool = True,
     ):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an int64 or int32 torch.Tensor")
+        check_bool("return_logits", return_logits)
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them there is nothing to return")
         if context_parallel is not None and (cu_seqlens is not None or input_ids.ndim != 2):
             raise ValueError(
                 "context_parallel takes padded input_ids [batch, seqlen_local], without cu_seqlens"
@@ -424,19 +486,10 @@ class HybridLM(nn.Module):
                 x = checkpoint(block, x, packed, context_parallel, use_reentrant=False)
             else:
                 x = block(x, packed, context_parallel)
+        if not return_logits:
+            return None, self.head_loss(x, targets, loss_weights)
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
         logits = logits.float()
-        flat_targets = targets.reshape(-1)
-        if loss_weights is None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), flat_targets, ignore_index=-100)
-            return logits, loss
-        # Weighted sum over the scored targets, divided by their count (not by the weights' sum), so that
-        # weight 1 everywhere gives the plain mean and extra weight adds to the objective.
-        per_token = F.cross_entropy(
-            logits.view(-1, logits.shape[-1]), flat_targets, ignore_index=-100, reduction="none"
-        )
-        scored = flat_targets != -100
-        loss = (per_token * loss_weights.reshape(-1).float()).sum() / scored.sum().clamp(min=1)
-        return logits, loss
+        return logits, cross_entropy_loss(logits, targets, loss_weights)

@@ -132,14 +132,16 @@ class TrainConfig:
     )
     compile_blocks: bool = field(
         default=True,
-        metadata={"help": "torch.compile each block on CUDA (on CPU blocks always run eager)"},
+        metadata={
+            "help": "torch.compile each block, and the head and loss, on CUDA (on CPU they always run eager)"
+        },
     )
     compile_mode: str = field(
         default="reduce-overhead",
         metadata={
             "help": "torch.compile mode of the blocks; reduce-overhead replays CUDA graphs (one process, "
             "no activation checkpointing; otherwise default), with the packing offsets padded to static "
-            "shapes",
+            "shapes. The head and loss take the same mode without CUDA graphs",
             "choices": COMPILE_MODES,
         },
     )

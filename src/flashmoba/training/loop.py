@@ -22,7 +22,7 @@ and values, RoPE at absolute positions). Each process's objective is its targets
 the whole rows' scored-target count (summed over the ``cp`` group), times ``N``: DDP and FSDP average
 gradients over all ``dp * cp`` processes, which then gives the mean over ``dp`` of each batch's gradient.
 FSDP2 runs as HSDP on the mesh (``fully_shard(mesh=...)``: replicated over ``dp``, sharded over
-``cp``). Blocks run eager (no torch.compile) under context parallelism.
+``cp``). Blocks and the head run eager (no torch.compile) under context parallelism.
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ from flashmoba.models.hybrid import HybridLM
 from flashmoba.parallel import ContextParallel
 from flashmoba.training.config import TrainConfig, validate_config
 from flashmoba.training.run_directory import RunPlan, apply_plan, plan_run
-from flashmoba.training.runtime import autocast, blocks_compile_mode, resolve_device, uses_cuda_graphs
+from flashmoba.training.runtime import (
+    autocast,
+    blocks_compile_mode,
+    head_compile_mode,
+    resolve_device,
+    uses_cuda_graphs,
+)
 
 # The micro-step id of validation batches: past any real accumulation, so that validation batches are
 # fixed for a run and never drawn from a training step's stream.
@@ -186,16 +192,23 @@ def _context_parallel_loss(model, batch: PackedBatch, config: TrainConfig, conte
 
 
 def batch_loss(model, batch: PackedBatch, host_batch: PackedBatch, config: TrainConfig, context=None):
-    """(the objective to backpropagate, the batch's loss to report) of one batch on the device."""
+    """(the objective to backpropagate, the batch's loss to report) of one batch on the device. Without
+    context parallelism the model returns the loss alone (``return_logits=False``: no float32 logits, and
+    the head and loss compiled where the blocks are)."""
     if context is not None:
         return _context_parallel_loss(model, batch, config, context)
     if not config.pack_documents:  # each row one sequence
         rows = [_rows(t, config.seq_len) for t in (batch.input_ids, batch.targets, batch.loss_weights)]
-        _, loss = model(rows[0], rows[1], None, None, rows[2])
+        _, loss = model(rows[0], targets=rows[1], loss_weights=rows[2], return_logits=False)
         return loss, loss
     # The offsets from the host copy: checking them there does not wait for the GPU.
     _, loss = model(
-        batch.input_ids, batch.targets, host_batch.cu_seqlens, batch.max_seqlen, batch.loss_weights
+        batch.input_ids,
+        targets=batch.targets,
+        cu_seqlens=host_batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+        loss_weights=batch.loss_weights,
+        return_logits=False,
     )
     return loss, loss
 
@@ -336,7 +349,8 @@ def metrics_row(
 
 
 def compile_mode(config: TrainConfig, device: torch.device) -> str | None:
-    """The torch.compile mode of the blocks in this run, None when they run eager."""
+    """The torch.compile mode of the blocks in this run, None when they run eager (and the head with
+    them)."""
     if not (config.compile_blocks and device.type == "cuda") or config.context_parallel > 1:
         return None
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -359,6 +373,7 @@ def build_model(config: TrainConfig, device: torch.device, mesh=None):
     mode = compile_mode(config, device)
     if mode is not None:
         model.compile_blocks(mode=mode)
+        model.compile_head(mode=head_compile_mode(mode))
     wrapped = wrap_distributed(model, config, device, mesh)
     return model, wrapped, make_optimizer(wrapped, config)
 

@@ -69,6 +69,16 @@ def blocks_compile_mode(compile_mode: str, activation_checkpointing: bool, world
     return compile_mode
 
 
+def head_compile_mode(blocks_mode: str) -> str:
+    """The mode the head and loss (``HybridLM.compile_head``) are compiled in beside blocks compiled in
+    ``blocks_mode``: the same, without CUDA graphs ("reduce-overhead" gives "default"). The head and loss
+    are a few large kernels (the head's matrix product and its two gradient products, the fused
+    log-softmax and its gradient): at long rows their launches cost nothing next to their run time, so
+    graphs would save nothing and only add what they cost (a recording per shape, outputs that the next
+    replay overwrites). "max-autotune-no-cudagraphs" stays: the head's product is the model's largest."""
+    return "default" if uses_cuda_graphs(blocks_mode) else blocks_mode
+
+
 def uses_cuda_graphs(compile_mode: str) -> bool:
     """Whether blocks compiled in ``compile_mode`` replay CUDA graphs (and so want static shapes)."""
     return compile_mode == "reduce-overhead"
