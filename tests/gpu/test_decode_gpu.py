@@ -184,7 +184,13 @@ def next_step_inputs(state, static_q, static_k, static_v):
     return q, k, v
 
 
-@pytest.mark.usefixtures("poison_empty")
+@pytest.fixture(params=["by-group", "by-head"])
+def attention_by(request, monkeypatch):
+    """Both attention kernels: by kv head group (the default) and by query head."""
+    monkeypatch.setattr(decode, "DEFAULT_ATTN_BY_GROUP", request.param == "by-group")
+
+
+@pytest.mark.usefixtures("poison_empty", "attention_by")
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_decode_step_at_32k_against_the_reference(paged):
     # Ragged lengths: a full cache but one slot, a partial block, a block boundary, a one-key cache.
@@ -193,7 +199,7 @@ def test_decode_step_at_32k_against_the_reference(paged):
     check_against_reference(state, seqlen_q=1, new_kv=False)
 
 
-@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.usefixtures("poison_empty", "attention_by")
 def test_chunked_prefill_of_four_blocks_against_the_reference():
     state = DecodeState([10000, 0, 300, 4096], paged=True, seed=1)
     check_against_reference(state, seqlen_q=4 * BLOCK, new_kv=True)
@@ -221,6 +227,37 @@ def test_split_router_selects_what_one_program_per_kv_head_selects(seqlen_q):
     assert torch.equal(selections[0], selections[1])
     agree = selections_agree(state, q, state.cache_seqlens)
     assert agree.float().mean() > 0.999
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_folded_append_equals_the_append_kernel_bitwise(paged):
+    # fold_append: the route kernel's programs of row tile 0 write the new token and update its block's
+    # sums while the other router programs (and block splits) of the same launch score the centroids. No
+    # program reads the row being written (the token's block is the own block), which only programs
+    # running at once on the device can contradict: the results must be the same bits, steps after steps.
+    state = DecodeState([CAPACITY - 1 - 512, 20000, 8191, 1, 0, 128, 4095, 300], paged, seed=6)
+    twin = state.clone()
+    for _ in range(3):
+        q = state.randn(state.batch, 1, HEADS_Q, HEAD_DIM)
+        k = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+        v = state.randn(state.batch, 1, HEADS_KV, HEAD_DIM)
+        results = []
+        for case, fold in ((state, True), (twin, False)):
+            arguments = (q, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, BLOCK, TOPK)
+            config = decode.DecodeConfig(fold_append=fold)
+            results.append(
+                decode.moba_decode_triton(*arguments, k, v, case.block_table, HEAD_DIM**-0.5, config)
+            )
+            case.cache_seqlens += 1
+        for folded, unfolded in zip(results[0], results[1], strict=True):
+            assert torch.equal(folded.isnan(), unfolded.isnan())
+            assert torch.equal(folded.nan_to_num(), unfolded.nan_to_num())
+        for name in ("k_cache", "v_cache", "block_sums"):
+            folded, unfolded = getattr(state, name), getattr(twin, name)
+            assert torch.equal(folded.isnan(), unfolded.isnan()) and torch.equal(
+                folded.nan_to_num(), unfolded.nan_to_num()
+            ), name
 
 
 def test_cuda_graph_capture_of_a_decode_step_replays_eager_steps():

@@ -167,6 +167,12 @@ def cached_lengths(seqlen_q):
     return [length if length == 0 else max(length, seqlen_q) for length in CACHE_LENGTHS]
 
 
+@pytest.fixture(params=["by-group", "by-head"])
+def attention_by(request, monkeypatch):
+    """Both attention kernels: by kv head group (the default) and by query head."""
+    monkeypatch.setattr(decode, "DEFAULT_ATTN_BY_GROUP", request.param == "by-group")
+
+
 def check_float32(case):
     seqlens_before = case.cache_seqlens.clone()
     out, lse = case.run()
@@ -187,7 +193,7 @@ def check_float32(case):
 @pytest.mark.parametrize("heads", sorted(HEADS))
 @pytest.mark.parametrize("new_kv", [True, False], ids=["new-kv", "cached"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_decode_step_float32(layout, new_kv, heads, poison_empty):
+def test_decode_step_float32(layout, new_kv, heads, poison_empty, attention_by):
     lengths = CACHE_LENGTHS if new_kv else cached_lengths(1)
     check_float32(Case(lengths, 1, HEADS[heads], new_kv, LAYOUTS[layout]))
 
@@ -230,7 +236,7 @@ def test_block_size_beyond_the_capacity():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
-def test_bfloat16_against_the_reference_backend(layout):
+def test_bfloat16_against_the_reference_backend(layout, attention_by):
     case = Case(CACHE_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS[layout], dtype=torch.bfloat16, seed=6)
     twin = Case(CACHE_LENGTHS, 3, HEADS["gqa"], True, LAYOUTS[layout], dtype=torch.bfloat16, seed=6)
     out, lse = case.run()
@@ -370,13 +376,45 @@ def test_launch_settings_do_not_change_the_result(config, poison_empty):
     assert_close(lse, expected_lse, "kernel_float32", "lse")
 
 
+BY_HEAD = decode.DecodeConfig(attn_by_group=False)
+
+
 def test_split_heuristic_splits_small_batches_only():
-    small = decode.decode_tiles(128, 128, 8, 256, rows=32, group=4, seqlen_q=1, sm_count=132)
-    large = decode.decode_tiles(128, 128, 8, 256, rows=64 * 32, group=4, seqlen_q=1, sm_count=132)
+    shape = dict(head_dim=128, block_size=128, topk=8, max_blocks=256, group=4, seqlen_q=1, sm_count=132)
+    small = decode.decode_tiles(**shape, rows=32, config=BY_HEAD)
+    large = decode.decode_tiles(**shape, rows=64 * 32, config=BY_HEAD)
     assert small["num_splits"] == 8 and small["slots_per_split"] == 1
     assert large["num_splits"] == 1 and large["slots_per_split"] == 8
-    odd = decode.decode_tiles(64, 128, 8, 256, rows=100, group=1, seqlen_q=1, sm_count=132)
+    odd = decode.decode_tiles(64, 128, 8, 256, rows=100, group=1, seqlen_q=1, sm_count=132, config=BY_HEAD)
     assert odd["num_splits"] * odd["slots_per_split"] >= 8 > (odd["num_splits"] - 1) * odd["slots_per_split"]
+    # By group: a split holds entries (query head, slot) of the group's 4 * 8, towards 4 programs per SM.
+    small, large = (decode.decode_tiles(**shape, rows=rows) for rows in (32, 64 * 32))
+    assert small["attn_by_group"] and small["num_splits"] == 32 and small["entries_per_split"] == 1
+    assert large["num_splits"] == 2 and large["entries_per_split"] == 16
+    by_group = decode.DecodeConfig(attn_by_group=True)
+    odd = decode.decode_tiles(64, 128, 8, 256, rows=100, group=1, seqlen_q=1, sm_count=132, config=by_group)
+    assert (
+        odd["num_splits"] * odd["entries_per_split"] >= 8 > (odd["num_splits"] - 1) * odd["entries_per_split"]
+    )
+
+
+def test_attention_kernel_and_key_tiles_by_shape():
+    # By group where a kv head has several query heads, by query head for one (unless a config says);
+    # the group kernel's key tiles hold a block of 128 keys within 32 KB per K tile.
+    def tiles(head_dim, group, config=decode.DEFAULT_DECODE_CONFIG, element_size=2, block_size=128):
+        return decode.decode_tiles(
+            head_dim, block_size, 8, 1024, 8 * 32, group, 1, 132, config, element_size=element_size
+        )
+
+    assert tiles(128, 4)["attn_by_group"] and tiles(128, 4)["attention"]["BLOCK_N"] == 128
+    assert tiles(128, 4, element_size=4)["attention"]["BLOCK_N"] == 64  # float32
+    assert tiles(256, 4)["attention"]["BLOCK_N"] == 64
+    assert tiles(128, 4, block_size=32)["attention"]["BLOCK_N"] == 32
+    assert not tiles(64, 1)["attn_by_group"] and tiles(64, 1)["attention"]["BLOCK_N"] == 64
+    assert tiles(64, 1, decode.DecodeConfig(attn_by_group=True))["attn_by_group"]
+    assert (
+        not tiles(128, 4, BY_HEAD)["attn_by_group"] and tiles(128, 4, BY_HEAD)["attention"]["BLOCK_N"] == 64
+    )
 
 
 @pytest.fixture
@@ -400,10 +438,13 @@ class NoLaunch:
 
 
 def test_split_heuristic_takes_one_split_from_the_benchmark_s_batch_32():
-    # 32 heads: batch 8 takes 2 splits (partials and the merge), batch 32 and 64 one (no merge).
-    for batch, splits in [(1, 8), (8, 2), (32, 1), (64, 1)]:
-        tiles = decode.decode_tiles(128, 128, 8, 1024, rows=batch * 32, group=4, seqlen_q=1, sm_count=132)
+    # By query head, 32 heads: batch 8 takes 2 splits (partials and the merge), batch 32 and 64 one (no
+    # merge); by group (8 kv heads), 8, 3 and 2 splits of the group's 32 entries.
+    shape = dict(head_dim=128, block_size=128, topk=8, max_blocks=1024, group=4, seqlen_q=1, sm_count=132)
+    for batch, splits, group_splits in [(1, 8, 32), (8, 2, 8), (32, 1, 3), (64, 1, 2)]:
+        tiles = decode.decode_tiles(**shape, rows=batch * 32, config=BY_HEAD)
         assert tiles["num_splits"] == splits, batch
+        assert decode.decode_tiles(**shape, rows=batch * 32)["num_splits"] == group_splits, batch
     assert tiles["attention"]["NUM_STAGES"] == 2
     config = decode.DecodeConfig(attn_num_stages=3)
     assert decode.decode_tiles(128, 128, 8, 1024, 32, 4, 1, 132, config)["attention"]["NUM_STAGES"] == 3
@@ -411,7 +452,7 @@ def test_split_heuristic_takes_one_split_from_the_benchmark_s_batch_32():
 
 @pytest.mark.parametrize("heads", sorted(HEADS))
 @pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
-def test_one_split_writes_o_and_lse_without_the_merge(layout, heads, one_split, poison_empty):
+def test_one_split_writes_o_and_lse_without_the_merge(layout, heads, one_split, poison_empty, attention_by):
     check_float32(Case(CACHE_LENGTHS, 1, HEADS[heads], True, LAYOUTS[layout], seed=30))
     check_float32(Case(cached_lengths(2), 2, HEADS[heads], False, LAYOUTS[layout], seed=31))
 
@@ -434,7 +475,7 @@ def test_one_split_bfloat16_and_empty_sequences(one_split):
     assert torch.isneginf(lse[:2]).all() and torch.isfinite(lse[2]).all()
 
 
-def test_one_split_nan_rule(one_split, poison_empty):
+def test_one_split_nan_rule(one_split, poison_empty, attention_by):
     lengths = cached_lengths(2 * BLOCK + 3)
     args = (lengths, 2 * BLOCK + 3, HEADS["gqa"], False, LAYOUTS["paged-3-shuffled"])
     case, clean = Case(*args, seed=20), Case(*args, seed=20)
@@ -458,7 +499,7 @@ def test_one_split_nan_rule(one_split, poison_empty):
 )
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_key_tile_loop_over_slots_and_partial_tiles(
-    block_size, attn_block_n, stages, num_splits, poison_empty
+    block_size, attn_block_n, stages, num_splits, poison_empty, attention_by
 ):
     # The flat loop over (slot, tile): several tiles per block, a last tile past the block's end, one tile
     # per block; lengths 0, 1, B - 1, B, B + 1 and a long one; both with partials and with one split.
@@ -471,6 +512,35 @@ def test_key_tile_loop_over_slots_and_partial_tiles(
     expected_out, expected_lse = case.expected()
     assert_close(out, expected_out, "kernel_float32", "o")
     assert_close(lse, expected_lse, "kernel_float32", "lse")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("heads", sorted(HEADS))
+def test_group_attends_each_shared_block_once(heads, num_splits, poison_empty):
+    # The group's query heads share their selections: every block is attended at its first entry (member,
+    # slot) for every member that selected it, whichever split that entry falls in. Members 0 and 1 of
+    # each group get the same q (the same selection), the others their own.
+    heads_q, heads_kv = HEADS[heads]
+    case = Case(CACHE_LENGTHS, 2, HEADS[heads], True, LAYOUTS["paged-3-shuffled"], topk=4, seed=34)
+    group = heads_q // heads_kv
+    for kv_head in range(heads_kv):
+        case.q[:, :, kv_head * group + 1] = case.q[:, :, kv_head * group]
+    config = decode.DecodeConfig(attn_by_group=True, num_splits=num_splits)
+    out, lse = decode.moba_decode_triton(*case.triton_arguments(HEAD_DIM**-0.5), config)
+    expected_out, expected_lse = case.expected()
+    assert_close(out, expected_out, "kernel_float32", "o")
+    assert_close(lse, expected_lse, "kernel_float32", "lse")
+    shared = out[:, :, [kv_head * group for kv_head in range(heads_kv)]]
+    twins = out[:, :, [kv_head * group + 1 for kv_head in range(heads_kv)]]
+    assert torch.equal(shared, twins), "two members of one selection attend the same keys in one loop"
+
+
+def test_group_attention_wants_dot_tiles_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(decode, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="attn_block_n must be >= 16 with attn_by_group"):
+        decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, decode.DecodeConfig(attn_block_n=8))
+    by_head = decode.DecodeConfig(attn_block_n=8, attn_by_group=False)
+    assert decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, by_head)["attention"]["BLOCK_N"] == 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,7 +717,7 @@ def check_nan_rule(case, clean, bad_seqs, reference_dtype=torch.float64, routing
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged-3-shuffled"])
-def test_nan_and_inf_in_cached_values(layout, poison_empty):
+def test_nan_and_inf_in_cached_values(layout, poison_empty, attention_by):
     # A chunk of 11 rows over cached keys: sequence 5 (33 keys) has rows at positions 22..32.
     lengths = cached_lengths(2 * BLOCK + 3)
     args = (lengths, 2 * BLOCK + 3, HEADS["gqa"], False, LAYOUTS[layout])
@@ -680,7 +750,7 @@ def test_nan_and_inf_in_new_keys_and_values(poison_empty):
     assert case.v_cache[(*locate(case, 5, 42), 1, 1)] == -math.inf
 
 
-def test_nan_and_inf_in_q_poison_their_row_only(poison_empty):
+def test_nan_and_inf_in_q_poison_their_row_only(poison_empty, attention_by):
     # One decode step: a NaN, a -inf (-inf or NaN logits) and an inf in q of single (row, head) pairs;
     # sequence 0 is empty, so its row sees nothing whatever its q: zeros and lse -inf.
     args = (cached_lengths(2), 2, HEADS["gqa"], False, LAYOUTS["paged-B-shuffled"])
@@ -696,7 +766,7 @@ def test_nan_and_inf_in_q_poison_their_row_only(poison_empty):
 
 
 @pytest.mark.parametrize("heads", sorted(HEADS))
-def test_nan_and_inf_in_cached_keys(heads, poison_empty):
+def test_nan_and_inf_in_cached_keys(heads, poison_empty, attention_by):
     # A NaN key makes its block's centroid NaN: every row with that block as a candidate ranks it first
     # and is NaN, as in the reference. An inf key gives +inf scores to some heads (selected, NaN) and -inf
     # to others (not selected when better candidates exist; selected where they do not).

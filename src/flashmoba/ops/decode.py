@@ -40,6 +40,15 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    the next tile is in flight while the current one is reduced; without it nothing is prefetched, since
    the launch option pipelines only loads that feed a ``tl.dot``). With one split (large batches) the
    program writes o and lse itself, as the merge of one partial would: no scratch, no merge launch.
+   ``_decode_attn_group_kernel``, program (sequence b, query row t, kv head h; split), the default where a
+   kv head has several query heads: the same partials for all query heads of h's group at once. Their
+   selections are its entries (member, slot); a split takes a share of the entries, and a block is
+   loaded once, at its first entry, for every member that selected it (the own block, always shared, and
+   whatever blocks the members' selections have in common). Scores and probability-weighted values are
+   tensor-core dots of the group's rows (padded to 16) against a key tile; the probabilities enter the
+   second dot as a 16-bit high part plus the rest, which keeps them as exact as float32 products. The
+   NaN rule holds per member: a non-finite value vector poisons the rows of the members that see it and
+   enters the dot as zeros for the others.
 4. ``_decode_merge_kernel``, program (query row and head): combines the splits' partials by their
    log-sum-exp into o (q's dtype) and the float32 natural-log lse; a row that saw no key (an empty
    sequence) gets zeros and -inf, a row with a NaN partial lse gets NaN in o and lse. Not launched with
@@ -89,8 +98,15 @@ MAX_ROUTE_SPLITS = 16  # router block splits the heuristic takes at most (a conf
 _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 
 
-BOOL_FIELDS = ("fold_append",)  # DecodeConfig's bool fields (the others are ints >= 1)
-DEFAULT_FOLD_APPEND = False
+BOOL_FIELDS = ("fold_append", "attn_by_group")  # DecodeConfig's bool fields (the others are ints >= 1)
+# Measured on an H200 (benchmarks/NOTES.md, "Decode attention by kv head group"): folding the append saves
+# 1-4 us of device time per step at every measured shape; attention by group with tiles of 128 keys is
+# as fast or faster than by query head at every GQA shape (4-7% at batch 32 and 64).
+DEFAULT_FOLD_APPEND = True
+DEFAULT_ATTN_BY_GROUP = True  # where a kv head has several query heads (group > 1); by query head else
+# Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take 4x
+# this in shared memory (128 KB of the H100's and H200's 227 KB).
+GROUP_TILE_BYTES = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +129,10 @@ class DecodeConfig:
     # One-token steps with new k, v (seqlen_q 1): the route kernel's programs write the new key and value
     # and update block_sums themselves, and the append kernel is not launched (None: DEFAULT_FOLD_APPEND).
     fold_append: bool | None = None
+    # Attention by kv head group (_decode_attn_group_kernel: a block's keys and values loaded once for the
+    # group's query heads, tensor-core dots) or by query head (_decode_attn_partial_kernel) (None:
+    # DEFAULT_ATTN_BY_GROUP where group > 1, by query head for one query head per kv head).
+    attn_by_group: bool | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -856,6 +876,190 @@ def _decode_attn_partial_kernel(
 
 
 @triton.jit
+def _decode_attn_group_kernel(
+    Q,
+    KCache,
+    VCache,
+    Selected,
+    CacheSeqlens,
+    BlockTable,  # None for a contiguous cache (PAGED False)
+    PartialOut,  # float32 [batch * seqlen_q * heads_q, num_splits, head_dim] (None when FINAL)
+    PartialLse,  # float32 [batch * seqlen_q * heads_q, num_splits], log2 domain (None when FINAL)
+    Out,  # o like q, written here when FINAL (one split), else None
+    Lse,  # float32 [batch, heads_q, seqlen_q], written here when FINAL, else None
+    stride_q_batch,
+    stride_q_token,
+    stride_q_head,
+    stride_q_dim,
+    stride_k_page,  # contiguous: the batch stride (a sequence is one page of `capacity` slots)
+    stride_k_slot,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_head,
+    stride_v_dim,
+    stride_table_batch,
+    stride_selected_batch,
+    stride_selected_token,
+    stride_selected_head,
+    stride_o_batch,
+    stride_o_token,
+    stride_o_head,
+    stride_o_dim,
+    stride_lse_batch,
+    stride_lse_head,
+    stride_lse_token,
+    seqlen_q,
+    heads_q,
+    group,
+    appended,
+    block_size,
+    page_size,
+    head_dim,
+    used_slots,  # selection slots that can hold a block: min(topk, max_blocks)
+    entries_per_split,
+    num_splits,
+    qk_scale,  # softmax_scale * log2(e)
+    PAGED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    GROUP_PAD: tl.constexpr,  # the group's query heads, padded to a tl.dot tile (16 rows at least)
+    SLOTS_PAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software pipelining of the key-tile loop (tl.range), 1: none
+    FINAL: tl.constexpr,  # one split: write o and lse, no partials and no merge
+    ROUND_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+    SPLIT_PROBS: tl.constexpr,  # 16-bit values: probabilities enter the dot as a 16-bit high and low part
+):
+    """Program (sequence b, query row t, kv head h; split): partial softmax of the query heads of h's group
+    at row t over their selected blocks, each block's keys and values loaded once for the whole group.
+
+    The group's selections are its entries ``(member, slot)``, numbered ``member * used_slots + slot``;
+    split s takes entries ``[s * entries_per_split, ...)``. A block is attended at its first entry, for
+    every member that selected it (its readers), and skipped (nothing loaded) at the later ones: each
+    (member, block) pair is counted once over all splits. Scores and the probability-weighted values
+    are tensor-core dots of the group's rows against a key tile."""
+    program = tl.program_id(0)
+    split = tl.program_id(1)
+    heads_kv = heads_q // group
+    kv_head = program % heads_kv
+    row = program // heads_kv % seqlen_q
+    seq = program // heads_kv // seqlen_q
+    position = tl.load(CacheSeqlens + seq) + appended - seqlen_q + row
+
+    members = tl.arange(0, GROUP_PAD)
+    member_ok = members < group
+    heads = kv_head * group + members
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < head_dim
+    q_ptrs = (
+        Q
+        + seq.to(tl.int64) * stride_q_batch
+        + row.to(tl.int64) * stride_q_token
+        + heads[:, None].to(tl.int64) * stride_q_head
+        + dims[None, :] * stride_q_dim
+    )
+    query = tl.load(q_ptrs, mask=member_ok[:, None] & dim_ok[None, :], other=0.0)
+    selection = Selected + seq.to(tl.int64) * stride_selected_batch + row.to(tl.int64) * stride_selected_token
+    slots = tl.arange(0, SLOTS_PAD)
+    entry_ok = member_ok[:, None] & (slots[None, :] < used_slots)
+    group_blocks = tl.load(  # [GROUP_PAD, SLOTS_PAD], -1 past the group and the used slots
+        selection + heads[:, None] * stride_selected_head + slots[None, :], mask=entry_ok, other=-1
+    )
+    entry_ids = members[:, None] * used_slots + slots[None, :]
+    k_base = KCache + kv_head.to(tl.int64) * stride_k_head
+    v_base = VCache + kv_head.to(tl.int64) * stride_v_head
+    key_offsets = tl.arange(0, BLOCK_N)
+
+    row_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # log2 domain
+    row_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    first_entry = split * entries_per_split
+    last_entry = tl.minimum(first_entry + entries_per_split, group * used_slots)
+    # One flat loop over the key tiles of the split's entries (tiles_per_block per entry), pipelined by
+    # tl.range's num_stages as in _decode_attn_partial_kernel.
+    tiles_per_block = tl.cdiv(block_size, BLOCK_N)
+    for tile in tl.range(first_entry * tiles_per_block, last_entry * tiles_per_block, num_stages=NUM_STAGES):
+        entry = tile // tiles_per_block
+        member = entry // used_slots
+        block = tl.load(selection + (kv_head * group + member) * stride_selected_head + entry % used_slots)
+        holders = group_blocks == block  # -1 (an unused slot) is never attended: block >= 0 below
+        first = tl.sum((holders & (entry_ids < entry)).to(tl.int32)) == 0
+        readers = (tl.sum(holders.to(tl.int32), axis=1) > 0) & member_ok
+        in_block = (tile - entry * tiles_per_block) * BLOCK_N + key_offsets
+        key_positions = block * block_size + in_block
+        visible = first & (block >= 0) & (in_block < block_size) & (key_positions <= position)
+        if PAGED:
+            pages = tl.load(
+                BlockTable + seq * stride_table_batch + key_positions // page_size, mask=visible, other=0
+            )
+            key_slots = key_positions % page_size
+        else:
+            pages = tl.zeros([BLOCK_N], dtype=tl.int32) + seq
+            key_slots = key_positions
+        # The NaN rule as in _decode_attn_partial_kernel: only visible keys are loaded (zeros elsewhere).
+        mask = visible[:, None] & dim_ok[None, :]
+        k_rows = pages.to(tl.int64) * stride_k_page + key_slots.to(tl.int64) * stride_k_slot
+        keys = tl.load(k_base + k_rows[:, None] + dims[None, :] * stride_k_dim, mask=mask, other=0.0)
+        scores = tile_dot(query, tl.trans(keys), DOT_PRECISION, DOT_IN_FLOAT32) * qk_scale
+        seen = readers[:, None] & visible[None, :]
+        scores = tl.where(seen, tl.fma(scores, 0.0, scores), float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        v_rows = pages.to(tl.int64) * stride_v_page + key_slots.to(tl.int64) * stride_v_slot
+        values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
+        # A visible value vector with a NaN or an inf poisons the rows of its readers (NaN added to their
+        # probabilities), and only theirs: it enters the dot as zeros, since a member that did not select
+        # the block has probability 0 there and 0 * inf would make its row NaN.
+        value_poison = tl.sum(values.to(tl.float32) * 0.0, axis=1)  # 0, or NaN for a non-finite vector
+        probs += tl.where(seen, value_poison[None, :], 0.0)
+        values = tl.where(value_poison[:, None] == 0.0, values, 0.0)
+        if SPLIT_PROBS:
+            # A 16-bit tile of probabilities would round each to 8 (bfloat16) or 11 bits; the high part
+            # and the rest keep ~16, as the float32 products of _decode_attn_partial_kernel do.
+            probs_high = probs.to(values.dtype)
+            probs_low = (probs - probs_high.to(tl.float32)).to(values.dtype)
+            weighted = tile_dot(probs_high, values, DOT_PRECISION, DOT_IN_FLOAT32)
+            weighted += tile_dot(probs_low, values, DOT_PRECISION, DOT_IN_FLOAT32)
+        else:
+            weighted = tile_dot(probs, values, DOT_PRECISION, DOT_IN_FLOAT32)
+        acc = acc * rescale[:, None] + weighted
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        row_max = new_max
+
+    # Per member as in _decode_attn_partial_kernel: row_sum 0 where it saw no key, NaN where poisoned.
+    seen_any = row_sum != 0.0
+    out = acc / tl.where(seen_any, row_sum, 1.0)[:, None]
+    lse = tl.where(seen_any, row_max + tl.log2(tl.where(seen_any, row_sum, 1.0)), float("-inf"))
+    out_mask = member_ok[:, None] & dim_ok[None, :]
+    if FINAL:
+        o_ptrs = (
+            Out
+            + seq.to(tl.int64) * stride_o_batch
+            + row.to(tl.int64) * stride_o_token
+            + heads[:, None].to(tl.int64) * stride_o_head
+            + dims[None, :] * stride_o_dim
+        )
+        if ROUND_BF16:
+            out = _bfloat16_nearest(out)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+        lse_ptrs = (
+            Lse + seq.to(tl.int64) * stride_lse_batch + heads * stride_lse_head + row * stride_lse_token
+        )
+        tl.store(lse_ptrs, lse * _LN_2, mask=member_ok)
+    else:
+        # The merge kernel's pair (b, t, head) and split.
+        pairs = (seq.to(tl.int64) * seqlen_q + row) * heads_q + heads
+        partials = pairs * num_splits + split
+        tl.store(PartialOut + partials[:, None] * head_dim + dims[None, :], out, mask=out_mask)
+        tl.store(PartialLse + partials, lse, mask=member_ok)
+
+
+@triton.jit
 def _decode_merge_kernel(
     PartialOut,
     PartialLse,
@@ -941,10 +1145,13 @@ def decode_tiles(
     seqlen_q: int,
     sm_count: int,
     config: DecodeConfig = DEFAULT_DECODE_CONFIG,
+    *,
+    element_size: int = 2,
 ) -> dict:
     """Every launch setting of the decode kernels for these shapes (the config's fields where set).
 
-    rows: query (row, head) pairs of the batch, ``batch * seqlen_q * heads_q``.
+    rows: query (row, head) pairs of the batch, ``batch * seqlen_q * heads_q``; element_size: bytes of
+    one element of the caches (2 for 16-bit, 4 for float32).
     """
     picks = min(topk - 1, max_blocks)
     running_topk = max(2, next_power_of_2(picks))
@@ -981,21 +1188,55 @@ def decode_tiles(
     tiles_per_split = -(-centroid_tiles // block_splits)
     block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
     used_slots = min(topk, max_blocks)
-    # Split the selected blocks until the grid fills the device about twice (shapes only).
-    num_splits = config.num_splits or max(1, min(used_slots, -(-2 * sm_count // max(rows, 1))))
-    num_splits = min(num_splits, used_slots)
-    slots_per_split = -(-used_slots // num_splits)
-    num_splits = -(-used_slots // slots_per_split)  # no split left without a slot
-    attn_block_n = config.attn_block_n or max(16, min(next_power_of_2(block_size), 8192 // head_dim_pad, 64))
-    attention = dict(
-        BLOCK_N=attn_block_n,
-        num_warps=config.attn_num_warps or (8 if attn_block_n * head_dim_pad >= 64 * 256 else 4),
-        # 2 stages: the next K and V tile in flight while one is reduced, 35 KB of shared memory at
-        # head_dim 128 (bf16), 5 programs per SM with 92 registers; 3 stages take 68 KB (3 per SM).
-        NUM_STAGES=config.attn_num_stages or 2,
-    )
+    if config.attn_by_group is None:
+        attn_by_group = DEFAULT_ATTN_BY_GROUP and group > 1
+    else:
+        attn_by_group = bool(config.attn_by_group)
+    if attn_by_group:
+        # Tiles of up to 128 keys (a B=128 block per tile) within GROUP_TILE_BYTES: at head_dim 128 in bf16
+        # 128 beat 64 and 32 at every measured shape, one program per SM (128 KB of shared memory) and all.
+        widest = GROUP_TILE_BYTES // (head_dim_pad * element_size)
+        attn_block_n = config.attn_block_n or max(16, min(next_power_of_2(block_size), widest, 128))
+    else:
+        attn_block_n = config.attn_block_n or max(
+            16, min(next_power_of_2(block_size), 8192 // head_dim_pad, 64)
+        )
+    if attn_by_group and attn_block_n < 16 and not interpreting():
+        raise ValueError(f"attn_block_n must be >= 16 with attn_by_group (a tl.dot tile), got {attn_block_n}")
+    if attn_by_group:
+        # Programs per (sequence, row, kv head); a split takes a share of the group's entries (query head,
+        # slot). Towards about four programs per SM: each streams its blocks' keys and values through
+        # shared memory (2 stages of a K and a V tile), so a few programs per SM keep the copy engine busy.
+        entries = group * used_slots
+        programs = rows // group
+        num_splits = config.num_splits or max(1, min(entries, -(-4 * sm_count // max(programs, 1))))
+        num_splits = min(num_splits, entries)
+        entries_per_split = -(-entries // num_splits)
+        num_splits = -(-entries // entries_per_split)  # no split left without an entry
+        slots_per_split = None
+        attention = dict(
+            BLOCK_N=attn_block_n,
+            num_warps=config.attn_num_warps or 4,
+            NUM_STAGES=config.attn_num_stages or 2,
+        )
+    else:
+        # Split the selected blocks until the grid fills the device about twice (shapes only).
+        num_splits = config.num_splits or max(1, min(used_slots, -(-2 * sm_count // max(rows, 1))))
+        num_splits = min(num_splits, used_slots)
+        slots_per_split = -(-used_slots // num_splits)
+        num_splits = -(-used_slots // slots_per_split)  # no split left without a slot
+        entries_per_split = None
+        attention = dict(
+            BLOCK_N=attn_block_n,
+            num_warps=config.attn_num_warps or (8 if attn_block_n * head_dim_pad >= 64 * 256 else 4),
+            # 2 stages: the next K and V tile in flight while one is reduced, 35 KB of shared memory at
+            # head_dim 128 (bf16), 5 programs per SM with 92 registers; 3 stages take 68 KB (3 per SM).
+            NUM_STAGES=config.attn_num_stages or 2,
+        )
     return dict(
         fold_append=DEFAULT_FOLD_APPEND if config.fold_append is None else bool(config.fold_append),
+        attn_by_group=attn_by_group,
+        entries_per_split=entries_per_split,
         picks=picks,
         running_topk=running_topk,
         head_dim_pad=head_dim_pad,
@@ -1241,7 +1482,23 @@ def decode_attend(
         partial_lse = torch.empty(pairs, num_splits, dtype=torch.float32, device=q.device)
     paged = block_table is not None
     head_dim_pad = next_power_of_2(head_dim)
-    _decode_attn_partial_kernel[(pairs, num_splits)](
+    group = heads_q // heads_kv
+    if tiles["attn_by_group"]:
+        kernel, programs = _decode_attn_group_kernel, pairs // group
+        by_kind = dict(
+            entries_per_split=tiles["entries_per_split"],
+            GROUP_PAD=max(16, next_power_of_2(group)),
+            SLOTS_PAD=next_power_of_2(tiles["used_slots"]),
+            DOT_PRECISION=dot_precision(q.dtype),
+            DOT_IN_FLOAT32=dot_in_float32(q.dtype),
+            SPLIT_PROBS=q.dtype != torch.float32,
+        )
+        attention_dim_pad = head_dim_tile(head_dim)  # a tl.dot operand: 16 columns at least
+    else:
+        kernel, programs = _decode_attn_partial_kernel, pairs
+        attention_dim_pad = head_dim_pad
+        by_kind = dict(slots_per_split=tiles["slots_per_split"])
+    kernel[(programs, num_splits)](
         Q=q,
         KCache=k_cache,
         VCache=v_cache,
@@ -1277,19 +1534,19 @@ def decode_attend(
         stride_lse_token=lse.stride(2),
         seqlen_q=seqlen_q,
         heads_q=heads_q,
-        group=heads_q // heads_kv,
+        group=group,
         appended=appended,
         block_size=block_size,
         page_size=k_cache.shape[1],
         head_dim=head_dim,
         used_slots=tiles["used_slots"],
-        slots_per_split=tiles["slots_per_split"],
         num_splits=num_splits,
         qk_scale=scale * LOG2_E,
         PAGED=paged,
-        HEAD_DIM_PAD=head_dim_pad,
+        HEAD_DIM_PAD=attention_dim_pad,
         FINAL=final,
         ROUND_BF16=_round_bf16_by_bits(q.dtype),
+        **by_kind,
         **tiles["attention"],
     )
     if final:
@@ -1354,6 +1611,7 @@ def moba_decode_triton(
         seqlen_q,
         _sm_count(q.device),
         config,
+        element_size=q.element_size(),
     )
     appended = 0 if k is None else seqlen_q
     # One new token per sequence: the route kernel appends it (DecodeConfig.fold_append), no append launch.
