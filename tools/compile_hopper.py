@@ -68,6 +68,8 @@ CASES = {
         seqlen=4096, block_size=64, topk=16, heads_q=8, heads_kv=2, deterministic=True
     ),
     "head_dim 64": dict(seqlen=2048, block_size=64, topk=8, head_dim=64),
+    # The 340m model's MoBA layers: 128 gathered rows per forward tile.
+    "head_dim 64 B128/k8": dict(seqlen=32768, block_size=128, topk=8, head_dim=64),
     "head_dim 256": dict(seqlen=2048, block_size=64, topk=8, head_dim=256),
     "float16": dict(seqlen=2048, block_size=128, topk=8, dtype=torch.float16),
     "float32": dict(seqlen=1024, block_size=64, topk=4, dtype=torch.float32),
@@ -94,14 +96,33 @@ DECODE_CASES = {
     "decode float32 d64": dict(
         batch=2, capacity=4096, heads_q=8, heads_kv=2, head_dim=64, dtype=torch.float32
     ),
-    # A launch setting off by default, for the benchmark's --decode-configs sweeps.
-    "decode 32/8 d128 folded append": dict(
+    # Launch settings off by default, for the benchmark's --decode-configs sweeps.
+    "decode 32/8 d128 append kernel (fold_append off)": dict(
         batch=4,
         capacity=32768,
         heads_q=32,
         heads_kv=8,
         head_dim=128,
-        config=decode.DecodeConfig(fold_append=True),
+        config=decode.DecodeConfig(fold_append=False),
+    ),
+    "decode 32/8 d128 by query head": dict(
+        batch=4,
+        capacity=32768,
+        heads_q=32,
+        heads_kv=8,
+        head_dim=128,
+        config=decode.DecodeConfig(attn_by_group=False),
+    ),
+    "decode 32/8 d128 by group, key tiles of 64": dict(
+        batch=4,
+        capacity=32768,
+        heads_q=32,
+        heads_kv=8,
+        head_dim=128,
+        config=decode.DecodeConfig(attn_block_n=64),
+    ),
+    "decode float32 d128 by group": dict(
+        batch=2, capacity=4096, heads_q=8, heads_kv=2, head_dim=128, dtype=torch.float32
     ),
 }
 

@@ -68,6 +68,23 @@ def test_rows_per_item_gives_one_moba_row_per_value(tmp_path, capsys):
     assert "| moba B=32 k=2 | 64 | 16 |" in output and "| moba B=32 k=2 | 64 | 0 |" in output
 
 
+def test_kernel_configs_give_one_moba_row_per_config(tmp_path, capsys):
+    out = tmp_path / "model_cpu.json"
+    configs = "default;backward_num_warps=4,backward_block_m=32;router_filter=0"
+    args = ["model", *TINY, "--block-sizes", "32", "--topks", "2", "--kernel-configs", configs]
+    assert bench.main([*args, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["attention"], r["kernel_settings"]) for r in rows] == [
+        ("dense", None),
+        ("moba", {}),
+        ("moba", {"backward_num_warps": 4, "backward_block_m": 32}),
+        ("moba", {"router_filter": False}),
+    ]
+    output = capsys.readouterr().out
+    assert "| moba B=32 k=2 backward_num_warps=4,backward_block_m=32 | 64 |" in output
+    assert "| moba B=32 k=2 router_filter=False | 64 |" in output
+
+
 def test_default_out_is_named_after_the_card(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bench.main(["model", *TINY, "--attentions", "dense", "--device", "cpu"]) == 0
@@ -90,6 +107,11 @@ def test_default_out_is_named_after_the_card(tmp_path, monkeypatch):
         (["--device", "tpu"], "--device"),
         (["--rows-per-item", "1024,-1"], "--rows-per-item"),
         (["--rows-per-item", "many"], "--rows-per-item"),
+        (["--kernel-configs", "backward_warps=4"], "--kernel-configs"),
+        (["--kernel-configs", "backward_num_warps=0"], "--kernel-configs"),
+        (["--kernel-configs", "router_filter=2"], "--kernel-configs"),
+        (["--kernel-configs", "rows_per_item=64"], "--kernel-configs"),
+        (["--kernel-configs", "default;default"], "--kernel-configs"),
         (["--replot", "no/such.json"], "--replot"),
     ],
 )

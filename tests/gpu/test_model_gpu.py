@@ -116,8 +116,8 @@ def test_small_model_trains_in_bf16_with_triton_and_reports_speed():
 
 @pytest.mark.parametrize("global_attention", ["moba", "dense"])
 def test_compiled_training_follows_the_eager_loss_curve(global_attention):
-    """The default training path (blocks compiled, fused AdamW, offsets on the host) against eager blocks
-    and the same optimizer: the same weights and batches give the same losses within bf16 noise.
+    """The default training path (blocks, head and loss compiled, fused AdamW, offsets on the host) against
+    eager blocks and the same optimizer: the same weights and batches give the same losses within bf16 noise.
 
     The batch repeats 64 distinct tokens, so that 12 steps learn it (random tokens barely move the loss in
     12 steps, which would leave the curve flat and the comparison weak); the first loss (same weights, same
@@ -141,7 +141,8 @@ def test_compiled_training_follows_the_eager_loss_curve(global_attention):
         losses = []
         for _ in range(12):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = wrapped(ids[:-1], ids[1:], cu_seqlens, 8192)
+                # As training's batch_loss: the loss alone, from the head and loss compiled with the blocks.
+                _, loss = wrapped(ids[:-1], ids[1:], cu_seqlens, 8192, return_logits=False)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -27,9 +27,9 @@ sliding-window layers take the same kernels as in training).
   what the layer costs beyond the kernels. ``top_kernels`` lists the step's heaviest kernels
   ([name, class, launches, ms]), which also names the kernel dense attention ran on.
 - **Kernel settings.** ``rows_per_item``: ``KernelConfig.rows_per_item`` of the MoBA layers' Triton
-  kernels (``HybridLM.set_kernel_config``), the same in the model's step and in ``kernel_bench_ms``; the
-  other launch settings are ``KernelConfig``'s defaults. None for dense rows; the reference backend
-  ignores it.
+  kernels (``HybridLM.set_kernel_config``), and ``kernel_settings``: the other ``KernelConfig`` fields a
+  row sets (``{}``: the defaults), the same in the model's step and in ``kernel_bench_ms``. None for
+  dense rows; the reference backend ignores them.
 - **Settings.** ``compile_mode``: the ``torch.compile`` mode the blocks ran in
   (``HybridLM.compile_blocks``), None when eager; by default what ``flashmoba train`` takes
   (``TrainConfig.compile_mode`` on CUDA, through ``blocks_compile_mode``), eager on CPU. The optimizer is
@@ -64,6 +64,7 @@ ROW_FIELDS = (
     "block_size",
     "topk",
     "rows_per_item",
+    "kernel_settings",
     "tokens_per_s",
     "step_ms",
     "profiled_step_ms",
@@ -340,12 +341,16 @@ def time_steps_ms(step: Callable[[], None], steps: int, device: torch.device) ->
     return times
 
 
-def moba_kernel_config(rows_per_item: int | None):
-    """The ``KernelConfig`` of a MoBA row: the defaults with ``rows_per_item`` (None: its default). Imported
-    here, for MoBA rows only: ``flashmoba.ops`` imports Triton."""
+def moba_kernel_config(rows_per_item: int | None, kernel_settings: dict | None = None):
+    """The ``KernelConfig`` of a MoBA row: the defaults with ``rows_per_item`` (None: its default) and the
+    fields of ``kernel_settings`` (None or {}: none). Imported here, for MoBA rows only: ``flashmoba.ops``
+    imports Triton."""
     from flashmoba.ops.config import KernelConfig
 
-    return KernelConfig() if rows_per_item is None else KernelConfig(rows_per_item=rows_per_item)
+    settings = dict(kernel_settings or {})
+    if rows_per_item is not None:
+        settings["rows_per_item"] = rows_per_item
+    return KernelConfig(**settings)
 
 
 def moba_kernel_bench_ms(
@@ -397,6 +402,7 @@ def measure_model(
     block_size: int | None = None,
     topk: int | None = None,
     rows_per_item: int | None = None,
+    kernel_settings: dict | None = None,
     batch: int = 1,
     steps: int = 10,
     warmup: int = 3,
@@ -408,7 +414,8 @@ def measure_model(
     activation_checkpointing: bool = False,
 ) -> dict:
     """Measure training steps of preset ``preset`` with ``attention`` ("dense", or "moba" with
-    ``block_size``, ``topk`` and the kernels' ``rows_per_item``, None: ``KernelConfig``'s default) on
+    ``block_size``, ``topk``, the kernels' ``rows_per_item`` (None: ``KernelConfig``'s default) and other
+    ``KernelConfig`` fields in ``kernel_settings``) on
     ``batch`` documents of ``seqlen`` tokens; returns a results row.
     ``compile_blocks`` and ``compile_mode`` None: as ``flashmoba train`` on one process (compiled on CUDA
     in ``TrainConfig``'s default mode, eager on CPU). ``compile_head`` None: the head and loss compiled
@@ -434,7 +441,7 @@ def measure_model(
         overrides.update(moba_block_size=block_size, moba_topk=topk)
     config = model_config_from_preset(preset, **overrides)
     # A launch setting, not part of the model: set on its MoBA layers, never in ModelConfig.
-    kernel_config = moba_kernel_config(rows_per_item) if attention == "moba" else None
+    kernel_config = moba_kernel_config(rows_per_item, kernel_settings) if attention == "moba" else None
     card = card_name() if device.type == "cuda" else "cpu"
     torch.manual_seed(0)
     model = HybridLM(config).to(device)
@@ -486,6 +493,7 @@ def measure_model(
         block_size=block_size if attention == "moba" else None,
         topk=topk if attention == "moba" else None,
         rows_per_item=kernel_config.rows_per_item if kernel_config is not None else None,
+        kernel_settings=dict(kernel_settings or {}) if attention == "moba" else None,
         tokens_per_s=seqlen * batch / (step_ms / 1e3),
         step_ms=step_ms,
         **(split or dict.fromkeys(("profiled_step_ms", *SPLIT_FIELDS))),

@@ -28,6 +28,7 @@ by prompt length (``flashmoba.bench.generate``): prefill and decode tokens/s, to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -424,6 +425,15 @@ def _model_parser() -> argparse.ArgumentParser:
         help="KernelConfig.rows_per_item of the MoBA kernels, one MoBA row per value (0: never split a "
         "column; default: KernelConfig's default); dense rows run once",
     )
+    parser.add_argument(
+        "--kernel-configs",
+        type=_kernel_configs,
+        default=[{}],
+        metavar="CONFIGS",
+        help="';'-separated launch configs of the MoBA kernels, each a ','-separated list of field=int of "
+        "flashmoba.ops.KernelConfig ('default': the defaults; bools 0 or 1), one MoBA row per config and "
+        "--rows-per-item value; dense rows run once",
+    )
     parser.add_argument("--batch", type=positive, default=1, help="documents (rows) per step")
     parser.add_argument("--steps", type=positive, default=10, help="measured steps (their median is timed)")
     parser.add_argument(
@@ -482,20 +492,22 @@ def _check_model_args(parser: argparse.ArgumentParser, args, stem: str = "model"
 
 def _model_jobs(args) -> list[dict]:
     """Keyword arguments of ``measure_model`` in run order: per sequence length, dense then each MoBA
-    (block size, topk) pair with each ``--rows-per-item`` value (None: KernelConfig's default)."""
+    (block size, topk) pair with each ``--rows-per-item`` value (None: KernelConfig's default) and each
+    ``--kernel-configs`` config."""
     rows_per_item_values = [None] if args.rows_per_item is None else args.rows_per_item
     jobs = []
     for seqlen in args.seqlens:
         for attention in args.attentions:
             if attention == "moba":
                 settings = [
-                    (block_size, topk, rows_per_item)
+                    (block_size, topk, rows_per_item, kernel_settings)
                     for block_size, topk in zip(args.block_sizes, args.topks)
                     for rows_per_item in rows_per_item_values
+                    for kernel_settings in args.kernel_configs
                 ]
-            else:  # a kernel setting of MoBA: dense runs once
-                settings = [(None, None, None)]
-            for block_size, topk, rows_per_item in settings:
+            else:  # kernel settings of MoBA: dense runs once
+                settings = [(None, None, None, None)]
+            for block_size, topk, rows_per_item, kernel_settings in settings:
                 jobs.append(
                     dict(
                         preset=args.preset,
@@ -504,6 +516,7 @@ def _model_jobs(args) -> list[dict]:
                         block_size=block_size,
                         topk=topk,
                         rows_per_item=rows_per_item,
+                        kernel_settings=kernel_settings,
                         batch=args.batch,
                         steps=args.steps,
                         warmup=args.warmup,
@@ -534,7 +547,15 @@ def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
             row.update(
                 {
                     key: job[key]
-                    for key in ("preset", "seqlen", "attention", "block_size", "topk", "rows_per_item")
+                    for key in (
+                        "preset",
+                        "seqlen",
+                        "attention",
+                        "block_size",
+                        "topk",
+                        "rows_per_item",
+                        "kernel_settings",
+                    )
                 }
             )
             row.update(
@@ -561,6 +582,8 @@ def _model_label(row: dict) -> str:
             label += " eager-head"
     if row.get("activation_checkpointing"):
         label += " recompute"
+    if row.get("kernel_settings"):
+        label += " " + ",".join(f"{name}={value}" for name, value in row["kernel_settings"].items())
     return label
 
 
@@ -710,15 +733,12 @@ def _head_configs(text: str) -> list[tuple[int, int, int]]:
     return configs
 
 
-def _decode_configs(text: str) -> list[dict]:
-    """An argparse ``type``: a ``;``-separated list of launch configs, each a ``,``-separated list of
-    ``field=int`` of ``flashmoba.ops.decode.DecodeConfig`` (``default`` or nothing: the default config;
-    a bool field such as ``fold_append`` takes 0 or 1), each config once; returns the configs' set
-    fields as dicts."""
-    from flashmoba.bench.decode import decode_config_fields
-    from flashmoba.ops.decode import BOOL_FIELDS, DecodeConfig
-
-    fields = decode_config_fields()
+def _launch_configs(text: str, config_class) -> list[dict]:
+    """A ``;``-separated list of launch configs, each a ``,``-separated list of ``field=int`` of the
+    dataclass ``config_class`` (``default`` or nothing: the default config; a bool field takes 0 or 1),
+    each config once; returns the configs' set fields as dicts (argparse errors name what is wrong)."""
+    kinds = {field.name: field.type for field in dataclasses.fields(config_class)}
+    class_name = config_class.__name__
     configs = []
     for item in (item.strip() for item in text.split(";")):
         config = {}
@@ -730,9 +750,9 @@ def _decode_configs(text: str) -> list[dict]:
                 raise argparse.ArgumentTypeError(
                     f"expected field=int pairs such as num_splits=2, got {part!r}"
                 )
-            if name not in fields:
+            if name not in kinds:
                 raise argparse.ArgumentTypeError(
-                    f"unknown DecodeConfig field {name!r}; fields: {', '.join(fields)}"
+                    f"unknown {class_name} field {name!r}; fields: {', '.join(kinds)}"
                 )
             if name in config:
                 raise argparse.ArgumentTypeError(f"field {name!r} set twice in {item!r}")
@@ -740,17 +760,35 @@ def _decode_configs(text: str) -> list[dict]:
                 config[name] = int(value)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
-            if name in BOOL_FIELDS:
+            if "bool" in str(kinds[name]):
                 if config[name] not in (0, 1):
                     raise argparse.ArgumentTypeError(f"{name} must be 0 or 1, got {value!r}")
                 config[name] = bool(config[name])
         try:
-            DecodeConfig(**config)
+            config_class(**config)
         except (TypeError, ValueError) as error:
             raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
         if config in configs:
             raise argparse.ArgumentTypeError(f"config {item!r} more than once, got {text!r}")
         configs.append(config)
+    return configs
+
+
+def _decode_configs(text: str) -> list[dict]:
+    """An argparse ``type``: ``_launch_configs`` of ``flashmoba.ops.decode.DecodeConfig``."""
+    from flashmoba.ops.decode import DecodeConfig
+
+    return _launch_configs(text, DecodeConfig)
+
+
+def _kernel_configs(text: str) -> list[dict]:
+    """An argparse ``type``: ``_launch_configs`` of ``flashmoba.ops.KernelConfig`` (the MoBA kernels'
+    launch settings); ``rows_per_item`` has its own flag."""
+    from flashmoba.ops import KernelConfig
+
+    configs = _launch_configs(text, KernelConfig)
+    if any("rows_per_item" in config for config in configs):
+        raise argparse.ArgumentTypeError("rows_per_item has its own flag, --rows-per-item")
     return configs
 
 

@@ -351,8 +351,11 @@ def forward_tiles(head_dim: int, block_size: int, config: KernelConfig = DEFAULT
         # loop instead (blocks wider than one tile, head_dim > 128) they would pipeline K/V tiles too,
         # near the shared-memory limit: one stage (see "Forward: tiles and stages" in benchmarks/NOTES.md).
         single_key_tile = block_size <= block_n and head_dim <= 128
+        # 128 gathered rows per tile at head_dim <= 64 and blocks of 128 (the paper's model): in the 340m
+        # model's training step at 32K the partial kernel took 10.8 instead of 14.2 ms (12 layers, B128/k8,
+        # H200; "Forward: tiles and stages" in benchmarks/NOTES.md). Elsewhere 64, as measured before.
         tiles = dict(
-            BLOCK_M=64,
+            BLOCK_M=128 if head_dim <= 64 and block_n >= 128 and single_key_tile else 64,
             BLOCK_N=block_n,
             num_warps=8 if head_dim > 128 else 4,
             num_stages=3 if single_key_tile else 1,
