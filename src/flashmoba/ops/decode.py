@@ -34,8 +34,9 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    causal rule ``key <= row position`` masks the own block; slots holding -1 mask everything. It stores a
    partial output normalised by its own sum and its log2-sum-exp (-inf where it saw no key). The NaN
    rule of ``flashmoba.reference``: a visible logit that is not finite, or a visible value vector with
-   a NaN or an inf, makes the split's partial output and lse NaN (values * 0 summed per key, an FMA per
-   logit); masked keys are never loaded (zeros), so NaN or inf there changes nothing. The key tiles of a
+   a NaN or an inf, makes the split's partial output and lse NaN (an FMA per logit; for values, the
+   accumulator they leave non-finite, checked once after the loop); masked keys are never loaded
+   (zeros), so NaN or inf there changes nothing. The key tiles of a
    split are one flat loop whose K and V loads Triton software-pipelines (``tl.range(num_stages=...)``:
    the next tile is in flight while the current one is reduced; without it nothing is prefetched, since
    the launch option pipelines only loads that feed a ``tl.dot``). With one split (large batches) the
@@ -47,8 +48,8 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    whatever blocks the members' selections have in common). Scores and probability-weighted values are
    tensor-core dots of the group's rows (padded to 16) against a key tile; the probabilities enter the
    second dot as a 16-bit high part plus the rest, which keeps them as exact as float32 products. The
-   NaN rule holds per member: a non-finite value vector poisons the rows of the members that see it and
-   enters the dot as zeros for the others.
+   NaN rule holds per member: a non-finite value vector poisons the accumulators of the members that
+   see it; the others keep theirs as they were (their probability 0 times inf would be NaN).
 4. ``_decode_merge_kernel``, program (query row and head): combines the splits' partials by their
    log-sum-exp into o (q's dtype) and the float32 natural-log lse; a row that saw no key (an empty
    sequence) gets zeros and -inf, a row with a NaN partial lse gets NaN in o and lse. Not launched with
@@ -842,13 +843,16 @@ def _decode_attn_partial_kernel(
         rescale = tl.exp2(row_max - safe_max)
         v_rows = pages.to(tl.int64) * stride_v_page + slots.to(tl.int64) * stride_v_slot
         values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
-        # A visible value vector with a NaN or an inf poisons the row the same way: the sum of its
-        # values * 0 is NaN there and 0 for a finite vector (the probability is then bitwise unchanged).
-        probs += tl.sum(values * 0.0, axis=1).to(tl.float32)
+        # A visible value vector with a NaN or an inf leaves an inf or a NaN in acc (its probability times
+        # it: masked keys are zeros, never loaded), which poisons the row after the loop.
         acc = acc * rescale + tl.sum(probs[:, None] * values.to(tl.float32), axis=0)
         row_sum = row_sum * rescale + tl.sum(probs, axis=0)
         row_max = new_max
 
+    # The NaN rule for values, once per split rather than per key: a finite acc has finite columns
+    # (x * 0 is NaN for inf and NaN only). An accumulator that overflows float32 from finite values (a
+    # sum of values near float32's largest) reads as poisoned too: o is NaN there instead of inf.
+    row_sum = tl.where(tl.sum((acc * 0.0 != 0.0).to(tl.int32), axis=0) > 0, float("nan"), row_sum)
     # row_sum is 0 where the split saw no key (lse -inf), NaN where it is poisoned (lse NaN: the merge
     # must see it), positive otherwise.
     seen = row_sum != 0.0
@@ -1012,12 +1016,6 @@ def _decode_attn_group_kernel(
         rescale = tl.exp2(row_max - safe_max)
         v_rows = pages.to(tl.int64) * stride_v_page + key_slots.to(tl.int64) * stride_v_slot
         values = tl.load(v_base + v_rows[:, None] + dims[None, :] * stride_v_dim, mask=mask, other=0.0)
-        # A visible value vector with a NaN or an inf poisons the rows of its readers (NaN added to their
-        # probabilities), and only theirs: it enters the dot as zeros, since a member that did not select
-        # the block has probability 0 there and 0 * inf would make its row NaN.
-        value_poison = tl.sum(values.to(tl.float32) * 0.0, axis=1)  # 0, or NaN for a non-finite vector
-        probs += tl.where(seen, value_poison[None, :], 0.0)
-        values = tl.where(value_poison[:, None] == 0.0, values, 0.0)
         if SPLIT_PROBS:
             # A 16-bit tile of probabilities would round each to 8 (bfloat16) or 11 bits; the high part
             # and the rest keep ~16, as the float32 products of _decode_attn_partial_kernel do.
@@ -1027,10 +1025,15 @@ def _decode_attn_group_kernel(
             weighted += tile_dot(probs_low, values, DOT_PRECISION, DOT_IN_FLOAT32)
         else:
             weighted = tile_dot(probs, values, DOT_PRECISION, DOT_IN_FLOAT32)
-        acc = acc * rescale[:, None] + weighted
+        # A visible value vector with a NaN or an inf leaves an inf or a NaN in its readers' acc rows,
+        # which poisons them after the loop; the other members have probability 0 at every key of the
+        # tile, where 0 * inf is NaN: their rows keep acc as it was (rescale is 1 or acc 0 for them).
+        acc = tl.where(readers[:, None], acc * rescale[:, None] + weighted, acc)
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
         row_max = new_max
 
+    # The NaN rule for values, once per split (as in _decode_attn_partial_kernel).
+    row_sum = tl.where(tl.sum((acc * 0.0 != 0.0).to(tl.int32), axis=1) > 0, float("nan"), row_sum)
     # Per member as in _decode_attn_partial_kernel: row_sum 0 where it saw no key, NaN where poisoned.
     seen_any = row_sum != 0.0
     out = acc / tl.where(seen_any, row_sum, 1.0)[:, None]
