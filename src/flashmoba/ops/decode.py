@@ -105,8 +105,8 @@ BOOL_FIELDS = ("fold_append", "attn_by_group")  # DecodeConfig's bool fields (th
 # as fast or faster than by query head at every GQA shape (4-7% at batch 32 and 64).
 DEFAULT_FOLD_APPEND = True
 DEFAULT_ATTN_BY_GROUP = True  # where a kv head has several query heads (group > 1); by query head else
-# Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take 4x
-# this in shared memory (128 KB of the H100's and H200's 227 KB).
+# Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take at
+# most 4x this in shared memory (128 KB of the H100's and H200's 227 KB; 78 KB compiled at head_dim 128).
 GROUP_TILE_BYTES = 32768
 
 
@@ -1197,7 +1197,8 @@ def decode_tiles(
         attn_by_group = bool(config.attn_by_group)
     if attn_by_group:
         # Tiles of up to 128 keys (a B=128 block per tile) within GROUP_TILE_BYTES: at head_dim 128 in bf16
-        # 128 beat 64 and 32 at every measured shape, one program per SM (128 KB of shared memory) and all.
+        # 128 beat 64 and 32 at every measured shape (benchmarks/NOTES.md, "Decode attention by kv head
+        # group").
         widest = GROUP_TILE_BYTES // (head_dim_pad * element_size)
         attn_block_n = config.attn_block_n or max(16, min(next_power_of_2(block_size), widest, 128))
     else:
@@ -1208,8 +1209,8 @@ def decode_tiles(
         raise ValueError(f"attn_block_n must be >= 16 with attn_by_group (a tl.dot tile), got {attn_block_n}")
     if attn_by_group:
         # Programs per (sequence, row, kv head); a split takes a share of the group's entries (query head,
-        # slot). Towards about four programs per SM: each streams its blocks' keys and values through
-        # shared memory (2 stages of a K and a V tile), so a few programs per SM keep the copy engine busy.
+        # slot). Towards about four programs per SM (two resident at a time at head_dim 128: 208 registers,
+        # 78 KB of shared memory), measured against 4 and 16 splits (NOTES, as above).
         entries = group * used_slots
         programs = rows // group
         num_splits = config.num_splits or max(1, min(entries, -(-4 * sm_count // max(programs, 1))))
