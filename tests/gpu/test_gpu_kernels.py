@@ -97,6 +97,19 @@ def _assert_within_budget(name, kernel, low_precision, exact):
 CASES = [
     # id, dtype, lengths_q, lengths_k, heads_q, heads_kv, head_dim, block_size, topk, causal
     ("bf16_16k_gqa4_d128_b128_k8", torch.bfloat16, [16384], [16384], 8, 2, 128, 128, 8, True),
+    # The 340m model's MoBA layer (16 heads, d 64, B128/k8): the forward's 128-row tiles.
+    (
+        "bf16_32k_varlen_d64_b128_k8",
+        torch.bfloat16,
+        [3000, 13384, 16384],
+        [3000, 13384, 16384],
+        16,
+        16,
+        64,
+        128,
+        8,
+        True,
+    ),
     (
         "fp16_32k_varlen_mqa_d64_b64_k16",
         torch.float16,
