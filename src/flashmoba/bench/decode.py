@@ -29,9 +29,13 @@ Bytes floor: the bytes a step must move, divided by the card's copy rate (``copy
 per second of a large device-to-device copy measured in the same run). MoBA reads the centroids of the
 candidate blocks (float32), the distinct blocks of K and V its query heads select per kv head (counted
 from the step's own routing, recomputed in PyTorch outside the timing), q, and writes o and the new key and
-value; dense reads the whole K and V. ``floor_ratio`` = ``step_ms / floor_ms`` (1: at the floor). The
-kernels read K and V per query head and rely on the L2 cache for blocks that several heads of a group
-select, so MoBA's ratio also measures that reuse.
+value; dense reads the whole K and V. ``floor_ratio`` = ``step_ms / floor_ms`` (1: at the floor);
+``device_floor_ratio`` (with ``profile`` on CUDA, else None): the profiled kernels' device time per step
+over ``floor_ms``, which leaves out what a replay adds between kernels (the replayed ``step_ms`` scatters
+by ~10% between rows of one call, the device time by ~1%). With GQA the attention loads each distinct
+block once per kv head (``DecodeConfig.attn_by_group``); by query head (MHA, or ``attn_by_group=0``) it
+reads K and V per query head and relies on the L2 cache for blocks that several heads of a group select,
+so MoBA's ratio also measures that reuse.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ ROW_FIELDS = (
     "bytes_read",
     "floor_ms",
     "floor_ratio",
+    "device_floor_ratio",
     "copy_gbps",
     "note",
     "error",
@@ -488,6 +493,10 @@ def _measure_one(
     if impl == "flex" and graphs and device.type == "cuda":
         timed["note"] = "compiled, not captured in a CUDA graph"
     floor_ms = bytes_read / (copy_gbps * 1e9) * 1e3
+    profiled = timed.get("profile")
+    device_floor_ratio = None
+    if profiled is not None and profiled["activity"] == "cuda_kernels":
+        device_floor_ratio = profiled["device_us_per_step"] / 1e3 / floor_ms
     return _row(
         shape,
         impl,
@@ -497,5 +506,6 @@ def _measure_one(
         bytes_read=bytes_read,
         floor_ms=floor_ms,
         floor_ratio=timed["step_ms"] / floor_ms,
+        device_floor_ratio=device_floor_ratio,
         **timed,
     )

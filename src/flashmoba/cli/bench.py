@@ -932,6 +932,7 @@ DECODE_TABLE_COLUMNS = (
     ("eager ms", "eager_ms", ".4f"),
     ("floor ms", "floor_ms", ".4f"),
     ("x floor", "floor_ratio", ".1f"),
+    ("x floor, device time", "device_floor_ratio", ".1f"),
     ("MB read", "megabytes", ".4g"),
 )
 
