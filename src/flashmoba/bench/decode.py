@@ -40,7 +40,6 @@ so MoBA's ratio also measures that reuse.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import statistics
@@ -211,13 +210,6 @@ def make_inputs(shape: dict, device: torch.device, seed: int = 0) -> dict:
         block_sums=block_sums,
         cache_seqlens=torch.full((batch,), cached, dtype=torch.int32, device=device),
     )
-
-
-def decode_config_fields() -> tuple[str, ...]:
-    """The fields of ``flashmoba.ops.decode.DecodeConfig`` (the launch settings a row may set)."""
-    from flashmoba.ops.decode import DecodeConfig
-
-    return tuple(field.name for field in dataclasses.fields(DecodeConfig))
 
 
 def moba_step(inputs: dict, block_size: int, topk: int, backend: str, decode_config: dict | None = None):

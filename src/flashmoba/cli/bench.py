@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -737,7 +738,8 @@ def _launch_configs(text: str, config_class) -> list[dict]:
     """A ``;``-separated list of launch configs, each a ``,``-separated list of ``field=int`` of the
     dataclass ``config_class`` (``default`` or nothing: the default config; a bool field takes 0 or 1),
     each config once; returns the configs' set fields as dicts (argparse errors name what is wrong)."""
-    kinds = {field.name: field.type for field in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
+    kinds = {field.name: hints[field.name] for field in dataclasses.fields(config_class)}
     class_name = config_class.__name__
     configs = []
     for item in (item.strip() for item in text.split(";")):
@@ -760,7 +762,7 @@ def _launch_configs(text: str, config_class) -> list[dict]:
                 config[name] = int(value)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
-            if "bool" in str(kinds[name]):
+            if kinds[name] is bool or bool in typing.get_args(kinds[name]):  # bool or bool | None
                 if config[name] not in (0, 1):
                     raise argparse.ArgumentTypeError(f"{name} must be 0 or 1, got {value!r}")
                 config[name] = bool(config[name])

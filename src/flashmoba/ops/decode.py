@@ -1497,7 +1497,7 @@ def decode_attend(
             DOT_IN_FLOAT32=dot_in_float32(q.dtype),
             SPLIT_PROBS=q.dtype != torch.float32,
         )
-        attention_dim_pad = head_dim_tile(head_dim)  # a tl.dot operand: 16 columns at least
+        attention_dim_pad = tiles["head_dim_pad"]  # head_dim_tile: a tl.dot operand, 16 columns at least
     else:
         kernel, programs = _decode_attn_partial_kernel, pairs
         attention_dim_pad = head_dim_pad
