@@ -35,7 +35,7 @@ class DecodeState:
     """Caches of a batch on the GPU: the first ``lengths[b]`` positions of sequence b hold keys, NaN the
     rest; paged with shuffled pages of one block each when ``paged``."""
 
-    def __init__(self, lengths, paged, dtype=torch.bfloat16, seed=0):
+    def __init__(self, lengths, paged, dtype=torch.bfloat16, seed=0, heads_kv=HEADS_KV, head_dim=HEAD_DIM):
         generator = torch.Generator(device=DEVICE).manual_seed(seed)
         self.generator, self.dtype = generator, dtype
         self.batch = len(lengths)
@@ -44,17 +44,17 @@ class DecodeState:
             num_pages = self.batch * max_pages + 5
             order = torch.randperm(num_pages, generator=generator, device=DEVICE)[: self.batch * max_pages]
             self.block_table = order.view(self.batch, max_pages).to(torch.int32)
-            shape = (num_pages, BLOCK, HEADS_KV, HEAD_DIM)
+            shape = (num_pages, BLOCK, heads_kv, head_dim)
         else:
             self.block_table = None
-            shape = (self.batch, CAPACITY, HEADS_KV, HEAD_DIM)
+            shape = (self.batch, CAPACITY, heads_kv, head_dim)
         self.k_cache = torch.full(shape, math.nan, dtype=dtype, device=DEVICE)
         self.v_cache = torch.full(shape, math.nan, dtype=dtype, device=DEVICE)
         for b, length in enumerate(lengths):
             positions = torch.arange(length, device=DEVICE)
             index = self.index(b, positions)
-            self.k_cache[index] = self.randn(length, HEADS_KV, HEAD_DIM)
-            self.v_cache[index] = self.randn(length, HEADS_KV, HEAD_DIM)
+            self.k_cache[index] = self.randn(length, heads_kv, head_dim)
+            self.v_cache[index] = self.randn(length, heads_kv, head_dim)
         if paged:  # entries past the pages a sequence will use (after one chunk of 512) are never read
             for b, length in enumerate(lengths):
                 self.block_table[b, -(-(length + 512) // BLOCK) :] = -1
@@ -203,6 +203,29 @@ def test_decode_step_at_32k_against_the_reference(paged):
 def test_chunked_prefill_of_four_blocks_against_the_reference():
     state = DecodeState([10000, 0, 300, 4096], paged=True, seed=1)
     check_against_reference(state, seqlen_q=4 * BLOCK, new_kv=True)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_mha_decode_steps_at_head_dim_64_against_the_reference(splits):
+    # The 340m preset's MoBA layers (16 / 16 heads, d 64): a one-token step routes one (row, head) pair
+    # per kv head, the first row of the router's 16-row dot (decode_tiles' ROWS 1), with and without the
+    # router's block splits.
+    heads, head_dim = 16, 64
+    state = DecodeState(
+        [CAPACITY - 1 - 512, 20000, 8191, 1, 0, 4095], False, seed=7, heads_kv=heads, head_dim=head_dim
+    )
+    twin = state.clone()
+    config = decode.DecodeConfig(route_block_splits=splits)
+    for _ in range(3):
+        q, k, v = (state.randn(state.batch, 1, heads, head_dim) for _ in range(3))
+        with torch.no_grad():
+            arguments = (state.k_cache, state.v_cache, state.block_sums, state.cache_seqlens, BLOCK, TOPK)
+            out, _ = decode.moba_decode_triton(q, *arguments, k, v, None, head_dim**-0.5, config)
+            expected, _ = twin.step(q, k, v, "reference")
+        assert_mostly_close(out, expected)
+        state.cache_seqlens += 1
+        twin.cache_seqlens += 1
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -16,7 +16,9 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    end before the own block, so its count is B) and keeps each row's running top-k on chip with the
    router's packed (score, block id) keys (``flashmoba.ops.router``: ties go to the later block). float32
    scores are ``q . sum / B`` and 16-bit ones ``q . (sum / B rounded to q's dtype)``, the reference's two
-   rules. Output: int32 ``[batch, seqlen_q, heads_q, topk]``, the candidates ascending, then the own
+   rules. A tile's dot has 16 rows at least; where the group's pairs are fewer (a one-token step: one
+   pair per query head of the group), the top-k work runs on those rows only (``ROWS``), not on the
+   padding. Output: int32 ``[batch, seqlen_q, heads_q, topk]``, the candidates ascending, then the own
    block, then -1. Where that grid is small against the device (a few long sequences), the centroid tiles
    of each (row tile, sequence, kv head) are split over ``block_splits`` programs, each storing its
    running lists, and ``_decode_route_merge_kernel`` merges them (the keys order globally).
@@ -372,12 +374,21 @@ def _decode_append_kernel(
 
 @triton.jit
 def _route_pairs(
-    CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M: tl.constexpr
+    CacheSeqlens,
+    tile,
+    seq,
+    kv_head,
+    appended,
+    seqlen_q,
+    group,
+    block_size,
+    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """The (query row, query head) pairs of a router row tile: in range, row, query head, own block (-1
-    for a row before the sequence start)."""
+    """The first ROWS (query row, query head) pairs of a router row tile of BLOCK_M: in range, row, query
+    head, own block (-1 for a row before the sequence start)."""
     length = tl.load(CacheSeqlens + seq) + appended
-    pairs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tile * BLOCK_M + tl.arange(0, ROWS)
     pair_ok = pairs < seqlen_q * group
     rows = pairs // group
     heads = kv_head * group + pairs % group
@@ -395,16 +406,16 @@ def _split_list_ptrs(
     split,
     heads_kv,
     block_splits,
-    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
     RUNNING_TOPK: tl.constexpr,
 ):
-    """Pointers to one split's running lists ``[BLOCK_M, RUNNING_TOPK]`` in the scratch
-    ``[row tiles, batch, heads_kv, block_splits, BLOCK_M, RUNNING_TOPK]`` (the batch from the grid's
+    """Pointers to one split's running lists ``[ROWS, RUNNING_TOPK]`` in the scratch
+    ``[row tiles, batch, heads_kv, block_splits, ROWS, RUNNING_TOPK]`` (the batch from the grid's
     dimension 1, which both router kernels share)."""
     batch = tl.num_programs(1)
     index = ((tile.to(tl.int64) * batch + seq) * heads_kv + kv_head) * block_splits + split
-    offsets = tl.arange(0, BLOCK_M)[:, None] * RUNNING_TOPK + tl.arange(0, RUNNING_TOPK)[None, :]
-    return SplitKeys + index * (BLOCK_M * RUNNING_TOPK) + offsets
+    offsets = tl.arange(0, ROWS)[:, None] * RUNNING_TOPK + tl.arange(0, RUNNING_TOPK)[None, :]
+    return SplitKeys + index * (ROWS * RUNNING_TOPK) + offsets
 
 
 @triton.jit
@@ -511,6 +522,7 @@ def _decode_route_kernel(
     SPLIT_BLOCKS: tl.constexpr,  # block_splits > 1: store the running lists for the merge kernel
     RUNNING_TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,  # pairs a tile routes: BLOCK_M, or fewer where the group's pairs are fewer
     BLOCK_N: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     TAIL_TILE: tl.constexpr,
@@ -530,27 +542,35 @@ def _decode_route_kernel(
     sequence) the program of row tile 0 and split 0 also writes the token's key and value of kv head h
     into the caches and adds the key to its block's block_sums row, as ``_decode_append_kernel`` would:
     no program reads that row (candidates end before the own block, the token's), and one program owns
-    it."""
+    it.
+
+    The scores are a tensor-core dot of BLOCK_M (at least 16) query rows. Where the tile has fewer
+    pairs (ROWS < BLOCK_M: a one-token step has one pair per query head of the group), only the first
+    ROWS rows of the scores are kept, and the top-k work on every tile (threshold, filter, insertions,
+    merges) runs on [ROWS, BLOCK_N] instead of [BLOCK_M, BLOCK_N]."""
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2) // block_splits
     split = tl.program_id(2) % block_splits
     pair_ok, rows, heads, own_block = _route_pairs(
-        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M
+        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M, ROWS
     )
     candidate_limit = tl.where(pair_ok, own_block, 0)  # candidates: blocks j < own block, all complete
     blocks_to_visit = tl.max(candidate_limit, axis=0)
 
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < head_dim
+    dot_pair_ok, dot_rows, dot_heads, _ = _route_pairs(
+        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M, BLOCK_M
+    )
     q_ptrs = (
         Q
         + seq.to(tl.int64) * stride_q_batch
-        + rows.to(tl.int64)[:, None] * stride_q_token
-        + heads.to(tl.int64)[:, None] * stride_q_head
+        + dot_rows.to(tl.int64)[:, None] * stride_q_token
+        + dot_heads.to(tl.int64)[:, None] * stride_q_head
         + dims[None, :] * stride_q_dim
     )
-    queries = tl.load(q_ptrs, mask=pair_ok[:, None] & dim_ok[None, :], other=0.0)
+    queries = tl.load(q_ptrs, mask=dot_pair_ok[:, None] & dim_ok[None, :], other=0.0)
     sums_base = BlockSums + seq.to(tl.int64) * stride_sums_batch + kv_head.to(tl.int64) * stride_sums_head
 
     columns = tl.arange(0, RUNNING_TOPK)
@@ -559,7 +579,7 @@ def _decode_route_kernel(
     num_tiles = tl.where(picks > 0, tl.cdiv(blocks_to_visit, BLOCK_N), 0)
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)  # <= first_tile: nothing to score
-    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)  # ascending
+    running_topk = tl.full([ROWS, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)  # ascending
     for tile_index in range(first_tile, last_tile):
         # Latest tiles first: with attention's locality they raise the thresholds early.
         block_ids = (first_tile + last_tile - 1 - tile_index) * BLOCK_N + block_offsets
@@ -576,6 +596,13 @@ def _decode_route_kernel(
                 centroids = _bfloat16_nearest(centroids)
             centroids = centroids.to(Q.dtype.element_ty)
             block_scores = tile_dot(queries, centroids, DOT_PRECISION, DOT_IN_FLOAT32)
+        if ROWS < BLOCK_M:
+            # Rows ROWS.. are padding (zero queries): zeroed, the [BLOCK_M // ROWS, ROWS, BLOCK_N] view
+            # sums to the first ROWS rows, exactly (x + 0.0 is x; -0.0 becomes +0.0, which the key
+            # order does not tell apart).
+            padding = (tl.arange(0, BLOCK_M) >= ROWS)[:, None]
+            block_scores = tl.where(padding, 0.0, block_scores)
+            block_scores = tl.sum(tl.reshape(block_scores, [BLOCK_M // ROWS, ROWS, BLOCK_N]), axis=0)
         # A NaN or inf key makes its block's centroid NaN or inf, and so may a NaN or inf in q: NaN scores
         # rank first (one NaN, see router._ordered_scores), +-inf by value; a candidate scored -inf still
         # fills an empty slot before any non-candidate (may_enter masks those), as in the reference.
@@ -599,7 +626,7 @@ def _decode_route_kernel(
     if SPLIT_BLOCKS:
         # A split's best `picks` are a superset of its share of the overall best: store the whole list.
         list_ptrs = _split_list_ptrs(
-            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, BLOCK_M, RUNNING_TOPK
+            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, ROWS, RUNNING_TOPK
         )
         tl.store(list_ptrs, running_topk)
     else:
@@ -684,6 +711,7 @@ def _decode_route_merge_kernel(
     block_splits,
     RUNNING_TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
     TAIL_TILE: tl.constexpr,
 ):
     """Program (row tile, sequence b, kv head h): merge the block splits' running lists into the
@@ -692,12 +720,12 @@ def _decode_route_merge_kernel(
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     pair_ok, rows, heads, own_block = _route_pairs(
-        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M
+        CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M, ROWS
     )
-    running_topk = tl.full([BLOCK_M, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    running_topk = tl.full([ROWS, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
     for split in range(0, block_splits):
         list_ptrs = _split_list_ptrs(
-            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, BLOCK_M, RUNNING_TOPK
+            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, ROWS, RUNNING_TOPK
         )
         running_topk = _merge_tile(running_topk, tl.load(list_ptrs), RUNNING_TOPK)
     _store_selection(
@@ -1162,13 +1190,19 @@ def decode_tiles(
     route_block_n = 64 if head_dim_pad <= 128 else 32
     route_block_n = max(16, min(route_block_n, next_power_of_2(max_blocks)), running_topk)
     # Pairs per router program: the group's heads of a few rows (tl.dot needs 16 rows at least).
-    route_block_m = max(16, min(64, next_power_of_2(seqlen_q * group)))
+    route_block_m = config.route_block_m or max(16, min(64, next_power_of_2(seqlen_q * group)))
+    # Pairs each program routes (the dot's rows past them are padding): fewer than BLOCK_M only where the
+    # group's pairs are fewer (one-token steps of group < 16).
+    route_rows = min(route_block_m, next_power_of_2(seqlen_q * group))
     route = dict(
-        BLOCK_M=config.route_block_m or route_block_m,
+        BLOCK_M=route_block_m,
+        ROWS=route_rows,
         BLOCK_N=config.route_block_n or route_block_n,
-        # 8 warps, 2 stages: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on sm_90, and so
-        # do 3 stages of float32 sums tiles (tools/compile_hopper.py).
-        num_warps=config.route_num_warps or 8,
+        # 8 warps, 2 stages for full tiles: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on
+        # sm_90, and so do 3 stages of float32 sums tiles (tools/compile_hopper.py). Tiles of fewer rows
+        # take 4 warps (no spills at head_dim 128; measured in benchmarks/NOTES.md, "The decode router
+        # on the group's rows only").
+        num_warps=config.route_num_warps or (4 if route_rows < route_block_m else 8),
         num_stages=config.route_num_stages or 2,
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
@@ -1364,7 +1398,7 @@ def decode_route(
             batch,
             heads_kv,
             block_splits,
-            route["BLOCK_M"],
+            route["ROWS"],
             running_topk,
             dtype=torch.int64,
             device=q.device,
@@ -1461,6 +1495,7 @@ def decode_route(
             block_splits=block_splits,
             RUNNING_TOPK=running_topk,
             BLOCK_M=route["BLOCK_M"],
+            ROWS=route["ROWS"],
             TAIL_TILE=tail_tile,
             num_warps=4,
         )
