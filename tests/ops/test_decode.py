@@ -435,7 +435,10 @@ def test_attention_kernel_and_key_tiles_by_shape():
     assert tiles(128, 4, element_size=4)["attention"]["BLOCK_N"] == 64  # float32
     assert tiles(256, 4)["attention"]["BLOCK_N"] == 64
     assert tiles(128, 4, block_size=32)["attention"]["BLOCK_N"] == 32
-    assert not tiles(64, 1)["attn_by_group"] and tiles(64, 1)["attention"]["BLOCK_N"] == 64
+    # By query head: tiles of 8192 elements, at most 128 keys (a whole B=128 block at head_dim 64).
+    assert not tiles(64, 1)["attn_by_group"] and tiles(64, 1)["attention"]["BLOCK_N"] == 128
+    assert tiles(64, 1, block_size=64)["attention"]["BLOCK_N"] == 64
+    assert tiles(32, 1)["attention"]["BLOCK_N"] == 128
     assert tiles(64, 1, decode.DecodeConfig(attn_by_group=True))["attn_by_group"]
     assert (
         not tiles(128, 4, BY_HEAD)["attn_by_group"] and tiles(128, 4, BY_HEAD)["attention"]["BLOCK_N"] == 64

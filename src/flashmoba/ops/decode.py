@@ -1236,8 +1236,11 @@ def decode_tiles(
         widest = GROUP_TILE_BYTES // (head_dim_pad * element_size)
         attn_block_n = config.attn_block_n or max(16, min(next_power_of_2(block_size), widest, 128))
     else:
+        # Tiles of 8192 elements, at most 128 keys: 64 keys at head_dim 128; 128 at head_dim 64, which took
+        # the 16/16-head d 64 attention from 16.3-18.6 to 12.0-14.6 us at batch 8 (benchmarks/NOTES.md,
+        # "The decode router on the group's rows only").
         attn_block_n = config.attn_block_n or max(
-            16, min(next_power_of_2(block_size), 8192 // head_dim_pad, 64)
+            16, min(next_power_of_2(block_size), 8192 // head_dim_pad, 128)
         )
     if attn_by_group and attn_block_n < 16 and not interpreting():
         raise ValueError(f"attn_block_n must be >= 16 with attn_by_group (a tl.dot tile), got {attn_block_n}")
