@@ -1237,8 +1237,8 @@ def decode_tiles(
         attn_block_n = config.attn_block_n or max(16, min(next_power_of_2(block_size), widest, 128))
     else:
         # Tiles of 8192 elements, at most 128 keys: 64 keys at head_dim 128; 128 at head_dim 64, which took
-        # the 16/16-head d 64 attention from 16.3-18.6 to 12.0-14.6 us at batch 8 (benchmarks/NOTES.md,
-        # "The decode router on the group's rows only").
+        # the 16/16-head d 64 attention 20-25% faster at batch 8-64 (benchmarks/NOTES.md, "The by-head
+        # attention's key tiles at head_dim 64").
         attn_block_n = config.attn_block_n or max(
             16, min(next_power_of_2(block_size), 8192 // head_dim_pad, 128)
         )
