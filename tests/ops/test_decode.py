@@ -317,15 +317,16 @@ def test_router_selection_equals_moba_select_on_whole_sequences(dtype):
         assert torch.equal(selected[b], expected[0]), f"sequence {b}"
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize(
     ("heads", "seqlen_q", "rows"),
-    [((2, 2), 1, 1), ((4, 2), 1, 2), ((3, 1), 1, 4), ((4, 1), 2, 8), ((8, 1), 2, 16)],
-    ids=["mha-step", "gqa-step", "mqa-step", "mqa-2-rows", "16-pairs"],
+    [((2, 2), 1, 1), ((4, 2), 1, 2), ((3, 1), 1, 4), ((4, 2), 3, 8), ((4, 1), 2, 8), ((8, 1), 2, 16)],
+    ids=["mha-step", "gqa-step", "mqa-step", "gqa-3-rows", "mqa-2-rows", "16-pairs"],
 )
-def test_router_tiles_of_few_pairs_equal_moba_select(heads, seqlen_q, rows, splits, poison_empty):
-    # A tile of fewer (row, head) pairs than the dot's 16 rows routes only its first `rows` rows: one
-    # pair (MHA, one token), up to the full 16; with one split and with 3 splits merged.
+def test_router_tiles_and_block_splits_equal_moba_select(heads, seqlen_q, rows, splits, poison_empty):
+    # Blocks of one key: 48 blocks are 3 centroid tiles of 16, scored by one program or shared by 2 or 3
+    # and merged. A tile of fewer (row, head) pairs than the dot's 16 rows routes only its first `rows`
+    # rows: one pair (MHA, one token) up to the full 16.
     case = Case((0, 1, 2, 17, 40), seqlen_q, heads, True, None, block_size=1, topk=5, capacity=48, seed=13)
     decode.decode_append(
         case.k, case.v, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, None, 1, 48
@@ -337,22 +338,6 @@ def test_router_tiles_of_few_pairs_equal_moba_select(heads, seqlen_q, rows, spli
     )
     assert (tiles["route"]["BLOCK_M"], tiles["route"]["ROWS"], tiles["block_splits"]) == (16, rows, splits)
     selected = decode.decode_route(case.q.float(), case.block_sums, case.cache_seqlens, 1, 5, seqlen_q, tiles)
-    for b in range(case.batch):
-        expected = flashmoba.moba_select(case.q[b : b + 1], case.keys[b][None], 1, 5, backend="reference")
-        assert torch.equal(selected[b], expected[0]), f"sequence {b}"
-
-
-@pytest.mark.parametrize("splits", [2, 3])
-def test_router_block_splits_equal_moba_select(splits, poison_empty):
-    # Blocks of one key: 48 blocks are 3 centroid tiles of 16, shared by up to 3 programs and merged.
-    case = Case((0, 1, 2, 17, 40), 3, HEADS["gqa"], True, None, block_size=1, topk=5, capacity=48, seed=12)
-    decode.decode_append(
-        case.k, case.v, case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, None, 1, 48
-    )
-    config = decode.DecodeConfig(route_block_n=16, route_block_splits=splits)
-    tiles = decode.decode_tiles(HEAD_DIM, 1, 5, 48, 5 * 3 * 4, 2, 3, decode.DEFAULT_SM_COUNT, config)
-    assert tiles["block_splits"] == splits
-    selected = decode.decode_route(case.q.float(), case.block_sums, case.cache_seqlens, 1, 5, 3, tiles)
     for b in range(case.batch):
         expected = flashmoba.moba_select(case.q[b : b + 1], case.keys[b][None], 1, 5, backend="reference")
         assert torch.equal(selected[b], expected[0]), f"sequence {b}"
