@@ -124,6 +124,9 @@ DECODE_CASES = {
     "decode float32 d128 by group": dict(
         batch=2, capacity=4096, heads_q=8, heads_kv=2, head_dim=128, dtype=torch.float32
     ),
+    "decode 16/16 d64 B128 k8 without PDL": dict(
+        batch=4, capacity=32768, heads_q=16, heads_kv=16, head_dim=64, config=decode.DecodeConfig(pdl=False)
+    ),
 }
 
 
@@ -247,6 +250,9 @@ def main() -> int:
     for case, arguments in CASES.items():
         recording.case = case
         run_case(**arguments)
+    # The target is sm_90, which takes programmatic dependent launches: the decode launchers choose them
+    # as they would on an H100 or H200 (their CPU tensors alone would say no).
+    decode.supports_pdl = lambda device: True
     for case, arguments in DECODE_CASES.items():
         recording.case = case
         run_decode_case(**arguments)

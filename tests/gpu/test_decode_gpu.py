@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 import flashmoba  # noqa: E402
 from flashmoba import kvcache, reference  # noqa: E402
 from flashmoba.ops import decode  # noqa: E402
+from flashmoba.ops.utils import supports_pdl  # noqa: E402
 
 DEVICE = "cuda"
 BLOCK, TOPK, HEADS_Q, HEADS_KV, HEAD_DIM = 128, 8, 32, 8, 128
@@ -281,6 +282,65 @@ def test_folded_append_equals_the_append_kernel_bitwise(paged):
             assert torch.equal(folded.isnan(), unfolded.isnan()) and torch.equal(
                 folded.nan_to_num(), unfolded.nan_to_num()
             ), name
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize(
+    "heads", [(HEADS_Q, HEADS_KV, HEAD_DIM), (16, 16, 64)], ids=["32/8 d128 by group", "16/16 d64 by head"]
+)
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graph"])
+def test_programmatic_dependent_launches_equal_stream_ordered_ones_bitwise(heads, graphed):
+    # Under PDL (the default on sm_90) each decode kernel may start while the one before it still runs,
+    # and waits for it before touching memory. A read that raced the kernel before (the router's split
+    # lists and selections, the attention's partials, the token the router appends) would differ here
+    # from stream-ordered launches, on the same inputs, bit for bit; splits force every kernel to run.
+    if not supports_pdl(torch.device(DEVICE)):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+    heads_q, heads_kv, head_dim = heads
+    lengths = [CAPACITY - 1 - 512, 20000, 8191, 1, 0, 128, 4095, 300]
+    state = DecodeState(lengths, paged=False, seed=7, heads_kv=heads_kv, head_dim=head_dim)
+    twin = state.clone()
+    splits = dict(route_block_splits=4, num_splits=3, route_block_n=16)
+    static = [state.randn(state.batch, 1, count, head_dim) for count in (heads_q, heads_kv, heads_kv)]
+
+    def step(case, pdl):
+        config = decode.DecodeConfig(pdl=pdl, **splits)
+        arguments = (case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, BLOCK, TOPK)
+        q, k, v = static
+        result = decode.moba_decode_triton(q, *arguments, k, v, None, head_dim**-0.5, config)
+        case.cache_seqlens += 1
+        return result
+
+    saved = state.clone()
+    pdl_step = lambda: step(state, True)  # noqa: E731
+    if graphed:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(state, True)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step(state, True)
+        for name in ("k_cache", "v_cache", "block_sums", "cache_seqlens"):  # undo the warm-up step
+            getattr(state, name).copy_(getattr(saved, name))
+
+        def pdl_step():
+            graph.replay()
+            return captured
+
+    for _ in range(4):  # sequence 5 (128 keys) crosses a block boundary
+        for tensor in static:
+            tensor.copy_(state.randn(*tensor.shape))
+        with_pdl = [tensor.clone() for tensor in pdl_step()]
+        stream_ordered = step(twin, False)
+        for launched, ordered in zip(with_pdl, stream_ordered, strict=True):
+            assert torch.equal(launched.isnan(), ordered.isnan())
+            assert torch.equal(launched.nan_to_num(), ordered.nan_to_num())
+    for name in ("k_cache", "v_cache", "block_sums", "cache_seqlens"):
+        launched, ordered = getattr(state, name), getattr(twin, name)
+        assert torch.equal(launched.isnan(), ordered.isnan()), name
+        assert torch.equal(launched.nan_to_num(), ordered.nan_to_num()), name
 
 
 def test_cuda_graph_capture_of_a_decode_step_replays_eager_steps():

@@ -18,6 +18,7 @@ import torch
 import flashmoba
 from flashmoba import MoBAKVCache
 from flashmoba.ops import decode
+from flashmoba.ops.utils import supports_pdl
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.triton
@@ -942,3 +943,18 @@ def test_fold_append_is_a_bool_of_the_config():
     assert decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, config)["fold_append"] is True
     with pytest.raises(TypeError, match="fold_append must be a bool"):
         decode.DecodeConfig(fold_append=1)
+
+
+def test_pdl_is_chosen_only_where_the_device_takes_it():
+    def pdl(config=decode.DEFAULT_DECODE_CONFIG, supported=True):
+        return decode.decode_tiles(128, 128, 8, 64, 32, 4, 1, 132, config, pdl_supported=supported)["pdl"]
+
+    assert pdl() is decode.DEFAULT_PDL
+    assert pdl(decode.DecodeConfig(pdl=False)) is False
+    assert pdl(decode.DecodeConfig(pdl=True), supported=False) is False  # a request, not a demand
+    assert pdl(supported=False) is False
+    assert not supports_pdl(torch.device("cpu"))  # and never in the interpreter
+    with pytest.raises(TypeError, match="pdl must be a bool"):
+        decode.DecodeConfig(pdl=1)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode.DecodeConfig(num_splits=0)

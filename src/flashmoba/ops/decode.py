@@ -65,10 +65,12 @@ are dropped and rows before the sequence start (a cached sequence shorter than t
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from flashmoba._checks import check_bool, check_positive_int
 from flashmoba.ops.router import (
@@ -90,6 +92,7 @@ from flashmoba.ops.utils import (
     head_dim_tile,
     interpreting,
     next_power_of_2,
+    supports_pdl,
     tile_dot,
 )
 
@@ -101,12 +104,14 @@ MAX_ROUTE_SPLITS = 16  # router block splits the heuristic takes at most (a conf
 _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 
 
-BOOL_FIELDS = ("fold_append", "attn_by_group")  # DecodeConfig's bool fields (the others are ints >= 1)
 # Measured on an H200 (benchmarks/NOTES.md, "Decode attention by kv head group"): folding the append saves
 # 1-4 us of device time per step at every measured shape; attention by group with tiles of 128 keys is
 # as fast or faster than by query head at every GQA shape (4-7% at batch 32 and 64).
 DEFAULT_FOLD_APPEND = True
 DEFAULT_ATTN_BY_GROUP = True  # where a kv head has several query heads (group > 1); by query head else
+# Programmatic dependent launch where the device has it (sm_90 on): each decode kernel's launch overlaps
+# the tail of the one before (benchmarks/NOTES.md, "Decode kernels launched programmatically").
+DEFAULT_PDL = True
 # Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take at
 # most 4x this in shared memory (128 KB of the H100's and H200's 227 KB; 78 KB compiled at head_dim 128).
 GROUP_TILE_BYTES = 32768
@@ -136,13 +141,17 @@ class DecodeConfig:
     # group's query heads, tensor-core dots) or by query head (_decode_attn_partial_kernel) (None:
     # DEFAULT_ATTN_BY_GROUP where group > 1, by query head for one query head per kv head).
     attn_by_group: bool | None = None
+    # Launch every decode kernel with programmatic dependent launch where the device supports it
+    # (ops.utils.supports_pdl; ignored elsewhere) (None: DEFAULT_PDL).
+    pdl: bool | None = None
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is None:
                 continue
-            if field.name in BOOL_FIELDS:
+            if bool in typing.get_args(hints[field.name]):  # bool | None; the others are int | None
                 check_bool(field.name, value)
             else:
                 check_positive_int(field.name, value)
@@ -154,6 +163,19 @@ DEFAULT_DECODE_CONFIG = DecodeConfig()
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _wait_for_previous_grid(PDL: tl.constexpr):
+    """The first statement of every decode kernel. Under PDL (a programmatic dependent launch) the program
+    may start while the kernel before it in the stream still runs: it waits here until that kernel has
+    finished and its writes are visible, before any load or store of its own. Then it lets the next
+    kernel launch (it too waits before touching memory). Since every kernel waits before it signals, at
+    most two overlap, and whatever was written before the previous kernel was complete by then. Without
+    PDL: nothing (stream order does it)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -325,8 +347,10 @@ def _decode_append_kernel(
     PAGED: tl.constexpr,
     TOKEN_TILE: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (touched block j, sequence b, kv head h): the new keys of block ``start // B + j``."""
+    _wait_for_previous_grid(PDL)
     seq = tl.program_id(1)
     _append_block(
         KNew,
@@ -534,6 +558,7 @@ def _decode_route_kernel(
     FOLD_APPEND: tl.constexpr,  # seqlen_q 1 with new k, v: program (0, b, h, split 0) appends them
     PAGED: tl.constexpr,
     APPEND_TILE: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (row tile, sequence b, kv head h and block split): selections of the (query row t, query
     head of h's group) pairs ``t * group + g`` of the tile, from the split's centroid tiles
@@ -548,6 +573,7 @@ def _decode_route_kernel(
     pairs (ROWS < BLOCK_M: a one-token step has one pair per query head of the group), only the first
     ROWS rows of the scores are kept, and the top-k work on every tile (threshold, filter, insertions,
     merges) runs on [ROWS, BLOCK_N] instead of [BLOCK_M, BLOCK_N]."""
+    _wait_for_previous_grid(PDL)
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2) // block_splits
@@ -713,9 +739,11 @@ def _decode_route_merge_kernel(
     BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr,
     TAIL_TILE: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (row tile, sequence b, kv head h): merge the block splits' running lists into the
     selections (packed keys order globally, ties to the later block as within a split)."""
+    _wait_for_previous_grid(PDL)
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -798,9 +826,11 @@ def _decode_attn_partial_kernel(
     NUM_STAGES: tl.constexpr,  # software pipelining of the key-tile loop (tl.range), 1: none
     FINAL: tl.constexpr,  # one split: write o and lse, no partials and no merge
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (pair (b, t, head), split): partial softmax of query row t of head ``head`` over the keys of
     the blocks in selection slots ``[split * slots_per_split, ...)``."""
+    _wait_for_previous_grid(PDL)
     pair = tl.program_id(0)
     split = tl.program_id(1)
     head = pair % heads_q
@@ -964,6 +994,7 @@ def _decode_attn_group_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
     SPLIT_PROBS: tl.constexpr,  # 16-bit values: probabilities enter the dot as a 16-bit high and low part
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (sequence b, query row t, kv head h; split): partial softmax of the query heads of h's group
     at row t over their selected blocks, each block's keys and values loaded once for the whole group.
@@ -973,6 +1004,7 @@ def _decode_attn_group_kernel(
     every member that selected it (its readers), and skipped (nothing loaded) at the later ones: each
     (member, block) pair is counted once over all splits. Scores and the probability-weighted values
     are tensor-core dots of the group's rows against a key tile."""
+    _wait_for_previous_grid(PDL)
     program = tl.program_id(0)
     split = tl.program_id(1)
     heads_kv = heads_q // group
@@ -1110,8 +1142,10 @@ def _decode_merge_kernel(
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (pair (b, t, head)): o and lse of the row from its splits' partials."""
+    _wait_for_previous_grid(PDL)
     pair = tl.program_id(0)
     head = pair % heads_q
     seq = pair // heads_q // seqlen_q
@@ -1178,11 +1212,13 @@ def decode_tiles(
     config: DecodeConfig = DEFAULT_DECODE_CONFIG,
     *,
     element_size: int = 2,
+    pdl_supported: bool = False,
 ) -> dict:
     """Every launch setting of the decode kernels for these shapes (the config's fields where set).
 
     rows: query (row, head) pairs of the batch, ``batch * seqlen_q * heads_q``; element_size: bytes of
-    one element of the caches (2 for 16-bit, 4 for float32).
+    one element of the caches (2 for 16-bit, 4 for float32); pdl_supported: the device takes programmatic
+    dependent launches (``ops.utils.supports_pdl``).
     """
     picks = min(topk - 1, max_blocks)
     running_topk = max(2, next_power_of_2(picks))
@@ -1276,6 +1312,7 @@ def decode_tiles(
         )
     return dict(
         fold_append=DEFAULT_FOLD_APPEND if config.fold_append is None else bool(config.fold_append),
+        pdl=pdl_supported and (DEFAULT_PDL if config.pdl is None else bool(config.pdl)),
         attn_by_group=attn_by_group,
         entries_per_split=entries_per_split,
         picks=picks,
@@ -1321,10 +1358,10 @@ def _append_strides(k, v, k_cache, v_cache, block_table) -> dict:
 
 
 def decode_append(
-    k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table, block_size, capacity
+    k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table, block_size, capacity, *, pdl=False
 ) -> None:
     """Write k, v ``[batch, T, Hkv, D]`` at positions ``cache_seqlens[b] ..`` and add the keys to block_sums
-    (in place; cache_seqlens is not advanced)."""
+    (in place; cache_seqlens is not advanced); ``pdl``: a programmatic dependent launch."""
     batch, seqlen_q, heads_kv, head_dim = k.shape
     if batch == 0 or seqlen_q == 0:
         return
@@ -1370,7 +1407,9 @@ def decode_append(
         # At most 4096 elements of k per tile, whole decode steps and small blocks in one.
         TOKEN_TILE=max(2, min(next_power_of_2(min(seqlen_q, block_size)), 4096 // head_dim_pad, 64)),
         HEAD_DIM_PAD=head_dim_pad,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
 
 
@@ -1478,7 +1517,9 @@ def decode_route(
         SUMS_ROUTE=q.dtype == torch.float32,
         INSERT_ROUNDS=8,
         ROUND_BF16=_round_bf16_by_bits(q.dtype),
+        PDL=tiles["pdl"],
         **route,
+        launch_pdl=tiles["pdl"],
     )
     if block_splits > 1:
         _decode_route_merge_kernel[(row_tiles, batch, heads_kv)](
@@ -1500,7 +1541,9 @@ def decode_route(
             BLOCK_M=route["BLOCK_M"],
             ROWS=route["ROWS"],
             TAIL_TILE=tail_tile,
+            PDL=tiles["pdl"],
             num_warps=4,
+            launch_pdl=tiles["pdl"],
         )
     return selected
 
@@ -1588,8 +1631,10 @@ def decode_attend(
         HEAD_DIM_PAD=attention_dim_pad,
         FINAL=final,
         ROUND_BF16=_round_bf16_by_bits(q.dtype),
+        PDL=tiles["pdl"],
         **by_kind,
         **tiles["attention"],
+        launch_pdl=tiles["pdl"],
     )
     if final:
         return out, lse
@@ -1612,7 +1657,9 @@ def decode_attend(
         SPLITS_PAD=max(2, next_power_of_2(num_splits)),
         HEAD_DIM_PAD=head_dim_pad,
         ROUND_BF16=_round_bf16_by_bits(q.dtype),
+        PDL=tiles["pdl"],
         num_warps=4 if head_dim_pad * num_splits >= 4096 else 2,
+        launch_pdl=tiles["pdl"],
     )
     return out, lse
 
@@ -1654,6 +1701,7 @@ def moba_decode_triton(
         _sm_count(q.device),
         config,
         element_size=q.element_size(),
+        pdl_supported=supports_pdl(q.device),
     )
     appended = 0 if k is None else seqlen_q
     # One new token per sequence: the route kernel appends it (DecodeConfig.fold_append), no append launch.
@@ -1661,7 +1709,18 @@ def moba_decode_triton(
     if k is not None and seqlen_q == 1 and tiles["fold_append"] and batch > 0:
         fold = (k, v, k_cache, v_cache, block_table, capacity)
     elif k is not None:
-        decode_append(k, v, k_cache, v_cache, block_sums, cache_seqlens, block_table, block_size, capacity)
+        decode_append(
+            k,
+            v,
+            k_cache,
+            v_cache,
+            block_sums,
+            cache_seqlens,
+            block_table,
+            block_size,
+            capacity,
+            pdl=tiles["pdl"],
+        )
     selected = decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles, fold=fold)
     return decode_attend(
         q, k_cache, v_cache, selected, cache_seqlens, block_table, block_size, appended, softmax_scale, tiles

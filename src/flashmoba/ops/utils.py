@@ -18,6 +18,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def supports_pdl(device: torch.device) -> bool:
+    """Kernels on ``device`` may be launched with programmatic dependent launch (PDL): a CUDA device of
+    compute capability 9.0 or newer (Hopper on), compiled, not interpreted. A PDL launch may start while
+    the kernel before it in the stream still runs; the kernel then waits (``gdc_wait``) before touching
+    memory, so only the launch latency between the two is overlapped."""
+    if interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def next_power_of_2(value: int) -> int:
     """The smallest power of two >= value (1 for value <= 1)."""
     return 1 << max(0, value - 1).bit_length()
