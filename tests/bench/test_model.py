@@ -220,6 +220,7 @@ def test_measure_model_on_cpu(attention):
     assert row["card"] == "cpu" and row["preset"] == "tiny" and row["seqlen"] == 64
     assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
     assert row["tokens_per_s"] == pytest.approx(64 / (row["step_ms"] / 1e3))
+    assert row["host_ms"] == row["step_ms"]  # on CPU the whole step is the host's
     assert all(row[field] is None for field in (*bench_model.SPLIT_FIELDS, "profiled_step_ms"))
     assert row["peak_gib"] is None and row["mfu"] is None
     assert row["model_tflop_per_step"] > 0

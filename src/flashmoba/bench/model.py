@@ -8,7 +8,11 @@ sliding-window layers take the same kernels as in training).
 
 - **Timing.** ``warmup`` steps first (Triton compilation and autotuning, allocator growth), then ``steps``
   measured steps, each timed with CUDA events on CUDA (``perf_counter`` around a synchronised step on
-  CPU); ``step_ms`` is their median, ``tokens_per_s`` = tokens per step / ``step_ms``. ``peak_gib`` is
+  CPU); ``step_ms`` is their median, ``tokens_per_s`` = tokens per step / ``step_ms``. Each step is
+  synchronised, as the trainer's log steps are (every step by default). ``host_ms`` is the median of the
+  host's part of a step: from its start until the step's Python returned, before the synchronisation;
+  on CUDA a ``host_ms`` near ``step_ms`` says the host's launches bound the step (the GPU waits for
+  them: ``idle_ms``), on CPU it is the step. ``peak_gib`` is
   ``torch.cuda.max_memory_allocated`` over the warm-up and measured steps (weights, gradients and AdamW
   state included; the warm-up because CUDA graphs allocate when recorded, not when replayed); None on
   CPU.
@@ -67,6 +71,7 @@ ROW_FIELDS = (
     "kernel_settings",
     "tokens_per_s",
     "step_ms",
+    "host_ms",
     "profiled_step_ms",
     *SPLIT_FIELDS,
     "peak_gib",
@@ -323,14 +328,19 @@ def make_train_step(model: HybridLM, optimizer, batch: dict, device: torch.devic
     return step
 
 
-def time_steps_ms(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of ``steps`` calls: CUDA events on CUDA, perf_counter on CPU."""
-    times = []
+def time_steps_ms(
+    step: Callable[[], None], steps: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Milliseconds of each of ``steps`` calls (CUDA events on CUDA, perf_counter on CPU), and of the host's
+    part of each (perf_counter until ``step`` returned, before the synchronisation)."""
+    times, host_times = [], []
     for _ in range(steps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            begin = time.perf_counter()
             step()
+            host_times.append((time.perf_counter() - begin) * 1e3)
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
@@ -338,7 +348,8 @@ def time_steps_ms(step: Callable[[], None], steps: int, device: torch.device) ->
             begin = time.perf_counter()
             step()
             times.append((time.perf_counter() - begin) * 1e3)
-    return times
+            host_times.append(times[-1])
+    return times, host_times
 
 
 def moba_kernel_config(rows_per_item: int | None, kernel_settings: dict | None = None):
@@ -468,7 +479,8 @@ def measure_model(
     # The peak spans the warm-up: CUDA graphs take their memory when recorded there, and replays
     # allocate nothing, so a peak of the measured steps alone would leave out the activations.
     time_steps_ms(step, warmup, device)
-    step_ms = statistics.median(time_steps_ms(step, steps, device))
+    step_times, host_times = time_steps_ms(step, steps, device)
+    step_ms, host_ms = statistics.median(step_times), statistics.median(host_times)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     split = profiled_split(step, device)
     flops = model_flops_per_step(config, matmul_parameters(model), seqlen, batch)
@@ -496,6 +508,7 @@ def measure_model(
         kernel_settings=dict(kernel_settings or {}) if attention == "moba" else None,
         tokens_per_s=seqlen * batch / (step_ms / 1e3),
         step_ms=step_ms,
+        host_ms=host_ms,
         **(split or dict.fromkeys(("profiled_step_ms", *SPLIT_FIELDS))),
         peak_gib=peak_gib,
         mfu=None if peak_flops is None else flops / (step_ms / 1e3) / peak_flops,

@@ -600,6 +600,7 @@ def _model_series_label(row: dict) -> str:
 MODEL_TABLE_COLUMNS = (
     ("tokens/s", "tokens_per_s", ",.0f"),
     ("step ms", "step_ms", ".1f"),
+    ("host ms", "host_ms", ".1f"),
     ("attention ms", "attention_ms", ".1f"),
     ("matmul ms", "matmul_ms", ".1f"),
     ("other ms", "other_ms", ".1f"),
