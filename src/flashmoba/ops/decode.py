@@ -23,12 +23,12 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    of each (row tile, sequence, kv head) are split over ``block_splits`` programs, each storing its
    running lists, and ``_decode_route_merge_kernel`` merges them (the keys order globally).
    With ``DecodeConfig.fold_append`` (default ``DEFAULT_FOLD_APPEND``), a step of one new token per
-   sequence (seqlen_q 1 with k, v) launches no append kernel: the route program of row tile 0 and block
-   split 0 of (b, h) writes the token's key and value and updates its block's ``block_sums`` row itself
-   (``_append_block``, the append kernel's code), after its routing. No router program reads that row:
-   the token's block is the own block, and candidates end before it. One program still owns each
-   (sequence, block, head) row, so the result is the same, bit for bit. Chunks (seqlen_q > 1) always
-   launch the append kernel.
+   sequence (seqlen_q 1 with k, v) launches no append kernel: the route grid holds one more program per
+   (b, h), which writes the token's key and value and updates its block's ``block_sums`` row
+   (``_append_block``, the append kernel's code) while the others route, off their critical path. No
+   router program reads that row: the token's block is the own block, and candidates end before it. One
+   program still owns each (sequence, block, head) row, so the result is the same, bit for bit. Chunks
+   (seqlen_q > 1) always launch the append kernel.
 3. ``_decode_attn_partial_kernel``, program (query row and head, split): one query row of one head
    against the keys of the selected blocks of slots ``[split * S, (split + 1) * S)`` of its selection,
    in tiles of BLOCK_N keys of a block, as a matrix-vector product on CUDA cores (a decode row is one row:
@@ -555,7 +555,7 @@ def _decode_route_kernel(
     SUMS_ROUTE: tl.constexpr,  # float32: score q . sum / B; 16-bit: q . (sum / B rounded to q's dtype)
     INSERT_ROUNDS: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # round to bfloat16 by the bits (the interpreter truncates in .to)
-    FOLD_APPEND: tl.constexpr,  # seqlen_q 1 with new k, v: program (0, b, h, split 0) appends them
+    FOLD_APPEND: tl.constexpr,  # seqlen_q 1 with new k, v: programs (0, b, heads_kv * block_splits + h)
     PAGED: tl.constexpr,
     APPEND_TILE: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
@@ -564,10 +564,12 @@ def _decode_route_kernel(
     head of h's group) pairs ``t * group + g`` of the tile, from the split's centroid tiles
     ``[split * tiles_per_split, ...)``. With one split it writes the selections; with several it stores
     its running lists and ``_decode_route_merge_kernel`` merges them. With FOLD_APPEND (one new token per
-    sequence) the program of row tile 0 and split 0 also writes the token's key and value of kv head h
-    into the caches and adds the key to its block's block_sums row, as ``_decode_append_kernel`` would:
-    no program reads that row (candidates end before the own block, the token's), and one program owns
-    it.
+    sequence) the grid's dimension 2 holds heads_kv more programs, past the routing ones: program
+    (0, b, heads_kv * block_splits + h) writes the token's key and value of kv head h into the caches and
+    adds the key to its block's block_sums row, as ``_decode_append_kernel`` would, and routes nothing
+    (no program reads that row: candidates end before the own block, the token's; one program owns it).
+    Beside the routing programs rather than after one of them, the append's dependent loads and stores
+    stay off the launch's critical path.
 
     The scores are a tensor-core dot of BLOCK_M (at least 16) query rows. Where the tile has fewer
     pairs (ROWS < BLOCK_M: a one-token step has one pair per query head of the group), only the first
@@ -576,6 +578,53 @@ def _decode_route_kernel(
     _wait_for_previous_grid(PDL)
     tile = tl.program_id(0)
     seq = tl.program_id(1)
+    if FOLD_APPEND:
+        # The grid's last heads_kv programs of dimension 2 append (those of row tile 0 do; no routing).
+        if tl.program_id(2) >= heads_kv * block_splits:
+            if tile == 0:
+                _append_block(
+                    KNew,
+                    VNew,
+                    KCache,
+                    VCache,
+                    BlockSums,
+                    BlockTable,
+                    stride_new_batch,
+                    stride_new_token,
+                    stride_new_head,
+                    stride_new_dim,
+                    stride_vnew_batch,
+                    stride_vnew_token,
+                    stride_vnew_head,
+                    stride_vnew_dim,
+                    stride_k_page,
+                    stride_k_slot,
+                    stride_k_head,
+                    stride_k_dim,
+                    stride_v_page,
+                    stride_v_slot,
+                    stride_v_head,
+                    stride_v_dim,
+                    stride_sums_batch,
+                    stride_sums_block,
+                    stride_sums_head,
+                    stride_sums_dim,
+                    stride_table_batch,
+                    tl.load(CacheSeqlens + seq),
+                    0,
+                    seq,
+                    tl.program_id(2) - heads_kv * block_splits,  # its kv head
+                    1,
+                    block_size,
+                    page_size,
+                    capacity,
+                    max_blocks,
+                    head_dim,
+                    PAGED,
+                    APPEND_TILE,
+                    HEAD_DIM_PAD,
+                )
+            return
     kv_head = tl.program_id(2) // block_splits
     split = tl.program_id(2) % block_splits
     pair_ok, rows, heads, own_block = _route_pairs(
@@ -672,51 +721,6 @@ def _decode_route_kernel(
             RUNNING_TOPK,
             TAIL_TILE,
         )
-    # Last: the router's lists and queries are dead by now (fewer registers live across the append).
-    if FOLD_APPEND:
-        if (tile == 0) & (split == 0):
-            _append_block(
-                KNew,
-                VNew,
-                KCache,
-                VCache,
-                BlockSums,
-                BlockTable,
-                stride_new_batch,
-                stride_new_token,
-                stride_new_head,
-                stride_new_dim,
-                stride_vnew_batch,
-                stride_vnew_token,
-                stride_vnew_head,
-                stride_vnew_dim,
-                stride_k_page,
-                stride_k_slot,
-                stride_k_head,
-                stride_k_dim,
-                stride_v_page,
-                stride_v_slot,
-                stride_v_head,
-                stride_v_dim,
-                stride_sums_batch,
-                stride_sums_block,
-                stride_sums_head,
-                stride_sums_dim,
-                stride_table_batch,
-                tl.load(CacheSeqlens + seq),
-                0,
-                seq,
-                kv_head,
-                1,
-                block_size,
-                page_size,
-                capacity,
-                max_blocks,
-                head_dim,
-                PAGED,
-                APPEND_TILE,
-                HEAD_DIM_PAD,
-            )
 
 
 @triton.jit
@@ -1480,7 +1484,9 @@ def decode_route(
             PAGED=False,
             APPEND_TILE=2,
         )
-    _decode_route_kernel[(row_tiles, batch, heads_kv * block_splits)](
+    # With the append folded in, heads_kv more programs per (row tile, sequence) append (row tile 0's).
+    append_programs = heads_kv if fold is not None else 0
+    _decode_route_kernel[(row_tiles, batch, heads_kv * block_splits + append_programs)](
         Q=q,
         BlockSums=block_sums,
         CacheSeqlens=cache_seqlens,
