@@ -57,6 +57,7 @@ def test_runs_and_writes_rows(tmp_path, capsys):
         assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["copy_gbps"] > 0
         assert row["floor_ratio"] == pytest.approx(row["step_ms"] / row["floor_ms"])
         assert row["device_floor_ratio"] is None  # no profile
+        assert row["graph_step_ms"] is None and row["graph_floor_ratio"] is None  # no graphs on CPU
     dense = next(r for r in rows if r["impl"] == "sdpa" and r["batch"] == 2 and r["cache_len"] == 70)
     assert dense["bytes_read"] == 2 * 70 * 2 * 8 * 2 * 2 + 2 * (2 * 4 + 2 * 2) * 8 * 2  # K, V; q, o, k, v
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -176,7 +177,8 @@ def test_decode_configs_parse_into_the_set_fields():
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 def test_device_floor_ratio_is_the_profiled_kernels_time_over_the_floor(tmp_path, monkeypatch):
-    # A CUDA profile stood in for (this machine has no GPU): 100 us of kernels per step, replayed in 200.
+    # A CUDA profile stood in for (this machine has no GPU): 100 us of kernels per step, replayed in 200,
+    # 150 per step of a graph of several.
     profile = dict(
         activity="cuda_kernels",
         steps=decode.PROFILE_STEPS,
@@ -184,13 +186,14 @@ def test_device_floor_ratio_is_the_profiled_kernels_time_over_the_floor(tmp_path
         device_us_per_step=100.0,
         top=[dict(name="_decode_attn_group_kernel", calls_per_step=1.0, us_per_step=100.0)],
     )
-    timed = dict(step_ms=0.2, eager_ms=0.3, timing="cuda_graph", profile=profile)
+    timed = dict(step_ms=0.2, graph_step_ms=0.15, eager_ms=0.3, timing="cuda_graph", profile=profile)
     monkeypatch.setattr(decode, "time_step", lambda *args, **kwargs: dict(timed))
     out = tmp_path / "decode_cpu.json"
     argv = ["bench", "decode", *TINY, "--impls", "sdpa", "--profile", "--out", str(out)]
     assert flashmoba_main(argv) == 0
     for row in json.loads(out.read_text()):
         assert row["floor_ratio"] == pytest.approx(0.2 / row["floor_ms"])
+        assert row["graph_floor_ratio"] == pytest.approx(0.15 / row["floor_ms"])
         assert row["device_floor_ratio"] == pytest.approx(0.1 / row["floor_ms"])
 
 

@@ -19,7 +19,13 @@ Implementations (field ``impl``):
 Timing: warm-up calls first (compilation, autotuning, the allocator), then, on CUDA, the step is captured
 in a CUDA graph and its replays are timed with CUDA events (``timing`` "cuda_graph"; "eager" where the
 capture fails, with the reason in ``note``, and for FlexAttention, whose compiled step is timed as it
-runs); ``eager_ms`` times the plain calls. On CPU: perf_counter.
+runs); ``eager_ms`` times the plain calls. On CPU: perf_counter. Each timed replay starts on an idle
+device, so ``step_ms`` includes the graph's launch from the host (a few µs, which scatter with the
+host). ``graph_step_ms`` is the step as a model's decode graph runs it, one layer's attention after the
+other's: ``GRAPH_STEPS`` steps captured in one graph, its replays' median over ``GRAPH_STEPS`` (the
+same step each time: the bench's step does not advance the lengths), so the launch is shared by the
+steps and what remains is their kernels and the gaps between them. None where ``step_ms`` is not a
+replay.
 
 With ``profile``, each row then gets a ``profile`` field: ``PROFILE_STEPS`` more steps as timed (CUDA-graph
 replays, or the eager calls) under ``torch.profiler`` (``flashmoba.bench.timing.profile_steps``): kernels
@@ -69,17 +75,20 @@ ROW_FIELDS = (
     "dtype",
     "decode_config",
     "step_ms",
+    "graph_step_ms",
     "eager_ms",
     "timing",
     "bytes_read",
     "floor_ms",
     "floor_ratio",
+    "graph_floor_ratio",
     "device_floor_ratio",
     "copy_gbps",
     "note",
     "error",
 )
 PROFILE_STEPS = 8  # --profile: steps profiled per row (after the timing's warm-up)
+GRAPH_STEPS = 8  # steps captured in one graph for graph_step_ms
 PROFILE_TOP = 10  # kernels kept per row, the heaviest first
 MEMORY_FRACTION = 0.8  # of the free device memory a configuration's caches may take
 _SUMS_CHUNK_BYTES = 1 << 30  # float32 keys summed at once when filling the centroid cache
@@ -325,8 +334,9 @@ def time_step(
     step, device: torch.device, repeats: int, warmup: int, graphs: bool, profile: bool = False
 ) -> dict:
     """``eager_ms``; on CUDA with ``graphs`` also ``step_ms`` of CUDA-graph replays (else the eager
-    time), ``timing`` and ``note`` (why a capture failed). With ``profile`` also ``profile``: what was
-    timed last (the replays, else the eager calls) profiled for ``PROFILE_STEPS`` steps."""
+    time) and ``graph_step_ms`` (``GRAPH_STEPS`` steps in one graph, per step; else None), ``timing`` and
+    ``note`` (why a capture failed). With ``profile`` also ``profile``: the one-step replays (else the
+    eager calls) profiled for ``PROFILE_STEPS`` steps."""
 
     def profiled(result: dict, timed) -> dict:
         if profile:
@@ -335,7 +345,7 @@ def time_step(
 
     with torch.no_grad():
         eager_ms = _median_ms(step, device, repeats, warmup)
-        result = dict(eager_ms=eager_ms, step_ms=eager_ms, note=None)
+        result = dict(eager_ms=eager_ms, step_ms=eager_ms, graph_step_ms=None, note=None)
         if device.type != "cuda":
             return profiled(dict(result, timing="perf_counter"), step)
         if not graphs:
@@ -346,16 +356,20 @@ def time_step(
             with torch.cuda.stream(side):
                 step()  # settles the allocator for the capture
             torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
+            graph, steps_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
+            with torch.cuda.graph(steps_graph):
+                for _ in range(GRAPH_STEPS):
+                    step()
         except RuntimeError as error:
             torch.cuda.synchronize(device)
             failed = dict(result, timing="eager", note=f"graph capture failed: {_first_line(error)}")
             return profiled(failed, step)
         result["step_ms"] = _median_ms(graph.replay, device, repeats, warmup=2)
+        result["graph_step_ms"] = _median_ms(steps_graph.replay, device, repeats, warmup=2) / GRAPH_STEPS
         result = profiled(dict(result, timing="cuda_graph"), graph.replay)
-        del graph
+        del graph, steps_graph
         return result
 
 
@@ -498,6 +512,7 @@ def _measure_one(
         bytes_read=bytes_read,
         floor_ms=floor_ms,
         floor_ratio=timed["step_ms"] / floor_ms,
+        graph_floor_ratio=None if timed["graph_step_ms"] is None else timed["graph_step_ms"] / floor_ms,
         device_floor_ratio=device_floor_ratio,
         **timed,
     )

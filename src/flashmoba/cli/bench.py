@@ -932,9 +932,11 @@ def _heads_label(row: dict) -> str:
 
 DECODE_TABLE_COLUMNS = (
     ("step ms", "step_ms", ".4f"),
+    ("in-graph step ms", "graph_step_ms", ".4f"),
     ("eager ms", "eager_ms", ".4f"),
     ("floor ms", "floor_ms", ".4f"),
     ("x floor", "floor_ratio", ".1f"),
+    ("x floor, in graph", "graph_floor_ratio", ".1f"),
     ("x floor, device time", "device_floor_ratio", ".1f"),
     ("MB read", "megabytes", ".4g"),
 )

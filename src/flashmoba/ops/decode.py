@@ -109,9 +109,10 @@ _LN_2 = tl.constexpr(LN_2)  # a kernel reads module globals only as constexprs
 # as fast or faster than by query head at every GQA shape (4-7% at batch 32 and 64).
 DEFAULT_FOLD_APPEND = True
 DEFAULT_ATTN_BY_GROUP = True  # where a kv head has several query heads (group > 1); by query head else
-# Programmatic dependent launch where the device has it (sm_90 on): each decode kernel's launch overlaps
-# the tail of the one before (benchmarks/NOTES.md, "Decode kernels launched programmatically").
-DEFAULT_PDL = True
+# Programmatic dependent launch (sm_90 on) lets each decode kernel's launch overlap the one before; off by
+# default: replayed steps were as fast or slower with it on an H200 (benchmarks/NOTES.md, "Decode kernels
+# launched programmatically").
+DEFAULT_PDL = False
 # Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take at
 # most 4x this in shared memory (128 KB of the H100's and H200's 227 KB; 78 KB compiled at head_dim 128).
 GROUP_TILE_BYTES = 32768
