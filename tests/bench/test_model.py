@@ -210,6 +210,27 @@ def test_train_step_updates_the_weights():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("compile_mode, marks", [(None, 0), ("default", 0), ("reduce-overhead", 2)])
+def test_train_step_begins_an_iteration_of_the_cuda_graphs_as_train_step_does(
+    compile_mode, marks, monkeypatch
+):
+    # With CUDA graphs (reduce-overhead) every step marks a new iteration of the blocks' graphs, as
+    # training.loop.train_step does; the blocks run eagerly here (the mark is all that is checked).
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    device = torch.device("cpu")
+    model = HybridLM(ModelConfig(**TINY))
+    from flashmoba.training.config import TrainConfig
+    from flashmoba.training.loop import make_optimizer
+
+    optimizer = make_optimizer(model, TrainConfig())
+    batch = bench_model.synthetic_batch(10, 8, 2, device)
+    step = bench_model.make_train_step(model, optimizer, batch, device, 1.0, compile_mode)
+    step()
+    step()
+    assert len(calls) == marks
+
+
 @pytest.mark.parametrize("attention", ["dense", "moba"])
 def test_measure_model_on_cpu(attention):
     moba = dict(block_size=32, topk=2) if attention == "moba" else {}

@@ -55,7 +55,7 @@ from flashmoba.bench.timing import card_name, time_cuda_ms
 from flashmoba.models.hybrid import HybridLM, ModelConfig, is_global_layer, model_config_from_preset
 from flashmoba.training.config import TrainConfig
 from flashmoba.training.loop import make_optimizer
-from flashmoba.training.runtime import autocast, blocks_compile_mode, head_compile_mode
+from flashmoba.training.runtime import autocast, blocks_compile_mode, head_compile_mode, uses_cuda_graphs
 
 ATTENTIONS = ("dense", "moba")
 SPLIT_FIELDS = ("attention_ms", "matmul_ms", "other_ms", "idle_ms")
@@ -308,10 +308,22 @@ def synthetic_batch(vocab_size: int, seqlen: int, batch: int, device: torch.devi
     )
 
 
-def make_train_step(model: HybridLM, optimizer, batch: dict, device: torch.device, grad_clip: float):
-    """``train_step``'s work with one micro-step and a fixed batch: forward, backward, clip, AdamW."""
+def make_train_step(
+    model: HybridLM,
+    optimizer,
+    batch: dict,
+    device: torch.device,
+    grad_clip: float,
+    compile_mode: str | None = None,
+):
+    """``train_step``'s work with one micro-step and a fixed batch: forward, backward, clip, AdamW.
+    ``compile_mode``: the blocks' (None: eager); with CUDA graphs each step begins a new iteration of
+    them, as in ``train_step`` (without it, cudagraph trees leave their fast path, and the host's part
+    of every step grows)."""
 
     def step() -> None:
+        if compile_mode is not None and uses_cuda_graphs(compile_mode):
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             _, loss = model(
                 batch["input_ids"],
@@ -471,6 +483,7 @@ def measure_model(
         synthetic_batch(config.vocab_size, seqlen, batch, device),
         device,
         train_config.grad_clip,
+        compile_mode,
     )
 
     if device.type == "cuda":
