@@ -290,7 +290,7 @@ def test_folded_append_equals_the_append_kernel_bitwise(paged):
 )
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graph"])
 def test_programmatic_dependent_launches_equal_stream_ordered_ones_bitwise(heads, graphed):
-    # Under PDL (the default on sm_90) each decode kernel may start while the one before it still runs,
+    # Under PDL (DecodeConfig.pdl, sm_90 on) each decode kernel may start while the one before it runs,
     # and waits for it before touching memory. A read that raced the kernel before (the router's split
     # lists and selections, the attention's partials, the token the router appends) would differ here
     # from stream-ordered launches, on the same inputs, bit for bit; splits force every kernel to run.
