@@ -892,16 +892,19 @@ def test_folded_append_one_token_steps(layout, heads, folded, poison_empty):
     [
         decode.DecodeConfig(fold_append=True, num_splits=1),
         decode.DecodeConfig(fold_append=True, route_block_splits=2, route_block_n=16, num_splits=2),
+        decode.DecodeConfig(fold_append=True, route_block_m=16),
     ],
-    ids=["one-split", "split-router"],
+    ids=["one-split", "split-router", "two-row-tiles"],
 )
 def test_folded_append_with_other_launch_settings(config, monkeypatch, poison_empty):
-    """The folded append under a split router (only split 0 appends) and one attention split; the append
-    kernel never launches."""
+    """The folded append under one attention split, a split router (the append programs follow both
+    splits' programs in the grid) and two router row tiles of 16 of a 32-head group (row tile 1's
+    append programs do nothing); the append kernel never launches."""
     monkeypatch.setattr(decode, "_decode_append_kernel", NoLaunch(_refuse_append))
     # 70 keys: 18 blocks, two centroid tiles of 16 for the split router.
     lengths = (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 70)
-    case = Case(lengths, 1, HEADS["gqa"], True, LAYOUTS["paged-3-shuffled"], capacity=80, seed=41)
+    heads = (32, 1) if config.route_block_m == 16 else HEADS["gqa"]
+    case = Case(lengths, 1, heads, True, LAYOUTS["paged-3-shuffled"], capacity=80, seed=41)
     out, lse = _triton_step(case, config)
     expected_out, expected_lse = case.expected()
     assert_close(out, expected_out, "kernel_float32", "o")
