@@ -57,6 +57,9 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    sequence) gets zeros and -inf, a row with a NaN partial lse gets NaN in o and lse. Not launched with
    one split.
 
+With ``DecodeConfig.pdl`` (off by default: measured no faster) every kernel is a programmatic dependent
+launch on sm_90 and newer, and waits for the kernel before it first thing (``_wait_for_previous_grid``).
+
 The Triton path reads no values on the host, so it cannot check them: lengths past the capacity and page
 ids out of range are the caller's to avoid (the reference backend checks them). Writes past the capacity
 are dropped and rows before the sequence start (a cached sequence shorter than the queries) see nothing.
