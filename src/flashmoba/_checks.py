@@ -10,8 +10,11 @@ functions, the model and the commands all validate the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import numbers
+import typing
 
 import numpy as np
 import torch
@@ -101,3 +104,15 @@ def check_cu_seqlens_values(name: str, values: list[int], total: int) -> list[in
     if values[-1] != total:
         raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
     return lengths
+
+
+@functools.cache
+def bool_fields(config_class) -> frozenset[str]:
+    """The fields of dataclass ``config_class`` typed ``bool`` or ``bool | None`` (launch configs: the
+    others are integers), read from its type hints once per class."""
+    hints = typing.get_type_hints(config_class)
+    return frozenset(
+        field.name
+        for field in dataclasses.fields(config_class)
+        if hints[field.name] is bool or bool in typing.get_args(hints[field.name])
+    )

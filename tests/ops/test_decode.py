@@ -961,3 +961,11 @@ def test_pdl_is_chosen_only_where_the_device_takes_it():
         decode.DecodeConfig(pdl=1)
     with pytest.raises(ValueError, match="num_splits"):
         decode.DecodeConfig(num_splits=0)
+
+
+def test_bool_fields_are_read_from_the_type_hints():
+    from flashmoba._checks import bool_fields
+    from flashmoba.ops import KernelConfig
+
+    assert bool_fields(decode.DecodeConfig) == {"fold_append", "attn_by_group", "pdl"}  # bool | None
+    assert bool_fields(KernelConfig) == {"router_filter", "partials_in_input_dtype", "dq_by_stored_partials"}

@@ -33,13 +33,12 @@ import json
 import os
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from flashmoba._checks import check_choice
+from flashmoba._checks import bool_fields, check_choice
 from flashmoba.api import moba_attn
 from flashmoba.bench import DEFAULT_SEQLENS, IMPLEMENTATIONS, card_name, measure, router_tflops
 from flashmoba.bench.timing import _file_stem
@@ -739,8 +738,8 @@ def _launch_configs(text: str, config_class) -> list[dict]:
     """A ``;``-separated list of launch configs, each a ``,``-separated list of ``field=int`` of the
     dataclass ``config_class`` (``default`` or nothing: the default config; a bool field takes 0 or 1),
     each config once; returns the configs' set fields as dicts (argparse errors name what is wrong)."""
-    hints = typing.get_type_hints(config_class)
-    kinds = {field.name: hints[field.name] for field in dataclasses.fields(config_class)}
+    names = tuple(field.name for field in dataclasses.fields(config_class))
+    flags = bool_fields(config_class)
     class_name = config_class.__name__
     configs = []
     for item in (item.strip() for item in text.split(";")):
@@ -753,9 +752,9 @@ def _launch_configs(text: str, config_class) -> list[dict]:
                 raise argparse.ArgumentTypeError(
                     f"expected field=int pairs such as num_splits=2, got {part!r}"
                 )
-            if name not in kinds:
+            if name not in names:
                 raise argparse.ArgumentTypeError(
-                    f"unknown {class_name} field {name!r}; fields: {', '.join(kinds)}"
+                    f"unknown {class_name} field {name!r}; fields: {', '.join(names)}"
                 )
             if name in config:
                 raise argparse.ArgumentTypeError(f"field {name!r} set twice in {item!r}")
@@ -763,7 +762,7 @@ def _launch_configs(text: str, config_class) -> list[dict]:
                 config[name] = int(value)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
-            if kinds[name] is bool or bool in typing.get_args(kinds[name]):  # bool or bool | None
+            if name in flags:
                 if config[name] not in (0, 1):
                     raise argparse.ArgumentTypeError(f"{name} must be 0 or 1, got {value!r}")
                 config[name] = bool(config[name])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from flashmoba._checks import check_bool, check_int, check_positive_int
+from flashmoba._checks import bool_fields, check_bool, check_int, check_positive_int
 
 # Triton's launch options keep their lower-case names; the other settings are the kernels' constexprs.
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -70,9 +70,10 @@ class KernelConfig:
     rows_per_item: int = 1024
 
     def __post_init__(self):
+        flags = bool_fields(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type == "bool":
+            if field.name in flags:
                 check_bool(field.name, value)
             elif field.name == "router_insert_rounds":
                 check_int(field.name, value, minimum=0)  # 0: every tile that may change a list merges

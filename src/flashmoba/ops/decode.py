@@ -68,15 +68,13 @@ are dropped and rows before the sequence start (a cached sequence shorter than t
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from flashmoba._checks import check_bool, check_positive_int
+from flashmoba._checks import bool_fields, check_bool, check_positive_int
 from flashmoba.ops.router import (
     EMPTY_KEY,
     MAX_RUNNING_TOPK,
@@ -122,15 +120,6 @@ DEFAULT_PDL = False
 GROUP_TILE_BYTES = 32768
 
 
-@functools.cache
-def _bool_fields(config_class) -> frozenset[str]:
-    """The fields of a launch-config dataclass typed ``bool | None`` (the others are ``int | None``)."""
-    hints = typing.get_type_hints(config_class)
-    return frozenset(
-        field.name for field in dataclasses.fields(config_class) if bool in typing.get_args(hints[field.name])
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Launch settings of the decode kernels (None: the launcher's heuristic decides for the shapes)."""
@@ -160,12 +149,12 @@ class DecodeConfig:
     pdl: bool | None = None
 
     def __post_init__(self):
-        bool_fields = _bool_fields(type(self))
+        bool_fields_here = bool_fields(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is None:
                 continue
-            if field.name in bool_fields:
+            if field.name in bool_fields_here:
                 check_bool(field.name, value)
             else:
                 check_positive_int(field.name, value)
