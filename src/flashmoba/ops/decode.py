@@ -78,8 +78,6 @@ from flashmoba._checks import bool_fields, check_bool, check_positive_int
 from flashmoba.ops.router import (
     EMPTY_KEY,
     MAX_RUNNING_TOPK,
-    NOT_ENTERING,
-    _insert_best,
     _key_score,
     _merge_tile,
     _ordered_scores,
@@ -400,6 +398,27 @@ def _decode_append_kernel(
 
 
 @triton.jit
+def _best_keys(keys, rounds, RUNNING_TOPK: tl.constexpr):
+    """The best ``rounds`` (<= RUNNING_TOPK) of each row of packed keys [M, N], descending in
+    [M, RUNNING_TOPK], EMPTY_KEY after them: one maximum per round. Keys of a row are distinct (each
+    holds its block id) except EMPTY_KEY, so a round removes exactly its winner."""
+    columns = tl.arange(0, RUNNING_TOPK)
+    best = tl.full([keys.shape[0], RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    for rank in range(rounds):
+        row_best = tl.max(keys, axis=1)
+        keys = tl.where(keys == row_best[:, None], EMPTY_KEY, keys)
+        best = tl.where(columns[None, :] == rank, row_best[:, None], best)
+    return best
+
+
+@triton.jit
+def _merge_best(running_topk, best):
+    """An ascending running list [M, K] with descending keys [M, K] (as ``_best_keys`` gives): the best K
+    of both, ascending (the bitonic split, as ``router._merge_tile``)."""
+    return tl.bitonic_merge(tl.maximum(running_topk, best), dim=1, descending=False)
+
+
+@triton.jit
 def _route_pairs(
     CacheSeqlens,
     tile,
@@ -425,24 +444,22 @@ def _route_pairs(
 
 
 @triton.jit
-def _split_list_ptrs(
+def _split_lists(
     SplitKeys,
     tile,
     seq,
     kv_head,
-    split,
     heads_kv,
     block_splits,
     ROWS: tl.constexpr,
     RUNNING_TOPK: tl.constexpr,
 ):
-    """Pointers to one split's running lists ``[ROWS, RUNNING_TOPK]`` in the scratch
+    """Split 0's running list of (row tile, sequence, kv head) in the scratch
     ``[row tiles, batch, heads_kv, block_splits, ROWS, RUNNING_TOPK]`` (the batch from the grid's
-    dimension 1, which both router kernels share)."""
+    dimension 1, which both router kernels share); split s's follows at ``s * ROWS * RUNNING_TOPK``."""
     batch = tl.num_programs(1)
-    index = ((tile.to(tl.int64) * batch + seq) * heads_kv + kv_head) * block_splits + split
-    offsets = tl.arange(0, ROWS)[:, None] * RUNNING_TOPK + tl.arange(0, RUNNING_TOPK)[None, :]
-    return SplitKeys + index * (ROWS * RUNNING_TOPK) + offsets
+    index = ((tile.to(tl.int64) * batch + seq) * heads_kv + kv_head) * block_splits
+    return SplitKeys + index * (ROWS * RUNNING_TOPK)
 
 
 @triton.jit
@@ -691,22 +708,21 @@ def _decode_route_kernel(
         threshold_key = tl.max(tl.where(at_threshold, running_topk, EMPTY_KEY), axis=1)
         below = block_scores <= _key_score(threshold_key)[:, None]  # False while a list has empty slots
         may_enter &= ~below
-        rounds = tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0)
+        # A row's top `picks` after the tile take at most `picks` of the tile's keys, its best ones.
+        rounds = tl.minimum(tl.max(tl.sum(may_enter.to(tl.int32), axis=1), axis=0), picks)
         if rounds > 0:
-            ordered = _ordered_scores(block_scores)
+            keys = _score_keys(_ordered_scores(block_scores), block_ids[None, :])
+            keys = tl.where(may_enter, keys, EMPTY_KEY)
             if rounds <= INSERT_ROUNDS:
-                entering = tl.where(may_enter, ordered, NOT_ENTERING)
-                running_topk = _insert_best(running_topk, entering, block_ids, rounds, RUNNING_TOPK)
+                running_topk = _merge_best(running_topk, _best_keys(keys, rounds, RUNNING_TOPK))
             else:
-                keys = tl.where(may_enter, _score_keys(ordered, block_ids[None, :]), EMPTY_KEY)
                 running_topk = _merge_tile(running_topk, keys, RUNNING_TOPK)
 
     if SPLIT_BLOCKS:
         # A split's best `picks` are a superset of its share of the overall best: store the whole list.
-        list_ptrs = _split_list_ptrs(
-            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, ROWS, RUNNING_TOPK
-        )
-        tl.store(list_ptrs, running_topk)
+        lists = _split_lists(SplitKeys, tile, seq, kv_head, heads_kv, block_splits, ROWS, RUNNING_TOPK)
+        offsets = tl.arange(0, ROWS)[:, None] * RUNNING_TOPK + tl.arange(0, RUNNING_TOPK)[None, :]
+        tl.store(lists + split * (ROWS * RUNNING_TOPK) + offsets, running_topk)
     else:
         _store_selection(
             Selected,
@@ -743,6 +759,7 @@ def _decode_route_merge_kernel(
     heads_kv,
     block_splits,
     RUNNING_TOPK: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # block_splits rounded up to a power of 2
     BLOCK_M: tl.constexpr,
     ROWS: tl.constexpr,
     TAIL_TILE: tl.constexpr,
@@ -757,12 +774,18 @@ def _decode_route_merge_kernel(
     pair_ok, rows, heads, own_block = _route_pairs(
         CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M, ROWS
     )
-    running_topk = tl.full([ROWS, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
-    for split in range(0, block_splits):
-        list_ptrs = _split_list_ptrs(
-            SplitKeys, tile, seq, kv_head, split, heads_kv, block_splits, ROWS, RUNNING_TOPK
-        )
-        running_topk = _merge_tile(running_topk, tl.load(list_ptrs), RUNNING_TOPK)
+    # Every split's list at once, [ROWS, SPLITS_PAD * RUNNING_TOPK] (split-major columns), and the best
+    # `picks` of them, one maximum per pick: no merge per split.
+    columns = tl.arange(0, SPLITS_PAD * RUNNING_TOPK)
+    column_split = columns // RUNNING_TOPK
+    lists = _split_lists(SplitKeys, tile, seq, kv_head, heads_kv, block_splits, ROWS, RUNNING_TOPK)
+    offsets = (
+        tl.arange(0, ROWS)[:, None] * RUNNING_TOPK
+        + (column_split * (ROWS * RUNNING_TOPK) + columns % RUNNING_TOPK)[None, :]
+    )
+    keys = tl.load(lists + offsets, mask=(column_split < block_splits)[None, :], other=EMPTY_KEY)
+    empty = tl.full([ROWS, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    running_topk = _merge_best(empty, _best_keys(keys, picks, RUNNING_TOPK))
     _store_selection(
         Selected,
         running_topk,
@@ -1547,6 +1570,7 @@ def decode_route(
             heads_kv=heads_kv,
             block_splits=block_splits,
             RUNNING_TOPK=running_topk,
+            SPLITS_PAD=next_power_of_2(block_splits),
             BLOCK_M=route["BLOCK_M"],
             ROWS=route["ROWS"],
             TAIL_TILE=tail_tile,
