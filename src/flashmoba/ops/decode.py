@@ -1267,8 +1267,9 @@ def decode_tiles(
         # 8 warps, 2 stages for full tiles: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on
         # sm_90, and so do 3 stages of float32 sums tiles (tools/compile_hopper.py). Tiles of fewer rows
         # take 4 warps (no spills at head_dim 128; measured in benchmarks/NOTES.md, "The decode router
-        # on the group's rows only").
-        num_warps=config.route_num_warps or (4 if route_rows < route_block_m else 8),
+        # on the group's rows only"), tiles of one row 2 (NOTES, "The decode router's top-k by maxima").
+        num_warps=config.route_num_warps
+        or (2 if route_rows == 1 else 4 if route_rows < route_block_m else 8),
         num_stages=config.route_num_stages or 2,
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
@@ -1282,6 +1283,10 @@ def decode_tiles(
     route_programs = -(-seqlen_q * group // route["BLOCK_M"]) * max(1, rows // max(1, seqlen_q * group))
     if route_programs >= sm_count or centroid_tiles < 2:  # (also: no queries, route_programs 0)
         block_splits = 1
+    elif route["ROWS"] == 1:
+        # Programs of one row (2 warps) split towards 8 per SM, down to one tile each: at batch 8, 16 / 16
+        # heads, 8 splits of 2 tiles (128K) and 4 of 1 (32K) routed faster than 3 and 2 (NOTES, as above).
+        block_splits = min(-(-8 * sm_count // route_programs), centroid_tiles, MAX_ROUTE_SPLITS)
     else:
         least_tiles = min(4, max(1, centroid_tiles // 4))
         block_splits = min(
