@@ -211,22 +211,29 @@ def test_chunked_prefill_of_four_blocks_against_the_reference():
 def test_mha_decode_steps_at_head_dim_64_against_the_reference(splits):
     # The 340m preset's MoBA layers (16 / 16 heads, d 64): a one-token step routes one (row, head) pair
     # per kv head, the first row of the router's 16-row dot (decode_tiles' ROWS 1), with and without the
-    # router's block splits.
+    # router's block splits. With splits the by-head attention merges the router's lists itself
+    # (route_merge_in_attention): the same bits as the route merge kernel's selections.
     heads, head_dim = 16, 64
     state = DecodeState(
         [CAPACITY - 1 - 512, 20000, 8191, 1, 0, 4095], False, seed=7, heads_kv=heads, head_dim=head_dim
     )
-    twin = state.clone()
+    twin, apart = state.clone(), state.clone()
     config = decode.DecodeConfig(route_block_splits=splits)
+    merged_apart = decode.DecodeConfig(route_block_splits=splits, route_merge_in_attention=False)
     for _ in range(3):
         q, k, v = (state.randn(state.batch, 1, heads, head_dim) for _ in range(3))
         with torch.no_grad():
-            arguments = (state.k_cache, state.v_cache, state.block_sums, state.cache_seqlens, BLOCK, TOPK)
-            out, _ = decode.moba_decode_triton(q, *arguments, k, v, None, head_dim**-0.5, config)
+            outs = []
+            for case, case_config in ((state, config), (apart, merged_apart)):
+                arguments = (case.k_cache, case.v_cache, case.block_sums, case.cache_seqlens, BLOCK, TOPK)
+                out, lse = decode.moba_decode_triton(q, *arguments, k, v, None, head_dim**-0.5, case_config)
+                outs.append((out, lse))
             expected, _ = twin.step(q, k, v, "reference")
-        assert_mostly_close(out, expected)
-        state.cache_seqlens += 1
-        twin.cache_seqlens += 1
+        assert_mostly_close(outs[0][0], expected)
+        for merged_here, merged_by_kernel in zip(outs[0], outs[1], strict=True):
+            assert torch.equal(merged_here, merged_by_kernel)
+        for case in (state, twin, apart):
+            case.cache_seqlens += 1
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -344,6 +344,52 @@ def test_router_tiles_and_block_splits_equal_moba_select(heads, seqlen_q, rows, 
         assert torch.equal(selected[b], expected[0]), f"sequence {b}"
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize(
+    ("heads", "seqlen_q", "new_kv"),
+    [((3, 3), 1, True), ((3, 3), 1, False), ((4, 2), 1, True), ((2, 1), 3, True)],
+    ids=["mha-step", "mha-cached", "gqa-step", "mqa-3-rows"],
+)
+def test_attention_merges_the_router_splits(heads, seqlen_q, new_kv, splits, monkeypatch, poison_empty):
+    # The by-head attention merges each pair's split lists (route_merge_in_attention): the route merge
+    # kernel is not launched, and the step equals the reference and, bit for bit, the step with it.
+    # Blocks of one key: 3 centroid tiles of 16 shared by 2 or 3 router programs.
+    lengths = (0, 1, 2, 17, 40) if new_kv else (1, 2, 3, 17, 40)
+
+    def new_case():  # a step appends in place: each run gets its own copy of the caches
+        return Case(lengths, seqlen_q, heads, new_kv, None, block_size=1, topk=5, capacity=48, seed=16)
+
+    fields = dict(route_block_n=16, route_block_splits=splits, attn_by_group=False)
+    merged_apart = decode.moba_decode_triton(
+        *new_case().triton_arguments(HEAD_DIM**-0.5),
+        decode.DecodeConfig(**fields, route_merge_in_attention=False),
+    )
+    case = new_case()
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the route merge kernel is launched")
+
+    monkeypatch.setattr(decode, "_decode_route_merge_kernel", NoLaunch(no_merge))
+    config = decode.DecodeConfig(**fields)
+    tiles = decode.decode_tiles(
+        HEAD_DIM,
+        1,
+        5,
+        48,
+        5 * seqlen_q * heads[0],
+        heads[0] // heads[1],
+        seqlen_q,
+        decode.DEFAULT_SM_COUNT,
+        config,
+    )
+    assert tiles["route_merge_in_attention"] and tiles["block_splits"] == splits
+    out, lse = decode.moba_decode_triton(*case.triton_arguments(HEAD_DIM**-0.5), config)
+    expected_out, expected_lse = case.expected()
+    assert_close(out, expected_out, "kernel_float32", "o")
+    assert_close(lse, expected_lse, "kernel_float32", "lse")
+    assert torch.equal(out, merged_apart[0]) and torch.equal(lse, merged_apart[1])
+
+
 def test_router_split_heuristic_splits_the_centroids_of_small_batches_only():
     # 1M keys in blocks of 128: 8192 centroids, 128 tiles of 64 per (sequence, kv head).
     small = decode.decode_tiles(128, 128, 8, 8192, rows=32, group=4, seqlen_q=1, sm_count=132)

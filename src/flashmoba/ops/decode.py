@@ -113,6 +113,8 @@ DEFAULT_ATTN_BY_GROUP = True  # where a kv head has several query heads (group >
 # default: replayed steps were as fast or slower with it on an H200 (benchmarks/NOTES.md, "Decode kernels
 # launched programmatically").
 DEFAULT_PDL = False
+# The by-head attention merges the router's split lists (one launch fewer per split step).
+DEFAULT_ROUTE_MERGE_IN_ATTENTION = True
 # Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take at
 # most 4x this in shared memory (128 KB of the H100's and H200's 227 KB; 78 KB compiled at head_dim 128).
 GROUP_TILE_BYTES = 32768
@@ -142,6 +144,10 @@ class DecodeConfig:
     # group's query heads, tensor-core dots) or by query head (_decode_attn_partial_kernel) (None:
     # DEFAULT_ATTN_BY_GROUP where group > 1, by query head for one query head per kv head).
     attn_by_group: bool | None = None
+    # Where the router splits and the attention runs by query head: each attention program merges its
+    # pair's split lists itself, and the route merge kernel is not launched (None:
+    # DEFAULT_ROUTE_MERGE_IN_ATTENTION).
+    route_merge_in_attention: bool | None = None
     # Launch every decode kernel with programmatic dependent launch where the device supports it
     # (ops.utils.supports_pdl; ignored elsewhere) (None: DEFAULT_PDL).
     pdl: bool | None = None
@@ -449,17 +455,42 @@ def _split_lists(
     tile,
     seq,
     kv_head,
+    batch,
     heads_kv,
     block_splits,
     ROWS: tl.constexpr,
     RUNNING_TOPK: tl.constexpr,
 ):
     """Split 0's running list of (row tile, sequence, kv head) in the scratch
-    ``[row tiles, batch, heads_kv, block_splits, ROWS, RUNNING_TOPK]`` (the batch from the grid's
-    dimension 1, which both router kernels share); split s's follows at ``s * ROWS * RUNNING_TOPK``."""
-    batch = tl.num_programs(1)
+    ``[row tiles, batch, heads_kv, block_splits, ROWS, RUNNING_TOPK]``; split s's follows at
+    ``s * ROWS * RUNNING_TOPK``."""
     index = ((tile.to(tl.int64) * batch + seq) * heads_kv + kv_head) * block_splits
     return SplitKeys + index * (ROWS * RUNNING_TOPK)
+
+
+@triton.jit
+def _merged_split_lists(
+    lists,
+    list_rows,
+    block_splits,
+    picks,
+    ROWS: tl.constexpr,
+    RUNNING_TOPK: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """The running lists [R, RUNNING_TOPK] (ascending) of rows ``list_rows`` ([R] of a split's ROWS) over
+    every split at ``lists`` (``_split_lists``): all splits' keys at once, [R, SPLITS_PAD * RUNNING_TOPK]
+    (split-major columns), and their best ``picks``, one maximum per pick (packed keys order globally,
+    ties to the later block as within a split)."""
+    columns = tl.arange(0, SPLITS_PAD * RUNNING_TOPK)
+    column_split = columns // RUNNING_TOPK
+    offsets = (
+        list_rows[:, None] * RUNNING_TOPK
+        + (column_split * (ROWS * RUNNING_TOPK) + columns % RUNNING_TOPK)[None, :]
+    )
+    keys = tl.load(lists + offsets, mask=(column_split < block_splits)[None, :], other=EMPTY_KEY)
+    empty = tl.full([list_rows.shape[0], RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
+    return _merge_best(empty, _best_keys(keys, picks, RUNNING_TOPK))
 
 
 @triton.jit
@@ -720,7 +751,8 @@ def _decode_route_kernel(
 
     if SPLIT_BLOCKS:
         # A split's best `picks` are a superset of its share of the overall best: store the whole list.
-        lists = _split_lists(SplitKeys, tile, seq, kv_head, heads_kv, block_splits, ROWS, RUNNING_TOPK)
+        batch = tl.num_programs(1)
+        lists = _split_lists(SplitKeys, tile, seq, kv_head, batch, heads_kv, block_splits, ROWS, RUNNING_TOPK)
         offsets = tl.arange(0, ROWS)[:, None] * RUNNING_TOPK + tl.arange(0, RUNNING_TOPK)[None, :]
         tl.store(lists + split * (ROWS * RUNNING_TOPK) + offsets, running_topk)
     else:
@@ -774,18 +806,10 @@ def _decode_route_merge_kernel(
     pair_ok, rows, heads, own_block = _route_pairs(
         CacheSeqlens, tile, seq, kv_head, appended, seqlen_q, group, block_size, BLOCK_M, ROWS
     )
-    # Every split's list at once, [ROWS, SPLITS_PAD * RUNNING_TOPK] (split-major columns), and the best
-    # `picks` of them, one maximum per pick: no merge per split.
-    columns = tl.arange(0, SPLITS_PAD * RUNNING_TOPK)
-    column_split = columns // RUNNING_TOPK
-    lists = _split_lists(SplitKeys, tile, seq, kv_head, heads_kv, block_splits, ROWS, RUNNING_TOPK)
-    offsets = (
-        tl.arange(0, ROWS)[:, None] * RUNNING_TOPK
-        + (column_split * (ROWS * RUNNING_TOPK) + columns % RUNNING_TOPK)[None, :]
-    )
-    keys = tl.load(lists + offsets, mask=(column_split < block_splits)[None, :], other=EMPTY_KEY)
-    empty = tl.full([ROWS, RUNNING_TOPK], EMPTY_KEY, dtype=tl.int64)
-    running_topk = _merge_best(empty, _best_keys(keys, picks, RUNNING_TOPK))
+    batch = tl.num_programs(1)
+    lists = _split_lists(SplitKeys, tile, seq, kv_head, batch, heads_kv, block_splits, ROWS, RUNNING_TOPK)
+    list_rows = tl.arange(0, ROWS)
+    running_topk = _merged_split_lists(lists, list_rows, block_splits, picks, ROWS, RUNNING_TOPK, SPLITS_PAD)
     _store_selection(
         Selected,
         running_topk,
@@ -850,6 +874,17 @@ def _decode_attn_partial_kernel(
     slots_per_split,
     num_splits,
     qk_scale,  # softmax_scale * log2(e)
+    SplitKeys,  # MERGE_ROUTE: the router's split lists (_decode_route_kernel's scratch), else None
+    batch,
+    route_splits,  # MERGE_ROUTE: the router's block splits, its row tiles' pairs and rows, top-k picks
+    topk,
+    picks,
+    ROUTE_BLOCK_M: tl.constexpr,
+    ROUTE_ROWS: tl.constexpr,
+    RUNNING_TOPK: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    TAIL_TILE: tl.constexpr,
+    MERGE_ROUTE: tl.constexpr,  # merge the router's split lists here (no route merge launch)
     PAGED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -859,7 +894,9 @@ def _decode_attn_partial_kernel(
     PDL: tl.constexpr,  # launched with programmatic dependent launch (_wait_for_previous_grid)
 ):
     """Program (pair (b, t, head), split): partial softmax of query row t of head ``head`` over the keys of
-    the blocks in selection slots ``[split * slots_per_split, ...)``."""
+    the blocks in selection slots ``[split * slots_per_split, ...)``. With MERGE_ROUTE the pair's selection
+    is first merged from the router's split lists, as ``_decode_route_merge_kernel`` would, and written
+    to its row of Selected by every split program of the pair (the same values), then read back."""
     _wait_for_previous_grid(PDL)
     pair = tl.program_id(0)
     split = tl.program_id(1)
@@ -868,6 +905,42 @@ def _decode_attn_partial_kernel(
     row = pair // heads_q % seqlen_q
     kv_head = head // group
     position = tl.load(CacheSeqlens + seq) + appended - seqlen_q + row
+    if MERGE_ROUTE:
+        # The router's pair of this program: (row, member of the group), in router row tiles of
+        # ROUTE_BLOCK_M pairs whose lists hold ROUTE_ROWS rows.
+        route_pair = row * group + head % group
+        lists = _split_lists(
+            SplitKeys,
+            route_pair // ROUTE_BLOCK_M,
+            seq,
+            kv_head,
+            batch,
+            heads_q // group,
+            route_splits,
+            ROUTE_ROWS,
+            RUNNING_TOPK,
+        )
+        one = tl.zeros([1], dtype=tl.int32)
+        running_topk = _merged_split_lists(
+            lists, one + route_pair % ROUTE_BLOCK_M, route_splits, picks, ROUTE_ROWS, RUNNING_TOPK, SPLITS_PAD
+        )
+        _store_selection(
+            Selected,
+            running_topk,
+            one + tl.where(position >= 0, position // block_size, -1),
+            one == 0,
+            one + row,
+            one + head,
+            seq,
+            stride_selected_batch,
+            stride_selected_token,
+            stride_selected_head,
+            picks,
+            topk,
+            RUNNING_TOPK,
+            TAIL_TILE,
+        )
+        tl.debug_barrier()  # the row's slots, written by this program's threads, read below by others
 
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < head_dim
@@ -1267,9 +1340,8 @@ def decode_tiles(
         # 8 warps, 2 stages for full tiles: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on
         # sm_90, and so do 3 stages of float32 sums tiles (tools/compile_hopper.py). Tiles of fewer rows
         # take 4 warps (no spills at head_dim 128; measured in benchmarks/NOTES.md, "The decode router
-        # on the group's rows only"), tiles of one row 2 (NOTES, "The decode router's top-k by maxima").
-        num_warps=config.route_num_warps
-        or (2 if route_rows == 1 else 4 if route_rows < route_block_m else 8),
+        # on the group's rows only"); split tiles of one row take 2 (below).
+        num_warps=config.route_num_warps or (4 if route_rows < route_block_m else 8),
         num_stages=config.route_num_stages or 2,
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
@@ -1295,6 +1367,10 @@ def decode_tiles(
     block_splits = min(config.route_block_splits or block_splits, centroid_tiles)
     tiles_per_split = -(-centroid_tiles // block_splits)
     block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
+    if route_rows == 1 and block_splits > 1 and config.route_num_warps is None:
+        # Split programs of one row: 2 warps (NOTES, "The decode router's top-k by maxima"; unsplit, 4
+        # routed one tile faster at 8K and as fast at batch 32).
+        route["num_warps"] = 2
     used_slots = min(topk, max_blocks)
     if config.attn_by_group is None:
         attn_by_group = DEFAULT_ATTN_BY_GROUP and group > 1
@@ -1347,6 +1423,15 @@ def decode_tiles(
         )
     return dict(
         fold_append=DEFAULT_FOLD_APPEND if config.fold_append is None else bool(config.fold_append),
+        # Selection slots past the running list, written in tiles of this many (_store_selection).
+        tail_tile=min(64, max(16, next_power_of_2(max(1, topk - running_topk)))),
+        route_merge_in_attention=block_splits > 1
+        and not attn_by_group
+        and (
+            DEFAULT_ROUTE_MERGE_IN_ATTENTION
+            if config.route_merge_in_attention is None
+            else bool(config.route_merge_in_attention)
+        ),
         pdl=pdl_supported and (DEFAULT_PDL if config.pdl is None else bool(config.pdl)),
         attn_by_group=attn_by_group,
         entries_per_split=entries_per_split,
@@ -1455,6 +1540,16 @@ def decode_route(
     candidates ascending, then the own block, then -1. ``fold``: None, or for one new token per sequence
     (T 1) ``(k, v, k_cache, v_cache, block_table, capacity)``, which the route kernel appends itself
     (``appended`` must then be 1)."""
+    selected, _ = _launch_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles, out, fold)
+    return selected
+
+
+def _launch_route(
+    q, block_sums, cache_seqlens, block_size, topk, appended, tiles, out=None, fold=None, merge=True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``decode_route``'s launches; with ``merge`` False and a split router the route merge kernel is not
+    launched and the selections are left unwritten: returns them with the splits' lists (None without
+    splits), for the attention to merge (``decode_attend``'s ``split_keys``)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = block_sums.shape[2]
     group = heads_q // heads_kv
@@ -1466,7 +1561,7 @@ def decode_route(
     route = tiles["route"]
     row_tiles = triton.cdiv(seqlen_q * group, route["BLOCK_M"])
     if row_tiles == 0 or batch == 0:
-        return selected
+        return selected, None
     running_topk, block_splits = tiles["running_topk"], tiles["block_splits"]
     split_keys = None
     if block_splits > 1:
@@ -1480,7 +1575,7 @@ def decode_route(
             dtype=torch.int64,
             device=q.device,
         )
-    tail_tile = min(64, max(16, next_power_of_2(max(1, topk - running_topk))))
+    tail_tile = tiles["tail_tile"]
     if fold is not None:
         if seqlen_q != 1 or appended != 1:
             raise ValueError(f"the folded append takes one new token per sequence, got seqlen_q {seqlen_q}")
@@ -1558,7 +1653,7 @@ def decode_route(
         **route,
         launch_pdl=tiles["pdl"],
     )
-    if block_splits > 1:
+    if block_splits > 1 and merge:
         _decode_route_merge_kernel[(row_tiles, batch, heads_kv)](
             SplitKeys=split_keys,
             CacheSeqlens=cache_seqlens,
@@ -1583,13 +1678,25 @@ def decode_route(
             num_warps=4,
             launch_pdl=tiles["pdl"],
         )
-    return selected
+    return selected, split_keys
 
 
 def decode_attend(
-    q, k_cache, v_cache, selected, cache_seqlens, block_table, block_size, appended, scale, tiles
+    q,
+    k_cache,
+    v_cache,
+    selected,
+    cache_seqlens,
+    block_table,
+    block_size,
+    appended,
+    scale,
+    tiles,
+    split_keys=None,
 ):
-    """o like q and the float32 lse ``[batch, Hq, T]`` of the queries over their selected blocks."""
+    """o like q and the float32 lse ``[batch, Hq, T]`` of the queries over their selected blocks. With
+    ``split_keys`` (the router's unmerged split lists, ``_launch_route``; by-head attention only) each
+    attention program first merges its pair's selection into ``selected``."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -1620,7 +1727,21 @@ def decode_attend(
     else:
         kernel, programs = _decode_attn_partial_kernel, pairs
         attention_dim_pad = head_dim_pad
-        by_kind = dict(slots_per_split=tiles["slots_per_split"])
+        route = tiles["route"]
+        by_kind = dict(
+            slots_per_split=tiles["slots_per_split"],
+            SplitKeys=split_keys,
+            batch=batch,
+            route_splits=tiles["block_splits"],
+            topk=selected.shape[3],
+            picks=tiles["picks"],
+            ROUTE_BLOCK_M=route["BLOCK_M"],
+            ROUTE_ROWS=route["ROWS"],
+            RUNNING_TOPK=tiles["running_topk"],
+            SPLITS_PAD=next_power_of_2(tiles["block_splits"]),
+            TAIL_TILE=tiles["tail_tile"],
+            MERGE_ROUTE=split_keys is not None,
+        )
     kernel[(programs, num_splits)](
         Q=q,
         KCache=k_cache,
@@ -1759,7 +1880,29 @@ def moba_decode_triton(
             capacity,
             pdl=tiles["pdl"],
         )
-    selected = decode_route(q, block_sums, cache_seqlens, block_size, topk, appended, tiles, fold=fold)
+    # The by-head attention may merge the router's split lists itself (tiles["route_merge_in_attention"]).
+    merge_in_attention = tiles["route_merge_in_attention"]
+    selected, split_keys = _launch_route(
+        q,
+        block_sums,
+        cache_seqlens,
+        block_size,
+        topk,
+        appended,
+        tiles,
+        fold=fold,
+        merge=not merge_in_attention,
+    )
     return decode_attend(
-        q, k_cache, v_cache, selected, cache_seqlens, block_table, block_size, appended, softmax_scale, tiles
+        q,
+        k_cache,
+        v_cache,
+        selected,
+        cache_seqlens,
+        block_table,
+        block_size,
+        appended,
+        softmax_scale,
+        tiles,
+        split_keys=split_keys if merge_in_attention else None,
     )
