@@ -390,6 +390,22 @@ def test_attention_merges_the_router_splits(heads, seqlen_q, new_kv, splits, mon
     assert torch.equal(out, merged_apart[0]) and torch.equal(lse, merged_apart[1])
 
 
+def test_one_row_router_settings_at_the_benchmark_s_16_16_heads():
+    # One (row, head) pair per program (16 / 16 heads, d 64, one token): 2 warps, splits towards 8
+    # programs per SM merged by the by-head attention; 4 warps only for an unsplit launch of fewer
+    # programs than SMs (batch 8 at 8K: one centroid tile).
+    def settings(batch, max_blocks):
+        tiles = decode.decode_tiles(64, 128, 8, max_blocks, batch * 16, 1, 1, 132)
+        assert tiles["route"]["ROWS"] == 1
+        return tiles["route"]["num_warps"], tiles["block_splits"], tiles["route_merge_in_attention"]
+
+    assert settings(8, 64) == (4, 1, False)
+    assert settings(8, 256) == (2, 4, True) and settings(8, 1024) == (2, 8, True)
+    assert settings(32, 1024) == (2, 1, False) and settings(64, 64) == (2, 1, False)
+    # The group kernel keeps the route merge kernel.
+    assert not decode.decode_tiles(128, 128, 8, 1024, 8 * 32, 4, 1, 132)["route_merge_in_attention"]
+
+
 def test_router_split_heuristic_splits_the_centroids_of_small_batches_only():
     # 1M keys in blocks of 128: 8192 centroids, 128 tiles of 64 per (sequence, kv head).
     small = decode.decode_tiles(128, 128, 8, 8192, rows=32, group=4, seqlen_q=1, sm_count=132)

@@ -1367,10 +1367,11 @@ def decode_tiles(
     block_splits = min(config.route_block_splits or block_splits, centroid_tiles)
     tiles_per_split = -(-centroid_tiles // block_splits)
     block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
-    if route_rows == 1 and block_splits > 1 and config.route_num_warps is None:
-        # Split programs of one row: 2 warps (NOTES, "The decode router's top-k by maxima"; unsplit, 4
-        # routed one tile faster at 8K and as fast at batch 32).
-        route["num_warps"] = 2
+    if route_rows == 1 and config.route_num_warps is None:
+        # Programs of one row take 2 warps (more of them per SM), except where a launch of fewer programs
+        # than SMs walks its tiles unsplit: there one program's path is the kernel's time, and 4 warps
+        # shorten it (NOTES, "The decode router's top-k by maxima").
+        route["num_warps"] = 4 if block_splits == 1 and route_programs < sm_count else 2
     used_slots = min(topk, max_blocks)
     if config.attn_by_group is None:
         attn_by_group = DEFAULT_ATTN_BY_GROUP and group > 1
