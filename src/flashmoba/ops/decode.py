@@ -21,7 +21,11 @@ is sized from shapes alone, so a decode step (append + route + attend) can be ca
    padding. Output: int32 ``[batch, seqlen_q, heads_q, topk]``, the candidates ascending, then the own
    block, then -1. Where that grid is small against the device (a few long sequences), the centroid tiles
    of each (row tile, sequence, kv head) are split over ``block_splits`` programs, each storing its
-   running lists, and ``_decode_route_merge_kernel`` merges them (the keys order globally).
+   running lists, and ``_decode_route_merge_kernel`` merges them (the keys order globally), or, where
+   the attention runs by query head (``DecodeConfig.route_merge_in_attention``), each attention program
+   merges its own pair's lists first and no merge kernel is launched. A tile's keys enter a row's list
+   by maxima: at most ``picks`` rounds (the row's best ``picks`` after the tile take no more of its keys),
+   one int64 maximum each, then one bitonic merge.
    With ``DecodeConfig.fold_append`` (default ``DEFAULT_FOLD_APPEND``), a step of one new token per
    sequence (seqlen_q 1 with k, v) launches no append kernel: the route grid holds one more program per
    (b, h), which writes the token's key and value and updates its block's ``block_sums`` row
@@ -113,7 +117,8 @@ DEFAULT_ATTN_BY_GROUP = True  # where a kv head has several query heads (group >
 # default: replayed steps were as fast or slower with it on an H200 (benchmarks/NOTES.md, "Decode kernels
 # launched programmatically").
 DEFAULT_PDL = False
-# The by-head attention merges the router's split lists (one launch fewer per split step).
+# The by-head attention merges the router's split lists: one launch fewer per split step, 2.5-2.7 us off
+# a 16/16-head batch-8 step at 32K and 128K on an H200 (NOTES, "The decode router's top-k by maxima").
 DEFAULT_ROUTE_MERGE_IN_ATTENTION = True
 # Bytes of one K (or V) tile of the group kernel at most: 2 pipeline stages of a K and a V tile take at
 # most 4x this in shared memory (128 KB of the H100's and H200's 227 KB; 78 KB compiled at head_dim 128).
@@ -1340,24 +1345,25 @@ def decode_tiles(
         # 8 warps, 2 stages for full tiles: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on
         # sm_90, and so do 3 stages of float32 sums tiles (tools/compile_hopper.py). Tiles of fewer rows
         # take 4 warps (no spills at head_dim 128; measured in benchmarks/NOTES.md, "The decode router
-        # on the group's rows only"); split tiles of one row take 2 (below).
+        # on the group's rows only"); tiles of one row take 2 or 4 (below).
         num_warps=config.route_num_warps or (4 if route_rows < route_block_m else 8),
         num_stages=config.route_num_stages or 2,
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
     # batches of long caches: one program per kv head would walk every centroid alone), towards about
     # two programs per SM, as the attention's splits; each split keeps a quarter of the tiles, 1 to 4 of
-    # them, and a merge kernel combines the splits' lists, one after another (hence at most
-    # MAX_ROUTE_SPLITS of them). Measured (benchmarks/NOTES.md, "Decode launch settings swept"): at 4
-    # tiles (32K, batch 8) one tile per split took the router from 23.7 to 10.4 us; at 16 tiles, splits
-    # of 4 or 2 tiles route alike.
+    # them (one-row programs: below), and the route merge kernel, or the by-head attention, takes every
+    # split's list at once (hence at most MAX_ROUTE_SPLITS of them). Measured (benchmarks/NOTES.md,
+    # "Decode launch settings swept"): at 4 tiles (32K, batch 8) one tile per split took the router from
+    # 23.7 to 10.4 us; at 16 tiles, splits of 4 or 2 tiles route alike.
     centroid_tiles = -(-max_blocks // route["BLOCK_N"])
     route_programs = -(-seqlen_q * group // route["BLOCK_M"]) * max(1, rows // max(1, seqlen_q * group))
     if route_programs >= sm_count or centroid_tiles < 2:  # (also: no queries, route_programs 0)
         block_splits = 1
     elif route["ROWS"] == 1:
         # Programs of one row (2 warps) split towards 8 per SM, down to one tile each: at batch 8, 16 / 16
-        # heads, 8 splits of 2 tiles (128K) and 4 of 1 (32K) routed faster than 3 and 2 (NOTES, as above).
+        # heads, 8 splits of 2 tiles (128K) and 4 of 1 (32K) routed faster than 3 and 2 (NOTES, "The
+        # decode router's top-k by maxima").
         block_splits = min(-(-8 * sm_count // route_programs), centroid_tiles, MAX_ROUTE_SPLITS)
     else:
         least_tiles = min(4, max(1, centroid_tiles // 4))
