@@ -1029,5 +1029,10 @@ def test_bool_fields_are_read_from_the_type_hints():
     from flashmoba._checks import bool_fields
     from flashmoba.ops import KernelConfig
 
-    assert bool_fields(decode.DecodeConfig) == {"fold_append", "attn_by_group", "pdl"}  # bool | None
+    assert bool_fields(decode.DecodeConfig) == {
+        "fold_append",
+        "attn_by_group",
+        "route_merge_in_attention",
+        "pdl",
+    }
     assert bool_fields(KernelConfig) == {"router_filter", "partials_in_input_dtype", "dq_by_stored_partials"}
