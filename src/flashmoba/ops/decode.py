@@ -1342,11 +1342,8 @@ def decode_tiles(
         BLOCK_M=route_block_m,
         ROWS=route_rows,
         BLOCK_N=config.route_block_n or route_block_n,
-        # 8 warps, 2 stages for full tiles: 4 warps spill at head_dim 128 (bfloat16) and 64 (float32) on
-        # sm_90, and so do 3 stages of float32 sums tiles (tools/compile_hopper.py). Tiles of fewer rows
-        # take 4 warps (no spills at head_dim 128; measured in benchmarks/NOTES.md, "The decode router
-        # on the group's rows only"); tiles of one row take 2 or 4 (below).
-        num_warps=config.route_num_warps or (4 if route_rows < route_block_m else 8),
+        # 2 stages: 3 stages of float32 sums tiles spill on sm_90 (tools/compile_hopper.py). The warps
+        # follow the splits (below).
         num_stages=config.route_num_stages or 2,
     )
     # Split the centroid tiles of a row tile when the router alone would leave most SMs idle (small
@@ -1373,11 +1370,16 @@ def decode_tiles(
     block_splits = min(config.route_block_splits or block_splits, centroid_tiles)
     tiles_per_split = -(-centroid_tiles // block_splits)
     block_splits = -(-centroid_tiles // tiles_per_split)  # no split left without a tile
-    if route_rows == 1 and config.route_num_warps is None:
-        # Programs of one row take 2 warps (more of them per SM), except where a launch of fewer programs
-        # than SMs walks its tiles unsplit: there one program's path is the kernel's time, and 4 warps
-        # shorten it (NOTES, "The decode router's top-k by maxima").
-        route["num_warps"] = 4 if block_splits == 1 and route_programs < sm_count else 2
+    # 8 warps for full tiles: 4 spill at head_dim 128 (bfloat16) and 64 (float32) on sm_90
+    # (tools/compile_hopper.py). Tiles of fewer rows take 4 (no spills at head_dim 128; benchmarks/NOTES.md,
+    # "The decode router on the group's rows only"). Tiles of one row take 2 (more programs per SM),
+    # except where a launch of fewer programs than SMs walks its tiles unsplit: there one program's path
+    # is the kernel's time, and 4 warps shorten it (NOTES, "The decode router's top-k by maxima").
+    if route_rows == 1:
+        route_warps = 4 if block_splits == 1 and route_programs < sm_count else 2
+    else:
+        route_warps = 4 if route_rows < route_block_m else 8
+    route["num_warps"] = config.route_num_warps or route_warps
     used_slots = min(topk, max_blocks)
     if config.attn_by_group is None:
         attn_by_group = DEFAULT_ATTN_BY_GROUP and group > 1
