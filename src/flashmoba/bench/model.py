@@ -55,7 +55,7 @@ from flashmoba.bench.timing import card_name, time_cuda_ms
 from flashmoba.models.hybrid import HybridLM, ModelConfig, is_global_layer, model_config_from_preset
 from flashmoba.training.config import TrainConfig
 from flashmoba.training.loop import make_optimizer
-from flashmoba.training.runtime import autocast, blocks_compile_mode, head_compile_mode, uses_cuda_graphs
+from flashmoba.training.runtime import autocast, begin_graph_iteration, blocks_compile_mode, head_compile_mode
 
 ATTENTIONS = ("dense", "moba")
 SPLIT_FIELDS = ("attention_ms", "matmul_ms", "other_ms", "idle_ms")
@@ -322,8 +322,7 @@ def make_train_step(
     of every step grows)."""
 
     def step() -> None:
-        if compile_mode is not None and uses_cuda_graphs(compile_mode):
-            torch.compiler.cudagraph_mark_step_begin()
+        begin_graph_iteration(compile_mode)
         with autocast(device):
             _, loss = model(
                 batch["input_ids"],

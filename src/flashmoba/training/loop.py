@@ -47,6 +47,7 @@ from flashmoba.training.config import TrainConfig, validate_config
 from flashmoba.training.run_directory import RunPlan, apply_plan, plan_run
 from flashmoba.training.runtime import (
     autocast,
+    begin_graph_iteration,
     blocks_compile_mode,
     head_compile_mode,
     resolve_device,
@@ -274,10 +275,7 @@ def train_step(
     step_loss = torch.zeros((), device=device)
     mode = compile_mode(config, device)
     for micro_step in range(config.grad_accum_steps):
-        if mode and uses_cuda_graphs(mode):
-            # Each micro-step is a new iteration of the blocks' CUDA graphs: the previous one's outputs
-            # are dead once its backward ran (PyTorch's advice for reduce-overhead training loops).
-            torch.compiler.cudagraph_mark_step_begin()
+        begin_graph_iteration(mode)  # each micro-step is a new iteration of the blocks' CUDA graphs
         host_batch = host_batch_for(train_batch(corpus, config, rank, step, micro_step), config, device)
         batch = host_batch.to(device)
         with _sync_gradients(model, micro_step == config.grad_accum_steps - 1):

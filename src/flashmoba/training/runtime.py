@@ -82,3 +82,11 @@ def head_compile_mode(blocks_mode: str) -> str:
 def uses_cuda_graphs(compile_mode: str) -> bool:
     """Whether blocks compiled in ``compile_mode`` replay CUDA graphs (and so want static shapes)."""
     return compile_mode == "reduce-overhead"
+
+
+def begin_graph_iteration(compile_mode: str | None) -> None:
+    """Start a new iteration of the blocks' CUDA graphs (a no-op without them, ``compile_mode`` None or
+    not graphed): the previous step's outputs are dead once its backward ran (PyTorch's advice for
+    reduce-overhead training loops); without it cudagraph trees leave their fast path."""
+    if compile_mode and uses_cuda_graphs(compile_mode):
+        torch.compiler.cudagraph_mark_step_begin()
