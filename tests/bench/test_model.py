@@ -252,6 +252,44 @@ def test_measure_model_on_cpu(attention):
     assert row["rows_per_item"] == (KernelConfig().rows_per_item if attention == "moba" else None)
 
 
+def test_dense_kernel_is_checked_and_recorded():
+    run = dict(steps=1, warmup=1, device="cpu", backend="reference")
+    with pytest.raises(ValueError, match="dense_kernel must be one of"):
+        bench_model.measure_model("tiny", 32, "dense", dense_kernel="flash", **run)
+    with pytest.raises(ValueError, match="dense_kernel 'cudnn' needs a CUDA device"):
+        bench_model.measure_model("tiny", 32, "dense", dense_kernel="cudnn", **run)
+    assert bench_model.measure_model("tiny", 32, "dense", **run)["dense_kernel"] == "flash_varlen"
+    # MoBA rows have no dense layers: whatever the setting, they record none.
+    moba = dict(block_size=16, topk=2, **run)
+    assert bench_model.measure_model("tiny", 32, "moba", dense_kernel="cudnn", **moba)["dense_kernel"] is None
+
+
+def test_cudnn_dense_kernel_takes_the_global_layers_off_flash_varlen_and_allows_only_cudnn():
+    model = HybridLM(ModelConfig(**TINY, global_attention="dense"))
+    seen = []
+
+    def step():
+        seen.append(
+            (
+                torch.backends.cuda.cudnn_sdp_enabled(),
+                torch.backends.cuda.flash_sdp_enabled(),
+                torch.backends.cuda.mem_efficient_sdp_enabled(),
+                torch.backends.cuda.math_sdp_enabled(),
+            )
+        )
+
+    assert bench_model.on_dense_kernel(model, step, "flash_varlen") is step
+    assert all(block.attn.use_flash_varlen for block in model.blocks)
+    bench_model.on_dense_kernel(model, step, "cudnn")()
+    assert seen == [(True, False, False, False)]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+    # The global (dense) layer leaves flash varlen; the sliding-window layer keeps it.
+    assert [(block.attn.attention, block.attn.use_flash_varlen) for block in model.blocks] == [
+        ("sliding", True),
+        ("dense", False),
+    ]
+
+
 def test_head_is_compiled_where_the_blocks_are(monkeypatch):
     """As in training: blocks compiled in reduce-overhead give a head compiled in default mode (no CUDA
     graphs); ``compile_head=False`` keeps it eager; on CPU, with eager blocks, it stays eager."""

@@ -28,6 +28,8 @@ def test_runs_and_writes_rows(tmp_path, capsys):
 
     default_rows_per_item = KernelConfig().rows_per_item
     assert [r["rows_per_item"] for r in rows] == [None, default_rows_per_item, default_rows_per_item]
+    # On CPU the dense row runs once, on flash varlen's path (cuDNN is CUDA's); MoBA rows name none.
+    assert [r["dense_kernel"] for r in rows] == ["flash_varlen", None, None]
     for row in rows:
         assert tuple(row) == ROW_FIELDS
         assert row["card"] == "cpu" and row["seqlen"] == 64 and row["tokens_per_s"] > 0
@@ -105,6 +107,8 @@ def test_default_out_is_named_after_the_card(tmp_path, monkeypatch):
         (["--preset", "huge"], "--preset"),
         (["--backend", "cuda"], "--backend"),
         (["--device", "tpu"], "--device"),
+        (["--dense-kernels", "flash"], "--dense-kernels"),
+        (["--device", "cpu", "--dense-kernels", "flash_varlen,cudnn"], "--dense-kernels"),
         (["--rows-per-item", "1024,-1"], "--rows-per-item"),
         (["--rows-per-item", "many"], "--rows-per-item"),
         (["--kernel-configs", "backward_warps=4"], "--kernel-configs"),
@@ -143,3 +147,19 @@ def test_plain_bench_keeps_its_own_flags(capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert "flashmoba bench: error: argument --seqlens" in error and "bench model" not in error
+
+
+def test_dense_kernels_give_one_dense_row_per_kernel(monkeypatch):
+    # What the jobs ask measure_model for (a CUDA run is not possible here): dense once per kernel,
+    # in the given order, MoBA rows unchanged.
+    parser = bench._model_parser()
+    args = parser.parse_args(["--seqlens", "64", "--dense-kernels", "cudnn,flash_varlen", "--device", "cpu"])
+    jobs = bench._model_jobs(args)
+    assert [(job["attention"], job["dense_kernel"]) for job in jobs] == [
+        ("dense", "cudnn"),
+        ("dense", "flash_varlen"),
+        ("moba", "flash_varlen"),
+    ]
+    dense_row = {"attention": "dense", "card": "cpu"}
+    assert bench._model_label(dict(dense_row, dense_kernel="cudnn")) == "dense cudnn"
+    assert bench._model_label(dict(dense_row, dense_kernel="flash_varlen")) == "dense"

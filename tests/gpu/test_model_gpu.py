@@ -50,6 +50,23 @@ def test_flash_varlen_path_matches_the_sdpa_path(attention):
     assert (grad_flash - grad_sdpa).abs().max() < 5e-2 * grad_sdpa.abs().max()
 
 
+def test_dense_layer_on_cudnn_alone_matches_flash_varlen():
+    # The kernel `flashmoba bench model --dense-kernels cudnn` times (bench.model.on_dense_kernel): SDPA
+    # per document with cuDNN the only backend, against the flash varlen path of training.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    layer = MoBAAttention(256, 4, 4, 64, attention="dense").cuda()
+    x, cu_seqlens = packed_input()
+    if attention_module._flash_varlen_function() is None:
+        pytest.skip("this PyTorch has no flash varlen attention")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_flash, grad_flash = run_layer(layer, x, cu_seqlens, True)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out_cudnn, grad_cudnn = run_layer(layer, x, cu_seqlens, False)
+    assert (out_flash - out_cudnn).abs().max() < 2e-2 * out_flash.abs().max()
+    assert (grad_flash - grad_cudnn).abs().max() < 5e-2 * grad_flash.abs().max()
+
+
 def test_triton_moba_layer_matches_the_reference_layer():
     torch.manual_seed(1)
     layer = MoBAAttention(256, 4, 2, 64, attention="moba", block_size=128, topk=4, kconv_size=3).cuda()

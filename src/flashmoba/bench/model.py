@@ -33,7 +33,8 @@ sliding-window layers take the same kernels as in training).
 - **Kernel settings.** ``rows_per_item``: ``KernelConfig.rows_per_item`` of the MoBA layers' Triton
   kernels (``HybridLM.set_kernel_config``), and ``kernel_settings``: the other ``KernelConfig`` fields a
   row sets (``{}``: the defaults), the same in the model's step and in ``kernel_bench_ms``. None for
-  dense rows; the reference backend ignores them.
+  dense rows; the reference backend ignores them. ``dense_kernel``: the kernel of a dense row's global
+  layers (``DENSE_KERNELS``), None for MoBA rows.
 - **Settings.** ``compile_mode``: the ``torch.compile`` mode the blocks ran in
   (``HybridLM.compile_blocks``), None when eager; by default what ``flashmoba train`` takes
   (``TrainConfig.compile_mode`` on CUDA, through ``blocks_compile_mode``), eager on CPU. The optimizer is
@@ -58,6 +59,11 @@ from flashmoba.training.loop import make_optimizer
 from flashmoba.training.runtime import autocast, begin_graph_iteration, blocks_compile_mode, head_compile_mode
 
 ATTENTIONS = ("dense", "moba")
+# The kernel of the dense model's global layers: "flash_varlen" as flashmoba train runs them (PyTorch's
+# packed flash kernel, FlashAttention-2 code), or "cudnn" (SDPA per document with only cuDNN's backend
+# enabled: on Hopper the fastest dense attention PyTorch has). The sliding-window layers of both models
+# stay on flash varlen (SDPA's cuDNN backend takes no window).
+DENSE_KERNELS = ("flash_varlen", "cudnn")
 SPLIT_FIELDS = ("attention_ms", "matmul_ms", "other_ms", "idle_ms")
 ROW_FIELDS = (
     "card",
@@ -65,6 +71,7 @@ ROW_FIELDS = (
     "seqlen",
     "batch",
     "attention",
+    "dense_kernel",
     "block_size",
     "topk",
     "rows_per_item",
@@ -363,6 +370,26 @@ def time_steps_ms(
     return times, host_times
 
 
+def on_dense_kernel(model: HybridLM, step: Callable[[], None], dense_kernel: str) -> Callable[[], None]:
+    """``step`` with the dense global layers of ``model`` on ``dense_kernel`` (``DENSE_KERNELS``). For
+    "cudnn" the layers leave flash varlen for SDPA, and every call of the step (compilation included,
+    which fixes the SDPA kernel a compiled graph calls) runs with cuDNN the only SDPA backend, so that
+    the row fails rather than quietly timing another kernel."""
+    if dense_kernel == "flash_varlen":
+        return step
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for block in model.blocks:
+        if block.attn.attention == "dense":
+            block.attn.use_flash_varlen = False
+
+    def cudnn_step() -> None:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            step()
+
+    return cudnn_step
+
+
 def moba_kernel_config(rows_per_item: int | None, kernel_settings: dict | None = None):
     """The ``KernelConfig`` of a MoBA row: the defaults with ``rows_per_item`` (None: its default) and the
     fields of ``kernel_settings`` (None or {}: none). Imported here, for MoBA rows only: ``flashmoba.ops``
@@ -425,6 +452,7 @@ def measure_model(
     topk: int | None = None,
     rows_per_item: int | None = None,
     kernel_settings: dict | None = None,
+    dense_kernel: str = "flash_varlen",
     batch: int = 1,
     steps: int = 10,
     warmup: int = 3,
@@ -438,14 +466,20 @@ def measure_model(
     """Measure training steps of preset ``preset`` with ``attention`` ("dense", or "moba" with
     ``block_size``, ``topk``, the kernels' ``rows_per_item`` (None: ``KernelConfig``'s default) and other
     ``KernelConfig`` fields in ``kernel_settings``) on
-    ``batch`` documents of ``seqlen`` tokens; returns a results row.
+    ``batch`` documents of ``seqlen`` tokens; returns a results row. ``dense_kernel``: the dense global
+    layers' kernel (``DENSE_KERNELS``; "cudnn" on CUDA only), ignored for MoBA.
     ``compile_blocks`` and ``compile_mode`` None: as ``flashmoba train`` on one process (compiled on CUDA
     in ``TrainConfig``'s default mode, eager on CPU). ``compile_head`` None: the head and loss compiled
     where the blocks are (``head_compile_mode``), as in training; False: eager (the step before they
     were compiled)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if dense_kernel not in DENSE_KERNELS:
+        raise ValueError(f"dense_kernel must be one of {DENSE_KERNELS}, got {dense_kernel!r}")
     device = torch.device(device)
+    dense_kernel = dense_kernel if attention == "dense" else None
+    if dense_kernel == "cudnn" and device.type != "cuda":
+        raise ValueError(f"dense_kernel 'cudnn' needs a CUDA device, got {str(device)!r}")
     if compile_blocks is None:
         compile_blocks = device.type == "cuda"
     if compile_blocks:
@@ -484,6 +518,8 @@ def measure_model(
         train_config.grad_clip,
         compile_mode,
     )
+    if dense_kernel is not None:
+        step = on_dense_kernel(model, step, dense_kernel)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -514,6 +550,7 @@ def measure_model(
         seqlen=seqlen,
         batch=batch,
         attention=attention,
+        dense_kernel=dense_kernel,
         block_size=block_size if attention == "moba" else None,
         topk=topk if attention == "moba" else None,
         rows_per_item=kernel_config.rows_per_item if kernel_config is not None else None,

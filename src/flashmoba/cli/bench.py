@@ -397,7 +397,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, stem: str) -> None:
 
 def _model_parser() -> argparse.ArgumentParser:
     from flashmoba.api import BACKENDS
-    from flashmoba.bench.model import ATTENTIONS
+    from flashmoba.bench.model import ATTENTIONS, DENSE_KERNELS
     from flashmoba.models.hybrid import MODEL_PRESETS
     from flashmoba.training.runtime import COMPILE_MODES
 
@@ -416,6 +416,15 @@ def _model_parser() -> argparse.ArgumentParser:
         type=_names(ATTENTIONS),
         default=list(ATTENTIONS),
         help=f"comma list from {ATTENTIONS}",
+    )
+    parser.add_argument(
+        "--dense-kernels",
+        type=_names(DENSE_KERNELS),
+        default=None,
+        metavar="KERNELS",
+        help=f"comma list from {DENSE_KERNELS}: the dense model's global layers on PyTorch's flash varlen "
+        "kernel (as flashmoba train) or on SDPA with cuDNN alone, one dense row per kernel (default: "
+        "both on CUDA, flash_varlen elsewhere)",
     )
     parser.add_argument(
         "--rows-per-item",
@@ -482,6 +491,10 @@ def _check_model_args(parser: argparse.ArgumentParser, args, stem: str = "model"
         args.device = resolve_device(args.device, 0, setting="--device")
     except ValueError as error:
         parser.error(f"argument --device: {error}")
+    if args.dense_kernels is None:
+        args.dense_kernels = ["flash_varlen", "cudnn"] if args.device.type == "cuda" else ["flash_varlen"]
+    elif "cudnn" in args.dense_kernels and args.device.type != "cuda":
+        parser.error(f"argument --dense-kernels: cudnn needs a CUDA device, got {str(args.device)!r}")
     card = card_name() if args.device.type == "cuda" else "cpu"
     args.out = args.out or Path("benchmarks/results") / f"{stem}_{_file_stem(card)}.json"
     if args.out.is_dir():
@@ -491,28 +504,29 @@ def _check_model_args(parser: argparse.ArgumentParser, args, stem: str = "model"
 
 
 def _model_jobs(args) -> list[dict]:
-    """Keyword arguments of ``measure_model`` in run order: per sequence length, dense then each MoBA
-    (block size, topk) pair with each ``--rows-per-item`` value (None: KernelConfig's default) and each
-    ``--kernel-configs`` config."""
+    """Keyword arguments of ``measure_model`` in run order: per sequence length, dense on each
+    ``--dense-kernels`` kernel, then each MoBA (block size, topk) pair with each ``--rows-per-item`` value
+    (None: KernelConfig's default) and each ``--kernel-configs`` config."""
     rows_per_item_values = [None] if args.rows_per_item is None else args.rows_per_item
     jobs = []
     for seqlen in args.seqlens:
         for attention in args.attentions:
             if attention == "moba":
                 settings = [
-                    (block_size, topk, rows_per_item, kernel_settings)
+                    ("flash_varlen", block_size, topk, rows_per_item, kernel_settings)
                     for block_size, topk in zip(args.block_sizes, args.topks)
                     for rows_per_item in rows_per_item_values
                     for kernel_settings in args.kernel_configs
                 ]
-            else:  # kernel settings of MoBA: dense runs once
-                settings = [(None, None, None, None)]
-            for block_size, topk, rows_per_item, kernel_settings in settings:
+            else:  # kernel settings of MoBA: dense runs once per dense kernel
+                settings = [(dense_kernel, None, None, None, None) for dense_kernel in args.dense_kernels]
+            for dense_kernel, block_size, topk, rows_per_item, kernel_settings in settings:
                 jobs.append(
                     dict(
                         preset=args.preset,
                         seqlen=seqlen,
                         attention=attention,
+                        dense_kernel=dense_kernel,
                         block_size=block_size,
                         topk=topk,
                         rows_per_item=rows_per_item,
@@ -559,6 +573,7 @@ def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
                 }
             )
             row.update(
+                dense_kernel=job["dense_kernel"] if job["attention"] == "dense" else None,
                 card=card_name() if job["device"].type == "cuda" else "cpu",
                 batch=job["batch"],
                 steps=job["steps"],
@@ -575,6 +590,8 @@ def _run_model_jobs(jobs: list[dict], out: Path) -> list[dict]:
 def _model_label(row: dict) -> str:
     """The attention, and how the step ran when not the default: eager blocks, recomputed blocks."""
     label = "dense" if row["attention"] == "dense" else f"moba B={row['block_size']} k={row['topk']}"
+    if row.get("dense_kernel") not in (None, "flash_varlen"):  # absent from files before the choice
+        label += f" {row['dense_kernel']}"
     if row.get("card") != "cpu" and "compile_mode" in row:
         mode = row["compile_mode"]
         label += " eager" if mode is None else ("" if mode == "reduce-overhead" else f" {mode}")
