@@ -491,16 +491,21 @@ def _check_model_args(parser: argparse.ArgumentParser, args, stem: str = "model"
         args.device = resolve_device(args.device, 0, setting="--device")
     except ValueError as error:
         parser.error(f"argument --device: {error}")
-    if args.dense_kernels is None:
-        args.dense_kernels = ["flash_varlen", "cudnn"] if args.device.type == "cuda" else ["flash_varlen"]
-    elif "cudnn" in args.dense_kernels and args.device.type != "cuda":
-        parser.error(f"argument --dense-kernels: cudnn needs a CUDA device, got {str(args.device)!r}")
     card = card_name() if args.device.type == "cuda" else "cpu"
     args.out = args.out or Path("benchmarks/results") / f"{stem}_{_file_stem(card)}.json"
     if args.out.is_dir():
         parser.error(f"argument --out: must be a file path, got the directory {str(args.out)!r}")
     if args.out.exists() and not args.overwrite:
         parser.error(f"argument --out: {str(args.out)!r} exists; pass --overwrite to replace it")
+
+
+def _check_dense_kernels(parser: argparse.ArgumentParser, args) -> None:
+    """``--dense-kernels`` of ``bench model`` against the resolved device; the default: both kernels on
+    CUDA, flash_varlen's path elsewhere (cuDNN is CUDA's)."""
+    if args.dense_kernels is None:
+        args.dense_kernels = ["flash_varlen", "cudnn"] if args.device.type == "cuda" else ["flash_varlen"]
+    elif "cudnn" in args.dense_kernels and args.device.type != "cuda":
+        parser.error(f"argument --dense-kernels: cudnn needs a CUDA device, got {str(args.device)!r}")
 
 
 def _model_jobs(args) -> list[dict]:
@@ -714,6 +719,7 @@ def model_main(argv: list[str]) -> int:
         _plot_or_say(model_plot, rows, args.replot, "model")
         print(model_table(rows))
         return 0
+    _check_dense_kernels(parser, args)
     rows = _run_model_jobs(_model_jobs(args), args.out)
     _plot_or_say(model_plot, rows, args.out, "model")
     print(f"\nresults in {args.out}\n")
