@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 CU_SEQLENS = [0, 700, 701, 2900, 4096, 8000]
 
 
-def packed_input(hidden=256, dtype=torch.bfloat16):
+def packed_input(hidden=256, dtype=torch.bfloat16, bounds=CU_SEQLENS):
     torch.manual_seed(0)
-    cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32, device="cuda")
-    x = torch.randn(CU_SEQLENS[-1], hidden, device="cuda", dtype=dtype, requires_grad=True)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    x = torch.randn(bounds[-1], hidden, device="cuda", dtype=dtype, requires_grad=True)
     return x, cu_seqlens
 
 
@@ -56,14 +56,12 @@ def test_dense_layer_on_cudnn_alone_matches_flash_varlen():
     # per document with cuDNN the only backend, against the flash varlen path of training.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    layer = MoBAAttention(256, 4, 4, 64, attention="dense").cuda()
-    # Ragged documents, none of one token (cuDNN found no kernel for the packed test input's 1-token
-    # document, 2026-12-03): the bench's documents are whole rows of thousands of tokens.
-    torch.manual_seed(0)
-    cu_seqlens = torch.tensor([0, 1000, 3048, 8192], dtype=torch.int32, device="cuda")
-    x = torch.randn(8192, 256, device="cuda", dtype=torch.bfloat16)
     if attention_module._flash_varlen_function() is None:
         pytest.skip("this PyTorch has no flash varlen attention")
+    layer = MoBAAttention(256, 4, 4, 64, attention="dense").cuda()
+    # Ragged documents, none of one token (cuDNN found no kernel for CU_SEQLENS's 1-token document,
+    # 2026-12-03): the bench's documents are whole rows of thousands of tokens.
+    x, cu_seqlens = packed_input(bounds=[0, 1000, 3048, 8192])
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_flash, grad_flash = run_layer(layer, x, cu_seqlens, True)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), warnings.catch_warnings(record=True) as caught:
